@@ -1,0 +1,127 @@
+"""`t2i`: the Hydra app. A thin shell over `runner.run.run`; config errors are one line and exit code 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from .config import ConfigError, RunConfig, register_configs
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+EXIT_CONFIG = 2
+log = logging.getLogger("runner")
+register_configs()
+_state = {"task_started": False}
+
+
+def _error(msg: str) -> None:
+    print(f"t2i: error: {msg}", file=sys.stderr)
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+
+
+def check_override(text: str) -> None:
+    """Reject an unknown key or config-group option before Hydra runs (with a 'did you mean')."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        (ov,) = OverridesParser.create().parse_overrides([text])
+    except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot parse"
+        raise ConfigError(f"cannot parse override {text!r}: {first}") from exc
+    key = ov.key_or_group
+    if key.startswith("hydra") or ov.is_add() or ov.is_force_add() or ov.is_delete():
+        return
+    group_dir = CONF_DIR / key
+    if group_dir.is_dir() and "." not in key:
+        if ov.is_sweep_override():
+            return
+        options = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        value = str(ov.value())
+        if value not in options:
+            hint = difflib.get_close_matches(value, options, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"unknown {key} {value!r}{extra}; valid: {', '.join(options)}")
+        return
+    node: Any = RunConfig
+    for part in key.split("."):
+        fields = _fields(node)
+        if part not in fields:
+            hint = difflib.get_close_matches(part, list(fields), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"unknown key {key!r}{extra}; see `t2i --cfg job` for every key")
+        node = fields[part].default_factory() if fields[part].default_factory is not dataclasses.MISSING else None
+
+
+def _remove_fresh_dir(out: Path) -> None:
+    """Remove a run dir that holds only what Hydra put there (the run failed before writing anything)."""
+    if not out.is_dir() or (out / "manifest.jsonl").exists():
+        return
+    if all(p.name in (".hydra",) or p.suffix == ".log" for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
+        parent = out.parent
+        cwd = Path.cwd().resolve()
+        while parent.resolve() != cwd and cwd in parent.resolve().parents and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def hydra_main(cfg: DictConfig) -> Any:
+    """The task function Hydra calls once per job."""
+    from .run import run
+
+    _state["task_started"] = True
+    hc = HydraConfig.get()
+    out = Path(cfg.output_dir or hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        result = run(cfg, out)
+    except ConfigError as exc:
+        _remove_fresh_dir(out)
+        _error(str(exc))
+        if multirun:
+            raise
+        sys.exit(EXIT_CONFIG)
+    except Exception as exc:
+        if cfg.get("verbose") or multirun:
+            raise
+        _error(f"{type(exc).__name__}: {exc} (run with verbose=true for the traceback)")
+        sys.exit(1)
+    print(result.summary())
+    return {"output_dir": str(result.output_dir), "generated": result.generated, "skipped": result.skipped}
+
+
+def main() -> None:
+    """Console entry point: pre-checks overrides, then runs the Hydra app."""
+    args = sys.argv[1:]
+    flags = [a for a in args if a.startswith("-")]
+    if not flags:
+        try:
+            for a in args:
+                check_override(a)
+        except ConfigError as exc:
+            _error(str(exc))
+            sys.exit(EXIT_CONFIG)
+    try:
+        hydra_main()
+    except SystemExit as exc:
+        if exc.code == 1 and not _state["task_started"]:
+            sys.exit(EXIT_CONFIG)  # Hydra rejected the config before the run began
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Config schema (Hydra structured configs) and validation into a plain, typed `RunSpec`."""
+
+from __future__ import annotations
+
+import difflib
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "lms", "heun", "unipc", "ddpm")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PIPELINES = ("auto", "sd", "sdxl")
+MAX_STEPS = 1000
+MAX_SIDE = 8192
+MAX_SEED = 2**64 - 1
+LIST_KEYS = ("steps", "guidance_scale", "scheduler", "width", "height")  # keys that accept a list (sweep axis)
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: one line, exit code 2."""
+
+
+@dataclass
+class ModelConfig:
+    id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: str | None = None
+    pipeline: str = "auto"
+    dtype: str = "auto"
+    variant: str | None = None
+    config: str | None = None  # diffusers config (dir or hub id) for single-file checkpoints
+    allow_pickle: bool = False
+
+
+@dataclass
+class GridConfig:
+    enabled: bool = True
+    x: str | None = None
+    y: str | None = None
+    max_size: int = 8192
+    font_size: int = 0  # 0 = derived from cell size
+
+
+@dataclass
+class ShardConfig:
+    index: int = 0
+    count: int = 1
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: list[Any] = field(default_factory=lambda: ["a photograph of an astronaut riding a horse"])
+    negative_prompt: str = ""
+    seeds: list[Any] = field(default_factory=lambda: [0])
+    steps: Any = 30
+    guidance_scale: Any = 7.5
+    width: Any = None
+    height: Any = None
+    scheduler: Any = None
+    device: str = "auto"
+    batch_size: Any = "auto"
+    batch_invariant: Any = "auto"
+    lora_sets: list[Any] = field(default_factory=lambda: [[]])
+    lora_scales: Any = None
+    allow_pickle_lora: bool = False
+    max_loaded_loras: int = 8
+    resume: bool = True
+    output_dir: str | None = None
+    grid: GridConfig = field(default_factory=GridConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    from_image: str | None = None
+    strict: bool = True
+    verbose: bool = False
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can list it first in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=RunConfig)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    source: str
+    weight_name: str | None = None
+    scale: float = 1.0
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    prompt: str
+    negative_prompt: str
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A validated run: every value checked and normalised (lists for sweepable keys)."""
+
+    model: ModelConfig
+    prompts: tuple[PromptSpec, ...]
+    seeds: tuple[int, ...]
+    steps: tuple[int, ...]
+    guidance_scale: tuple[float, ...]
+    width: tuple[int | None, ...]
+    height: tuple[int | None, ...]
+    scheduler: tuple[str | None, ...]
+    lora_sets: tuple[tuple[LoraSpec, ...], ...]
+    lora_scales: tuple[float, ...]
+    device: str
+    batch_size: int | None  # None = auto
+    batch_invariant: bool | None  # None = auto
+    allow_pickle_lora: bool
+    max_loaded_loras: int
+    resume: bool
+    grid: GridConfig
+    shard: ShardConfig
+    verbose: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _as_list(key: str, value: Any) -> list:
+    value = _plain(value)
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    if not items:
+        raise ConfigError(f"{key}=[] is empty; give at least one value")
+    return items
+
+
+def _number(key: str, value: Any, kind: type, lo: float, hi: float) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not float(value).is_integer()):
+        raise ConfigError(f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}={value!r} is out of range; valid: {lo:g} to {hi:g}")
+    return kind(value)
+
+
+def _side(key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    side = _number(key, value, int, 8, MAX_SIDE)
+    if side % 8:
+        raise ConfigError(f"{key}={side} is not a multiple of 8; try {side // 8 * 8 or 8} or {(side // 8 + 1) * 8}")
+    return side
+
+
+def _choice(key: str, value: Any, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        hint = difflib.get_close_matches(str(value), valid, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{key}={value!r} is not valid{extra}; valid: {', '.join(valid)}")
+    return value
+
+
+def _prompts(cfg: DictConfig) -> tuple[PromptSpec, ...]:
+    default_neg = cfg.negative_prompt or ""
+    out = []
+    for i, item in enumerate(_as_list("prompts", cfg.prompts)):
+        if isinstance(item, str):
+            prompt, neg = item, default_neg
+        elif isinstance(item, dict):
+            unknown = set(item) - {"prompt", "negative_prompt"}
+            if unknown or not isinstance(item.get("prompt"), str):
+                raise ConfigError(
+                    f"prompts[{i}]={item!r} is not valid; use a string or {{prompt: ..., negative_prompt: ...}}"
+                )
+            prompt, neg = item["prompt"], item.get("negative_prompt") or default_neg
+            if not isinstance(neg, str):
+                raise ConfigError(f"prompts[{i}].negative_prompt={neg!r} is not a string")
+        else:
+            raise ConfigError(f"prompts[{i}]={item!r} is not a string or a {{prompt, negative_prompt}} mapping")
+        if not prompt.strip():
+            raise ConfigError(f"prompts[{i}] is empty; give some text")
+        out.append(PromptSpec(prompt, neg))
+    return tuple(out)
+
+
+def _lora(where: str, item: Any) -> LoraSpec:
+    if isinstance(item, str):
+        item = {"source": item}
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}={item!r} is not valid; use {{source: PATH_OR_HUB_ID, weight_name, scale, name}}")
+    unknown = set(item) - {"source", "weight_name", "scale", "name"}
+    if unknown:
+        key = sorted(unknown)[0]
+        hint = difflib.get_close_matches(key, ["source", "weight_name", "scale", "name"], n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{where} has unknown key {key!r}{extra}; valid: source, weight_name, scale, name")
+    source = item.get("source")
+    if not isinstance(source, str) or not source.strip() or source.strip() == "null":
+        raise ConfigError(f"{where}.source={source!r} is missing; give a hub id, a folder or a file path")
+    weight = item.get("weight_name")
+    weight = None if weight in (None, "", "null") else weight
+    if weight is not None and (not isinstance(weight, str) or "/" in weight or "\\" in weight or ".." in weight):
+        raise ConfigError(f"{where}.weight_name={weight!r} is not a plain file name")
+    scale = _number(f"{where}.scale", item.get("scale", 1.0), float, -10.0, 10.0)
+    name = item.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ConfigError(f"{where}.name={name!r} is not a non-empty string")
+    return LoraSpec(source.strip(), weight, scale, name)
+
+
+def _lora_sets(cfg: DictConfig) -> tuple[tuple[LoraSpec, ...], ...]:
+    sets = []
+    for i, raw in enumerate(_as_list("lora_sets", cfg.lora_sets)):
+        raw = [] if raw is None else raw
+        if not isinstance(raw, list):
+            raw = [raw]
+        specs = tuple(_lora(f"lora_sets[{i}][{j}]", item) for j, item in enumerate(raw))
+        names = [s.name for s in specs if s.name]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"lora_sets[{i}] names adapter {sorted(dup)[0]!r} twice; adapter names must be unique")
+        sets.append(specs)
+    return tuple(sets)
+
+
+def validate(cfg: DictConfig | dict) -> RunSpec:
+    """Check every value of a composed config; raise ConfigError naming the first bad one."""
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    m = cfg.model
+    if not isinstance(m.id, str) or not m.id.strip():
+        raise ConfigError("model.id is empty; give a hub id, a diffusers folder, a .safetensors file or use model=tiny")
+    _choice("model.pipeline", m.pipeline, PIPELINES)
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("device", cfg.device, DEVICES)
+    seeds = []
+    for s in _as_list("seeds", cfg.seeds):
+        seed = _number("seeds", s, int, -1, MAX_SEED)
+        seeds.append(random.SystemRandom().randrange(2**32) if seed == -1 else seed)
+    scheds = []
+    for s in _as_list("scheduler", cfg.scheduler):
+        scheds.append(None if s in (None, "null", "default") else _choice("scheduler", s, SCHEDULERS))
+    batch = cfg.batch_size
+    if batch != "auto":
+        batch = _number("batch_size", batch, int, 1, 1024)
+    inv = cfg.batch_invariant
+    if inv not in ("auto", True, False):
+        raise ConfigError(f"batch_invariant={inv!r} is not valid; valid: auto, true, false")
+    scales = [1.0] if cfg.lora_scales is None else _as_list("lora_scales", cfg.lora_scales)
+    shard = cfg.shard
+    _number("shard.count", shard.count, int, 1, 1_000_000)
+    _number("shard.index", shard.index, int, 0, shard.count - 1)
+    _number("max_loaded_loras", cfg.max_loaded_loras, int, 1, 1000)
+    _number("grid.max_size", cfg.grid.max_size, int, 64, 65536)
+    return RunSpec(
+        model=ModelConfig(**OmegaConf.to_container(m, resolve=True)) if isinstance(m, DictConfig) else m,
+        prompts=_prompts(cfg),
+        seeds=tuple(seeds),
+        steps=tuple(_number("steps", v, int, 1, MAX_STEPS) for v in _as_list("steps", cfg.steps)),
+        guidance_scale=tuple(
+            _number("guidance_scale", v, float, 0.0, 100.0) for v in _as_list("guidance_scale", cfg.guidance_scale)
+        ),
+        width=tuple(_side("width", v) for v in _as_list("width", cfg.width)),
+        height=tuple(_side("height", v) for v in _as_list("height", cfg.height)),
+        scheduler=tuple(scheds),
+        lora_sets=_lora_sets(cfg),
+        lora_scales=tuple(_number("lora_scales", v, float, -10.0, 10.0) for v in scales),
+        device=cfg.device,
+        batch_size=None if batch == "auto" else batch,
+        batch_invariant=None if inv == "auto" else bool(inv),
+        allow_pickle_lora=bool(cfg.allow_pickle_lora),
+        max_loaded_loras=int(cfg.max_loaded_loras),
+        resume=bool(cfg.resume),
+        grid=GridConfig(**OmegaConf.to_container(cfg.grid)) if isinstance(cfg.grid, DictConfig) else cfg.grid,
+        shard=ShardConfig(int(shard.index), int(shard.count)),
+        verbose=bool(cfg.verbose),
+    )

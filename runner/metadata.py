@@ -1,0 +1,129 @@
+"""Per-image records: the JSON record, A1111 infotext (write and parse), and PNG text chunks."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from functools import cache
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+JSON_KEY = "t2i-runner"  # PNG tEXt/iTXt key of our full JSON record
+INFOTEXT_KEY = "parameters"  # A1111's key
+RECORD_VERSION = 1
+
+_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+@cache
+def versions() -> dict[str, str]:
+    """Versions of the libraries that change pixels."""
+    out = {"python": platform.python_version()}
+    for pkg in ("t2i-runner", "torch", "diffusers", "transformers", "peft", "safetensors"):
+        try:
+            out[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def quote(text: str) -> str:
+    """Quote an infotext value the way A1111 does (only when it contains `,`, `:` or a newline)."""
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text: str) -> str:
+    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def infotext(rec: dict[str, Any]) -> str:
+    """A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value, …`."""
+    fields: dict[str, Any] = {
+        "Steps": rec["steps"],
+        "Sampler": rec["sampler"],
+        "CFG scale": f"{rec['guidance_scale']:g}",
+        "Seed": rec["seed"],
+        "Size": f"{rec['width']}x{rec['height']}",
+        "Model hash": rec["model"]["hash"][:10] if rec["model"].get("hash") else None,
+        "Model": rec["model"]["name"],
+    }
+    if rec.get("loras"):
+        fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo['sha256'][:12]}" for lo in rec["loras"])
+        fields["Lora weights"] = ", ".join(f"{lo['name']}: {lo['scale']:g}" for lo in rec["loras"])
+    fields["Version"] = f"t2i-runner {rec['versions'].get('t2i-runner', '')}".strip()
+    tail = ", ".join(f"{k}: {quote(str(v))}" for k, v in fields.items() if v is not None)
+    lines = [rec["prompt"]]
+    if rec.get("negative_prompt"):
+        lines.append(f"Negative prompt: {rec['negative_prompt']}")
+    lines.append(tail)
+    return "\n".join(lines)
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """Parse A1111 infotext like A1111's `parse_generation_parameters` (quoted values, `Size-1/2`)."""
+    res: dict[str, Any] = {}
+    prompt, negative, done_with_prompt = "", "", False
+    *lines, lastline = text.strip().split("\n")
+    if len(_RE_PARAM.findall(lastline)) < 3:
+        lines.append(lastline)
+        lastline = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    res["Prompt"] = prompt
+    res["Negative prompt"] = negative
+    for k, v in _RE_PARAM.findall(lastline):
+        v = v.strip()
+        if v[:1] == '"' and v[-1:] == '"':
+            v = unquote(v)
+        m = _RE_SIZE.match(v)
+        if m is not None:
+            res[f"{k}-1"], res[f"{k}-2"] = m.group(1), m.group(2)
+        else:
+            res[k] = v
+    if "Lora hashes" in res:
+        res["Lora hashes"] = dict(
+            (part.split(":", 1)[0].strip(), part.split(":", 1)[1].strip())
+            for part in res["Lora hashes"].split(",") if ":" in part
+        )
+    return res
+
+
+def pnginfo(rec: dict[str, Any]):
+    """PngInfo with the A1111 `parameters` chunk and our full JSON record."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(INFOTEXT_KEY, infotext(rec))
+    info.add_itxt(JSON_KEY, json.dumps(rec, ensure_ascii=False, sort_keys=True))
+    return info
+
+
+def read_png_record(path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """Our JSON record and the A1111 infotext of a PNG (each None when absent)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = dict(getattr(im, "text", {}) or {})
+    rec = None
+    if JSON_KEY in text:
+        try:
+            rec = json.loads(text[JSON_KEY])
+        except ValueError:
+            rec = None
+    return rec, text.get(INFOTEXT_KEY)

@@ -1,0 +1,131 @@
+"""Expand a RunSpec into one ImageJob per image, shard it, and group jobs into batches."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from .config import LoraSpec, RunSpec
+
+AXES = ("prompt", "seed", "lora_set", "lora_scale", "steps", "guidance_scale", "scheduler", "width", "height")
+
+
+def slug(text: str, max_len: int = 40) -> str:
+    """A short, file-name-safe, lowercase version of `text` (ASCII letters, digits and dashes)."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()
+    return text[:max_len].strip("-") or "x"
+
+
+def lora_name(spec: LoraSpec) -> str:
+    """The display name of an adapter: its `name`, else the stem of its file or source."""
+    if spec.name:
+        return spec.name
+    base = spec.weight_name or spec.source.rstrip("/").split("/")[-1]
+    for ext in (".safetensors", ".bin", ".ckpt", ".pt"):
+        base = base.removesuffix(ext)
+    return base or "lora"
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """Everything that decides the pixels of one image (the model is shared by the run)."""
+
+    index: int
+    prompt_index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int | None
+    height: int | None
+    scheduler: str | None
+    lora_set: int
+    loras: tuple[LoraSpec, ...]
+    lora_scale: float | None  # None for the no-LoRA set (the multiplier does not apply)
+    model_key: str = ""
+
+    @property
+    def adapter_weights(self) -> tuple[float, ...]:
+        """The weight given to each adapter of the set: its own scale times the swept multiplier."""
+        mult = 1.0 if self.lora_scale is None else self.lora_scale
+        return tuple(s.scale * mult for s in self.loras)
+
+    @property
+    def key(self) -> str:
+        """A stable id of the image's content, used by resume and sharding."""
+        blob = json.dumps(
+            [self.model_key, self.prompt, self.negative_prompt, self.seed, self.steps, self.guidance_scale,
+             self.width, self.height, self.scheduler,
+             [[s.source, s.weight_name, w] for s, w in zip(self.loras, self.adapter_weights, strict=True)]],
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def group_key(self) -> tuple:
+        """Images with equal group keys can share one pipeline call."""
+        return (self.lora_set, self.lora_scale, self.scheduler or "", self.steps, self.guidance_scale,
+                self.width or 0, self.height or 0)
+
+    @property
+    def lora_label(self) -> str:
+        if not self.loras:
+            return "nolora"
+        label = "+".join(slug(lora_name(s), 20) for s in self.loras)
+        return label if self.lora_scale in (None, 1.0) else f"{label}@{self.lora_scale:g}"
+
+    @property
+    def filename(self) -> str:
+        return f"{self.index:05d}_{slug(self.prompt)}_s{self.seed}_{slug(self.lora_label, 48)}.png"
+
+    def axis_value(self, axis: str) -> object:
+        """The value of a sweep axis for this image (for grids)."""
+        if axis == "prompt":
+            return self.prompt
+        if axis == "lora_set":
+            return self.lora_label.split("@")[0]
+        return getattr(self, axis)
+
+
+def expand(spec: RunSpec, model_key: str = "") -> list[ImageJob]:
+    """Every combination of the run's axes, in a stable order (index = position in the plan)."""
+    jobs: list[ImageJob] = []
+    combos = itertools.product(
+        enumerate(spec.prompts), spec.seeds, enumerate(spec.lora_sets), spec.lora_scales, spec.steps,
+        spec.guidance_scale, spec.scheduler, spec.width, spec.height,
+    )
+    seen: set[tuple] = set()
+    for (pi, p), seed, (li, loras), mult, steps, cfg, sched, w, h in combos:
+        scale = mult if loras else None
+        ident = (pi, seed, li, scale, steps, cfg, sched, w, h)
+        if ident in seen:  # the no-LoRA set is generated once, whatever the multipliers
+            continue
+        seen.add(ident)
+        jobs.append(ImageJob(len(jobs), pi, p.prompt, p.negative_prompt, seed, steps, cfg, w, h, sched, li,
+                             loras, scale, model_key))
+    return jobs
+
+
+def shard(jobs: list[ImageJob], index: int, count: int) -> list[ImageJob]:
+    """Shard `index` of `count`: a deterministic, disjoint slice; all shards together are the plan."""
+    if count == 1:
+        return list(jobs)
+    return [j for j in jobs if int(j.key, 16) % count == index]
+
+
+def batches(jobs: Iterable[ImageJob], batch_size: int) -> Iterator[list[ImageJob]]:
+    """Group jobs that can share a pipeline call, ordered so LoRA sets switch as rarely as possible."""
+    groups: dict[tuple, list[ImageJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.group_key, []).append(job)
+    for key in sorted(groups, key=lambda k: (k[0], -1.0 if k[1] is None else k[1], *k[2:])):
+        group = groups[key]
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]

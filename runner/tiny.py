@@ -1,0 +1,233 @@
+"""A tiny Stable Diffusion pipeline with random weights, built locally (no network), for tests and demos.
+
+`t2i-tiny DIR` writes it as a normal diffusers folder plus two example LoRAs in `DIR/loras/`:
+a diffusers-format file with a non-default weight name and a kohya/A1111-format file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+TINY_ID = "builtin:tiny"
+TINY_VERSION = "1"
+TINY_SIZE = 64  # default image side in pixels
+DIFFUSERS_LORA = ("tiny_style", "tiny_style.safetensors")  # (directory, non-default weight_name)
+KOHYA_LORA = "tiny_kohya.safetensors"
+
+
+def cache_root() -> Path:
+    """Per-user cache directory of t2i-runner (respects T2I_CACHE and XDG_CACHE_HOME)."""
+    env = os.environ.get("T2I_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "t2i-runner"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def _write_tokenizer(path: Path) -> int:
+    """Write a byte-level BPE vocab/merges for CLIPTokenizer; return the vocab size."""
+    chars = list(_bytes_to_unicode().values())
+    merges = ["t h", "e r", "th e</w>", "a n", "i n", "o n", "r e", "e d</w>"]
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    for m in merges:
+        vocab.append(m.replace(" ", ""))
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return len(vocab)
+
+
+def build_tiny_pipeline(tmp: Path):
+    """Build the deterministic tiny StableDiffusionPipeline (same weights on every machine)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab_size = _write_tokenizer(tmp / "tok")
+    tokenizer = CLIPTokenizer(str(tmp / "tok" / "vocab.json"), str(tmp / "tok" / "merges.txt"), model_max_length=77)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=TINY_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=TINY_SIZE,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            layer_norm_eps=1e-5,
+            vocab_size=vocab_size,
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _random_lora_layers(pipe, rank: int, seed: int, text_encoder: bool):
+    """Attach a LoRA with non-zero random weights; return (unet_state, text_encoder_state) in peft naming."""
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False))
+    te_state = None
+    if text_encoder:
+        te_cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                            init_lora_weights=False)
+        pipe.text_encoder.add_adapter(te_cfg)
+    gen = torch.Generator().manual_seed(seed)
+    for module in [pipe.unet] + ([pipe.text_encoder] if text_encoder else []):
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    unet_state = get_peft_model_state_dict(pipe.unet)
+    if text_encoder:
+        te_state = get_peft_model_state_dict(pipe.text_encoder)
+    return unet_state, te_state
+
+
+def _to_kohya(unet_state: dict, te_state: dict | None, rank: int) -> dict:
+    """Rename peft LoRA keys to the kohya/A1111 layout (`lora_unet_…`, `lora_te_…`, `.alpha`)."""
+    import torch
+
+    out = {}
+    for prefix, state in (("lora_unet_", unet_state), ("lora_te_", te_state or {})):
+        for key, value in state.items():
+            module, kind = key.rsplit(".lora_", 1)
+            if prefix == "lora_te_" and not module.startswith("text_model."):
+                module = "text_model." + module  # kohya files use transformers-4 names
+            stem = prefix + module.replace(".", "_")
+            out[f"{stem}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
+            out[f"{stem}.alpha"] = torch.tensor(float(rank))
+    return out
+
+
+def write_example_loras(model_dir: Path, out: Path) -> None:
+    """Write the two example LoRAs for the tiny model into `out` (a `loras/` folder)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))
+    unet_state, te_state = _random_lora_layers(pipe, rank=4, seed=1, text_encoder=True)
+    StableDiffusionPipeline.save_lora_weights(
+        out / DIFFUSERS_LORA[0], unet_lora_layers=unet_state, text_encoder_lora_layers=te_state,
+        weight_name=DIFFUSERS_LORA[1],
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))
+    unet_state, te_state = _random_lora_layers(pipe, rank=4, seed=2, text_encoder=True)
+    save_file(_to_kohya(unet_state, te_state, rank=4), str(out / KOHYA_LORA), metadata={"ss_network_dim": "4"})
+
+
+def write_tiny(dest: Path, loras: bool = True) -> Path:
+    """Write the tiny pipeline (and example LoRAs) to `dest` atomically; return `dest`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=dest.parent))
+    try:
+        pipe = build_tiny_pipeline(tmp)
+        pipe.save_pretrained(tmp / "model", safe_serialization=True)
+        shutil.rmtree(tmp / "tok")
+        for item in (tmp / "model").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "model").rmdir()
+        if loras:
+            write_example_loras(tmp, tmp / "loras")
+        (tmp / "TINY_VERSION").write_text(TINY_VERSION)
+        if dest.exists() and any(dest.iterdir()):
+            raise FileExistsError(f"{dest} exists and is not empty")
+        if dest.exists():
+            dest.rmdir()
+        tmp.chmod(0o755)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def ensure_tiny() -> Path:
+    """Return the cached tiny model directory, building it on first use."""
+    dest = cache_root() / f"tiny-v{TINY_VERSION}"
+    if (dest / "TINY_VERSION").is_file():
+        return dest
+    try:
+        return write_tiny(dest)
+    except FileExistsError:  # another process built it concurrently
+        if (dest / "TINY_VERSION").is_file():
+            return dest
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry: `t2i-tiny DIR`."""
+    parser = argparse.ArgumentParser(prog="t2i-tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("dir", help="destination folder (must not exist or be empty)")
+    parser.add_argument("--no-loras", action="store_true", help="skip the example LoRAs")
+    args = parser.parse_args(argv)
+    dest = Path(args.dir)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        print(f"t2i-tiny: error: {dest} exists and is not an empty folder; choose a new path", file=sys.stderr)
+        return 2
+    write_tiny(dest, loras=not args.no_loras)
+    print(f"tiny model written to {dest} (load with model.id={dest})")
+    if not args.no_loras:
+        print(f"example LoRAs: {dest / 'loras' / DIFFUSERS_LORA[0] / DIFFUSERS_LORA[1]}, {dest / 'loras' / KOHYA_LORA}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
