@@ -51,6 +51,23 @@ class ShardConfig:
 
 
 @dataclass
+class ServerConfig:
+    """`t2i-serve` settings (conf/server/default.yaml); ignored by `t2i`."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    allowed_models: list[str] = field(default_factory=list)  # model ids allowed besides model.id
+    allowed_lora_dirs: list[str] = field(default_factory=list)  # local LoRA paths must lie inside one of these
+    allow_hub_loras: bool = True
+    max_steps: int = 150
+    max_images: int = 8
+    max_side: int = 1024
+    queue_size: int = 32
+    merge_max_images: int = 16  # queued compatible requests are merged into one run up to this many images
+    output_dir: str | None = None  # null = outputs/server/<date>/<time>
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: list[Any] = field(default_factory=lambda: ["a photograph of an astronaut riding a horse"])
@@ -72,6 +89,7 @@ class RunConfig:
     output_dir: str | None = None
     grid: GridConfig = field(default_factory=GridConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     from_image: str | None = None
     strict: bool = True
     verbose: bool = False
