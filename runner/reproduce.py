@@ -1,0 +1,236 @@
+"""`from_image=IMG`: an image's record becomes the base config; each new image is then compared with it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, LoraSpec, RunSpec, validate
+from .inspect import FOREIGN, read_record
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler")
+
+
+def _text(value: Any) -> Any:
+    """Escape OmegaConf interpolation in recorded text so it stays literal."""
+    return value.replace("${", "\\${") if isinstance(value, str) else value
+
+
+def _unscale(weights: list[float], mult: float) -> tuple[list[float], float]:
+    """Per-adapter scales and the multiplier that give exactly the recorded effective weights."""
+    if mult != 0:
+        for scales in ([round(w / mult, 6) for w in weights], [w / mult for w in weights]):
+            if all(s * mult == w and abs(s) <= 10 for s, w in zip(scales, weights, strict=True)):
+                return scales, mult
+    if mult == 0:
+        return [1.0] * len(weights), 0.0
+    return list(weights), 1.0
+
+
+def model_config(m: dict) -> dict:
+    """The `model` config that loads the same weights as a record's `model` entry."""
+    kind = m.get("kind")
+    mid = m.get("location") if kind in ("dir", "file") else m.get("id")
+    mid = "builtin:tiny" if kind == "builtin" else mid
+    return {"id": mid, "revision": m.get("revision") if kind == "hub" else None,
+            "pipeline": PIPELINES.get(m.get("pipeline"), "auto"), "dtype": DTYPES.get(m.get("dtype"), "auto"),
+            "variant": m.get("variant")}
+
+
+def record_config(rec: dict) -> dict:
+    """The config keys a record fixes (everything that changes pixels); absent values are left out."""
+    out: dict[str, Any] = {"prompts": [_text(rec.get("prompt", ""))],
+                           "negative_prompt": _text(rec.get("negative_prompt") or "")}
+    if rec.get("seed") is not None:
+        out["seeds"] = [rec["seed"]]
+    for key in ("steps", "guidance_scale", "width", "height"):
+        if rec.get(key) is not None:
+            out[key] = rec[key]
+    if rec.get("source_format") == FOREIGN:
+        if rec.get("scheduler"):
+            out["scheduler"] = rec["scheduler"]
+        return out
+    out["scheduler"] = rec.get("scheduler")
+    out["model"] = model_config(rec["model"])
+    loras = rec.get("loras") or []
+    mult = 1.0 if rec.get("lora_scale") is None else rec["lora_scale"]
+    scales, mult = _unscale([lo["scale"] for lo in loras], mult)
+    out["lora_sets"] = [[{"source": lo["source"], "weight_name": lo.get("weight_name"), "scale": s,
+                          "name": lo["name"]} for lo, s in zip(loras, scales, strict=True)]]
+    out["lora_scales"] = [mult]
+    out["device"] = str(rec.get("device") or "auto").split(":")[0]
+    out["batch_invariant"] = bool(rec.get("batch_invariant"))
+    return out
+
+
+def explicit_keys(overrides: Iterable[str], conf_dir: Path) -> set[str]:
+    """Config keys the user set on the command line (a group override, `model=tiny`, sets its package)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys: set[str] = set()
+    for ov in OverridesParser.create().parse_overrides(list(overrides)):
+        key = ov.key_or_group
+        if key.startswith("hydra") or key == "from_image":
+            continue
+        option = conf_dir / key / f"{ov.value()}.yaml"
+        if "." not in key and "/" not in key and (conf_dir / key).is_dir() and option.is_file():
+            text = option.read_text(encoding="utf-8")
+            if "@package _global_" in text.split("\n\n")[0]:
+                keys.update(str(k) for k in (OmegaConf.load(option) or {}))
+                continue
+        keys.add(key)
+    return keys
+
+
+def _complain(msg: str, strict: bool) -> None:
+    if strict:
+        raise ConfigError(f"{msg}; pass strict=false to run anyway")
+    log.warning("%s; running anyway (strict=false)", msg)
+
+
+def _check_model(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
+    from .hashing import model_sha256
+    from .pipeline import resolve_source
+    from .tiny import ensure_tiny
+
+    m = rec["model"]
+    try:
+        source = resolve_source(spec.model)
+    except ConfigError as exc:
+        raise ConfigError(f"{img} was made with model {spec.model.id!r}, which is not available here "
+                          f"({exc}); give model.id=... to use another") from exc
+    weights = {"builtin": ensure_tiny, "hub": lambda: None}.get(source.kind, lambda: Path(source.location))()
+    if m.get("hash") and weights is not None and model_sha256(weights) != m["hash"]:
+        _complain(f"model {source.location} is not the one {img} was made with (sha256 {m['hash'][:12]}…)",
+                  strict)
+
+
+def _check_loras(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
+    from .loras import resolve_lora
+
+    for lo in rec.get("loras") or []:
+        try:
+            spec_ = LoraSpec(lo["source"], lo.get("weight_name"), 1.0, lo["name"])
+            got = resolve_lora(spec_, spec.allow_pickle_lora)
+        except ConfigError as exc:
+            raise ConfigError(f"{img} used LoRA {lo['name']!r}, which is not available here ({exc}); give "
+                              "lora_sets=... to use others") from exc
+        if got.sha256 != lo["sha256"]:
+            _complain(f"LoRA {lo['name']!r} ({got.file}) has sha256 {got.sha256[:12]}…, but {img} was made "
+                      f"with {lo['sha256'][:12]}…", strict)
+
+
+def _check_foreign(img: str, rec: dict, given: set[str], strict: bool) -> None:
+    if rec.get("loras") and "lora_sets" not in given:
+        names = ", ".join(lo["name"] for lo in rec["loras"])
+        _complain(f"{img} used LoRAs known only by name and hash ({names}); give lora_sets=[[...]]", strict)
+    if "model" not in given and "model.id" not in given:
+        log.warning("%s was made with model %r (hash %s) elsewhere; using model.id from the config", img,
+                    rec["model"].get("name"), rec["model"].get("hash"))
+    if rec.get("ignored"):
+        log.warning("%s: not supported here, ignored: %s", img, ", ".join(rec["ignored"]))
+
+
+def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpec:
+    """The RunSpec of `t2i from_image=IMG ...`: the image's settings, then the user's own overrides on top."""
+    img = str(cfg.from_image)
+    try:
+        rec = read_record(img)
+    except ConfigError as exc:
+        raise ConfigError(f"from_image: {exc}") from exc
+    given = explicit_keys(overrides, conf_dir)
+    merged = OmegaConf.merge(cfg, record_config(rec))
+    for key in sorted(given):
+        value = OmegaConf.select(cfg, key, default=None)
+        OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    spec = validate(merged)
+    strict = bool(cfg.get("strict", True))
+    if rec.get("source_format") == FOREIGN:
+        _check_foreign(img, rec, given, strict)
+    else:
+        if not given & {"model", "model.id", "model.revision"}:
+            _check_model(img, rec, spec, strict)
+        if "lora_sets" not in given:
+            _check_loras(img, rec, spec, strict)
+        if "device" not in given:
+            from .pipeline import resolve_device
+
+            try:
+                resolve_device(spec.device)
+            except ConfigError as exc:
+                raise ConfigError(f"{img} was made on {spec.device}, which is not available here; add "
+                                  f"device=cpu to regenerate it anyway (pixels will differ) ({exc})") from exc
+    extra = {**spec.extra, "from_image": img, "compare": Original(img, rec).compare}
+    return dataclasses.replace(spec, extra=extra)
+
+
+class Original:
+    """The image a run reproduces: compares new images that have its settings, pixel by pixel."""
+
+    def __init__(self, path: str, record: dict) -> None:
+        self.path = str(Path(path).resolve())
+        self.record = record
+        self._pixels: Any = None
+
+    def differences(self, rec: dict) -> list[str]:
+        """Settings (and device class) in which `rec` differs from the original's."""
+        a, b = self.record, rec
+        out = [k for k in SETTINGS if a.get(k) != b.get(k)]
+        if [(lo["sha256"], lo["scale"]) for lo in a.get("loras") or []] != \
+                [(lo["sha256"], lo["scale"]) for lo in b.get("loras") or []]:
+            out.append("loras")
+        out += [f"model.{k}" for k in ("hash", "dtype") if a["model"].get(k) != b["model"].get(k)]
+        if str(a.get("device")).split(":")[0] != str(b.get("device")).split(":")[0]:
+            out.append("device")
+        invariant = a.get("batch_invariant") and b.get("batch_invariant")
+        if not invariant and a.get("batch_size") != b.get("batch_size"):
+            out.append("batch")
+        return out
+
+    def compare(self, image: Any, rec: dict) -> dict:
+        """The `reproduced` entry of a new image: identical / max pixel diff when comparable, else why not."""
+        import numpy as np
+        from PIL import Image
+
+        out: dict[str, Any] = {"source": self.path, "compared": False, "identical": None,
+                               "max_pixel_diff": None}
+        if self.record.get("source_format") == FOREIGN:
+            return {**out, "reason": "the original was not made by t2i-runner"}
+        diff = self.differences(rec)
+        if diff:
+            return {**out, "reason": "settings differ: " + ", ".join(diff)}
+        if self._pixels is None:
+            with Image.open(self.path) as im:
+                self._pixels = np.asarray(im.convert("RGB"), dtype=np.int16)
+        new = np.asarray(image.convert("RGB"), dtype=np.int16)
+        if new.shape != self._pixels.shape:
+            return {**out, "reason": f"size differs: {new.shape} vs {self._pixels.shape}"}
+        worst = int(np.abs(new - self._pixels).max())
+        out.update(compared=True, identical=worst == 0, max_pixel_diff=worst)
+        changed = sorted(k for k, v in (self.record.get("versions") or {}).items()
+                         if k != "t2i-runner" and (rec.get("versions") or {}).get(k) != v)
+        if changed:
+            out["versions_differ"] = changed
+        return out
+
+
+def summary_note(entries: Iterable[dict]) -> str:
+    """The summary-line suffix of a from_image run: `identical` / `max pixel diff N`."""
+    reps = [e["reproduced"] for e in entries if isinstance(e.get("reproduced"), dict)]
+    if not reps:
+        return ""
+    done = [r for r in reps if r.get("compared")]
+    if not done:
+        return f"; compared with {reps[0]['source']}: none ({reps[0].get('reason', 'not comparable')})"
+    worst = max(r["max_pixel_diff"] for r in done)
+    verdict = "identical" if worst == 0 else f"max pixel diff {worst}"
+    count = f" ({len(done)} images)" if len(done) > 1 else ""
+    return f"; compared with {reps[0]['source']}{count}: {verdict}"

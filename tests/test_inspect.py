@@ -1,0 +1,213 @@
+"""t2i-inspect: our JSON record, A1111 infotext from other tools mapped onto our keys, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from runner.config import ConfigError, RunConfig
+from runner.inspect import FOREIGN, read_record, record_from_infotext, scheduler_name
+from runner.metadata import infotext
+
+# Real-world shapes of A1111 / Forge / ComfyUI-saver infotext.
+A1111_HIRES = (
+    "masterpiece, best quality, 1girl, solo, red scarf,\n"
+    "looking at viewer, upper body <lora:add_detail:0.6> <lora:epiNoiseoffset_v2:0.4>\n"
+    "Negative prompt: (worst quality, low quality:1.4), lowres,\n"
+    "bad anatomy, watermark, EasyNegative\n"
+    "Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1234567890, Size: 512x768, "
+    "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.45, Clip skip: 2, "
+    "Hires upscale: 2, Hires steps: 15, Hires upscaler: R-ESRGAN 4x+, "
+    'Lora hashes: "add_detail: 7c6bad76eb54, epiNoiseoffset_v2: d1131f7207d6", '
+    'TI hashes: "EasyNegative: c74b4e810b03", Version: v1.6.0'
+)
+A1111_NO_NEGATIVE = (
+    "a photo of a cat sitting on a windowsill, golden hour\n"
+    "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: cc6cb27103, "
+    "Model: v1-5-pruned-emaonly, Version: v1.10.1"
+)
+A1111_SCHEDULE_TYPE = (
+    'portrait of an old fisherman, "weathered" face, dramatic light\n'
+    "Negative prompt: blurry\n"
+    "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 3, Size: 832x1216, "
+    "Model hash: 31e35c80fc, Model: sd_xl_base_1.0, ADetailer model: face_yolov8n.pt, "
+    'ADetailer prompt: "a \\"happy\\" face, smiling", Version: v1.9.4'
+)
+FORGE_UNSUPPORTED_SAMPLER = (
+    "cinematic still of a lighthouse in a storm\n"
+    "Steps: 25, Sampler: DPM++ 2M SDE, Schedule type: Exponential, CFG scale: 4, Seed: 987654321, "
+    "Size: 1024x1024, Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Distilled CFG Scale: 3.5, "
+    "Version: f2.0.1v1.10.1-previous-313-g8a042934"
+)
+COMFY_SAVER = (
+    "a cozy cabin in the snowy woods\n"
+    "Negative prompt: text, watermark\n"
+    "Steps: 20, Sampler: euler_ancestral, CFG scale: 8.0, Seed: 156680208700286, Size: 768x512, "
+    "Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Version: ComfyUI"
+)
+
+
+def test_a1111_multiline_prompts_quoted_lora_hashes_and_hires() -> None:
+    rec = record_from_infotext(A1111_HIRES)
+    assert rec["source_format"] == FOREIGN
+    assert rec["prompt"] == ("masterpiece, best quality, 1girl, solo, red scarf,\nlooking at viewer, "
+                             "upper body <lora:add_detail:0.6> <lora:epiNoiseoffset_v2:0.4>")
+    assert rec["negative_prompt"] == ("(worst quality, low quality:1.4), lowres,\n"
+                                      "bad anatomy, watermark, EasyNegative")
+    assert (rec["steps"], rec["guidance_scale"], rec["seed"]) == (28, 7.0, 1234567890)
+    assert (rec["width"], rec["height"]) == (512, 768)
+    assert rec["scheduler"] == "dpmpp_2m_karras" and rec["sampler"] == "DPM++ 2M Karras"
+    assert rec["model"] == {"id": None, "name": "v1-5-pruned-emaonly", "hash": "6ce0161689"}
+    assert [(lo["name"], lo["sha256"], lo["source"]) for lo in rec["loras"]] == [
+        ("add_detail", "7c6bad76eb54", None), ("epiNoiseoffset_v2", "d1131f7207d6", None)]
+    assert rec["ignored"]["Hires upscale"] == "2" and rec["ignored"]["Denoising strength"] == "0.45"
+    assert rec["ignored"]["TI hashes"] == "EasyNegative: c74b4e810b03"
+    assert rec["versions"] == {"generator": "v1.6.0"}
+
+
+def test_a1111_without_negative_prompt() -> None:
+    rec = record_from_infotext(A1111_NO_NEGATIVE)
+    assert rec["prompt"] == "a photo of a cat sitting on a windowsill, golden hour"
+    assert rec["negative_prompt"] == "" and rec["loras"] == [] and rec["ignored"] == {}
+    got = (rec["steps"], rec["guidance_scale"], rec["seed"], rec["width"], rec["height"])
+    assert got == (20, 7.5, 42, 512, 512)
+    assert rec["scheduler"] == "euler_a"
+
+
+def test_a1111_schedule_type_and_escaped_quotes() -> None:
+    rec = record_from_infotext(A1111_SCHEDULE_TYPE)
+    assert rec["prompt"] == 'portrait of an old fisherman, "weathered" face, dramatic light'
+    assert rec["negative_prompt"] == "blurry"
+    assert rec["scheduler"] == "dpmpp_2m_karras" and (rec["width"], rec["height"]) == (832, 1216)
+    assert rec["ignored"]["ADetailer prompt"] == 'a "happy" face, smiling'
+    assert "Schedule type" not in rec["ignored"]
+
+
+def test_forge_sampler_we_do_not_have_is_none_not_a_guess() -> None:
+    rec = record_from_infotext(FORGE_UNSUPPORTED_SAMPLER)
+    assert rec["scheduler"] is None and rec["sampler"] == "DPM++ 2M SDE (Exponential)"
+    assert rec["ignored"] == {"Distilled CFG Scale": "3.5"}
+    assert rec["versions"]["generator"].startswith("f2.0.1")
+
+
+def test_comfyui_saver_names() -> None:
+    rec = record_from_infotext(COMFY_SAVER)
+    assert rec["scheduler"] == "euler_a" and rec["seed"] == 156680208700286 and rec["guidance_scale"] == 8.0
+    assert rec["negative_prompt"] == "text, watermark" and (rec["width"], rec["height"]) == (768, 512)
+
+
+@pytest.mark.parametrize(("sampler", "schedule", "short"), [
+    ("Euler", None, "euler"), ("DDIM", None, "ddim"), ("PLMS", None, "pndm"), ("UniPC", "Automatic", "unipc"),
+    ("DPM++ 2M", None, "dpmpp_2m"), ("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
+    ("Euler a", "Karras", "euler_a"),
+    ("DPM++ SDE", None, None), ("dpmpp_2m karras", None, "dpmpp_2m_karras"), ("heun", None, "heun"),
+])
+def test_sampler_to_scheduler(sampler: str, schedule: str | None, short: str | None) -> None:
+    assert scheduler_name(sampler, schedule) == short
+
+
+def test_our_infotext_maps_back_onto_our_record() -> None:
+    ours = {"prompt": "a red fox, detailed\nsecond line", "negative_prompt": "blurry, low quality",
+            "steps": 4,
+            "sampler": "DPM++ 2M Karras", "guidance_scale": 6.5, "seed": 99, "width": 64, "height": 32,
+            "model": {"name": "tiny", "hash": "0123456789abcdef" * 4},
+            "loras": [{"name": "A", "sha256": "ab" * 32, "scale": 0.8}, {"name": "B", "sha256": "cd" * 32,
+                                                                          "scale": 0.4}],
+            "versions": {"t2i-runner": "0.1.0"}}
+    rec = record_from_infotext(infotext(ours))
+    for key in ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "sampler"):
+        assert rec[key] == ours[key], key
+    assert rec["scheduler"] == "dpmpp_2m_karras"
+    assert rec["model"]["hash"] == "0123456789" and rec["model"]["name"] == "tiny"
+    assert [(lo["name"], lo["sha256"], lo["scale"]) for lo in rec["loras"]] == [("A", "ab" * 6, 0.8),
+                                                                                ("B", "cd" * 6, 0.4)]
+    assert rec["ignored"] == {}
+
+
+def _inspect(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runner.inspect", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, lora_a: dict) -> tuple[Path, dict]:
+    """One real image of ours (with a LoRA) and its manifest entry."""
+    from runner.run import run
+
+    out = tmp_path_factory.mktemp("inspect-run")
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
+        "model": {"id": str(tiny_dir)}, "prompts": ["a red fox"], "negative_prompt": "blurry", "seeds": [7],
+        "steps": 2, "width": 32, "height": 32, "lora_sets": [[lora_a]]})
+    result = run(cfg, out, progress=False)
+    (entry,) = result.entries
+    return out / entry["file"], entry
+
+
+def test_cli_json_is_the_full_record(generated: tuple[Path, dict]) -> None:
+    path, entry = generated
+    r = _inspect("--json", str(path))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == entry
+    assert read_record(path) == entry
+
+
+def test_cli_human_readable(generated: tuple[Path, dict], tiny_dir: Path) -> None:
+    path, entry = generated
+    r = _inspect(str(path))
+    assert r.returncode == 0, r.stderr
+    lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in r.stdout.splitlines()}
+    assert lines["prompt"] == "a red fox" and lines["negative prompt"] == "blurry" and lines["seed"] == "7"
+    assert lines["steps"].split()[0] == "2" and "32x32" in lines["steps"]
+    assert f"hash {entry['model']['hash'][:12]}" in lines["model"] and str(tiny_dir) in lines["model"]
+    assert lines["loras"].startswith("A x1") and entry["loras"][0]["sha256"][:12] in lines["loras"]
+    assert lines["device"].startswith("cpu") and lines["regenerate"] == f"t2i from_image={path}"
+
+
+def test_cli_reads_a1111_png_and_jpeg(tmp_path: Path) -> None:
+    png = tmp_path / "a1111.png"
+    info = PngInfo()
+    info.add_text("parameters", A1111_HIRES)
+    Image.new("RGB", (16, 16), "green").save(png, pnginfo=info)
+    jpg = tmp_path / "a1111.jpg"
+    exif = Image.Exif()
+    # how A1111 saves JPEG: EXIF UserComment, "UNICODE" prefix, UTF-16
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + A1111_SCHEDULE_TYPE.encode("utf-16-be")
+    Image.new("RGB", (16, 16), "green").save(jpg, exif=exif)
+    r = _inspect("--json", str(png), str(jpg))
+    assert r.returncode == 0, r.stderr
+    got_png, got_jpg = json.loads(r.stdout)
+    assert got_png == record_from_infotext(A1111_HIRES)
+    assert got_jpg == record_from_infotext(A1111_SCHEDULE_TYPE)
+    r = _inspect(str(png))
+    assert r.returncode == 0 and "A1111 infotext" in r.stdout and "Hires upscale: 2" in r.stdout
+    assert "seed:            1234567890" in r.stdout
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image\n")
+    comfy = tmp_path / "comfy.png"
+    info = PngInfo()
+    info.add_text("workflow", '{"nodes": []}')
+    Image.new("RGB", (8, 8)).save(comfy, pnginfo=info)
+    return {"no generation metadata": plain, "not an image": text, "does not exist": tmp_path / "missing.png",
+            "ComfyUI workflow": comfy}
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    for phrase, path in _bad_files(tmp_path).items():
+        r = _inspect(str(path))
+        assert r.returncode == 2, (phrase, r.stdout, r.stderr)
+        assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert phrase in r.stderr and str(path) in r.stderr and "Traceback" not in r.stderr
+        with pytest.raises(ConfigError, match=phrase):
+            read_record(path)
