@@ -161,12 +161,16 @@ def _pipeline_class(kind: str, source: ModelSource, model: ModelConfig):
     if model.pipeline == "sdxl":
         return diffusers.StableDiffusionXLPipeline
     if kind == "file":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         if source.location.endswith(".safetensors"):
-            with safe_open(source.location, "pt") as f:
-                if any(k.startswith("conditioner.embedders.1") for k in f.keys()):  # noqa: SIM118
-                    return diffusers.StableDiffusionXLPipeline
+            try:
+                with safe_open(source.location, "pt") as f:
+                    keys = list(f.keys())
+            except SafetensorError as exc:
+                raise ValueError(f"not a readable .safetensors file ({exc})") from exc
+            if any(k.startswith("conditioner.embedders.1") for k in keys):
+                return diffusers.StableDiffusionXLPipeline
         return diffusers.StableDiffusionPipeline
     return diffusers.DiffusionPipeline
 
@@ -222,7 +226,13 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
         if source.kind == "hub":
             raise ConfigError(f"could not load model.id={source.location!r} from the hub ({msg}); check the id and "
                               "network, give a local path, or use model=tiny") from exc
-        if "safetensors" in msg and not model.allow_pickle:
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        if source.kind == "file" and not model.config and isinstance(exc, LocalEntryNotFoundError):
+            raise ConfigError(f"model.id={source.location!r} is a single-file checkpoint whose diffusers "
+                              "configs are not available offline; set model.config=<diffusers folder or "
+                              "cached hub id of the same architecture>") from exc
+        if "safetensors" in msg and not model.allow_pickle and source.kind != "file":
             raise ConfigError(f"model.id={source.location!r} has no .safetensors weights ({msg}); set "
                               "model.allow_pickle=true only if you trust its pickle files") from exc
         raise ConfigError(f"could not load model.id={source.location!r}: {msg}") from exc

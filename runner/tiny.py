@@ -19,6 +19,7 @@ TINY_VERSION = "1"
 TINY_SIZE = 64  # default image side in pixels
 DIFFUSERS_LORA = ("tiny_style", "tiny_style.safetensors")  # (directory, non-default weight_name)
 KOHYA_LORA = "tiny_kohya.safetensors"
+SINGLE_FILE = "tiny.safetensors"  # `t2i-tiny --single-file`: the weights as one LDM-layout checkpoint
 
 
 def cache_root() -> Path:
@@ -217,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="t2i-tiny", description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="destination folder (must not exist or be empty)")
     parser.add_argument("--no-loras", action="store_true", help="skip the example LoRAs")
+    parser.add_argument("--single-file", action="store_true",
+                        help=f"also write DIR/{SINGLE_FILE}: the same weights as one LDM-layout checkpoint")
     args = parser.parse_args(argv)
     dest = Path(args.dir)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -224,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     write_tiny(dest, loras=not args.no_loras)
     print(f"tiny model written to {dest} (load with model.id={dest})")
+    if args.single_file:
+        from .single_file import export_single_file
+
+        export_single_file(dest, dest / SINGLE_FILE)
+        print(f"single-file checkpoint: {dest / SINGLE_FILE} (load with model.id={dest / SINGLE_FILE} "
+              f"model.config={dest})")
     if not args.no_loras:
         print(f"example LoRAs: {dest / 'loras' / DIFFUSERS_LORA[0] / DIFFUSERS_LORA[1]}, {dest / 'loras' / KOHYA_LORA}")
     return 0
