@@ -1,0 +1,211 @@
+"""`t2i-serve`: the original design's form (`GET /`, `POST /submit`) and a JSON job API over `runner.run.run`.
+
+Every request becomes a job on one bounded queue served by one worker thread (runner.server.jobs); handlers
+only validate, queue and wait, so generation never runs in the event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import sys
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, Form, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from omegaconf import DictConfig
+
+from ..config import ConfigError, validate
+from .forms import FormError, JobRequest, SubmitForm, error_line, parse_form, to_spec
+from .jobs import Job, JobQueue, QueueFull
+
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("runner.server")
+_IMAGE = re.compile(r"^(\d{1,6})\.png$")
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The run config from conf/ plus Hydra overrides, via Hydra's compose API (no run dir, no logging)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ..cli import CONF_DIR, check_override
+
+    for text in overrides:
+        check_override(text)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors are user errors here
+        raise ConfigError(str(exc).strip().splitlines()[0]) from exc
+
+
+def server_dir(cfg: DictConfig) -> Path:
+    """This server run's output dir: server.output_dir, else outputs/server/<date>/<time>."""
+    if cfg.server.output_dir:
+        return Path(os.path.expanduser(cfg.server.output_dir))
+    return Path("outputs") / "server" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def job_json(queue: JobQueue, job: Job) -> dict[str, Any]:
+    total = len(job.files)
+    return {
+        "id": job.id, "status": job.status, "done": job.done, "total": total,
+        "progress": f"{job.done}/{total}",
+        "queue_position": queue.position(job), "error": job.error,
+        "images": [f"/api/jobs/{job.id}/images/{k}.png" for k, f in enumerate(job.files) if f is not None],
+        "seeds": list(job.spec.seeds), "prompt": job.spec.prompts[0].prompt, "gallery": f"/jobs/{job.id}",
+    }
+
+
+async def wait_for(queue: JobQueue, job: Job) -> None:
+    """Await the end of `job` without blocking the event loop (the worker wakes us)."""
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+    queue.add_waiter(job, lambda: loop.call_soon_threadsafe(event.set))
+    await event.wait()
+
+
+def create_app(cfg: DictConfig) -> FastAPI:
+    """The FastAPI app for a composed run config (its `server` section sets limits and the output dir)."""
+    from ..pipeline import resolve_source
+
+    base = validate(cfg)  # a broken server config fails now, not on the first request
+    resolve_source(base.model)  # so does a default model that is not there (no weights are loaded here)
+    out = server_dir(cfg)
+    queue = JobQueue(out, int(cfg.server.queue_size), int(cfg.server.merge_max_images))
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        queue.start()
+        yield
+        await run_in_threadpool(queue.stop)
+
+    app = FastAPI(title="t2i-runner server", lifespan=lifespan,
+                  description="Text-to-image with LoRA adapters. `POST /submit` is the original form's "
+                              "endpoint; `/api/jobs` queues a job and reports its progress. `strength` is "
+                              "accepted and ignored (text-to-image).")
+    app.state.queue, app.state.cfg, app.state.output_dir = queue, cfg, out
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    def error(request: Request, status: int, message: str, headers: dict | None = None) -> Response:
+        if "text/html" in request.headers.get("accept", "") and not request.url.path.startswith("/api/"):
+            page = templates.TemplateResponse(request, "error.html", {"status": status, "message": message},
+                                              status_code=status)
+            page.headers.update(headers or {})
+            return page
+        return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(FormError)
+    async def _form_error(request: Request, exc: FormError) -> Response:
+        return error(request, exc.status, exc.message)
+
+    @app.exception_handler(QueueFull)
+    async def _busy(request: Request, exc: QueueFull) -> Response:
+        return error(request, 503, str(exc), {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        return error(request, 422, error_line(list(exc.errors())))
+
+    def enqueue(req: JobRequest) -> Job:
+        return queue.submit(to_spec(req, cfg))
+
+    def find(job_id: str) -> Job:
+        job = queue.get(job_id)
+        if job is None:
+            raise FormError(404, f"no job {job_id!r} on this server")
+        return job
+
+    @app.get("/", response_class=HTMLResponse, summary="The generation form (the original design's fields)")
+    async def index(request: Request) -> Response:
+        s = cfg.server
+        ctx = {"model_id": base.model.id, "models": [base.model.id, *s.allowed_models],
+               "steps": min(30, int(s.max_steps)), "max_steps": s.max_steps, "max_images": s.max_images,
+               "max_side": s.max_side}
+        return templates.TemplateResponse(request, "index.html", ctx)
+
+    @app.post("/submit", response_class=FileResponse, summary="Generate: 1 image = the PNG, N = a gallery",
+              responses={200: {"content": {"image/png": {}, "text/html": {}}}})
+    async def submit(request: Request, form: Annotated[SubmitForm, Form()]) -> Response:
+        req = parse_form(form)
+        job = await run_in_threadpool(enqueue, req)
+        await wait_for(queue, job)
+        if job.status == "error":
+            return error(request, job.error_status, job.error or "generation failed")
+        if len(job.files) == 1:
+            return FileResponse(job.files[0], media_type="image/png", headers={"X-Job-Id": job.id})
+        return gallery_page(request, job)
+
+    def gallery_page(request: Request, job: Job) -> Response:
+        items = [{"url": f"/api/jobs/{job.id}/images/{k}.png", "seed": s}
+                 for k, (_, _, s) in enumerate(job.wanted) if job.files[k] is not None]
+        ctx = {"job": job_json(queue, job), "items": items, "negative": job.spec.prompts[0].negative_prompt}
+        return templates.TemplateResponse(request, "gallery.html", ctx)
+
+    @app.get("/jobs/{job_id}", response_class=HTMLResponse, summary="A job's gallery page")
+    async def gallery(request: Request, job_id: str) -> Response:
+        return gallery_page(request, find(job_id))
+
+    @app.post("/api/jobs", status_code=202, summary="Queue a job (the form's fields as JSON, plus `loras`)")
+    async def create_job(req: Annotated[JobRequest, Body()]) -> JSONResponse:
+        job = await run_in_threadpool(enqueue, req)
+        headers = {"Location": f"/api/jobs/{job.id}"}
+        return JSONResponse(job_json(queue, job), status_code=202, headers=headers)
+
+    @app.get("/api/jobs/{job_id}", summary="A job's status, progress i/N and image URLs")
+    async def get_job(job_id: str) -> dict[str, Any]:
+        return job_json(queue, find(job_id))
+
+    @app.get("/api/jobs/{job_id}/images/{name}", response_class=FileResponse, summary="Image k of a job",
+             responses={200: {"content": {"image/png": {}}}})
+    async def get_image(job_id: str, name: str) -> Response:
+        job, m = find(job_id), _IMAGE.match(name)
+        k = int(m.group(1)) if m else -1
+        path = job.files[k] if 0 <= k < len(job.files) else None
+        root = os.path.realpath(out)
+        if path is None or not os.path.realpath(path).startswith(root + os.sep) or not path.is_file():
+            raise FormError(404, f"no image {name!r} in job {job_id} (yet)")
+        return FileResponse(path, media_type="image/png")
+
+    @app.get("/api/health", summary="Liveness and queue length")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "queued": queue.pending(), "model": base.model.id, "output_dir": str(out)}
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry: `t2i-serve [hydra overrides…] [--host H] [--port P]`."""
+    parser = argparse.ArgumentParser(prog="t2i-serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", help="bind address (default: server.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: server.port, 8000)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny server.max_images=4")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = compose_config(args.overrides)
+        app = create_app(cfg)
+    except ConfigError as exc:
+        print(f"t2i-serve: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.info("model %s, images -> %s", cfg.model.id, app.state.output_dir)
+    uvicorn.run(app, host=args.host or cfg.server.host, port=args.port or int(cfg.server.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Map the seed's form fields and the JSON API body to a validated RunSpec, enforcing the server's limits.
+
+Field names and defaults are the original design's. The string "null" (any case, spaces ignored) or an empty
+value means "not given", for every field. `strength` is accepted and checked but ignored: it only matters for
+image-to-image, and this server does text-to-image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..config import MAX_SEED, ConfigError, LoraSpec, RunSpec, validate
+from ..pipeline import _HUB_ID
+from ..plan import lora_name
+from ..run import resolve_loras
+from ..tiny import TINY_ID
+
+NOT_GIVEN = ("", "null", "none")
+_HF_URL = re.compile(r"^https?://(www\.)?huggingface\.co/([^/]+/[^/]+)(?:/(?:blob|resolve)/[^/]+/(.+))?/?$")
+
+
+class FormError(Exception):
+    """A request the server refuses: an HTTP status and one readable line."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def not_given(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in NOT_GIVEN)
+
+
+class LoraIn(BaseModel):
+    """One LoRA adapter of a JSON request."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(description="hub id (owner/repo), huggingface.co URL, local file or folder")
+    weight_name: str | None = Field(None, description="file name inside a folder or hub repo")
+    scale: float = 1.0
+    name: str | None = None
+
+
+class JobRequest(BaseModel):
+    """One generation request: the seed form's fields (same names) plus optional size and a list of LoRAs."""
+
+    model_config = ConfigDict(extra="forbid")
+    modelid: str | None = Field(None, description="default: the server's model; others must be allowed")
+    text_prompt: str = Field(min_length=1)
+    negative_prompt: str | None = None
+    total_nm_img_prompt: int = Field(1, description="number of images; seeds manual_seed … manual_seed+N-1")
+    inference_steps: int = 30
+    guidance_scale: float = 7.5
+    strength: float = Field(1.0, ge=0.0, le=1.0, description="accepted; text-to-image ignores it")
+    manual_seed: int | None = Field(None, description="first seed; not given = a random one")
+    lora_hugging_face_1: str | None = None
+    weight_name_1: str | None = None
+    lora_hugging_face_2: str | None = None
+    weight_name_2: str | None = None
+    cross_attention_kwargs: float | None = Field(1.0, ge=-10.0, le=10.0,
+                                                 description='scale of the form LoRAs (or {"scale": x})')
+    width: int | None = Field(None, description="multiple of 8; default: the model's size")
+    height: int | None = None
+    loras: list[LoraIn] = Field(default_factory=list, description="more LoRAs, each with its own scale")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_not_given(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = {k: v for k, v in data.items() if not not_given(v)}
+        cak = out.get("cross_attention_kwargs")
+        if isinstance(cak, str) and cak.strip().startswith("{"):
+            with contextlib.suppress(ValueError):
+                cak = json.loads(cak)
+        if isinstance(cak, dict) and set(cak) == {"scale"}:
+            out["cross_attention_kwargs"] = cak["scale"]
+        return out
+
+
+class SubmitForm(BaseModel):
+    """The seed's form as posted by a browser: every field is text, parsed by JobRequest."""
+
+    modelid: str | None = None
+    text_prompt: str | None = None
+    negative_prompt: str | None = None
+    total_nm_img_prompt: str | None = "1"
+    inference_steps: str | None = "30"
+    guidance_scale: str | None = "7.5"
+    strength: str | None = "1.0"
+    manual_seed: str | None = None
+    lora_hugging_face_1: str | None = "null"
+    weight_name_1: str | None = "null"
+    lora_hugging_face_2: str | None = "null"
+    weight_name_2: str | None = "null"
+    cross_attention_kwargs: str | None = "1"
+    width: str | None = None
+    height: str | None = None
+
+
+def error_line(errors: list[Any]) -> str:
+    """Pydantic errors as one line: `field: problem (got value)`."""
+    parts = []
+    for err in errors[:3]:
+        loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+        got = err.get("input")
+        shown = "" if err["type"] == "missing" or isinstance(got, dict | list) else f" (got {got!r})"
+        parts.append(f"{loc}: {err['msg']}{shown}")
+    return "; ".join(parts)
+
+
+def parse_form(form: SubmitForm) -> JobRequest:
+    try:
+        return JobRequest.model_validate(form.model_dump())
+    except ValidationError as exc:
+        raise FormError(422, error_line(exc.errors())) from exc
+
+
+def _normalise_source(source: str, weight: str | None) -> tuple[str, str | None]:
+    m = _HF_URL.match(source.strip())
+    if m:
+        return m.group(2), weight or (m.group(3).split("/")[-1] if m.group(3) else None)
+    return source.strip(), weight
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    real = Path(os.path.realpath(path))
+    return any(real == r or r in real.parents for r in roots)
+
+
+def check_lora_access(spec: LoraSpec, server: DictConfig) -> None:
+    """Refuse (403) local LoRA paths outside `server.allowed_lora_dirs`, and hub LoRAs if disabled."""
+    src = spec.source
+    if src.startswith(TINY_ID):
+        if ".." in PurePosixPath(src[len(TINY_ID):]).parts:
+            raise FormError(403, f"LoRA source {src!r} leaves the built-in model's folder")
+        return
+    path = Path(os.path.expanduser(src))
+    hub = (not path.exists() and _HUB_ID.match(src) is not None and not src.startswith((".", "/", "~"))
+           and src.count("/") == 1)
+    if hub:
+        if not server.allow_hub_loras:
+            raise FormError(403, f"LoRA source {src!r} is a hub id and this server does not allow hub LoRAs")
+        return
+    roots = [Path(os.path.realpath(os.path.expanduser(d))) for d in server.allowed_lora_dirs]
+    files = [path] + ([path / spec.weight_name] if spec.weight_name and path.is_dir() else [])
+    if not all(_inside(f, roots) for f in files):
+        raise FormError(403, f"LoRA path {src!r} is outside the folders this server allows "
+                             "(server.allowed_lora_dirs)")
+
+
+def _loras(req: JobRequest, server: DictConfig) -> list[dict]:
+    scale = 1.0 if req.cross_attention_kwargs is None else req.cross_attention_kwargs
+    items = []
+    form = ((req.lora_hugging_face_1, req.weight_name_1), (req.lora_hugging_face_2, req.weight_name_2))
+    for src, weight in form:
+        if src is not None:
+            src, weight = _normalise_source(src, None if not_given(weight) else weight)
+            items.append({"source": src, "weight_name": weight, "scale": scale, "name": None})
+    for lo in req.loras:
+        src, weight = _normalise_source(lo.source, None if not_given(lo.weight_name) else lo.weight_name)
+        items.append({"source": src, "weight_name": weight, "scale": lo.scale, "name": lo.name})
+    used: set[str] = {i["name"] for i in items if i["name"]}
+    for item in items:
+        if not item["name"]:  # derived names must be unique within the set
+            base = name = lora_name(LoraSpec(item["source"], item["weight_name"]))
+            n = 1
+            while name in used:
+                n += 1
+                name = f"{base}_{n}"
+            item["name"] = name
+            used.add(name)
+    for i, item in enumerate(items):
+        if not item["source"]:
+            raise FormError(422, f"LoRA {i + 1}: source is empty")
+        check_lora_access(LoraSpec(item["source"], item["weight_name"]), server)
+    return items
+
+
+def _model(req: JobRequest, cfg: DictConfig) -> dict:
+    default = cfg.model.id
+    mid = (req.modelid or default).strip()
+    if mid == default:
+        return OmegaConf.to_container(cfg.model, resolve=True)
+    allowed = list(cfg.server.allowed_models)
+    if mid not in allowed:
+        valid = ", ".join([default, *allowed])
+        raise FormError(403, f"modelid={mid!r} is not allowed on this server; valid: {valid}")
+    return {"id": mid, "revision": None, "pipeline": "auto", "variant": None, "config": None,
+            "allow_pickle": False, "dtype": cfg.model.dtype}
+
+
+def _limit(name: str, value: int, hi: int, key: str, what: str = "") -> None:
+    if not 1 <= value <= hi:
+        raise FormError(422, f"{name}={value} is {what or 'out of range'}; valid: 1 to {hi} (server.{key})")
+
+
+def to_spec(req: JobRequest, cfg: DictConfig) -> RunSpec:
+    """The RunSpec of a request on this server's config; FormError 422 (bad value) or 403 (not allowed)."""
+    server = cfg.server
+    n = req.total_nm_img_prompt
+    _limit("total_nm_img_prompt", n, server.max_images, "max_images", "too many images" if n > 1 else "")
+    _limit("inference_steps", req.inference_steps, server.max_steps, "max_steps",
+           "above this server's limit" if req.inference_steps > 1 else "")
+    for side, v in (("width", req.width), ("height", req.height)):
+        if v is not None and v > server.max_side:
+            raise FormError(422, f"{side}={v} is too large; valid: 8 to {server.max_side}, a multiple of 8 "
+                                 "(server.max_side)")
+    seed = random.SystemRandom().randrange(2**32) if req.manual_seed is None else req.manual_seed
+    if not 0 <= seed <= MAX_SEED - n + 1:
+        raise FormError(422, f"manual_seed={seed} is out of range; valid: 0 to {MAX_SEED - n + 1}")
+    neg = req.negative_prompt
+    sched = cfg.scheduler
+    overrides = {
+        "model": _model(req, cfg),
+        "prompts": [{"prompt": req.text_prompt, "negative_prompt": neg}] if neg else [req.text_prompt],
+        "seeds": list(range(seed, seed + n)),
+        "steps": req.inference_steps,
+        "guidance_scale": req.guidance_scale,
+        "width": req.width,
+        "height": req.height,
+        "scheduler": sched[0] if OmegaConf.is_list(sched) else sched,
+        "lora_sets": [_loras(req, server)],
+        "lora_scales": None,
+        "shard": {"index": 0, "count": 1},
+        "resume": False,
+        "grid": {"enabled": False},  # a merged run mixes requests; a grid of it would mean nothing
+    }
+    merged = OmegaConf.merge(cfg, overrides)
+    try:
+        spec = validate(merged)
+        resolve_loras(spec)  # missing LoRA files are a 422 now, not a failed job later
+    except ConfigError as exc:
+        raise FormError(422, str(exc)) from exc
+    return spec

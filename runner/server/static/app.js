@@ -1,0 +1,72 @@
+// Submit the form through the JSON API so the page can show progress; without JS the form posts to /submit.
+"use strict";
+(function () {
+  const form = document.getElementById("gen-form");
+  const status = document.getElementById("status");
+  const statusText = document.getElementById("status-text");
+  const bar = document.getElementById("progress");
+  const result = document.getElementById("result");
+  const button = document.getElementById("submit");
+
+  function show(text, isError) {
+    status.hidden = false;
+    statusText.textContent = text;
+    statusText.className = isError ? "error" : "";
+  }
+
+  function render(job) {
+    result.replaceChildren();
+    job.images.forEach(function (url, k) {
+      const fig = document.createElement("figure");
+      const link = document.createElement("a");
+      link.href = url;
+      const img = document.createElement("img");
+      img.src = url;
+      img.alt = "seed " + job.seeds[k];
+      img.className = "result-image";
+      link.appendChild(img);
+      const cap = document.createElement("figcaption");
+      cap.textContent = "seed " + job.seeds[k];
+      fig.append(link, cap);
+      result.appendChild(fig);
+    });
+  }
+
+  async function detail(resp) {
+    try { return (await resp.json()).detail; } catch (e) { return resp.status + " " + resp.statusText; }
+  }
+
+  async function poll(id) {
+    for (;;) {
+      const resp = await fetch("/api/jobs/" + id);
+      if (!resp.ok) { show(await detail(resp), true); return; }
+      const job = await resp.json();
+      bar.max = job.total;
+      bar.value = job.done;
+      if (job.status === "queued") show("queued (position " + job.queue_position + ")");
+      else if (job.status === "running") show("running: " + job.progress + " images");
+      else if (job.status === "done") { show("done: " + job.progress + " images"); render(job); return; }
+      else { show(job.error || "failed", true); render(job); return; }
+      await new Promise(function (r) { setTimeout(r, 300); });
+    }
+  }
+
+  form.addEventListener("submit", async function (event) {
+    event.preventDefault();
+    const body = Object.fromEntries(new FormData(form).entries());
+    button.disabled = true;
+    result.replaceChildren();
+    show("submitting…");
+    try {
+      const resp = await fetch("/api/jobs", {
+        method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+      });
+      if (!resp.ok) { show(await detail(resp), true); return; }
+      await poll((await resp.json()).id);
+    } catch (e) {
+      show(String(e), true);
+    } finally {
+      button.disabled = false;
+    }
+  });
+})();

@@ -1,0 +1,99 @@
+"""A real browser (Chromium via Playwright) uses the form against a live uvicorn server on the tiny model."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.server.app import compose_config, create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium)"),
+]
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory):
+    """uvicorn serving `t2i-serve model=tiny` on a free localhost port, in a thread of this process."""
+    import uvicorn
+
+    out = tmp_path_factory.mktemp("browser") / "out"
+    app = create_app(compose_config(["model=tiny", f"server.output_dir={out}", "server.max_steps=20"]))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(600):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(60)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+def fill(page, prompt: str, images: str = "1") -> None:
+    page.fill("textarea[name=text_prompt]", prompt)
+    page.fill("input[name=total_nm_img_prompt]", images)
+    page.fill("input[name=inference_steps]", "2")
+    page.fill("input[name=width]", "32")
+    page.fill("input[name=height]", "32")
+
+
+def test_form_submits_shows_progress_and_the_images(live_server: str, browser) -> None:
+    page = browser.new_page()
+    page.goto(live_server + "/")
+    assert page.input_value("input[name=modelid]") == "builtin:tiny"
+    assert page.input_value("input[name=inference_steps]") == "20"  # 30, capped by server.max_steps
+    fill(page, "a green <b>tree</b>", images="2")
+    page.click("#submit")
+    page.wait_for_function("document.querySelectorAll('#result img').length === 2", timeout=300_000)
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('#result img')).every(i => i.complete && i.naturalWidth > 0)",
+        timeout=60_000)
+    sizes = page.eval_on_selector_all("#result img", "ims => ims.map(i => [i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[32, 32], [32, 32]]
+    assert page.text_content("#status-text") == "done: 2/2 images"
+    assert page.get_attribute("#progress", "value") == "2"
+    # a refusal from the server is shown as its message
+    page.fill("input[name=lora_hugging_face_1]", "/etc")
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('status-text').className === 'error'", timeout=60_000)
+    assert "outside the folders" in page.text_content("#status-text")
+    page.close()
+
+
+def test_form_without_javascript_posts_to_submit_and_gets_the_png(live_server: str, browser) -> None:
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(live_server + "/")
+    fill(page, "a yellow star")
+    with page.expect_navigation(timeout=300_000) as nav:
+        page.click("#submit")
+    resp = nav.value
+    assert resp.url.endswith("/submit") and resp.status == 200
+    assert resp.headers["content-type"] == "image/png"
+    body = resp.body()
+    assert body[:8] == b"\x89PNG\r\n\x1a\n" and b"a yellow star" in body
+    context.close()
