@@ -7,6 +7,7 @@ import difflib
 import logging
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .config import ConfigError, RunConfig, register_configs
+from .sweep import JobFailed
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_CONFIG = 2
 log = logging.getLogger("runner")
 register_configs()
+# conf/hydra/launcher/submitit_local.yaml has the name of the plugin's schema, which validates it (wanted)
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_local' is validated against")
 _state = {"task_started": False}
 
 
@@ -92,13 +96,15 @@ def hydra_main(cfg: DictConfig) -> Any:
     except ConfigError as exc:
         _remove_fresh_dir(out)
         _error(str(exc))
-        if multirun:
-            raise
+        if multirun:  # runner.sweep records it; the other jobs still run; the sweep exits 1 at the end
+            raise JobFailed(str(exc)) from exc
         sys.exit(EXIT_CONFIG)
     except Exception as exc:
-        if cfg.get("verbose") or multirun:
+        if cfg.get("verbose"):
             raise
         _error(f"{type(exc).__name__}: {exc} (run with verbose=true for the traceback)")
+        if multirun:
+            raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
         sys.exit(1)
     print(result.summary())
     return {"output_dir": str(result.output_dir), "generated": result.generated, "skipped": result.skipped}

@@ -28,6 +28,7 @@ class RunResult:
     skipped: int
     seconds: float
     entries: list[dict] = field(default_factory=list)
+    grids: list[Path] = field(default_factory=list)  # comparison grids written (runner/grid.py)
 
     @property
     def images_per_second(self) -> float:
@@ -111,6 +112,10 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     from .pipeline import load_model
 
     spec = cfg if isinstance(cfg, RunSpec) else validate(cfg)
+    if spec.grid.enabled:
+        from .grid import check_axes
+
+        check_axes(spec.grid)
     lora_sets = resolve_loras(spec)
     loaded = load_model(spec.model, spec.device)
     pipe = loaded.pipe
@@ -157,4 +162,8 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
         writer.close()
         bar.close()
         result.seconds = time.perf_counter() - start
+    if spec.grid.enabled:  # grids cover the whole run dir's manifest, not only this run's images
+        from .grid import write_grids
+
+        result.grids = write_grids(out, spec.grid)
     return result
