@@ -63,12 +63,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def model_sha256(path: str | os.PathLike) -> str:
-    """Hash of a model: its file's sha256, or for a folder the sha256 over its weight files' hashes."""
+    """Hash of a model: its file's sha256, or for a diffusers folder the sha256 over its components' weight hashes."""
     p = Path(path)
     if p.is_file():
         return file_sha256(p)
     h = hashlib.sha256()
     for f in sorted(p.rglob("*")):
-        if f.suffix in _WEIGHT_EXT and f.is_file() and "loras" not in f.relative_to(p).parts:
+        rel = f.relative_to(p).parts
+        if f.suffix in _WEIGHT_EXT and f.is_file() and len(rel) > 1 and rel[0] != "loras":  # component weights
             h.update(f"{f.relative_to(p).as_posix()}:{file_sha256(f)}\n".encode())
     return h.hexdigest()
