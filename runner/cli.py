@@ -36,8 +36,8 @@ def _fields(obj: Any) -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
 
 
-def check_override(text: str) -> None:
-    """Reject an unknown key or config-group option before Hydra runs (with a 'did you mean')."""
+def check_override(text: str, schema: Any = RunConfig) -> None:
+    """Reject an unknown key (of `schema`) or config-group option before Hydra runs (with a 'did you mean')."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -59,7 +59,7 @@ def check_override(text: str) -> None:
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ConfigError(f"unknown {key} {value!r}{extra}; valid: {', '.join(options)}")
         return
-    node: Any = RunConfig
+    node: Any = schema
     for part in key.split("."):
         fields = _fields(node)
         if part not in fields:

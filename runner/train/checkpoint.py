@@ -1,0 +1,213 @@
+"""Write the trained LoRA (diffusers + kohya files) and resumable checkpoints; find and read them back."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from ..tiny import _to_kohya
+
+CKPT_DIR = "checkpoints"
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def lora_states(unet: Any, text_encoder: Any | None) -> tuple[dict, dict | None]:
+    """The LoRA weights of the UNet (and text encoder) in peft naming."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(unet), get_peft_model_state_dict(text_encoder) if text_encoder else None
+
+
+def save_lora(folder: Path, name: str, unet: Any, text_encoder: Any | None, rank: int, alpha: float) -> Path:
+    """Write `name.safetensors` (diffusers) and `name_kohya.safetensors` (A1111/ComfyUI) atomically."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import save_file
+
+    unet_state, te_state = lora_states(unet, text_encoder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=folder))
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=convert_state_dict_to_diffusers(unet_state),
+            text_encoder_lora_layers=convert_state_dict_to_diffusers(te_state) if te_state else None,
+            weight_name=f"{name}.safetensors",
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict()
+            if te_state
+            else None,
+        )
+        kohya = {
+            k: v.float() if v.is_floating_point() else v
+            for k, v in _to_kohya(unet_state, te_state, alpha).items()
+        }
+        save_file(
+            kohya,
+            str(tmp / f"{name}_kohya.safetensors"),
+            metadata={"ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}"},
+        )
+        for f in tmp.iterdir():
+            f.replace(folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / f"{name}.safetensors"
+
+
+def _rng_state() -> tuple[dict, dict]:
+    import numpy as np
+    import torch
+
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict, meta: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = meta["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoints/step-N (LoRA, optimizer, LR schedule, RNGs, counters) atomically; prune old ones.
+
+    `state` holds: modules {prefix: module}, optimizer, lr_scheduler, generator (torch.Generator),
+    scaler (GradScaler or None), lora (callable writing the LoRA files into a folder), info (JSON-able dict).
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    root = run_dir / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=root))
+    try:
+        tensors, meta = _rng_state()
+        for prefix, module in state["modules"].items():
+            tensors.update({f"{prefix}.{k}": v for k, v in get_peft_model_state_dict(module).items()})
+        opt = state["optimizer"].state_dict()
+        opt_meta: dict[str, dict] = {}
+        for idx, pstate in opt["state"].items():
+            for key, value in pstate.items():
+                if hasattr(value, "shape"):
+                    tensors[f"optimizer.{idx}.{key}"] = value
+                else:
+                    opt_meta.setdefault(str(idx), {})[key] = value
+        tensors["generator"] = state["generator"].get_state()
+        doc = {
+            "step": step,
+            "rng": meta,
+            "optimizer": {"param_groups": opt["param_groups"], "state": opt_meta},
+            "lr_scheduler": state["lr_scheduler"].state_dict(),
+            "scaler": state["scaler"].state_dict() if state.get("scaler") else None,
+            **state["info"],
+        }
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        state["lora"](tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def clean_partial(run_dir: Path) -> None:
+    """Remove checkpoint folders a killed process left half-written (they never got their final name)."""
+    root = Path(run_dir) / CKPT_DIR
+    for tmp in root.glob(".step-*") if root.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_JSON).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def find_resume(resume: str | bool, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: this run dir's last (auto), a given run/checkpoint folder, or None."""
+    if resume is False:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume).expanduser()
+    if (path / STATE_JSON).is_file():
+        return path
+    found = list_checkpoints(path) if path.is_dir() else []
+    if not found:
+        raise ConfigError(
+            f"resume={resume!r} is not a training run or checkpoint folder (no {CKPT_DIR}/step-N/"
+            f"{STATE_JSON}); valid: auto, false, or such a folder"
+        )
+    return found[-1]
+
+
+def read_info(ckpt: Path) -> dict:
+    """The JSON part of a checkpoint (step, config fingerprint, counters)."""
+    return json.loads((ckpt / STATE_JSON).read_text(encoding="utf-8"))
+
+
+def load_checkpoint(ckpt: Path, state: dict[str, Any]) -> dict:
+    """Restore what `save_checkpoint` wrote into the live objects of `state`; return the JSON part."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    doc = read_info(ckpt)
+    tensors = load_file(str(ckpt / STATE_TENSORS))
+    for prefix, module in state["modules"].items():
+        sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        result = set_peft_model_state_dict(module, sub)
+        if getattr(result, "unexpected_keys", None):
+            raise ConfigError(
+                f"checkpoint {ckpt} does not match this LoRA layout ({result.unexpected_keys[0]})"
+            )
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = value
+    for idx, extra in doc["optimizer"]["state"].items():
+        opt_state.setdefault(int(idx), {}).update(extra)
+    state["optimizer"].load_state_dict({"state": opt_state, "param_groups": doc["optimizer"]["param_groups"]})
+    state["lr_scheduler"].load_state_dict(doc["lr_scheduler"])
+    if state.get("scaler") and doc.get("scaler"):
+        state["scaler"].load_state_dict(doc["scaler"])
+    state["generator"].set_state(tensors["generator"].to(torch.uint8))
+    _set_rng_state(tensors, doc["rng"])
+    return doc

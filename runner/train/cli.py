@@ -1,0 +1,73 @@
+"""`t2i-train`: the Hydra app over `runner.train.loop.train`; config errors are one line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ..cli import CONF_DIR, EXIT_CONFIG, _remove_fresh_dir, check_override
+from ..config import ConfigError
+from .config import TrainRunConfig, register_configs
+
+register_configs()
+_state = {"task_started": False}
+
+
+def _error(msg: str) -> None:
+    print(f"t2i-train: error: {msg}", file=sys.stderr)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def hydra_main(cfg: DictConfig) -> Any:
+    """The task function Hydra calls once per training run."""
+    from .loop import train
+
+    _state["task_started"] = True
+    out = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
+    try:
+        result = train(cfg, out)
+    except ConfigError as exc:
+        _remove_fresh_dir(out)
+        _error(str(exc))
+        sys.exit(EXIT_CONFIG)
+    except KeyboardInterrupt:
+        _error(
+            f"interrupted; rerun with output_dir={out} (or resume={out}) to continue from the last checkpoint"
+        )
+        sys.exit(130)
+    except Exception as exc:
+        if cfg.get("verbose"):
+            raise
+        _error(f"{type(exc).__name__}: {exc} (run with verbose=true for the traceback)")
+        sys.exit(1)
+    if result.run_dir.resolve() != out.resolve():
+        _remove_fresh_dir(out)  # resume=PATH wrote into that run's folder
+    print(result.summary())
+    return {"run_dir": str(result.run_dir), "lora": str(result.lora_file)}
+
+
+def main() -> None:
+    """Console entry point: pre-checks overrides, then runs the Hydra app."""
+    args = sys.argv[1:]
+    if not [a for a in args if a.startswith("-")]:
+        try:
+            for a in args:
+                check_override(a, TrainRunConfig)
+        except ConfigError as exc:
+            _error(str(exc))
+            sys.exit(EXIT_CONFIG)
+    try:
+        hydra_main()
+    except SystemExit as exc:
+        if exc.code == 1 and not _state["task_started"]:
+            sys.exit(EXIT_CONFIG)  # Hydra rejected the config before the run began
+        raise
+
+
+if __name__ == "__main__":
+    main()

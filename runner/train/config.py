@@ -1,0 +1,170 @@
+"""Training config schema (Hydra structured configs) and its validation into a typed `TrainSpec`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import DEVICES, ConfigError, ModelConfig, _choice, _number, _side
+
+CAPTION_SOURCES = ("auto", "txt", "jsonl", "fixed")
+CROPS = ("center", "random")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class DataConfig:
+    dir: str | None = None  # folder of images (png, jpg, jpeg, webp, bmp)
+    caption: str | None = None  # one instance prompt (all images with captions=fixed, else the fallback)
+    captions: str = "auto"  # auto | txt (same-name .txt) | jsonl (metadata.jsonl: file_name, text) | fixed
+    resolution: int | None = None  # square side in pixels, multiple of 8; null = the model's native size
+    crop: str = "center"  # center | random
+    flip: bool = False  # random horizontal flip
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float | None = None  # null = rank (scale 1.0)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGETS))
+    text_encoder: bool = False  # also train a LoRA on the text encoder
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
+    name: str | None = None  # file stem of the saved LoRA; null = the data folder's name
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    lr: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    noise_offset: float = 0.0
+    mixed_precision: str = "auto"  # auto = bf16 (or fp16) on CUDA, fp32 elsewhere
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500  # also at the last step
+    keep_checkpoints: int = 0  # 0 = keep all
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] | None = None  # null = up to 2 captions of the data set; [] = no validation images
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 25
+    guidance_scale: float = 7.5
+    scheduler: str | None = None
+    include_base: bool = False  # also render the base model (no LoRA) for comparison
+
+
+@dataclass
+class TrainRunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    device: str = "auto"
+    resume: Any = (
+        "auto"  # auto (continue this run dir's last checkpoint) | false | PATH (run or checkpoint dir)
+    )
+    output_dir: str | None = None  # null = Hydra's run dir
+    progress: bool = True
+    verbose: bool = False
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/train.yaml` can list it first in its defaults."""
+    ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """A validated training run (plain dataclasses, every value checked)."""
+
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig
+    train: OptimConfig
+    validation: ValidationConfig
+    device: str
+    resume: str | bool  # "auto", False, or a path
+    output_dir: str | None
+    progress: bool
+    verbose: bool
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lora.rank if self.lora.alpha is None else self.lora.alpha)
+
+
+def _modules(key: str, value: list[str]) -> list[str]:
+    if not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{key}={value!r} is not valid; give module names such as {UNET_TARGETS}")
+    return list(value)
+
+
+def validate_train(cfg: DictConfig | dict) -> TrainSpec:
+    """Check every value of a composed training config; raise ConfigError naming the first bad one."""
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), cfg)
+    c = OmegaConf.to_object(cfg)
+    d, lo, t, v = c.data, c.lora, c.train, c.validation
+    if not isinstance(d.dir, str) or not d.dir.strip():
+        raise ConfigError("data.dir is not set; give the folder of training images (data.dir=PATH)")
+    _choice("data.captions", d.captions, CAPTION_SOURCES)
+    if d.captions == "fixed" and not (d.caption or "").strip():
+        raise ConfigError(
+            "data.captions=fixed needs data.caption (the instance prompt), e.g. data.caption='a sks cat'"
+        )
+    _side("data.resolution", d.resolution)
+    _choice("data.crop", d.crop, CROPS)
+    _number("lora.rank", lo.rank, int, 1, 1024)
+    if lo.alpha is not None:
+        _number("lora.alpha", lo.alpha, float, 1e-6, 1e6)
+    _number("lora.dropout", lo.dropout, float, 0.0, 0.99)
+    lo.target_modules = _modules("lora.target_modules", lo.target_modules)
+    lo.text_encoder_target_modules = _modules(
+        "lora.text_encoder_target_modules", lo.text_encoder_target_modules
+    )
+    if lo.name is not None and (not lo.name.strip() or any(ch in lo.name for ch in "/\\") or ".." in lo.name):
+        raise ConfigError(f"lora.name={lo.name!r} is not a plain file stem")
+    _number("train.steps", t.steps, int, 1, 10_000_000)
+    _number("train.batch_size", t.batch_size, int, 1, 4096)
+    _number("train.gradient_accumulation", t.gradient_accumulation, int, 1, 4096)
+    _number("train.lr", t.lr, float, 0.0, 10.0)
+    _choice("train.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
+    _number("train.lr_warmup_steps", t.lr_warmup_steps, int, 0, 10_000_000)
+    _number("train.max_grad_norm", t.max_grad_norm, float, 0.0, 1e9)
+    _number("train.noise_offset", t.noise_offset, float, 0.0, 1.0)
+    _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    _number("train.seed", t.seed, int, 0, 2**32 - 1)
+    _number("train.checkpoint_every", t.checkpoint_every, int, 1, 10_000_000)
+    _number("train.keep_checkpoints", t.keep_checkpoints, int, 0, 1_000_000)
+    if v.prompts is not None and not all(isinstance(p, str) and p.strip() for p in v.prompts):
+        raise ConfigError(f"validation.prompts={v.prompts!r} has an empty prompt")
+    for s in v.seeds:
+        _number("validation.seeds", s, int, 0, 2**64 - 1)
+    _number("validation.steps", v.steps, int, 1, 1000)
+    _choice("device", c.device, DEVICES)
+    resume = c.resume
+    if resume in (None, False, "false", "no", "never"):
+        resume = False
+    elif resume in (True, "true", "auto"):
+        resume = "auto"
+    elif not isinstance(resume, str) or not resume.strip():
+        raise ConfigError(f"resume={resume!r} is not valid; valid: auto, false, or a run/checkpoint folder")
+    return TrainSpec(c.model, d, lo, t, v, c.device, resume, c.output_dir, bool(c.progress), bool(c.verbose))

@@ -1,0 +1,353 @@
+"""t2i-train on the tiny model (CPU): loss falls, the LoRA loads in t2i, runs resume, bad input fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runner.config import ConfigError, validate
+from runner.metadata import read_png_record
+from runner.train.losslog import LossLog
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def make_images(folder: Path, captions: bool = True) -> Path:
+    """Solid-colour squares (48x40, so resize + crop run) with same-name .txt captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rgb in COLORS.items():
+        Image.new("RGB", (48, 40), rgb).save(folder / f"{name}.png")
+        if captions:
+            (folder / f"{name}.txt").write_text(f"a {name} square")
+    return folder
+
+
+def train_cfg(data: Path, **over: dict) -> dict:
+    cfg = {
+        "model": {"id": "builtin:tiny"},
+        "data": {"dir": str(data), "resolution": 32},
+        "lora": {"rank": 4},
+        "train": {"steps": 40, "lr": 3e-2, "batch_size": 2, "checkpoint_every": 20, "seed": 0},
+        "validation": {"steps": 2, "seeds": [0]},
+        "progress": False,
+    }
+    for key, value in over.items():
+        cfg[key] = {**cfg[key], **value}
+    return cfg
+
+
+def loss_rows(run_dir: Path) -> list[dict]:
+    return LossLog(run_dir / "loss.csv").rows()
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "runner.train", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """One 40-step training run on four coloured squares (shared by the tests below)."""
+    from runner.train.loop import train
+
+    tmp = tmp_path_factory.mktemp("train")
+    data = make_images(tmp / "squares")
+    result = train(train_cfg(data), tmp / "run")
+    return result
+
+
+def test_loss_falls(trained) -> None:
+    rows = loss_rows(trained.run_dir)
+    assert [int(r["step"]) for r in rows] == list(range(1, 41))
+    losses = [r["loss"] for r in rows]
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert first > last + 0.02, (first, last)
+
+
+def test_outputs_written(trained) -> None:
+    run = trained.run_dir
+    assert trained.lora_file == run / "squares.safetensors" and trained.lora_file.is_file()
+    assert trained.kohya_file.is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000020", "step-000040"]
+    ckpt = run / "checkpoints" / "step-000020"
+    assert json.loads((ckpt / "training_state.json").read_text())["step"] == 20
+    from safetensors import safe_open
+
+    with safe_open(str(trained.kohya_file), "pt") as f:
+        keys = list(f.keys())  # noqa: SIM118
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".alpha") for k in keys) and any(k.endswith(".lora_down.weight") for k in keys)
+    plot = pixels(run / "loss.png")
+    assert (plot != 255).any(axis=2).mean() > 0.01  # something is drawn
+    assert not list(run.rglob(".*.tmp")) and not list((run / "checkpoints").glob(".step-*"))
+
+
+def test_validation_images_are_runner_outputs(trained) -> None:
+    for step in ("step-000020", "step-000040"):
+        folder = trained.run_dir / "validation" / step
+        manifest = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+        assert sorted(e["prompt"] for e in manifest) == ["a blue square", "a green square"]
+        rec, infotext = read_png_record(str(folder / manifest[0]["file"]))
+        assert rec["loras"][0]["name"] == "squares" and "Lora hashes" in infotext
+        assert rec["loras"][0]["file"] == str(trained.run_dir / "checkpoints" / step / "squares.safetensors")
+    a = pixels(trained.run_dir / "validation" / "step-000020" / manifest[0]["file"])
+    b = pixels(trained.run_dir / "validation" / "step-000040" / manifest[0]["file"])
+    assert np.abs(a - b).mean() > 0.5  # the LoRA kept changing between checkpoints
+
+
+def test_trained_lora_changes_runner_output(trained, tmp_path: Path) -> None:
+    from runner.run import run
+
+    sets = [
+        [],
+        [{"source": str(trained.lora_file), "name": "diffusers"}],
+        [{"source": str(trained.kohya_file), "name": "kohya"}],
+    ]
+    result = run(
+        validate(
+            {
+                "model": {"id": "builtin:tiny"},
+                "prompts": ["a red square"],
+                "seeds": [0],
+                "steps": 2,
+                "width": 32,
+                "height": 32,
+                "lora_sets": sets,
+            }
+        ),
+        tmp_path,
+        progress=False,
+    )
+    images = {e["lora_set"]: pixels(tmp_path / e["file"]) for e in result.entries}
+    assert len(images) == 3
+    assert np.abs(images[0] - images[1]).mean() > 2.0  # the LoRA changes the picture
+    assert np.abs(images[1] - images[2]).max() <= 2  # the kohya copy holds the same weights
+
+
+def test_interrupted_run_resumes_exactly(tmp_path: Path) -> None:
+    """Stopped at step 7 (checkpoint at 4), the rerun continues at step 5 and matches an uninterrupted run."""
+    from runner.train.loop import train
+
+    data = make_images(tmp_path / "squares")
+    cfg = train_cfg(data, train={"steps": 8, "checkpoint_every": 4}, validation={"prompts": []})
+    whole = train(cfg, tmp_path / "whole")
+
+    def stop(step: int, loss: float) -> None:
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", on_step=stop)
+    assert [int(r["step"]) for r in loss_rows(tmp_path / "cut")] == list(range(1, 8))
+    assert not (tmp_path / "cut" / "squares.safetensors").exists()
+    resumed = train(cfg, tmp_path / "cut")
+    assert resumed.start_step == 4
+    rows = loss_rows(tmp_path / "cut")
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    expected = [r["loss"] for r in loss_rows(whole.run_dir)]
+    assert [r["loss"] for r in rows] == pytest.approx(expected, rel=1e-5)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(whole.lora_file)), load_file(str(resumed.lora_file))
+    assert a.keys() == b.keys() and all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6) for k in a)
+
+
+def test_resume_with_other_lora_settings_is_refused(tmp_path: Path) -> None:
+    from runner.train.loop import train
+
+    data = make_images(tmp_path / "squares")
+    train(
+        train_cfg(data, train={"steps": 2, "checkpoint_every": 2}, validation={"prompts": []}),
+        tmp_path / "run",
+    )
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(ConfigError, match="lora.rank|rank=4"):
+        train(
+            train_cfg(data, lora={"rank": 8}, train={"steps": 4}, validation={"prompts": []}),
+            tmp_path / "run",
+        )
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_killed_cli_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """`t2i-train` killed with SIGKILL after a checkpoint; the same command continues from it to the end."""
+    data = make_images(tmp_path / "squares")
+    out = tmp_path / "run"
+    common = [
+        f"data.dir={data}",
+        "model=tiny",
+        "data.resolution=32",
+        "lora.rank=4",
+        "train.checkpoint_every=3",
+        "validation.prompts=[]",
+        "progress=false",
+        f"output_dir={out}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner.train", *common, "train.steps=100000"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "step-000003").is_dir():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    done = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    last = done[-1]
+    logged = [int(r["step"]) for r in loss_rows(out)]
+    assert logged[:last] == list(range(1, last + 1))
+    res = run_train(*common, f"train.steps={last + 2}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f"steps {last}->{last + 2}" in res.stdout
+    assert [int(r["step"]) for r in loss_rows(out)] == list(range(1, last + 3))
+    assert (out / "squares.safetensors").is_file()
+    assert (out / "squares_kohya.safetensors").is_file() and (
+        out / "checkpoints" / f"step-{last + 2:06d}"
+    ).is_dir()
+
+
+def _corrupt(folder: Path) -> list[str]:
+    make_images(folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    (folder / "broken.txt").write_text("broken")
+    return [f"data.dir={folder}"]
+
+
+def _no_caption(folder: Path) -> list[str]:
+    make_images(folder)
+    (folder / "blue.txt").unlink()
+    return [f"data.dir={folder}", "data.captions=txt"]
+
+
+def _empty(folder: Path) -> list[str]:
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no images here")
+    return [f"data.dir={folder}"]
+
+
+CASES = {
+    "missing folder": (lambda f: [f"data.dir={f / 'nope'}"], "is not a folder"),
+    "empty folder": (_empty, "has no images"),
+    "corrupt image": (_corrupt, "broken.png is not a readable image"),
+    "caption missing": (_no_caption, "caption missing for blue.png"),
+    "rank zero": (lambda f: [f"data.dir={make_images(f)}", "lora.rank=0"], "lora.rank=0 is out of range"),
+    "resolution": (lambda f: [f"data.dir={make_images(f)}", "data.resolution=60"], "not a multiple of 8"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2(case: str, tmp_path: Path) -> None:
+    make_args, message = CASES[case]
+    args = make_args(tmp_path / "data")
+    res = run_train("model=tiny", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("t2i-train: error:") and message in lines[0], res.stderr
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_caption_sources(tmp_path: Path) -> None:
+    from runner.train.config import DataConfig
+    from runner.train.data import load_pixels, scan
+
+    folder = make_images(tmp_path / "d", captions=False)
+    (folder / "red.txt").write_text("a red thing\n")
+    by_name = {e.path.name: e.caption for e in scan(DataConfig(dir=str(folder), caption="sks square"))}
+    assert by_name == {
+        "blue.png": "sks square",
+        "green.png": "sks square",
+        "red.png": "a red thing",
+        "yellow.png": "sks square",
+    }
+    fixed = scan(DataConfig(dir=str(folder), caption="sks", captions="fixed"))
+    assert {e.caption for e in fixed} == {"sks"}
+    rows = [{"file_name": f"{n}.png", "text": f"jsonl {n}"} for n in COLORS]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert {e.caption for e in scan(DataConfig(dir=str(folder), captions="jsonl"))} == {
+        f"jsonl {n}" for n in COLORS
+    }
+    with pytest.raises(ConfigError, match="caption missing for blue.png"):
+        scan(DataConfig(dir=str(folder), captions="txt"))
+    import torch
+
+    px = load_pixels(
+        fixed[2], 32, "random", True, torch.Generator().manual_seed(0)
+    )  # red, 48x40 -> 38x32 -> crop
+    assert tuple(px.shape) == (3, 32, 32)
+    assert torch.allclose(px[:, 5, 5], torch.tensor([220, 30, 30]) / 127.5 - 1, atol=0.02)
+
+
+def test_mixed_precision_needs_cuda() -> None:
+    from runner.train.loop import resolve_precision
+
+    assert str(resolve_precision("auto", "cpu")) == "torch.float32"
+    with pytest.raises(ConfigError, match="train.mixed_precision=fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_text_encoder_lora_with_checkpointing_loads(tmp_path: Path) -> None:
+    """lora.text_encoder=true (with gradient checkpointing): both files carry text-encoder layers and load."""
+    from safetensors import safe_open
+
+    from runner.run import run
+    from runner.train.loop import train
+
+    data = make_images(tmp_path / "squares")
+    cfg = train_cfg(
+        data,
+        lora={"text_encoder": True, "name": "te"},
+        validation={"prompts": []},
+        train={
+            "steps": 3,
+            "lr": 5e-2,
+            "gradient_checkpointing": True,
+            "keep_checkpoints": 1,
+            "checkpoint_every": 1,
+        },
+    )
+    result = train(cfg, tmp_path / "run")
+    assert [p.name for p in (result.run_dir / "checkpoints").iterdir()] == ["step-000003"]
+    for file, prefix in ((result.lora_file, "text_encoder."), (result.kohya_file, "lora_te_")):
+        with safe_open(str(file), "pt") as f:
+            assert any(k.startswith(prefix) for k in f.keys()), file  # noqa: SIM118
+    sets = [[], [{"source": str(result.lora_file)}], [{"source": str(result.kohya_file)}]]
+    out = run(
+        validate(
+            {
+                "model": {"id": "builtin:tiny"},
+                "prompts": ["a red square"],
+                "seeds": [0],
+                "steps": 2,
+                "width": 32,
+                "height": 32,
+                "lora_sets": sets,
+            }
+        ),
+        tmp_path / "gen",
+        progress=False,
+    )
+    images = {e["lora_set"]: pixels(tmp_path / "gen" / e["file"]) for e in out.entries}
+    assert np.abs(images[0] - images[1]).mean() > 0.5 and np.abs(images[1] - images[2]).max() <= 2
