@@ -1,153 +1,167 @@
-"""LoRA adapters: resolve a spec to one file, load each file once per process, activate sets by weight."""
+"""LoRA adapters: load each file once per process into a pipeline, activate sets by weight, evict LRU."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import re
+import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .config import ConfigError, LoraSpec
+from .config import ConfigError
 from .hashing import file_sha256
-from .pipeline import _HUB_ID, hub_offline
-from .plan import lora_name
-from .tiny import TINY_ID, ensure_tiny
+from .lora_files import DEFAULT_NAMES, ResolvedLora, read_state_dict, resolve_lora, resolve_set
 
+__all__ = ["DEFAULT_NAMES", "AdapterManager", "ResolvedLora", "resolve_lora", "resolve_set"]
 log = logging.getLogger(__name__)
-DEFAULT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")  # the seed's two defaults
-PICKLE_EXT = (".bin", ".ckpt", ".pt", ".pth")
+_DOWN = re.compile(r"(lora_A|lora\.down|lora_down|lora_linear_layer\.down|lora_embedding_A)$")
+_SIZE = re.compile(r"size mismatch for (\S+?): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
+                   r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+_UNEXPECTED = re.compile(r"unexpected keys found in the model: ([^,\s]+)")
 
 
-@dataclass(frozen=True)
-class ResolvedLora:
-    """A LoRA spec pinned to the file actually read and its sha256."""
+@contextlib.contextmanager
+def _captured_diffusers_log() -> Iterator[list[str]]:
+    """Collect diffusers' warnings (e.g. unmatched keys) instead of printing them; hide peft's chatter."""
+    messages: list[str] = []
 
-    name: str
-    source: str
-    weight_name: str | None
-    file: str
-    sha256: str
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
 
-    @property
-    def adapter(self) -> str:
-        """Internal adapter name: unique per file content, valid for peft (no dots)."""
-        return f"{re.sub(r'[^A-Za-z0-9_]', '_', self.name)[:40]}_{self.sha256[:8]}"
-
-    def record(self, weight: float) -> dict:
-        return {"name": self.name, "source": self.source, "weight_name": self.weight_name,
-                "scale": weight, "sha256": self.sha256, "file": self.file}
-
-
-def _listing(folder: Path) -> str:
-    files = sorted(p.name for p in folder.glob("*.safetensors"))
-    return ", ".join(files) if files else "none"
-
-
-def _pick_in_dir(spec: LoraSpec, folder: Path, allow_pickle: bool) -> Path:
-    if spec.weight_name:
-        f = folder / spec.weight_name
-        if not f.is_file():
-            raise ConfigError(f"weight_name={spec.weight_name!r} is not in {spec.source}; .safetensors files there: "
-                              f"{_listing(folder)}")
-        return f
-    for default in DEFAULT_NAMES:
-        if (folder / default).is_file():
-            return folder / default
-    found = sorted(folder.glob("*.safetensors"))
-    if len(found) == 1:
-        return found[0]
-    raise ConfigError(f"no default LoRA file ({' or '.join(DEFAULT_NAMES)}) in {spec.source}; set weight_name to "
-                      f"one of: {_listing(folder)}")
-
-
-def _hub_file(spec: LoraSpec) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    names = [spec.weight_name] if spec.weight_name else list(DEFAULT_NAMES)
-    last: Exception | None = None
-    for name in names:
-        try:
-            return Path(hf_hub_download(spec.source, name, local_files_only=hub_offline()))
-        except Exception as exc:  # noqa: BLE001 - hub errors come in many types; reported below
-            last = exc
-    where = "the local hub cache (HF_HUB_OFFLINE=1)" if hub_offline() else "the hub"
-    raise ConfigError(f"LoRA source {spec.source!r} with weight_name={spec.weight_name!r} was not found in {where}"
-                      f" ({type(last).__name__}); give a local file or folder") from last
-
-
-def resolve_lora(spec: LoraSpec, allow_pickle: bool = False) -> ResolvedLora:
-    """Find the file a spec names (local file, folder + weight_name, or hub repo) and hash it."""
-    source = spec.source
-    if source.startswith(TINY_ID):
-        path = ensure_tiny() / source[len(TINY_ID):].lstrip("/")
-    else:
-        path = Path(os.path.expanduser(source))
-    if path.is_dir():
-        file = _pick_in_dir(spec, path, allow_pickle)
-    elif path.is_file():
-        file = path
-    elif _HUB_ID.match(source) and not source.startswith((".", "/", "~")) and source.count("/") == 1:
-        file = _hub_file(spec)
-    else:
-        raise ConfigError(f"LoRA source {source!r} not found (no such file or folder, not a hub id)")
-    if file.suffix in PICKLE_EXT and not allow_pickle:
-        raise ConfigError(f"LoRA file {file} is a pickle file; convert it to .safetensors or set "
-                          "allow_pickle_lora=true if you trust it")
-    if not os.access(file, os.R_OK):
-        raise ConfigError(f"LoRA file {file} is not readable")
-    return ResolvedLora(lora_name(spec), source, spec.weight_name, str(file), file_sha256(file))
-
-
-def _read_state_dict(r: ResolvedLora) -> dict:
-    if r.file.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(r.file)
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise ConfigError(f"LoRA file {r.file} is not a readable safetensors file ({exc})") from exc
-    import torch
-
+    logger = logging.getLogger("diffusers")
+    saved = (logger.level, logger.propagate, logger.handlers[:])
+    logger.handlers, logger.propagate = [_Collect()], False
+    logger.setLevel(logging.WARNING)
     try:
-        state = torch.load(r.file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"LoRA file {r.file} could not be read ({type(exc).__name__}: {exc})") from exc
-    return state.get("state_dict", state) if isinstance(state, dict) else {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")
+            yield messages
+    finally:
+        logger.level, logger.propagate, logger.handlers = saved[0], saved[1], saved[2]
+
+
+def _mismatch(r: ResolvedLora, text: str) -> str | None:
+    """A one-line explanation of a shape mismatch in a load error, or None."""
+    found = _SIZE.findall(text)
+    if not found:
+        return None
+    key, got, need = found[0]
+    key = re.sub(r"\.(lora_[AB]|lora_embedding_[AB])\.[^.]+\.weight$", r".\1.weight", key)
+    return (f"{r.file} is not a LoRA for this model: {len(found)} layer(s) have other shapes, e.g. {key} is "
+            f"[{got}] in the file but [{need}] in the model (a LoRA for another base model, "
+            "e.g. SDXL on SD 1.5?)")
 
 
 class AdapterManager:
-    """Loads each adapter once into a pipeline and switches sets with `set_adapters`, never reloading the base."""
+    """Loads each adapter once into a pipeline and switches sets with `set_adapters` (base never reloaded)."""
 
     def __init__(self, pipe: Any, max_loaded: int = 8) -> None:
         self.pipe = pipe
         self.max_loaded = max_loaded
         self.loaded: OrderedDict[str, ResolvedLora] = OrderedDict()
         self.loads = 0  # adapter file loads (tests assert adapters are loaded once)
+        self.active: tuple[str, ...] = ()  # adapters peft computes now (none when LoRA is disabled)
+
+    def _components(self) -> dict[str, Any]:
+        names = getattr(self.pipe, "_lora_loadable_modules", ["unet", "text_encoder"])
+        return {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
+
+    def layers(self, adapter: str) -> dict[str, int]:
+        """How many layers of each pipeline component carry `adapter`."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        counts = {}
+        for comp, model in self._components().items():
+            counts[comp] = sum(1 for m in model.modules() if isinstance(m, BaseTunerLayer) and (
+                adapter in getattr(m, "lora_A", {}) or adapter in getattr(m, "lora_embedding_A", {})))
+        return counts
+
+    def _expected(self, r: ResolvedLora, state: dict) -> dict[str, list[str]]:
+        """The LoRA layers the file holds per component, after diffusers' own format conversion."""
+        unet = getattr(self.pipe, "unet", None)
+        try:
+            config = getattr(unet, "config", None)
+            converted, _ = type(self.pipe).lora_state_dict(dict(state), unet_config=config)
+        except Exception as exc:  # noqa: BLE001 - diffusers' converters raise ValueError/KeyError/...
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{r.file} is not a LoRA diffusers can read ({first})") from exc
+        layers: dict[str, list[str]] = {}
+        for key in converted:
+            if _DOWN.search(key.removesuffix(".weight")):
+                comp, _, rest = key.partition(".")
+                layers.setdefault(comp, []).append(re.split(r"[._]lora[._]", rest)[0])
+        return layers
+
+    def _unmatched(self, comp: str, layers: list[str]) -> str | None:
+        """A layer of the file whose parent module the model lacks (an example for the error), or None."""
+        model = self._components().get(comp)
+        if model is None:
+            return None
+        names = {n.removeprefix("text_model.") for n, _ in model.named_modules()}
+        for layer in layers:
+            parent = layer.rsplit(".", 1)[0].removesuffix(".processor").removeprefix("text_model.")
+            if parent not in names:
+                return f"{comp}.{layer}"
+        return None
 
     def _load(self, r: ResolvedLora) -> None:
-        state = _read_state_dict(r)
+        if file_sha256(r.file) != r.sha256:
+            raise ConfigError(f"LoRA file {r.file} changed since it was hashed; run again")
+        state = read_state_dict(r)
         if not state or not any("lora" in k or k.endswith(".alpha") for k in state):
             raise ConfigError(f"{r.file} is not a LoRA file (no LoRA weights in it)")
-        try:
-            self.pipe.load_lora_weights(state, adapter_name=r.adapter)
-        except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/RuntimeError/KeyError here
-            self._forget(r.adapter)
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"{r.file} is not a LoRA for this model ({first})") from exc
-        attached = any(r.adapter in names for names in self.pipe.get_list_adapters().values())
-        if not attached:
-            raise ConfigError(f"{r.file} is not a LoRA for this model (none of its layers match the model's)")
+        expected = self._expected(r, state)
+        with _captured_diffusers_log() as messages:
+            try:
+                self.pipe.load_lora_weights(state, adapter_name=r.adapter)
+            except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/RuntimeError/KeyError here
+                text = str(exc).strip()
+                first = text.splitlines()[0][:300] if text else type(exc).__name__
+                msg = _mismatch(r, text) or f"{r.file} is not a LoRA for this model ({first})"
+                raise self._fail(r.adapter, msg) from exc
+        got = self.layers(r.adapter)
+        missing = {c: len(v) - got.get(c, 0) for c, v in expected.items() if len(v) > got.get(c, 0)}
+        if missing or not any(got.values()):
+            absent = [c for c in missing if c not in self._components()]
+            if absent:
+                why = f"it has weights for {', '.join(absent)}, which this {type(self.pipe).__name__} lacks"
+            else:
+                total = sum(len(v) for v in expected.values())
+                hit = next((h for c in missing if (h := self._unmatched(c, expected[c]))), None)
+                hit = hit or next((m for text in messages for m in _UNEXPECTED.findall(text)), None)
+                why = f"{sum(missing.values())} of its {total} LoRA layers match no layer of the model"
+                why += f" (e.g. {hit})" if hit else ""
+            msg = f"{r.file} is not a LoRA for this model: {why}; is it for another base model?"
+            raise self._fail(r.adapter, msg)
         self.loads += 1
+        log.info("loaded LoRA %s (%s) as %s: %s", r.name, r.file, r.adapter, got)
 
     def _forget(self, adapter: str) -> None:
-        try:
-            self.pipe.delete_adapters(adapter)
-        except Exception:  # noqa: BLE001 - partially injected adapters may not be registered everywhere
-            log.debug("could not delete adapter %s", adapter)
+        from diffusers import ModelMixin
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        for model in self._components().values():
+            try:
+                with warnings.catch_warnings():  # peft warns when the deleted adapter was the active one
+                    warnings.simplefilter("ignore")
+                    if isinstance(model, ModelMixin):
+                        model.delete_adapters([adapter])
+                    else:
+                        delete_adapter_layers(model, adapter)
+            except Exception:  # noqa: BLE001 - a partly injected adapter may be missing in some components
+                log.debug("could not delete adapter %s", adapter)
         self.loaded.pop(adapter, None)
+
+    def _fail(self, adapter: str, msg: str) -> ConfigError:
+        """Remove a half-loaded adapter and leave the pipeline with LoRA off; return the error to raise."""
+        self._forget(adapter)
+        if self.loaded:
+            self.pipe.disable_lora()
+        self.active = ()
+        return ConfigError(msg)
 
     def ensure(self, loras: tuple[ResolvedLora, ...]) -> None:
         """Load any adapter of the set not loaded yet; evict least-recently-used ones beyond the cap."""
@@ -164,13 +178,31 @@ class AdapterManager:
             if adapter not in keep:
                 self._forget(adapter)
 
+    def preload(self, sets: Iterable[tuple[ResolvedLora, ...]]) -> None:
+        """Load (and so check against the model) every adapter of `sets` before anything is written.
+
+        Sets are loaded last-first, so with a cap the first sets used stay loaded; the pipeline is left
+        with LoRA disabled until `activate`.
+        """
+        for loras in reversed(list(sets)):
+            self.ensure(loras)
+        if self.loaded:
+            self.pipe.disable_lora()
+        self.active = ()
+
     def activate(self, loras: tuple[ResolvedLora, ...], weights: tuple[float, ...]) -> None:
-        """Make exactly this set active at these weights; an empty or all-zero set is the base model."""
+        """Make exactly this set active at these weights; an empty or all-zero set is the base model.
+
+        Adapters at weight 0 and loaded adapters not in the set are left out of the active list, so peft
+        does not compute them.
+        """
         self.ensure(loras)
+        active = [(r.adapter, w) for r, w in zip(loras, weights, strict=True) if w != 0]
+        self.active = tuple(a for a, _ in active)
         if not self.loaded:
             return
-        if not loras or all(w == 0 for w in weights):
+        if not active:
             self.pipe.disable_lora()
             return
         self.pipe.enable_lora()
-        self.pipe.set_adapters([r.adapter for r in loras], adapter_weights=list(weights))
+        self.pipe.set_adapters(list(self.active), adapter_weights=[w for _, w in active])

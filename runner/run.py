@@ -88,12 +88,12 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
 
 def resolve_loras(spec: RunSpec) -> list[tuple]:
     """Resolve every LoRA set to files + hashes before anything is loaded or written."""
-    from .loras import resolve_lora
+    from .loras import resolve_set
 
     sets = []
     by_name: dict[str, str] = {}
-    for specs in spec.lora_sets:
-        resolved = tuple(resolve_lora(s, spec.allow_pickle_lora) for s in specs)
+    for i, specs in enumerate(spec.lora_sets):
+        resolved = resolve_set(specs, spec.allow_pickle_lora, f"lora_sets[{i}]")
         for r in resolved:
             if by_name.setdefault(r.name, r.sha256) != r.sha256:
                 raise ConfigError(f"LoRA name {r.name!r} is used for two different files; give each a unique name")
@@ -122,6 +122,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     if loaded.adapters is None:
         loaded.adapters = AdapterManager(pipe, spec.max_loaded_loras)
     loaded.adapters.max_loaded = spec.max_loaded_loras
+    loaded.adapters.preload(lora_sets)  # a LoRA that does not fit the model fails before any write
     model_key = f"{loaded.source.location}@{loaded.source.revision}|{loaded.config.variant}|{loaded.dtype_name}"
     jobs = shard(expand(spec, model_key), spec.shard.index, spec.shard.count)
     for i, p in enumerate(spec.prompts):

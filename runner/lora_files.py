@@ -1,0 +1,162 @@
+"""LoRA files: resolve a spec (file, folder + weight_name, hub repo) to the one file read, and read it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, LoraSpec
+from .hashing import file_sha256
+from .pipeline import _HUB_ID, hub_offline
+from .plan import lora_name
+from .tiny import TINY_ID, ensure_tiny
+
+DEFAULT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")  # the seed's two defaults
+PICKLE_EXT = (".bin", ".ckpt", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ResolvedLora:
+    """A LoRA spec pinned to the file actually read and its sha256."""
+
+    name: str
+    source: str
+    weight_name: str | None  # the file name picked inside a folder or hub repo; None for a direct file path
+    file: str
+    sha256: str
+
+    @property
+    def adapter(self) -> str:
+        """Internal peft adapter name: one per file content, so a file loads once whatever it is called."""
+        return f"lora_{self.sha256[:16]}"
+
+    def record(self, weight: float) -> dict:
+        return {"name": self.name, "source": self.source, "weight_name": self.weight_name,
+                "scale": weight, "sha256": self.sha256, "file": self.file}
+
+
+def _listing(files: Iterable[str]) -> str:
+    found = sorted(f for f in files if f.endswith(".safetensors"))
+    return ", ".join(found) if found else "none"
+
+
+def _pick_in_dir(spec: LoraSpec, folder: Path) -> Path:
+    if spec.weight_name:
+        f = folder / spec.weight_name
+        if not f.is_file():
+            there = _listing(p.name for p in folder.iterdir())
+            raise ConfigError(f"weight_name={spec.weight_name!r} is not in {spec.source}; "
+                              f".safetensors files there: {there}")
+        return f
+    for default in DEFAULT_NAMES:
+        if (folder / default).is_file():
+            return folder / default
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    raise ConfigError(f"no default LoRA file ({' or '.join(DEFAULT_NAMES)}) in {spec.source}; "
+                      f"set weight_name to one of: {_listing(p.name for p in found)}")
+
+
+def _hub_listing(repo: str) -> list[str] | None:
+    """The files of a hub repo (from the local cache when offline); None if the repo itself is unknown."""
+    try:
+        if hub_offline():
+            from huggingface_hub import snapshot_download
+
+            snap = Path(snapshot_download(repo, local_files_only=True))
+            return [p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()]
+        from huggingface_hub import list_repo_files
+
+        return list_repo_files(repo)
+    except Exception:  # noqa: BLE001 - not cached / not found / no network all mean "unknown"
+        return None
+
+
+def _hub_file(spec: LoraSpec) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    files = _hub_listing(spec.source)
+    where = "the local hub cache (HF_HUB_OFFLINE=1)" if hub_offline() else "the hub"
+    if files is None:
+        raise ConfigError(f"LoRA source {spec.source!r} is not a local file or folder and not a repo in "
+                          f"{where}; give an existing path or a hub id")
+    if spec.weight_name:
+        names = [spec.weight_name]
+    else:
+        names = [n for n in DEFAULT_NAMES if n in files]
+        singles = [f for f in files if f.endswith(".safetensors") and "/" not in f]
+        names = names or (singles if len(singles) == 1 else [])
+    if not names or names[0] not in files:
+        what = f"weight_name={spec.weight_name!r} is" if spec.weight_name else "no default LoRA file is"
+        raise ConfigError(f"{what} not in hub repo {spec.source!r} ({where}); .safetensors files there: "
+                          f"{_listing(files)}")
+    try:
+        return Path(hf_hub_download(spec.source, names[0], local_files_only=hub_offline()))
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+        raise ConfigError(f"could not download {names[0]!r} from hub repo {spec.source!r} "
+                          f"({type(exc).__name__}); give a local file or folder") from exc
+
+
+def resolve_lora(spec: LoraSpec, allow_pickle: bool = False) -> ResolvedLora:
+    """Find the file a spec names (local file, folder + weight_name, or hub repo) and hash it."""
+    source = spec.source
+    if source.startswith(TINY_ID):
+        path = ensure_tiny() / source[len(TINY_ID):].lstrip("/")
+    else:
+        path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        file = _pick_in_dir(spec, path)
+    elif path.is_file():
+        file = path
+    elif _HUB_ID.match(source) and not source.startswith((".", "/", "~")) and source.count("/") == 1:
+        file = _hub_file(spec)
+    else:
+        raise ConfigError(f"LoRA source {source!r} not found (no such file or folder, "
+                          "and not a hub id owner/name)")
+    if file.suffix not in (".safetensors", *PICKLE_EXT):  # never unpickle a file of unknown kind
+        raise ConfigError(f"LoRA file {file} is not a LoRA weights file; valid: .safetensors (or "
+                          f"{', '.join(PICKLE_EXT)} with allow_pickle_lora=true)")
+    if file.suffix in PICKLE_EXT and not allow_pickle:
+        raise ConfigError(f"LoRA file {file} is a pickle file; convert it to .safetensors or set "
+                          "allow_pickle_lora=true if you trust it")
+    if not os.access(file, os.R_OK):
+        raise ConfigError(f"LoRA file {file} is not readable")
+    weight_name = None if path.is_file() else file.name
+    return ResolvedLora(lora_name(spec), source, weight_name, str(file), file_sha256(file))
+
+
+def resolve_set(specs: Iterable[LoraSpec], allow_pickle: bool, where: str) -> tuple[ResolvedLora, ...]:
+    """Resolve one LoRA set; an adapter name or a file may appear only once in a set."""
+    resolved = tuple(resolve_lora(s, allow_pickle) for s in specs)
+    for i, r in enumerate(resolved):
+        for other in resolved[:i]:
+            if other.name == r.name:
+                raise ConfigError(f"{where} names adapter {r.name!r} twice; adapter names in a set "
+                                  "must be unique")
+            if other.sha256 == r.sha256:
+                raise ConfigError(f"{where} uses the same file twice ({other.name!r} and {r.name!r}: "
+                                  f"{r.file}); use one entry and set its scale")
+    return resolved
+
+
+def read_state_dict(r: ResolvedLora) -> dict:
+    """The tensors of a resolved LoRA file (pickle files only through torch's weights_only loader)."""
+    if r.file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(r.file)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"LoRA file {r.file} is not a readable safetensors file ({first})") from exc
+    import torch
+
+    try:
+        state = torch.load(r.file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ConfigError(f"LoRA file {r.file} could not be read ({type(exc).__name__}: {first})") from exc
+    return state.get("state_dict", state) if isinstance(state, dict) else {}
