@@ -301,7 +301,7 @@ def test_caption_sources(tmp_path: Path) -> None:
 
 
 def test_mixed_precision_needs_cuda() -> None:
-    from runner.train.loop import resolve_precision
+    from runner.train.model import resolve_precision
 
     assert str(resolve_precision("auto", "cpu")) == "torch.float32"
     with pytest.raises(ConfigError, match="train.mixed_precision=fp16 needs a CUDA GPU"):

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..tiny import _to_kohya
+from .config import TrainSpec
 
 CKPT_DIR = "checkpoints"
 STATE_TENSORS = "training_state.safetensors"
@@ -211,3 +212,30 @@ def load_checkpoint(ckpt: Path, state: dict[str, Any]) -> dict:
     state["generator"].set_state(tensors["generator"].to(torch.uint8))
     _set_rng_state(tensors, doc["rng"])
     return doc
+
+
+def fingerprint(spec: TrainSpec, name: str) -> dict:
+    """What must not change when a run resumes: the model and the LoRA layout."""
+    lo = spec.lora
+    return {
+        "model": spec.model.id,
+        "rank": lo.rank,
+        "alpha": spec.alpha,
+        "targets": list(lo.target_modules),
+        "text_encoder": lo.text_encoder,
+        "te_targets": list(lo.text_encoder_target_modules),
+        "name": name,
+    }
+
+
+def check_resume(ckpt: Path, fingerprint: dict) -> int:
+    """The checkpoint's step, after checking it was trained with the same model and LoRA layout."""
+    info = read_info(ckpt)
+    old = info.get("fingerprint", {})
+    for key, value in fingerprint.items():
+        if old.get(key) != value:
+            raise ConfigError(
+                f"cannot resume from {ckpt}: it was trained with {key}={old.get(key)!r}, this run has "
+                f"{value!r}; use the same settings or resume=false with a new output dir"
+            )
+    return int(info["step"])

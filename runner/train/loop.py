@@ -12,13 +12,21 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ConfigError
 from ..outputs import atomic_write_bytes
 from ..plan import slug
-from .checkpoint import clean_partial, find_resume, load_checkpoint, read_info, save_checkpoint, save_lora
+from .checkpoint import (
+    check_resume,
+    clean_partial,
+    find_resume,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+    save_lora,
+)
 from .config import TrainSpec, validate_train
 from .data import Example, load_pixels, sample_order, scan
 from .losslog import LossLog, plot
+from .model import load_pipe, resolve_precision
 from .validation import default_prompts, render
 
 log = logging.getLogger(__name__)
@@ -46,67 +54,6 @@ class TrainResult:
             f"t2i-train: steps {self.start_step}->{self.steps} in {self.seconds:.1f} s "
             f"({self.steps_per_second:.2f} steps/s), last loss {self.last_loss} -> {self.lora_file}"
         )
-
-
-def resolve_precision(name: str, device: str):
-    """The dtype of the frozen weights: bf16/fp16 on CUDA (auto prefers bf16), fp32 elsewhere."""
-    import torch
-
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    if name == "auto":
-        name = ("bf16" if bf16 else "fp16") if device == "cuda" else "no"
-    if name != "no" and device != "cuda":
-        raise ConfigError(
-            f"train.mixed_precision={name} needs a CUDA GPU (device is {device}); valid: auto, no"
-        )
-    if name == "bf16" and not bf16:
-        raise ConfigError("train.mixed_precision=bf16 is not supported by this GPU; valid: auto, no, fp16")
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def _load_pipe(spec: TrainSpec):
-    import torch
-
-    from ..pipeline import _from_pretrained, _quiet_libraries, resolve_source
-
-    source = resolve_source(spec.model)
-    _quiet_libraries()
-    try:
-        pipe = _from_pretrained(source, spec.model, torch.float32)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"could not load model.id={spec.model.id!r}: {first}") from exc
-    if getattr(pipe, "text_encoder_2", None) is not None or not hasattr(pipe, "unet"):
-        raise ConfigError(
-            f"model.id={spec.model.id!r} is a {type(pipe).__name__}; t2i-train trains LoRAs for "
-            "Stable Diffusion 1.x/2.x pipelines only"
-        )
-    return pipe
-
-
-def _fingerprint(spec: TrainSpec, name: str) -> dict:
-    lo = spec.lora
-    return {
-        "model": spec.model.id,
-        "rank": lo.rank,
-        "alpha": spec.alpha,
-        "targets": list(lo.target_modules),
-        "text_encoder": lo.text_encoder,
-        "te_targets": list(lo.text_encoder_target_modules),
-        "name": name,
-    }
-
-
-def _check_resume(ckpt: Path, fingerprint: dict) -> int:
-    info = read_info(ckpt)
-    old = info.get("fingerprint", {})
-    for key, value in fingerprint.items():
-        if old.get(key) != value:
-            raise ConfigError(
-                f"cannot resume from {ckpt}: it was trained with {key}={old.get(key)!r}, this run has "
-                f"{value!r}; use the same settings or resume=false with a new output dir"
-            )
-    return int(info["step"])
 
 
 def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int):
@@ -146,11 +93,11 @@ def train(
     ckpt = find_resume(spec.resume, run_dir)
     if ckpt is not None and spec.resume not in ("auto", False):
         run_dir = ckpt.parent.parent  # resume=PATH continues that run in its own folder
-    fingerprint = _fingerprint(spec, name)
-    start_step = _check_resume(ckpt, fingerprint) if ckpt is not None else 0
+    fprint = fingerprint(spec, name)
+    start_step = check_resume(ckpt, fprint) if ckpt is not None else 0
     device = resolve_device(spec.device)
     weight_dtype = resolve_precision(t.mixed_precision, device)
-    pipe = _load_pipe(spec)
+    pipe = load_pipe(spec)
     unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     size = spec.data.resolution or int(unet.config.sample_size) * pipe.vae_scale_factor
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -206,7 +153,7 @@ def train(
         "generator": gen,
         "scaler": scaler,
         "lora": lora_writer,
-        "info": {"fingerprint": fingerprint},
+        "info": {"fingerprint": fprint},
     }
     losses = LossLog(run_dir / "loss.csv")
     run_dir.mkdir(parents=True, exist_ok=True)

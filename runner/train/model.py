@@ -1,0 +1,43 @@
+"""The base model for training (fp32, from any source the runner accepts) and the training precision."""
+
+from __future__ import annotations
+
+from ..config import ConfigError
+from .config import TrainSpec
+
+
+def resolve_precision(name: str, device: str):
+    """The dtype of the frozen weights: bf16/fp16 on CUDA (auto prefers bf16), fp32 elsewhere."""
+    import torch
+
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    if name == "auto":
+        name = ("bf16" if bf16 else "fp16") if device == "cuda" else "no"
+    if name != "no" and device != "cuda":
+        raise ConfigError(
+            f"train.mixed_precision={name} needs a CUDA GPU (device is {device}); valid: auto, no"
+        )
+    if name == "bf16" and not bf16:
+        raise ConfigError("train.mixed_precision=bf16 is not supported by this GPU; valid: auto, no, fp16")
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def load_pipe(spec: TrainSpec):
+    """A fresh (uncached) SD 1.x/2.x pipeline for `spec.model`, fp32 on the CPU."""
+    import torch
+
+    from ..pipeline import _from_pretrained, _quiet_libraries, resolve_source
+
+    source = resolve_source(spec.model)
+    _quiet_libraries()
+    try:
+        pipe = _from_pretrained(source, spec.model, torch.float32)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"could not load model.id={spec.model.id!r}: {first}") from exc
+    if getattr(pipe, "text_encoder_2", None) is not None or not hasattr(pipe, "unet"):
+        raise ConfigError(
+            f"model.id={spec.model.id!r} is a {type(pipe).__name__}; t2i-train trains LoRAs for "
+            "Stable Diffusion 1.x/2.x pipelines only"
+        )
+    return pipe
