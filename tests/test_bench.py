@@ -1,0 +1,147 @@
+"""bench/: the sweep prints the three ways and their ratios; the SD1.5 builder matches the published sizes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def test_bench_sweep_prints_three_ways_and_ratios(tmp_path: Path) -> None:
+    md = tmp_path / "BENCH.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "bench_sweep.py"),
+            "--quick",
+            "--prompts",
+            "1",
+            "--seeds",
+            "1",
+            "--lora-sets",
+            "2",
+            "--steps",
+            "1",
+            "--size",
+            "32",
+            "--variants",
+            "default",
+            "--benchmarks",
+            str(md),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    rows = [line for line in out.splitlines() if line.startswith("| (")]
+    assert any(r.startswith("| (a) original") for r in rows)
+    assert any(r.startswith("| (b) diffusers loop") for r in rows)
+    assert any(r.startswith("| (c) runner [default]") for r in rows)
+    assert re.search(r"ratio runner/original: \d+\.\d+x", out)
+    assert "2 images" in out and "writer.submit blocked" in out
+    text = md.read_text()
+    assert "bench_sweep.py --quick" in text and "| (c) runner [default]" in text and "torch " in text
+
+
+def test_bench_rejects_unknown_variant() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_sweep.py"), "--variants", "turbo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "unknown variant 'turbo'" in proc.stderr
+
+
+def test_sd15_builder_has_the_published_sizes() -> None:
+    from models import build_sd15
+
+    pipe = build_sd15("meta")  # no memory, no weights: just the architecture
+    count = {
+        n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")
+    }
+    assert count == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert pipe.unet.config.cross_attention_dim == 768 and pipe.vae.config.scaling_factor == 0.18215
+
+
+def test_make_lora_loads_into_the_runner(tiny_dir: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+    from models import make_lora
+
+    from runner.config import LoraSpec
+    from runner.loras import AdapterManager, resolve_lora
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    path = make_lora(pipe.unet, tmp_path / "l", rank=4, seed=5)
+    assert (
+        not pipe.unet.peft_config if hasattr(pipe.unet, "peft_config") else True
+    )  # builder leaves no adapter
+    manager = AdapterManager(pipe)
+    r = resolve_lora(LoraSpec(str(path.parent)))
+    manager.activate((r,), (1.0,))
+    ranks = {
+        m.r[r.adapter] for m in pipe.unet.modules() if hasattr(m, "r") and r.adapter in getattr(m, "r", {})
+    }
+    assert ranks == {4}
+
+
+def test_full_mode_path_with_a_prebuilt_small_model(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """--full reuses the model `ensure_sd15` wrote, extrapolates (a) when told, and appends the table."""
+    import models
+    from diffusers import StableDiffusionPipeline
+
+    built = []
+
+    def small(device: str = "cpu", seed: int = 0):
+        built.append(device)
+        return StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+
+    monkeypatch.setattr(models, "build_sd15", small)
+    cache = tmp_path / "cache"
+    model_dir, loras = models.ensure_sd15(cache, n_loras=2, rank=4)
+    assert (model_dir / "model_index.json").is_file() and all(p.is_file() for p in loras)
+    assert models.ensure_sd15(cache, n_loras=2, rank=4) == (model_dir, loras) and built == ["cpu"]
+    md = tmp_path / "B.md"
+    args = [
+        "--full",
+        "--cache",
+        str(cache),
+        "--device",
+        "cpu",
+        "--prompts",
+        "1",
+        "--seeds",
+        "2",
+        "--lora-sets",
+        "4",
+        "--steps",
+        "1",
+        "--size",
+        "32",
+        "--variants",
+        "default",
+        "--a-images",
+        "2",
+        "--switches",
+        "3",
+        "--benchmarks",
+        str(md),
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_sweep.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "EXTRAPOLATED from 2 of 8 images" in proc.stdout
+    assert re.search(r"LoRA-set switches \[default\]: 3 switches over 4 sets", proc.stdout)
+    assert "| (c) runner [default]" in md.read_text()
