@@ -193,16 +193,16 @@ class AdapterManager:
     def activate(self, loras: tuple[ResolvedLora, ...], weights: tuple[float, ...]) -> None:
         """Make exactly this set active at these weights; an empty or all-zero set is the base model.
 
-        Adapters at weight 0 and loaded adapters not in the set are left out of the active list, so peft
-        does not compute them.
+        Loaded adapters outside the set are left out of peft's active list, so they are not computed. A
+        weight-0 member of a mixed set stays in the list at scale 0 (its term is exactly zero), so that every
+        member's scale is current for `fuse_lora`.
         """
         self.ensure(loras)
-        active = [(r.adapter, w) for r, w in zip(loras, weights, strict=True) if w != 0]
-        self.active = tuple(a for a, _ in active)
+        self.active = tuple(r.adapter for r in loras) if any(w != 0 for w in weights) else ()
         if not self.loaded:
             return
-        if not active:
+        if not self.active:
             self.pipe.disable_lora()
             return
         self.pipe.enable_lora()
-        self.pipe.set_adapters(list(self.active), adapter_weights=[w for _, w in active])
+        self.pipe.set_adapters(list(self.active), adapter_weights=list(weights))

@@ -200,6 +200,21 @@ def test_inactive_adapters_are_not_computed(
     assert np.array_equal(np.asarray(generate(fresh, [job], True)[0].convert("RGB")), b_img)
 
 
+def test_weight_zero_member_of_a_set_adds_nothing(tiny_dir: Path, lora_a: dict, lora_b: dict) -> None:
+    from runner.generate import generate
+    from runner.plan import expand
+
+    mgr = manager(tiny_dir)
+    pipe = loaded_model(tiny_dir).pipe
+    a, b = resolved(lora_a), resolved(lora_b)
+    job = expand(validate(make_cfg(tiny_dir)))[0]
+    mgr.activate((b,), (1.0,))  # B last ran at full weight
+    mgr.activate((a,), (1.0,))
+    alone = np.asarray(generate(pipe, [job], True)[0])
+    mgr.activate((a, b), (1.0, 0.0))
+    assert np.array_equal(np.asarray(generate(pipe, [job], True)[0]), alone)
+
+
 def _tuner_layers(pipe) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
