@@ -174,3 +174,105 @@ def test_unicode_long_and_path_like_prompts_work(tmp_path):
     recorded = {read_png_record(p)[0]["prompt"] for p in pngs}
     assert recorded == set(prompts)
     assert all(len(p.name) < 120 for p in pngs)
+
+
+# --- the server: forms and JSON ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An in-process app on the tiny model, LoRAs allowed only from the tiny model's loras/ folder."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from runner.server.app import compose_config, create_app
+
+    out = tmp_path_factory.mktemp("server") / "out"
+    dirs = json.dumps([str(tiny_dir / "loras")])
+    cfg = compose_config(["model=tiny", f"server.output_dir={out}", "server.max_steps=50",
+                          "server.max_images=4", "server.max_side=256", f"server.allowed_lora_dirs={dirs}"])
+    with TestClient(create_app(cfg)) as client:
+        yield client, out
+
+
+def _snapshot(out: Path) -> set[str]:
+    return {str(p.relative_to(out)) for p in out.rglob("*")} if out.exists() else set()
+
+
+JSON_OK = {"text_prompt": "a red cube", "inference_steps": 1, "width": 32, "height": 32, "manual_seed": 1}
+SERVER_CASES = [
+    # (endpoint, body changes, status, words in the one-line detail)
+    pytest.param("json", {"inference_steps": "many"}, 422, ["inference_steps"], id="json-steps-str"),
+    pytest.param("json", {"inference_steps": -1}, 422, ["inference_steps"], id="json-steps-negative"),
+    pytest.param("json", {"inference_steps": 10**6}, 422, ["inference_steps", "50"], id="json-steps-huge"),
+    pytest.param("json", {"width": 65}, 422, ["width", "multiple of 8"], id="json-width-not-8"),
+    pytest.param("json", {"width": 10**6}, 422, ["width"], id="json-width-huge"),
+    pytest.param("json", {"total_nm_img_prompt": 0}, 422, ["total_nm_img_prompt"], id="json-zero-images"),
+    pytest.param("json", {"total_nm_img_prompt": 10**4}, 422, ["total_nm_img_prompt"], id="json-many-images"),
+    pytest.param("json", {"guidance_scale": "high"}, 422, ["guidance_scale"], id="json-cfg-str"),
+    pytest.param("json", {"manual_seed": 2**80}, 422, ["seed"], id="json-seed-huge"),
+    pytest.param("json", {"text_promt": "typo"}, 422, ["text_promt"], id="json-unknown-key"),
+    pytest.param("json", {"text_prompt": ""}, 422, ["text_prompt"], id="json-empty-prompt"),
+    pytest.param("json", {"loras": [{"sorce": "x"}]}, 422, ["sorce"], id="json-lora-typo"),
+    pytest.param("json", {"loras": [{"source": "../../etc/passwd"}]}, 403, ["../../etc/passwd"],
+                 id="json-lora-traversal"),
+    pytest.param("json", {"loras": [{"source": "/etc/passwd"}]}, 403, ["/etc/passwd"],
+                 id="json-lora-abs-path"),
+    pytest.param("json", {"loras": [{"source": "{tiny}/loras/tiny_style", "weight_name": "../../../x"}]},
+                 403, ["tiny_style", "outside"], id="json-lora-weight-name-traversal"),
+    pytest.param("form", {"inference_steps": "abc"}, 422, ["inference_steps"], id="form-steps-str"),
+    pytest.param("form", {"width": "100"}, 422, ["width", "multiple of 8"], id="form-width-not-8"),
+    pytest.param("form", {"manual_seed": "-5"}, 422, ["seed"], id="form-seed-negative"),
+    pytest.param("form", {"lora_hugging_face_1": "../../etc/passwd"}, 403, ["../../etc/passwd"],
+                 id="form-lora-traversal"),
+    pytest.param("form", {"lora_hugging_face_1": "{tiny}/loras/../model_index.json"}, 403,
+                 ["model_index.json"], id="form-lora-escapes-allowed-dir"),
+]
+
+
+@pytest.mark.parametrize(("kind", "change", "status", "words"), SERVER_CASES)
+def test_server_bad_input_is_one_line_4xx_and_writes_nothing(server, tiny_dir, kind, change, status, words):
+    client, out = server
+    change = {k: (json_fill(v, tiny_dir)) for k, v in change.items()}
+    before = _snapshot(out)
+    if kind == "json":
+        resp = client.post("/api/jobs", json={**JSON_OK, **change})
+    else:
+        form = {k: str(v) for k, v in JSON_OK.items()} | change
+        resp = client.post("/submit", data=form)
+    assert resp.status_code == status, resp.text
+    detail = resp.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail
+    for w in words:
+        assert w in detail, f"{w!r} not in {detail!r}"
+    assert _snapshot(out) == before
+
+
+def json_fill(value, tiny_dir: Path):
+    if isinstance(value, str):
+        return value.replace("{tiny}", str(tiny_dir))
+    if isinstance(value, list):
+        return [json_fill(v, tiny_dir) for v in value]
+    if isinstance(value, dict):
+        return {k: json_fill(v, tiny_dir) for k, v in value.items()}
+    return value
+
+
+def test_server_unicode_and_long_prompts_work(server):
+    client, out = server
+    for prompt in ("一只猫 🐱 café", "../../x " * 300):
+        resp = client.post("/api/jobs", json={**JSON_OK, "text_prompt": prompt})
+        assert resp.status_code == 202, resp.text
+        job = resp.json()
+        for _ in range(600):
+            job = client.get(f"/api/jobs/{job['id']}").json()
+            if job["status"] not in ("queued", "running"):
+                break
+            import time
+
+            time.sleep(0.1)
+        assert job["status"] == "done", job
+        png = client.get(job["images"][0])
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in out.rglob("*.png"))
