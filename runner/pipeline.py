@@ -221,7 +221,7 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
         pipe = _from_pretrained(source, model, dtype)
     except ConfigError:
         raise
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if source.kind == "hub":
             raise ConfigError(f"could not load model.id={source.location!r} from the hub ({msg}); check the id and "
