@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,3 +102,50 @@ def test_schema_merge_errors_are_one_line_config_errors(cfg: dict) -> None:
         validate(cfg)
     assert "\n" not in str(err.value)
     assert next(iter(cfg)) in str(err.value) or "model.idd" in str(err.value)
+
+
+# --- the server's API: schemathesis against /openapi.json, in process ----------------------------------------
+
+schemathesis = pytest.importorskip("schemathesis")
+
+
+def _app(tmp: Path):
+    from runner.server.app import compose_config, create_app
+
+    cfg = compose_config(["model=tiny", f"server.output_dir={tmp / 'out'}", "server.max_steps=2",
+                          "server.max_images=2", "server.max_side=64", "server.queue_size=4"])
+    return create_app(cfg)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory):
+    app = _app(tmp_path_factory.mktemp("fuzz-server"))
+    app.state.queue.start()  # the in-process transport does not run the app's lifespan
+    yield app
+    app.state.queue.stop()
+
+
+def _checker(operation: Any, statuses: list[int]):
+    from hypothesis import Phase
+
+    @settings(max_examples=30, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(operation.as_strategy())
+    def check(case: Any) -> None:
+        resp = case.call()
+        statuses.append(resp.status_code)
+        assert resp.status_code < 500, f"{operation.label}: {resp.status_code} {resp.text[:300]}"
+
+    return check
+
+
+def test_server_api_never_answers_500(api) -> None:
+    schema = schemathesis.openapi.from_asgi("/openapi.json", api)
+    statuses: list[int] = []
+    labels = []
+    for op in schema.get_all_operations():
+        operation = op.ok()
+        labels.append(operation.label)
+        _checker(operation, statuses)()
+    assert "POST /api/jobs" in labels and "POST /submit" in labels
+    assert statuses and any(400 <= s < 500 for s in statuses)
