@@ -52,6 +52,9 @@ CLI_CASES = [
     pytest.param(["max_loaded_loras=lots"], ["max_loaded_loras='lots'", "integer"], id="int-key-str"),
     pytest.param(["grid.max_size=[1,2]"], ["grid.max_size", "integer"], id="nested-int-list"),
     pytest.param(["prompts=[{promt: a cat}]"], ["prompts[0]", "prompt"], id="prompt-dict-typo"),
+    pytest.param(["lora_sets=5"], ["lora_sets=5", "a list"], id="list-key-int"),
+    pytest.param(["+colour=red"], ["'colour'", "t2i --cfg job"], id="added-unknown-key"),
+    pytest.param(["-m", "stesp=1,2"], ["'stesp'", "did you mean 'steps'"], id="multirun-typo-key"),
     # negative / zero / huge
     pytest.param(["steps=-1"], ["steps=-1", "1 to 1000"], id="steps-negative"),
     pytest.param(["steps=0"], ["steps=0", "1 to 1000"], id="steps-zero"),
@@ -129,6 +132,18 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, files, ti
         assert w in lines[0], f"{w!r} not in {lines[0]!r}"
     assert not (tmp_path / "out").exists()
     assert list(cwd.iterdir()) == []
+
+
+def test_security_defaults() -> None:
+    """No remote code, ever; the server listens on loopback unless told otherwise; pickle needs an opt-in."""
+    from runner.config import ModelConfig, RunConfig, ServerConfig
+
+    src = Path(__file__).resolve().parent.parent / "runner"
+    for f in src.rglob("*.py"):
+        text = f.read_text()
+        assert "trust_remote_code" not in text and "custom_pipeline" not in text, f
+    assert ServerConfig().host == "127.0.0.1"
+    assert ModelConfig().allow_pickle is False and RunConfig().allow_pickle_lora is False
 
 
 def test_cli_verbose_gives_the_traceback_for_a_runtime_failure(tmp_path, files):

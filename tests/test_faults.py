@@ -197,8 +197,22 @@ def test_disk_full_on_the_cli_is_one_line_and_nonzero(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
+SLOW_CLI = """
+import sys, time
+import runner.generate as g
+real = g.generate
+def slow(*args, **kwargs):  # each batch takes at least 0.5 s, so a signal always lands mid-run
+    time.sleep(0.5)
+    return real(*args, **kwargs)
+g.generate = slow
+sys.argv = ["t2i", *sys.argv[1:]]
+from runner.cli import main
+main()
+"""
+
+
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
