@@ -21,6 +21,7 @@ from .sweep import JobFailed
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C: the run stopped after its current batch
 log = logging.getLogger("runner")
 register_configs()
 # conf/hydra/launcher/submitit_local.yaml has the name of the plugin's schema, which validates it (wanted)
@@ -46,7 +47,7 @@ def check_override(text: str, schema: Any = RunConfig) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot parse"
         raise ConfigError(f"cannot parse override {text!r}: {first}") from exc
     key = ov.key_or_group
-    if key.startswith("hydra") or ov.is_add() or ov.is_force_add() or ov.is_delete():
+    if key.startswith("hydra") or ov.is_delete():
         return
     group_dir = CONF_DIR / key
     if group_dir.is_dir() and "." not in key:
@@ -57,7 +58,7 @@ def check_override(text: str, schema: Any = RunConfig) -> None:
         if value not in options:
             hint = difflib.get_close_matches(value, options, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"unknown {key} {value!r}{extra}; valid: {', '.join(options)}")
+            raise ConfigError(f"unknown {key} {value!r}{extra}; valid: {', '.join(options) or 'none'}")
         return
     node: Any = schema
     for part in key.split("."):
@@ -66,7 +67,26 @@ def check_override(text: str, schema: Any = RunConfig) -> None:
             hint = difflib.get_close_matches(part, list(fields), n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ConfigError(f"unknown key {key!r}{extra}; see `t2i --cfg job` for every key")
-        node = fields[part].default_factory() if fields[part].default_factory is not dataclasses.MISSING else None
+        factory = fields[part].default_factory
+        owner, node = node, (factory() if factory is not dataclasses.MISSING else None)
+    if not (ov.is_sweep_override() or ov.is_add() or ov.is_force_add()):
+        _check_type(owner, part, ov.value(), key, str(fields[part].type))
+
+
+_KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def _check_type(owner: Any, name: str, value: Any, key: str, type_name: str) -> None:
+    """Reject a value of the wrong type for a typed key in one line (Hydra's own message spans several)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    base = type_name.replace(" | None", "").replace("Optional[", "").rstrip("]")
+    kind = "a list, e.g. [a, b]" if base.startswith("list[") else _KINDS.get(base, f"its keys, e.g. {key}.NAME=VALUE")
+    try:
+        OmegaConf.structured(owner)[name] = value
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{key}={value!r} is not valid; valid: {kind}") from exc
 
 
 def _remove_fresh_dir(out: Path) -> None:
@@ -92,7 +112,15 @@ def hydra_main(cfg: DictConfig) -> Any:
     out = Path(cfg.output_dir or hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
-        result = run(cfg, out)
+        if cfg.get("from_image"):  # the image's settings, then the user's overrides (reproduce.py)
+            from .reproduce import prepare
+
+            result = run(prepare(cfg, hc.overrides.task, CONF_DIR), out)
+        else:
+            result = run(cfg, out)
+    except KeyboardInterrupt:
+        _error(f"aborted; the finished images are kept in {out}; re-run the same command to resume")
+        sys.exit(EXIT_INTERRUPTED)
     except ConfigError as exc:
         _remove_fresh_dir(out)
         _error(str(exc))
@@ -107,6 +135,8 @@ def hydra_main(cfg: DictConfig) -> Any:
             raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
         sys.exit(1)
     print(result.summary())
+    if result.interrupted:
+        sys.exit(EXIT_INTERRUPTED)
     return {"output_dir": str(result.output_dir), "generated": result.generated, "skipped": result.skipped}
 
 
@@ -114,10 +144,11 @@ def main() -> None:
     """Console entry point: pre-checks overrides, then runs the Hydra app."""
     args = sys.argv[1:]
     flags = [a for a in args if a.startswith("-")]
-    if not flags:
+    if all(f in ("-m", "--multirun") for f in flags):  # other flags take values that are not overrides
         try:
             for a in args:
-                check_override(a)
+                if a not in flags:
+                    check_override(a)
         except ConfigError as exc:
             _error(str(exc))
             sys.exit(EXIT_CONFIG)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import random
 from dataclasses import dataclass, field
@@ -42,6 +43,17 @@ class GridConfig:
     y: str | None = None
     max_size: int = 8192
     font_size: int = 0  # 0 = derived from cell size
+
+
+@dataclass
+class PerfConfig:
+    """Fast-path options applied to the loaded pipeline (runner/fastpath.py); off until measured faster."""
+
+    channels_last: bool = False
+    fuse_qkv: bool = False  # runs without LoRAs only (fused QKV bypasses LoRA layers)
+    fuse_lora: bool = False  # merge each LoRA set into the weights per group (on by itself with compile)
+    compile: bool = False  # torch.compile the UNet
+    writer_threads: int = 2  # PNG encode/write threads
 
 
 @dataclass
@@ -89,9 +101,11 @@ class RunConfig:
     output_dir: str | None = None
     grid: GridConfig = field(default_factory=GridConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     from_image: str | None = None
     strict: bool = True
+    nan_retry_fp32_vae: bool = False  # regenerate all-black (NaN) images with the VAE in fp32
     verbose: bool = False
 
 
@@ -138,6 +152,8 @@ class RunSpec:
     grid: GridConfig
     shard: ShardConfig
     verbose: bool = False
+    nan_retry_fp32_vae: bool = False
+    perf: PerfConfig = field(default_factory=PerfConfig)
     extra: dict = field(default_factory=dict)
 
 
@@ -210,7 +226,7 @@ def _lora(where: str, item: Any) -> LoraSpec:
         raise ConfigError(f"{where}={item!r} is not valid; use {{source: PATH_OR_HUB_ID, weight_name, scale, name}}")
     unknown = set(item) - {"source", "weight_name", "scale", "name"}
     if unknown:
-        key = sorted(unknown)[0]
+        key = str(sorted(unknown, key=str)[0])
         hint = difflib.get_close_matches(key, ["source", "weight_name", "scale", "name"], n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ConfigError(f"{where} has unknown key {key!r}{extra}; valid: source, weight_name, scale, name")
@@ -243,10 +259,43 @@ def _lora_sets(cfg: DictConfig) -> tuple[tuple[LoraSpec, ...], ...]:
     return tuple(sets)
 
 
+def _perf(perf: Any) -> PerfConfig:
+    if perf is None:
+        return PerfConfig()
+    perf = _plain(perf)
+    _number("perf.writer_threads", perf["writer_threads"], int, 1, 64)
+    return PerfConfig(**{k: perf[k] if k == "writer_threads" else bool(perf[k]) for k in perf})
+
+
+def _omegaconf_error(exc: Exception) -> ConfigError:
+    """One ConfigError line for a key, type or interpolation that omegaconf rejects."""
+    from omegaconf.errors import ConfigKeyError
+
+    key = getattr(exc, "full_key", None) or "config"
+    owner = getattr(exc, "object_type", None)
+    if isinstance(exc, ConfigKeyError) and dataclasses.is_dataclass(owner):
+        names = [f.name for f in dataclasses.fields(owner)]
+        hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], names, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        valid = ", ".join(names) if len(names) <= 10 else "see `t2i --cfg job` for every key"
+        return ConfigError(f"unknown key {key!r}{extra}; valid: {valid}")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConfigError(f"{key}: {first}")
+
+
 def validate(cfg: DictConfig | dict) -> RunSpec:
     """Check every value of a composed config; raise ConfigError naming the first bad one."""
-    if isinstance(cfg, dict):
-        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        if isinstance(cfg, dict):
+            cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        return _validate(cfg)
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc) from exc
+
+
+def _validate(cfg: DictConfig) -> RunSpec:
     m = cfg.model
     if not isinstance(m.id, str) or not m.id.strip():
         raise ConfigError("model.id is empty; give a hub id, a diffusers folder, a .safetensors file or use model=tiny")
@@ -294,4 +343,6 @@ def validate(cfg: DictConfig | dict) -> RunSpec:
         grid=GridConfig(**OmegaConf.to_container(cfg.grid)) if isinstance(cfg.grid, DictConfig) else cfg.grid,
         shard=ShardConfig(int(shard.index), int(shard.count)),
         verbose=bool(cfg.verbose),
+        perf=_perf(cfg.get("perf")),
+        nan_retry_fp32_vae=bool(cfg.get("nan_retry_fp32_vae", False)),
     )

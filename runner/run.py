@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from . import faults
 from .config import ConfigError, RunSpec, validate
 from .plan import ImageJob, batches, expand, shard
 
@@ -28,6 +29,7 @@ class RunResult:
     skipped: int
     seconds: float
     entries: list[dict] = field(default_factory=list)
+    interrupted: bool = False  # stopped early by Ctrl-C (the finished images are kept)
     grids: list[Path] = field(default_factory=list)  # comparison grids written (runner/grid.py)
 
     @property
@@ -36,7 +38,15 @@ class RunResult:
 
     def summary(self) -> str:
         return (f"t2i: {self.generated} images generated, {self.skipped} already done, in {self.seconds:.1f} s "
-                f"({self.images_per_second:.2f} images/s) -> {self.output_dir}")
+                f"({self.images_per_second:.2f} images/s) -> {self.output_dir}"
+                + (" (interrupted; re-run the same command to finish)" if self.interrupted else "")
+                + _reproduce_note(self.entries))
+
+
+def _reproduce_note(entries: list[dict]) -> str:
+    from .reproduce import summary_note
+
+    return summary_note(entries)
 
 
 def auto_batch_size(device: str, width: int, height: int) -> int:
@@ -106,6 +116,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     """Generate every image of `cfg` that `output_dir`'s manifest does not already hold."""
     from tqdm import tqdm
 
+    from .fastpath import apply_perf
     from .generate import default_size, generate, prompt_tokens
     from .loras import AdapterManager
     from .outputs import ImageWriter, Manifest
@@ -123,6 +134,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
         loaded.adapters = AdapterManager(pipe, spec.max_loaded_loras)
     loaded.adapters.max_loaded = spec.max_loaded_loras
     loaded.adapters.preload(lora_sets)  # a LoRA that does not fit the model fails before any write
+    apply_perf(loaded, spec.perf, uses_loras=any(lora_sets))
     model_key = f"{loaded.source.location}@{loaded.source.revision}|{loaded.config.variant}|{loaded.dtype_name}"
     jobs = shard(expand(spec, model_key), spec.shard.index, spec.shard.count)
     for i, p in enumerate(spec.prompts):
@@ -148,19 +160,28 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
             on_image(entry)
 
     start = time.perf_counter()
-    writer = ImageWriter(out, manifest, on_done=finished)
+    writer = ImageWriter(out, manifest, threads=spec.perf.writer_threads, on_done=finished)
+    handler = faults.FaultHandler(pipe, spec.nan_retry_fp32_vae)
     try:
-        for batch in batches(todo, spec.batch_size or auto_batch_size(loaded.device, dw, dh)):
-            first = batch[0]
-            loaded.use_scheduler(first.scheduler)
-            loaded.adapters.activate(lora_sets[first.lora_set], first.adapter_weights)
-            images = generate(pipe, batch, invariant)
-            for job, image in zip(batch, images, strict=True):
-                rec = build_record(job, loaded, lora_sets[job.lora_set], image.width, image.height, len(batch),
-                                   invariant)
-                writer.submit(image, rec)
-    finally:
+        with faults.InterruptGuard() as stop:
+            for batch in batches(todo, spec.batch_size or auto_batch_size(loaded.device, dw, dh)):
+                if stop.requested:
+                    break
+                first = batch[0]
+                loaded.use_scheduler(first.scheduler)
+                loaded.adapters.activate(lora_sets[first.lora_set], first.adapter_weights)
+                for made in handler.generate(lambda jobs: generate(pipe, jobs, invariant), batch):
+                    rec = build_record(made.job, loaded, lora_sets[made.job.lora_set], made.image.width,
+                                       made.image.height, made.batch_size, invariant)
+                    if "compare" in spec.extra:  # from_image: compare with the original (reproduce.py)
+                        rec["reproduced"] = spec.extra["compare"](made.image, rec)
+                    writer.submit(made.image, faults.annotate(rec, made))
         writer.close()
+        result.interrupted = stop.requested and result.generated + result.skipped < result.planned
+    except OSError as exc:
+        raise faults.output_error(exc, out, result.generated) from exc
+    finally:
+        faults.close_quietly(writer)
         bar.close()
         result.seconds = time.perf_counter() - start
     if spec.grid.enabled:  # grids cover the whole run dir's manifest, not only this run's images
