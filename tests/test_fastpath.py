@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from runner.config import ConfigError, PerfConfig, validate
@@ -69,7 +70,20 @@ def test_fuse_lora_matches_unfused_and_restores_base(
     again = _pixels(tiny_dir, tmp_path / "again", sets)  # fusing undone: the plain path gives the same pixels
     assert type(_state(tiny_dir).adapters).__name__ == "AdapterManager"
     for p, a in zip(plain, again, strict=True):
-        assert np.abs(p - a).max() <= 1
+        assert np.array_equal(p, a)  # base weights restored exactly, not by subtraction
+
+
+def test_many_fuse_switches_leave_base_weights_bit_exact(tiny_dir: Path, tmp_path: Path, lora_a: dict,
+                                                          lora_b: dict) -> None:
+    pipe = _state(tiny_dir).pipe
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items() if "lora_" not in k}
+    sets = [[lora_a], [lora_b], [lora_a, {**lora_b, "scale": 0.7}]]
+    for i in range(3):
+        _pixels(tiny_dir, tmp_path / f"r{i}", sets, fuse_lora=True)
+    _pixels(tiny_dir, tmp_path / "plain", [[]])  # back to the plain path: everything unmerged
+    after = {k: v for k, v in pipe.unet.state_dict().items() if "lora_" not in k}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_channels_last_applied_and_reverted(tiny_dir: Path, tmp_path: Path) -> None:
