@@ -42,7 +42,7 @@ def model_config(m: dict) -> dict:
     mid = "builtin:tiny" if kind == "builtin" else mid
     return {"id": mid, "revision": m.get("revision") if kind == "hub" else None,
             "pipeline": PIPELINES.get(m.get("pipeline"), "auto"), "dtype": DTYPES.get(m.get("dtype"), "auto"),
-            "variant": m.get("variant")}
+            "variant": m.get("variant"), "config": m.get("config")}
 
 
 def record_config(rec: dict) -> dict:
@@ -68,6 +68,8 @@ def record_config(rec: dict) -> dict:
     out["lora_scales"] = [mult]
     out["device"] = str(rec.get("device") or "auto").split(":")[0]
     out["batch_invariant"] = bool(rec.get("batch_invariant"))
+    if rec.get("perf"):  # fast-path options change pixels by float rounding: reuse them
+        out["perf"] = {k: bool(rec["perf"].get(k)) for k in ("channels_last", "fuse_qkv", "fuse_lora", "compile")}
     return out
 
 

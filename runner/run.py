@@ -60,6 +60,16 @@ def auto_batch_size(device: str, width: int, height: int) -> int:
     return max(1, min(16, int(free * 0.6 // per_image)))
 
 
+def perf_record(loaded: Any) -> dict:
+    """The fast-path state that can change pixels (float rounding), as applied to this pipeline."""
+    from .fastpath import FusingAdapterManager
+
+    state = getattr(loaded, "perf_state", None)
+    return {"channels_last": bool(state and state.channels_last), "fuse_qkv": bool(state and state.fused_qkv),
+            "fuse_lora": isinstance(loaded.adapters, FusingAdapterManager),
+            "compile": bool(state and state.compiled)}
+
+
 def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: int, batch: int,
                  invariant: bool) -> dict:
     """The full per-image record: every knob that changes pixels, plus provenance."""
@@ -86,7 +96,8 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         "loras": [r.record(w) for r, w in zip(loras, job.adapter_weights, strict=True)],
         "model": {"id": loaded.config.id, "name": src.display, "kind": src.kind, "location": src.location,
                   "revision": src.revision, "hash": loaded.sha256, "pipeline": type(loaded.pipe).__name__,
-                  "dtype": loaded.dtype_name, "variant": loaded.config.variant},
+                  "dtype": loaded.dtype_name, "variant": loaded.config.variant, "config": loaded.config.config},
+        "perf": perf_record(loaded),
         "device": loaded.device,
         "generator": "cpu",
         "batch_size": batch,

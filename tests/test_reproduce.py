@@ -212,8 +212,23 @@ def test_record_config_restores_per_lora_scales_and_multiplier() -> None:
     assert cfg["lora_scales"] == [0.3]
     assert [lo["scale"] * 0.3 for lo in cfg["lora_sets"][0]] == [lo["scale"] for lo in rec["loras"]]
     assert cfg["model"] == {"id": "org/m", "revision": "abc", "pipeline": "sdxl", "dtype": "fp16",
-                            "variant": "fp16"}
+                            "variant": "fp16", "config": None}
     assert cfg["device"] == "cuda" and cfg["batch_invariant"] is False and cfg["prompts"] == ["cost \\${x}"]
     rec["lora_scale"] = 0.0
     rec["loras"] = [{"name": "A", "source": "a", "scale": 0.0}]
     assert record_config(rec)["lora_scales"] == [0.0]
+
+
+def test_fast_path_settings_are_recorded_and_reused(tmp_path: Path, tiny_dir: Path, lora_a: dict) -> None:
+    d = tmp_path / "fused"
+    r = run_cli(f"model.id={tiny_dir}", "prompts=[a lighthouse]", "seeds=[4]", "steps=2", f"width={SIDE}",
+                f"height={SIDE}", f"lora_sets=[[{_lora(lora_a)}]]", "perf.fuse_lora=true", f"hydra.run.dir={d}",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (entry,) = manifest(d)
+    assert entry["perf"]["fuse_lora"] is True and entry["model"]["config"] is None
+    r, again = _regenerate(tmp_path, d / entry["file"])
+    assert r.returncode == 0, r.stderr
+    (new,) = manifest(again)
+    assert new["perf"]["fuse_lora"] is True and new["reproduced"]["identical"] is True
+    assert np.array_equal(pixels(d / entry["file"]), pixels(again / new["file"]))
