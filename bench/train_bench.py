@@ -26,6 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MATRIX = [  # (batch_size, mixed_precision, gradient_checkpointing, rank)
     (1, "bf16", False, 16),
@@ -39,90 +40,16 @@ MATRIX = [  # (batch_size, mixed_precision, gradient_checkpointing, rank)
 
 def build_sd15_random(dest: Path) -> Path:
     """Write an SD1.5-architecture pipeline with random weights to `dest` (skipped when already there)."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from runner.tiny import _write_tokenizer
-
     if (dest / "model_index.json").is_file():
         return dest
+    from models import build_sd15  # bench/models.py: the published SD1.5 configs
+
     tmp = Path(tempfile.mkdtemp(prefix=".sd15-", dir=dest.parent))
-    _write_tokenizer(tmp / "tok")
-    tokenizer = CLIPTokenizer(
-        str(tmp / "tok" / "vocab.json"), str(tmp / "tok" / "merges.txt"), model_max_length=77
-    )
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(  # stable-diffusion-v1-5 unet/config.json
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=(
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=32,
-        act_fn="silu",
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        downsample_padding=1,
-    )
-    vae = AutoencoderKL(  # vae/config.json
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=32,
-        act_fn="silu",
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(  # CLIP ViT-L/14 text tower
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=len(tokenizer) - 2,
-            eos_token_id=len(tokenizer) - 1,
-            pad_token_id=len(tokenizer) - 1,
-        )
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        num_train_timesteps=1000,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(tmp / "model", safe_serialization=True)
-    (tmp / "model").rename(dest)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build_sd15().save_pretrained(tmp / "model", safe_serialization=True)
+        (tmp / "model").rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

@@ -8,6 +8,7 @@ import logging
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,8 @@ warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_local' i
 _state = {"task_started": False}
 
 
-def _error(msg: str) -> None:
-    print(f"t2i: error: {msg}", file=sys.stderr)
+def _error(msg: str, prog: str = "t2i") -> None:
+    print(f"{prog}: error: {msg}", file=sys.stderr)
 
 
 def _fields(obj: Any) -> dict[str, Any]:
@@ -140,25 +141,29 @@ def hydra_main(cfg: DictConfig) -> Any:
     return {"output_dir": str(result.output_dir), "generated": result.generated, "skipped": result.skipped}
 
 
-def main() -> None:
-    """Console entry point: pre-checks overrides, then runs the Hydra app."""
+def run_app(app: Callable[[], Any], state: dict, schema: Any = RunConfig, prog: str = "t2i") -> None:
+    """Pre-check the overrides against `schema` (one line, exit 2), then run the Hydra `app`."""
     args = sys.argv[1:]
     flags = [a for a in args if a.startswith("-")]
     if all(f in ("-m", "--multirun") for f in flags):  # other flags take values that are not overrides
         try:
             for a in args:
                 if a not in flags:
-                    check_override(a)
+                    check_override(a, schema)
         except ConfigError as exc:
-            _error(str(exc))
+            _error(str(exc), prog)
             sys.exit(EXIT_CONFIG)
     try:
-        hydra_main()
+        app()
     except SystemExit as exc:
-        if exc.code == 1 and not _state["task_started"]:
+        if exc.code == 1 and not state["task_started"]:
             sys.exit(EXIT_CONFIG)  # Hydra rejected the config before the run began
         raise
 
+
+def main() -> None:
+    """Console entry point of `t2i`."""
+    run_app(hydra_main, _state)
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..cli import CONF_DIR, EXIT_CONFIG, _remove_fresh_dir, check_override
+from ..cli import CONF_DIR, EXIT_CONFIG, _remove_fresh_dir, run_app
 from ..config import ConfigError
 from .config import TrainRunConfig, register_configs
 
@@ -52,22 +52,8 @@ def hydra_main(cfg: DictConfig) -> Any:
 
 
 def main() -> None:
-    """Console entry point: pre-checks overrides, then runs the Hydra app."""
-    args = sys.argv[1:]
-    if not [a for a in args if a.startswith("-")]:
-        try:
-            for a in args:
-                check_override(a, TrainRunConfig)
-        except ConfigError as exc:
-            _error(str(exc))
-            sys.exit(EXIT_CONFIG)
-    try:
-        hydra_main()
-    except SystemExit as exc:
-        if exc.code == 1 and not _state["task_started"]:
-            sys.exit(EXIT_CONFIG)  # Hydra rejected the config before the run began
-        raise
-
+    """Console entry point of `t2i-train`: pre-checks overrides, then runs the Hydra app."""
+    run_app(hydra_main, _state, TrainRunConfig, prog="t2i-train")
 
 if __name__ == "__main__":
     main()
