@@ -19,6 +19,12 @@ TINY_VERSION = "1"
 TINY_SIZE = 64  # default image side in pixels
 DIFFUSERS_LORA = ("tiny_style", "tiny_style.safetensors")  # (directory, non-default weight_name)
 KOHYA_LORA = "tiny_kohya.safetensors"
+TINY_UNET = {  # the tiny UNet's config (tests vary it to make LoRAs for "another model")
+    "block_out_channels": (32, 64), "layers_per_block": 1, "sample_size": TINY_SIZE // 2, "in_channels": 4,
+    "out_channels": 4, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "cross_attention_dim": 32, "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
 SINGLE_FILE = "tiny.safetensors"  # `t2i-tiny --single-file`: the weights as one LDM-layout checkpoint
 
 
@@ -67,18 +73,7 @@ def build_tiny_pipeline(tmp: Path):
     vocab_size = _write_tokenizer(tmp / "tok")
     tokenizer = CLIPTokenizer(str(tmp / "tok" / "vocab.json"), str(tmp / "tok" / "merges.txt"), model_max_length=77)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=TINY_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET)
     torch.manual_seed(0)
     vae = AutoencoderKL(
         block_out_channels=(32, 64),

@@ -68,22 +68,11 @@ def bad_loras(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from runner.tiny import _to_kohya
+    from runner.tiny import TINY_UNET, _to_kohya
 
     d = tmp_path_factory.mktemp("bad-loras")
     torch.manual_seed(0)  # the tiny UNet, but with cross_attention_dim 64 (like an SDXL LoRA on SD 1.5)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": 64})
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_v"], init_lora_weights=False))
     state = get_peft_model_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(

@@ -105,26 +105,14 @@ def train(
         module.requires_grad_(False)
         module.to(device, dtype=weight_dtype)
     torch.manual_seed(t.seed)
-    unet.add_adapter(
-        LoraConfig(
-            r=lo.rank,
-            lora_alpha=spec.alpha,
-            lora_dropout=lo.dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(lo.target_modules),
-        )
-    )
+    def lora_config(targets: Any) -> LoraConfig:
+        return LoraConfig(r=lo.rank, lora_alpha=spec.alpha, lora_dropout=lo.dropout, init_lora_weights="gaussian",
+                          target_modules=list(targets))
+
+    unet.add_adapter(lora_config(lo.target_modules))
     modules = {"unet": unet}
     if lo.text_encoder:
-        te.add_adapter(
-            LoraConfig(
-                r=lo.rank,
-                lora_alpha=spec.alpha,
-                lora_dropout=lo.dropout,
-                init_lora_weights="gaussian",
-                target_modules=list(lo.text_encoder_target_modules),
-            )
-        )
+        te.add_adapter(lora_config(lo.text_encoder_target_modules))
         modules["text_encoder"] = te
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     for p in params:
