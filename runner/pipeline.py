@@ -224,8 +224,11 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
     except (OSError, ValueError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if source.kind == "hub":
-            raise ConfigError(f"could not load model.id={source.location!r} from the hub ({msg}); check the id and "
-                              "network, give a local path, or use model=tiny") from exc
+            if "not fully cached" in msg or "outgoing traffic" in msg or "connect" in msg.lower():
+                raise ConfigError(f"model.id={source.location!r} is not in the local Hugging Face cache and the hub "
+                                  "cannot be reached; download it first, give a local path, or use model=tiny") from exc
+            raise ConfigError(f"could not load model.id={source.location!r} from the hub ({msg[:200]}); check the id,"
+                              " give a local path, or use model=tiny") from exc
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         if source.kind == "file" and not model.config and isinstance(exc, LocalEntryNotFoundError):

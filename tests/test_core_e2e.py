@@ -149,3 +149,13 @@ def test_python_dash_m_equals_t2i(tmp_path: Path) -> None:
     assert r2.returncode == 0, r2.stderr
     (a,), (b,) = list((tmp_path / "a").glob("*.png")), list((tmp_path / "b").glob("*.png"))
     assert np.array_equal(pixels(a), pixels(b))
+
+
+def test_hub_id_unreachable_without_offline_flag_is_one_line(tmp_path: Path) -> None:
+    # HF_HUB_OFFLINE=0: the hub is tried; with no network (CI) or an unknown repo, one line, exit 2, nothing written
+    r = run_cli("model.id=t2i-runner-tests/no-such-model-xyz", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path,
+                env={"HF_HUB_OFFLINE": "0"}, timeout=600)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "model=tiny" in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()
