@@ -18,7 +18,8 @@ PIPELINES = ("auto", "sd", "sdxl")
 MAX_STEPS = 1000
 MAX_SIDE = 8192
 MAX_SEED = 2**64 - 1
-LIST_KEYS = ("steps", "guidance_scale", "scheduler", "width", "height")  # keys that accept a list (sweep axis)
+# keys that accept a list (a sweep axis)
+LIST_KEYS = ("steps", "guidance_scale", "scheduler", "width", "height", "clip_skip")
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,7 @@ class RunConfig:
     width: Any = None
     height: Any = None
     scheduler: Any = None
+    clip_skip: Any = None  # A1111 "Clip skip": 1 = last CLIP layer (null/1 = off), 2 = penultimate, …
     device: str = "auto"
     batch_size: Any = "auto"
     batch_invariant: Any = "auto"
@@ -141,6 +143,7 @@ class RunSpec:
     width: tuple[int | None, ...]
     height: tuple[int | None, ...]
     scheduler: tuple[str | None, ...]
+    clip_skip: tuple[int | None, ...]
     lora_sets: tuple[tuple[LoraSpec, ...], ...]
     lora_scales: tuple[float, ...]
     device: str
@@ -332,6 +335,8 @@ def _validate(cfg: DictConfig) -> RunSpec:
         width=tuple(_side("width", v) for v in _as_list("width", cfg.width)),
         height=tuple(_side("height", v) for v in _as_list("height", cfg.height)),
         scheduler=tuple(scheds),
+        clip_skip=tuple(None if v in (None, 1) else _number("clip_skip", v, int, 1, 12)
+                        for v in _as_list("clip_skip", cfg.clip_skip)),
         lora_sets=_lora_sets(cfg),
         lora_scales=tuple(_number("lora_scales", v, float, -10.0, 10.0) for v in scales),
         device=cfg.device,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -80,6 +81,21 @@ def batch_invariant(pipe: Any, enabled: bool) -> Iterator[None]:
             delattr(module, method)
 
 
+@contextlib.contextmanager
+def clip_skip_compat(pipe: Any, enabled: bool) -> Iterator[None]:
+    """diffusers' SD clip_skip reads `text_encoder.text_model.final_layer_norm`, which transformers 5 flattened
+    away; lend that path for the call only (a permanent `text_model` would change how LoRAs load)."""
+    te = getattr(pipe, "text_encoder", None)
+    lend = enabled and te is not None and "text_model" not in dir(te) and hasattr(te, "final_layer_norm")
+    if lend:
+        object.__setattr__(te, "text_model", types.SimpleNamespace(final_layer_norm=te.final_layer_norm))
+    try:
+        yield
+    finally:
+        if lend:
+            object.__delattr__(te, "text_model")
+
+
 def default_size(pipe: Any) -> tuple[int, int]:
     """The pipeline's native (width, height)."""
     side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
@@ -102,7 +118,7 @@ def generate(pipe: Any, jobs: Sequence[ImageJob], invariant: bool) -> list[Any]:
         dw, dh = default_size(pipe)
         width, height = width or dw, height or dh
     generators = [torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs]
-    with batch_invariant(pipe, invariant), torch.inference_mode():
+    with batch_invariant(pipe, invariant), clip_skip_compat(pipe, bool(first.clip_skip)), torch.inference_mode():
         out = pipe(
             prompt=[j.prompt for j in jobs],
             negative_prompt=[j.negative_prompt for j in jobs],
@@ -111,6 +127,7 @@ def generate(pipe: Any, jobs: Sequence[ImageJob], invariant: bool) -> list[Any]:
             width=width,
             height=height,
             generator=generators,
+            clip_skip=first.clip_skip - 1 if first.clip_skip else None,  # diffusers counts skipped layers
             output_type="pil",
         )
     return list(out.images)

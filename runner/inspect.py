@@ -18,8 +18,8 @@ _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
 _COMFY = {"euler": "euler", "euler_ancestral": "euler_a", "ddim": "ddim", "dpmpp_2m": "dpmpp_2m",
           "dpmpp_2m karras": "dpmpp_2m_karras", "lms": "lms", "heun": "heun", "uni_pc": "unipc",
           "ddpm": "ddpm"}
-_MAPPED = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size-1",
-           "Size-2", "Model", "Model hash", "Lora hashes", "Lora weights", "Version"}
+_MAPPED = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Clip skip", "Seed",
+           "Size-1", "Size-2", "Model", "Model hash", "Lora hashes", "Lora weights", "Version"}
 
 
 def _user_comment(raw: Any) -> str | None:
@@ -98,6 +98,7 @@ def record_from_infotext(text: str) -> dict[str, Any]:
         "seed": _num(int, p.get("Seed")),
         "steps": _num(int, p.get("Steps")),
         "guidance_scale": _num(float, p.get("CFG scale")),
+        "clip_skip": _num(int, p.get("Clip skip")),
         "width": _num(int, p.get("Size-1")),
         "height": _num(int, p.get("Size-2")),
         "scheduler": scheduler_name(sampler, p.get("Schedule type")) if sampler else None,
@@ -146,6 +147,8 @@ def describe(rec: dict[str, Any], path: str = "") -> str:
     out.append(_line("steps", f"{rec.get('steps')}   guidance scale: {rec.get('guidance_scale')}   size: "
                               f"{rec.get('width')}x{rec.get('height')}"))
     out.append(_line("scheduler", f"{sched} (sampler {rec.get('sampler')})"))
+    if rec.get("clip_skip"):
+        out.append(_line("clip skip", rec["clip_skip"]))
     where = m.get("location") or m.get("id")
     model = f"{m.get('name')}" + (f" ({where})" if where and where != m.get("name") else "")
     if m.get("revision"):

@@ -55,6 +55,7 @@ def infotext(rec: dict[str, Any]) -> str:
         "Size": f"{rec['width']}x{rec['height']}",
         "Model hash": rec["model"]["hash"][:10] if rec["model"].get("hash") else None,
         "Model": rec["model"]["name"],
+        "Clip skip": rec.get("clip_skip") if (rec.get("clip_skip") or 1) > 1 else None,
     }
     if rec.get("loras"):
         fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo['sha256'][:12]}" for lo in rec["loras"])

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from .config import LoraSpec, RunSpec
 
-AXES = ("prompt", "seed", "lora_set", "lora_scale", "steps", "guidance_scale", "scheduler", "width", "height")
+AXES = ("prompt", "seed", "lora_set", "lora_scale", "steps", "guidance_scale", "scheduler", "width", "height",
+        "clip_skip")
 
 
 def slug(text: str, max_len: int = 40) -> str:
@@ -50,6 +51,7 @@ class ImageJob:
     loras: tuple[LoraSpec, ...]
     lora_scale: float | None  # None for the no-LoRA set (the multiplier does not apply)
     model_key: str = ""
+    clip_skip: int | None = None  # A1111 semantics: 2 = the penultimate CLIP layer; None = the last
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:
@@ -63,7 +65,8 @@ class ImageJob:
         blob = json.dumps(
             [self.model_key, self.prompt, self.negative_prompt, self.seed, self.steps, self.guidance_scale,
              self.width, self.height, self.scheduler,
-             [[s.source, s.weight_name, w] for s, w in zip(self.loras, self.adapter_weights, strict=True)]],
+             [[s.source, s.weight_name, w] for s, w in zip(self.loras, self.adapter_weights, strict=True)]]
+            + ([self.clip_skip] if self.clip_skip else []),  # absent when off: keys of older runs stay valid
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -72,7 +75,7 @@ class ImageJob:
     def group_key(self) -> tuple:
         """Images with equal group keys can share one pipeline call."""
         return (self.lora_set, self.lora_scale, self.scheduler or "", self.steps, self.guidance_scale,
-                self.width or 0, self.height or 0)
+                self.width or 0, self.height or 0, self.clip_skip or 0)
 
     @property
     def lora_label(self) -> str:
@@ -99,17 +102,17 @@ def expand(spec: RunSpec, model_key: str = "") -> list[ImageJob]:
     jobs: list[ImageJob] = []
     combos = itertools.product(
         enumerate(spec.prompts), spec.seeds, enumerate(spec.lora_sets), spec.lora_scales, spec.steps,
-        spec.guidance_scale, spec.scheduler, spec.width, spec.height,
+        spec.guidance_scale, spec.scheduler, spec.width, spec.height, spec.clip_skip,
     )
     seen: set[tuple] = set()
-    for (pi, p), seed, (li, loras), mult, steps, cfg, sched, w, h in combos:
+    for (pi, p), seed, (li, loras), mult, steps, cfg, sched, w, h, skip in combos:
         scale = mult if loras else None
-        ident = (pi, seed, li, scale, steps, cfg, sched, w, h)
+        ident = (pi, seed, li, scale, steps, cfg, sched, w, h, skip)
         if ident in seen:  # the no-LoRA set is generated once, whatever the multipliers
             continue
         seen.add(ident)
         jobs.append(ImageJob(len(jobs), pi, p.prompt, p.negative_prompt, seed, steps, cfg, w, h, sched, li,
-                             loras, scale, model_key))
+                             loras, scale, model_key, skip))
     return jobs
 
 

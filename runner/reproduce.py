@@ -51,7 +51,7 @@ def record_config(rec: dict) -> dict:
                            "negative_prompt": _text(rec.get("negative_prompt") or "")}
     if rec.get("seed") is not None:
         out["seeds"] = [rec["seed"]]
-    for key in ("steps", "guidance_scale", "width", "height"):
+    for key in ("steps", "guidance_scale", "width", "height", "clip_skip"):
         if rec.get(key) is not None:
             out[key] = rec[key]
     if rec.get("source_format") == FOREIGN:

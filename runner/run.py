@@ -89,6 +89,7 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         "width": width,
         "height": height,
         "scheduler": job.scheduler,
+        "clip_skip": job.clip_skip,
         "sampler": loaded.sampler_name(job.scheduler),
         "scheduler_class": type(loaded.pipe.scheduler).__name__,
         "lora_set": job.lora_set,

@@ -159,3 +159,17 @@ def test_hub_id_unreachable_without_offline_flag_is_one_line(tmp_path: Path) -> 
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "model=tiny" in lines[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_clip_skip_changes_pixels_is_recorded_and_swept(tmp_path: Path) -> None:
+    res = run(cfg(clip_skip=[None, 2]), tmp_path, progress=False)
+    by_skip = {e["clip_skip"]: e for e in res.entries}
+    assert set(by_skip) == {None, 2}
+    assert not np.array_equal(pixels(tmp_path / by_skip[None]["file"]), pixels(tmp_path / by_skip[2]["file"]))
+    _, text = read_png_record(str(tmp_path / by_skip[2]["file"]))
+    assert parse_infotext(text)["Clip skip"] == "2"
+    _, text = read_png_record(str(tmp_path / by_skip[None]["file"]))
+    assert "Clip skip" not in parse_infotext(text)
+    same = run(cfg(clip_skip=1), tmp_path / "one", progress=False)  # A1111's 1 = the last layer = off
+    assert np.array_equal(pixels(tmp_path / "one" / same.entries[0]["file"]),
+                          pixels(tmp_path / by_skip[None]["file"]))

@@ -232,3 +232,15 @@ def test_fast_path_settings_are_recorded_and_reused(tmp_path: Path, tiny_dir: Pa
     (new,) = manifest(again)
     assert new["perf"]["fuse_lora"] is True and new["reproduced"]["identical"] is True
     assert np.array_equal(pixels(d / entry["file"]), pixels(again / new["file"]))
+
+
+def test_clip_skip_is_reused_by_from_image(tmp_path: Path, tiny_dir: Path) -> None:
+    d = tmp_path / "skip"
+    r = run_cli(f"model.id={tiny_dir}", "prompts=[a lighthouse]", "seeds=[4]", "steps=2", f"width={SIDE}",
+                f"height={SIDE}", "clip_skip=2", f"hydra.run.dir={d}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (entry,) = manifest(d)
+    r, again = _regenerate(tmp_path, d / entry["file"])
+    assert r.returncode == 0, r.stderr
+    (new,) = manifest(again)
+    assert new["clip_skip"] == 2 and new["reproduced"]["identical"] is True
