@@ -178,8 +178,8 @@ def test_from_a1111_image_uses_its_settings(tmp_path: Path, tiny_dir: Path) -> N
                                "Clip skip: 2")
     r, d = _regenerate(tmp_path, img, f"model.id={tiny_dir}")
     assert r.returncode == 0, r.stderr
-    assert "Clip skip" in r.stdout + r.stderr  # warned as ignored
     (e,) = manifest(d)
+    assert e["clip_skip"] == 2  # A1111's Clip skip is applied, not ignored
     got = (e["prompt"], e["negative_prompt"], e["seed"], e["steps"])
     assert got == ("a lighthouse,\nat night", "fog", 77, 2)
     assert (e["guidance_scale"], e["width"], e["scheduler"]) == (5.0, SIDE, "ddim")
