@@ -53,6 +53,16 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 
+def render_sets(sets: list, out: Path) -> dict[int, np.ndarray]:
+    """One 32 px image of the tiny model per LoRA set (same prompt and seed), by set index."""
+    cfg = {"model": {"id": "builtin:tiny"}, "prompts": ["a red square"], "seeds": [0], "steps": 2, "width": 32,
+           "height": 32, "lora_sets": sets}
+    from runner.run import run
+
+    result = run(validate(cfg), out, progress=False)
+    return {e["lora_set"]: pixels(out / e["file"]) for e in result.entries}
+
+
 def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "runner.train", *args], cwd=cwd, capture_output=True, text=True, timeout=300
@@ -110,29 +120,13 @@ def test_validation_images_are_runner_outputs(trained) -> None:
 
 
 def test_trained_lora_changes_runner_output(trained, tmp_path: Path) -> None:
-    from runner.run import run
 
     sets = [
         [],
         [{"source": str(trained.lora_file), "name": "diffusers"}],
         [{"source": str(trained.kohya_file), "name": "kohya"}],
     ]
-    result = run(
-        validate(
-            {
-                "model": {"id": "builtin:tiny"},
-                "prompts": ["a red square"],
-                "seeds": [0],
-                "steps": 2,
-                "width": 32,
-                "height": 32,
-                "lora_sets": sets,
-            }
-        ),
-        tmp_path,
-        progress=False,
-    )
-    images = {e["lora_set"]: pixels(tmp_path / e["file"]) for e in result.entries}
+    images = render_sets(sets, tmp_path)
     assert len(images) == 3
     assert np.abs(images[0] - images[1]).mean() > 2.0  # the LoRA changes the picture
     assert np.abs(images[1] - images[2]).max() <= 2  # the kohya copy holds the same weights
@@ -312,7 +306,6 @@ def test_text_encoder_lora_with_checkpointing_loads(tmp_path: Path) -> None:
     """lora.text_encoder=true (with gradient checkpointing): both files carry text-encoder layers and load."""
     from safetensors import safe_open
 
-    from runner.run import run
     from runner.train.loop import train
 
     data = make_images(tmp_path / "squares")
@@ -334,20 +327,5 @@ def test_text_encoder_lora_with_checkpointing_loads(tmp_path: Path) -> None:
         with safe_open(str(file), "pt") as f:
             assert any(k.startswith(prefix) for k in f.keys()), file  # noqa: SIM118
     sets = [[], [{"source": str(result.lora_file)}], [{"source": str(result.kohya_file)}]]
-    out = run(
-        validate(
-            {
-                "model": {"id": "builtin:tiny"},
-                "prompts": ["a red square"],
-                "seeds": [0],
-                "steps": 2,
-                "width": 32,
-                "height": 32,
-                "lora_sets": sets,
-            }
-        ),
-        tmp_path / "gen",
-        progress=False,
-    )
-    images = {e["lora_set"]: pixels(tmp_path / "gen" / e["file"]) for e in out.entries}
+    images = render_sets(sets, tmp_path / "gen")
     assert np.abs(images[0] - images[1]).mean() > 0.5 and np.abs(images[1] - images[2]).max() <= 2
