@@ -18,7 +18,6 @@ from typing import Any
 from .plan import ImageJob
 
 log = logging.getLogger(__name__)
-EXIT_INTERRUPTED = 130
 
 
 class OutOfMemory(RuntimeError):
@@ -100,7 +99,6 @@ class FaultHandler:
         self.pipe = pipe
         self.nan_retry_fp32_vae = nan_retry_fp32_vae
         self.cap: int | None = None  # largest batch that fitted after an OOM
-        self.events: list[dict] = []
 
     def _call(self, generate: Callable[[list[ImageJob]], list[Any]], jobs: list[ImageJob],
               notes: dict[str, list[dict]]) -> list[tuple[list[ImageJob], list[Any]]]:
@@ -126,7 +124,6 @@ class FaultHandler:
                 log.warning("out of memory with a batch of %d images; continuing with batches of %d",
                             len(chunk), half)
                 event = {"type": "oom", "batch_size": len(chunk), "retried_with": half}
-                self.events.append(event)
                 for job in chunk:
                     notes.setdefault(job.key, []).append(event)
                 pending[:0] = [chunk[:half], chunk[half:]]
@@ -146,7 +143,6 @@ class FaultHandler:
         for p in bad:
             event: dict = {"type": "black_image", "detail": "every pixel is 0 (NaN in the VAE?)"}
             p.faults.append(event)
-            self.events.append(event)
             if not self.nan_retry_fp32_vae:
                 hint = "kept as is"
                 if can_retry:
@@ -199,10 +195,6 @@ class InterruptGuard:
         self.requested = False
         self._old: Any = None
         self._installed = False
-
-    def stop(self) -> None:
-        """Ask the loop to stop after the current batch (also usable from other threads)."""
-        self.requested = True
 
     def _handle(self, _signum: int, _frame: Any) -> None:
         self.requested = True

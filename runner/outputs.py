@@ -102,6 +102,7 @@ class ImageWriter:
         self.manifest = manifest
         self.on_done = on_done
         self.error: BaseException | None = None
+        self._closed = False
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._threads = [threading.Thread(target=self._work, name=f"png-writer-{i}", daemon=True)
                          for i in range(max(1, threads))]
@@ -133,7 +134,10 @@ class ImageWriter:
         self._q.put((image, entry))
 
     def close(self) -> None:
-        """Wait for every queued image, stop the threads, and raise the first write error if any."""
+        """Wait for every queued image, stop the threads, and raise the first write error if any (once)."""
+        if self._closed:
+            return
+        self._closed = True
         for _ in self._threads:
             self._q.put(None)
         for t in self._threads:

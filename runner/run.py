@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from . import faults
 from .config import ConfigError, RunSpec, validate
 from .plan import ImageJob, batches, expand, shard
+from .reproduce import summary_note
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,7 @@ class RunResult:
         return (f"t2i: {self.generated} images generated, {self.skipped} already done, in {self.seconds:.1f} s "
                 f"({self.images_per_second:.2f} images/s) -> {self.output_dir}"
                 + (" (interrupted; re-run the same command to finish)" if self.interrupted else "")
-                + _reproduce_note(self.entries))
-
-
-def _reproduce_note(entries: list[dict]) -> str:
-    from .reproduce import summary_note
-
-    return summary_note(entries)
+                + summary_note(self.entries))
 
 
 def auto_batch_size(device: str, width: int, height: int) -> int:
@@ -56,7 +51,7 @@ def auto_batch_size(device: str, width: int, height: int) -> int:
     import torch
 
     free, _ = torch.cuda.mem_get_info()
-    per_image = width * height * 2400  # measured order of magnitude for SD-class UNets with CFG in fp16
+    per_image = width * height * 2400  # a rough estimate for SD-class UNets with CFG in fp16 (not measured here)
     return max(1, min(16, int(free * 0.6 // per_image)))
 
 
