@@ -104,7 +104,7 @@ def make_setup(args: argparse.Namespace, work: Path) -> Setup:
         return Setup(
             str(model_dir), model_dir, sets, prompts, seeds, args.steps or 30, 7.5, args.size or 512, device
         )
-    from runner.tiny import DIFFUSERS_LORA, KOHYA_LORA, ensure_tiny
+    from runner.models.tiny import DIFFUSERS_LORA, KOHYA_LORA, ensure_tiny
 
     tiny = ensure_tiny()
     a = {"source": str(tiny / "loras" / DIFFUSERS_LORA[0]), "weight_name": DIFFUSERS_LORA[1], "name": "style"}
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-        from runner.pipeline import resolve_dtype
+        from runner.models.source import resolve_dtype
 
         dtype = resolve_dtype("auto", setup.device)
         secs, cpu = way_cached(setup, jobs, work / "b", dtype)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.switches:
             switches = lora_switches(setup, variants[-1], args.switches)
             print(switches)
-        from runner.pipeline import clear_cache
+        from runner.models.loading import clear_cache
 
         clear_cache()
         result = table(rows)

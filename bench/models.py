@@ -2,7 +2,7 @@
 
 The configs are Stable Diffusion 1.5's published ones (unet/, vae/ and text_encoder/ config.json of
 stable-diffusion-v1-5, the text encoder being CLIP ViT-L/14's text tower); only the tokenizer is the small
-local byte-level vocab of runner/tiny.py (speed does not depend on the vocab, and no download is needed).
+local byte-level vocab of runner/models/tiny.py (speed does not depend on the vocab, and no download is needed).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def build_sd15(device: str = "cpu", seed: int = 0) -> Any:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from runner.tiny import _write_tokenizer
+    from runner.models.tiny import _write_tokenizer
 
     tok_dir = Path(tempfile.mkdtemp(prefix="sd15-tok-"))
     try:

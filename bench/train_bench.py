@@ -156,7 +156,7 @@ def main() -> int:
         model_id, res, steps, warmup = "builtin:tiny", 64, 6, 2
         configs = [(1, "auto", False, 4), (2, "auto", True, 4)]
     else:
-        from runner.tiny import cache_root
+        from runner.common.paths import cache_root
 
         model_dir = args.model_dir or cache_root() / "sd15-random-v1"
         model_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -159,7 +159,7 @@ class SubmitTimer:
 
     @contextlib.contextmanager
     def active(self):
-        from runner.outputs import ImageWriter
+        from runner.outputs.writer import ImageWriter
 
         original = ImageWriter.submit
 
@@ -250,10 +250,10 @@ def way_runner(setup: Setup, variant: str, out: Path, profile: bool) -> tuple[fl
 def lora_switches(setup: Setup, variant: str, switches: int) -> str:
     """Cycle the cached pipeline through the LoRA sets `switches` times: memory drift and switch time."""
     from runner.config import validate
-    from runner.fastpath import apply_perf
-    from runner.loras import AdapterManager
-    from runner.pipeline import load_model
-    from runner.run import resolve_loras
+    from runner.generate.fastpath import apply_perf
+    from runner.lora.adapters import AdapterManager
+    from runner.lora.files import resolve_loras
+    from runner.models.loading import load_model
 
     spec = validate(runner_cfg(setup, variant))
     loaded = load_model(spec.model, spec.device)

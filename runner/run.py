@@ -6,16 +6,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
-from . import faults
-from .config import ConfigError, RunSpec, validate
-from .plan import ImageJob, batches, expand, shard
-from .reproduce import summary_note
+from .config import RunSpec, validate
+from .generate import faults
+from .outputs.record import build_record, summary_note
+from .plan import batches, expand, shard
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +29,7 @@ class RunResult:
     seconds: float
     entries: list[dict] = field(default_factory=list)
     interrupted: bool = False  # stopped early by Ctrl-C (the finished images are kept)
-    grids: list[Path] = field(default_factory=list)  # comparison grids written (runner/grid.py)
+    grids: list[Path] = field(default_factory=list)  # comparison grids written (outputs/grid.py)
 
     @property
     def images_per_second(self) -> float:
@@ -55,83 +53,22 @@ def auto_batch_size(device: str, width: int, height: int) -> int:
     return max(1, min(16, int(free * 0.6 // per_image)))
 
 
-def perf_record(loaded: Any) -> dict:
-    """The fast-path state that can change pixels (float rounding), as applied to this pipeline."""
-    from .fastpath import FusingAdapterManager
-
-    state = getattr(loaded, "perf_state", None)
-    return {"channels_last": bool(state and state.channels_last), "fuse_qkv": bool(state and state.fused_qkv),
-            "fuse_lora": isinstance(loaded.adapters, FusingAdapterManager),
-            "compile": bool(state and state.compiled)}
-
-
-def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: int, batch: int,
-                 invariant: bool) -> dict:
-    """The full per-image record: every knob that changes pixels, plus provenance."""
-    from .metadata import RECORD_VERSION, versions
-
-    src = loaded.source
-    return {
-        "record_version": RECORD_VERSION,
-        "file": job.filename,
-        "key": job.key,
-        "index": job.index,
-        "prompt": job.prompt,
-        "negative_prompt": job.negative_prompt,
-        "seed": job.seed,
-        "steps": job.steps,
-        "guidance_scale": job.guidance_scale,
-        "width": width,
-        "height": height,
-        "scheduler": job.scheduler,
-        "clip_skip": job.clip_skip,
-        "sampler": loaded.sampler_name(job.scheduler),
-        "scheduler_class": type(loaded.pipe.scheduler).__name__,
-        "lora_set": job.lora_set,
-        "lora_scale": job.lora_scale,
-        "loras": [r.record(w) for r, w in zip(loras, job.adapter_weights, strict=True)],
-        "model": {"id": loaded.config.id, "name": src.display, "kind": src.kind, "location": src.location,
-                  "revision": src.revision, "hash": loaded.sha256, "pipeline": type(loaded.pipe).__name__,
-                  "dtype": loaded.dtype_name, "variant": loaded.config.variant, "config": loaded.config.config},
-        "perf": perf_record(loaded),
-        "device": loaded.device,
-        "generator": "cpu",
-        "batch_size": batch,
-        "batch_invariant": invariant,
-        "versions": versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def resolve_loras(spec: RunSpec) -> list[tuple]:
-    """Resolve every LoRA set to files + hashes before anything is loaded or written."""
-    from .loras import resolve_set
-
-    sets = []
-    by_name: dict[str, str] = {}
-    for i, specs in enumerate(spec.lora_sets):
-        resolved = resolve_set(specs, spec.allow_pickle_lora, f"lora_sets[{i}]")
-        for r in resolved:
-            if by_name.setdefault(r.name, r.sha256) != r.sha256:
-                raise ConfigError(f"LoRA name {r.name!r} is used for two different files; give each a unique name")
-        sets.append(resolved)
-    return sets
-
-
 def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True,
         on_image: Callable[[dict], None] | None = None) -> RunResult:
     """Generate every image of `cfg` that `output_dir`'s manifest does not already hold."""
     from tqdm import tqdm
 
-    from .fastpath import apply_perf
-    from .generate import default_size, generate, prompt_tokens
-    from .loras import AdapterManager
-    from .outputs import ImageWriter, Manifest
-    from .pipeline import load_model
+    from .generate.batch import default_size, generate, prompt_tokens
+    from .generate.fastpath import apply_perf
+    from .lora.adapters import AdapterManager
+    from .lora.files import resolve_loras
+    from .models.loading import load_model
+    from .outputs.manifest import Manifest
+    from .outputs.writer import ImageWriter
 
     spec = cfg if isinstance(cfg, RunSpec) else validate(cfg)
     if spec.grid.enabled:
-        from .grid import check_axes
+        from .outputs.grid import check_axes
 
         check_axes(spec.grid)
     lora_sets = resolve_loras(spec)
@@ -192,7 +129,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
         bar.close()
         result.seconds = time.perf_counter() - start
     if spec.grid.enabled:  # grids cover the whole run dir's manifest, not only this run's images
-        from .grid import write_grids
+        from .outputs.grid import write_grids
 
         result.grids = write_grids(out, spec.grid)
     return result

@@ -26,7 +26,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny diffusers model folder written by `t2i-tiny`, with example LoRAs in loras/."""
-    from runner.tiny import write_tiny
+    from runner.models.tiny import write_tiny
 
     return write_tiny(tmp_path_factory.mktemp("tiny") / "model")
 

@@ -172,7 +172,7 @@ def test_unreadable_lora_file_is_one_clear_error(tmp_path, tiny_dir, monkeypatch
 
 
 def test_unicode_long_and_path_like_prompts_work(tmp_path):
-    from runner.metadata import read_png_record
+    from runner.outputs.metadata import read_png_record
 
     long_prompt = "a watercolor painting of a lighthouse at dusk, " * 43
     assert len(long_prompt) >= 2000

@@ -76,7 +76,8 @@ def test_make_lora_loads_into_the_runner(tiny_dir: Path, tmp_path: Path) -> None
     from models import make_lora
 
     from runner.config import LoraSpec
-    from runner.loras import AdapterManager, resolve_lora
+    from runner.lora.adapters import AdapterManager
+    from runner.lora.files import resolve_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
     path = make_lora(pipe.unet, tmp_path / "l", rank=4, seed=5)

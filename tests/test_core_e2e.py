@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from runner.config import RunConfig
-from runner.metadata import parse_infotext, read_png_record
+from runner.outputs.metadata import parse_infotext, read_png_record
 from runner.run import run
 
 

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from runner.config import ConfigError, PerfConfig, validate
-from runner.fastpath import FusingAdapterManager, apply_perf
-from runner.pipeline import load_model
+from runner.generate.fastpath import apply_perf
+from runner.lora.fusing import FusingAdapterManager
+from runner.models.loading import load_model
 from runner.run import run
 
 

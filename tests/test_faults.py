@@ -17,11 +17,11 @@ import pytest
 from conftest import REPO, run_cli
 from PIL import Image
 
-import runner.generate
-import runner.outputs
-from runner import faults
+import runner.generate.batch
+import runner.outputs.writer
 from runner.config import validate
-from runner.metadata import read_png_record
+from runner.generate import faults
+from runner.outputs.metadata import read_png_record
 from runner.run import run
 
 BASE = {"model": {"id": "builtin:tiny"}, "prompts": ["a red fox"], "steps": 2, "width": 32, "height": 32,
@@ -45,7 +45,7 @@ def pixels(path: Path) -> np.ndarray:
 def test_oom_halves_the_batch_and_every_image_is_made(tmp_path, monkeypatch, caplog):
     import torch
 
-    real = runner.generate.generate
+    real = runner.generate.batch.generate
     calls: list[int] = []
 
     def fake(pipe, jobs, invariant):
@@ -54,8 +54,8 @@ def test_oom_halves_the_batch_and_every_image_is_made(tmp_path, monkeypatch, cap
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(pipe, jobs, invariant)
 
-    monkeypatch.setattr(runner.generate, "generate", fake)
-    with caplog.at_level(logging.WARNING, logger="runner.faults"):
+    monkeypatch.setattr(runner.generate.batch, "generate", fake)
+    with caplog.at_level(logging.WARNING, logger="runner.generate.faults"):
         result = run(spec(seeds=[1, 2, 3, 4, 5], batch_size=4), tmp_path / "oom", progress=False)
     assert result.generated == 5
     assert calls[:3] == [4, 2, 1]  # 4 -> OOM -> 2 -> OOM -> 1 ...
@@ -68,7 +68,7 @@ def test_oom_halves_the_batch_and_every_image_is_made(tmp_path, monkeypatch, cap
         assert rec["batch_size"] == 1
         kinds = [f["type"] for f in rec.get("faults", [])]
         assert kinds == {1: ["oom", "oom"], 2: ["oom", "oom"], 3: ["oom"], 4: ["oom"], 5: []}[seed]
-    monkeypatch.setattr(runner.generate, "generate", real)
+    monkeypatch.setattr(runner.generate.batch, "generate", real)
     plain = run(spec(seeds=[1, 2, 3, 4, 5], batch_size=1), tmp_path / "plain", progress=False)
     for e in plain.entries:  # batch-invariant on CPU: the halved batches give the same pixels
         assert np.array_equal(pixels(tmp_path / "plain" / e["file"]), pixels(tmp_path / "oom" / e["file"]))
@@ -80,7 +80,7 @@ def test_oom_with_a_single_image_is_one_clear_error(tmp_path, monkeypatch):
     def fake(pipe, jobs, invariant):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(runner.generate, "generate", fake)
+    monkeypatch.setattr(runner.generate.batch, "generate", fake)
     with pytest.raises(faults.OutOfMemory, match="even with batch_size=1"):
         run(spec(seeds=[1, 2], batch_size=2), tmp_path / "o", progress=False)
     assert manifest_lines(tmp_path / "o") == []
@@ -90,20 +90,20 @@ def test_other_runtime_errors_are_not_taken_for_oom(tmp_path, monkeypatch):
     def fake(pipe, jobs, invariant):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
-    monkeypatch.setattr(runner.generate, "generate", fake)
+    monkeypatch.setattr(runner.generate.batch, "generate", fake)
     with pytest.raises(RuntimeError, match="shapes"):
         run(spec(seeds=[1, 2], batch_size=2), tmp_path / "o", progress=False)
 
 
 def test_black_image_is_detected_and_recorded(tmp_path, monkeypatch, caplog):
-    real = runner.generate.generate
+    real = runner.generate.batch.generate
 
     def fake(pipe, jobs, invariant):
         images = real(pipe, jobs, invariant)
         return [Image.new("RGB", im.size) if j.seed == 2 else im for j, im in zip(jobs, images, strict=True)]
 
-    monkeypatch.setattr(runner.generate, "generate", fake)
-    with caplog.at_level(logging.WARNING, logger="runner.faults"):
+    monkeypatch.setattr(runner.generate.batch, "generate", fake)
+    with caplog.at_level(logging.WARNING, logger="runner.generate.faults"):
         result = run(spec(seeds=[1, 2]), tmp_path / "o", progress=False)
     by_seed = {e["seed"]: e for e in result.entries}
     assert "faults" not in by_seed[1]
@@ -115,7 +115,7 @@ def test_black_image_is_detected_and_recorded(tmp_path, monkeypatch, caplog):
 def test_black_image_retried_with_fp32_vae(tmp_path, monkeypatch):
     import torch
 
-    real = runner.generate.generate
+    real = runner.generate.batch.generate
     seen: list[torch.dtype] = []
 
     def fake(pipe, jobs, invariant):  # emulates an fp16 VAE overflow: black unless the VAE runs in fp32
@@ -123,7 +123,7 @@ def test_black_image_retried_with_fp32_vae(tmp_path, monkeypatch):
         images = real(pipe, jobs, invariant)
         return [Image.new("RGB", im.size) for im in images] if pipe.vae.dtype == torch.float16 else images
 
-    monkeypatch.setattr(runner.generate, "generate", fake)
+    monkeypatch.setattr(runner.generate.batch, "generate", fake)
     cfg = spec(seeds=[3], nan_retry_fp32_vae=True, model={"id": "builtin:tiny", "dtype": "fp16"})
     result = run(cfg, tmp_path / "o", progress=False)
     (entry,) = result.entries
@@ -131,7 +131,7 @@ def test_black_image_retried_with_fp32_vae(tmp_path, monkeypatch):
     assert entry["faults"] == [{"type": "black_image", "detail": entry["faults"][0]["detail"],
                                 "retried": "fp32_vae", "fixed": True}]
     assert pixels(tmp_path / "o" / entry["file"]).max() > 0
-    from runner.pipeline import load_model
+    from runner.models.loading import load_model
 
     assert load_model(cfg.model, "cpu").pipe.vae.dtype == torch.float16  # restored
 
@@ -143,7 +143,7 @@ def test_is_black():
 
 
 def test_disk_full_keeps_exactly_the_finished_images(tmp_path, monkeypatch):
-    real = runner.outputs.save_png
+    real = runner.outputs.writer.save_png
     count = {"n": 0}
 
     def fake(image, path, record):
@@ -152,7 +152,7 @@ def test_disk_full_keeps_exactly_the_finished_images(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(image, path, record)
 
-    monkeypatch.setattr(runner.outputs, "save_png", fake)
+    monkeypatch.setattr(runner.outputs.writer, "save_png", fake)
     out = tmp_path / "o"
     with pytest.raises(faults.OutputError) as err:
         run(spec(seeds=list(range(1, 9)), batch_size=2), out, progress=False)
@@ -161,7 +161,7 @@ def test_disk_full_keeps_exactly_the_finished_images(tmp_path, monkeypatch):
     lines = manifest_lines(out)
     assert len(lines) == 3
     assert sorted(p.name for p in out.glob("*.png")) == sorted(e["file"] for e in lines)
-    monkeypatch.setattr(runner.outputs, "save_png", real)
+    monkeypatch.setattr(runner.outputs.writer, "save_png", real)
     again = run(spec(seeds=list(range(1, 9)), batch_size=2), out, progress=False)
     assert (again.skipped, again.generated) == (3, 5)
     assert len({e["key"] for e in manifest_lines(out)}) == 8
@@ -169,7 +169,7 @@ def test_disk_full_keeps_exactly_the_finished_images(tmp_path, monkeypatch):
 
 DISK_FULL_CLI = """
 import errno, sys
-import runner.outputs as o
+import runner.outputs.writer as o
 real, n = o.save_png, [0]
 def fake(image, path, record):
     n[0] += 1
@@ -199,7 +199,7 @@ def test_disk_full_on_the_cli_is_one_line_and_nonzero(tmp_path):
 
 SLOW_CLI = """
 import sys, time
-import runner.generate as g
+import runner.generate.batch as g
 real = g.generate
 def slow(*args, **kwargs):  # each batch takes at least 0.5 s, so a signal always lands mid-run
     time.sleep(0.5)

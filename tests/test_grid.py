@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from runner.config import ConfigError, GridConfig, RunConfig
-from runner.grid import read_grid_info, write_grids
+from runner.outputs.grid import read_grid_info, write_grids
 from runner.run import run
 
 

@@ -13,8 +13,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from runner.config import ConfigError, RunConfig
-from runner.inspect import FOREIGN, read_record, record_from_infotext, scheduler_name
-from runner.metadata import infotext
+from runner.outputs.metadata import infotext
+from runner.reproduce.inspect import FOREIGN, read_record, record_from_infotext, scheduler_name
 
 # Real-world shapes of A1111 / Forge / ComfyUI-saver infotext.
 A1111_HIRES = (
@@ -133,7 +133,7 @@ def test_our_infotext_maps_back_onto_our_record() -> None:
 
 
 def _inspect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner.inspect", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "runner.reproduce.inspect", *args], capture_output=True, text=True,
                           timeout=120)
 
 

@@ -16,10 +16,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from runner import pipeline
 from runner.config import ConfigError, LoraSpec, ModelConfig, RunConfig, validate
-from runner.loras import AdapterManager, resolve_lora
-from runner.metadata import parse_infotext, read_png_record
+from runner.lora.adapters import AdapterManager
+from runner.lora.files import resolve_lora
+from runner.models import loading as pipeline
+from runner.outputs.metadata import parse_infotext, read_png_record
 from runner.run import run
 
 
@@ -68,7 +69,8 @@ def bad_loras(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from runner.tiny import TINY_UNET, _to_kohya
+    from runner.lora.kohya import to_kohya
+    from runner.models.tiny import TINY_UNET
 
     d = tmp_path_factory.mktemp("bad-loras")
     torch.manual_seed(0)  # the tiny UNet, but with cross_attention_dim 64 (like an SDXL LoRA on SD 1.5)
@@ -78,7 +80,7 @@ def bad_loras(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[
     StableDiffusionPipeline.save_lora_weights(
         d / "other_peft", unet_lora_layers=state, weight_name="o.safetensors"
     )
-    save_file(_to_kohya(state, None, 4), str(d / "other_kohya.safetensors"))
+    save_file(to_kohya(state, None, 4), str(d / "other_kohya.safetensors"))
     a = load_file(str(tiny_dir / "loras" / "tiny_style" / "tiny_style.safetensors"))
     extra = {
         **a,
@@ -166,7 +168,7 @@ def test_inactive_adapters_are_not_computed(
 ) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from runner.generate import generate
+    from runner.generate.batch import generate
     from runner.plan import expand
 
     res = run(make_cfg(tiny_dir, lora_sets=[[lora_a], [lora_b]]), tmp_path / "r", progress=False)
@@ -190,7 +192,7 @@ def test_inactive_adapters_are_not_computed(
 
 
 def test_weight_zero_member_of_a_set_adds_nothing(tiny_dir: Path, lora_a: dict, lora_b: dict) -> None:
-    from runner.generate import generate
+    from runner.generate.batch import generate
     from runner.plan import expand
 
     mgr = manager(tiny_dir)
@@ -474,8 +476,8 @@ def test_files_that_do_not_fit_the_model(
 def test_lora_config_group_composes(tiny_dir: Path) -> None:
     from hydra import compose, initialize_config_dir
 
-    from runner.cli import CONF_DIR
-    from runner.run import resolve_loras
+    from runner.config.overrides import CONF_DIR
+    from runner.lora.files import resolve_loras
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["model=tiny", "lora=tiny_examples", "lora_scales=[0.5,1.0]"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from PIL import Image
 
-from runner.metadata import infotext, parse_infotext, read_png_record
-from runner.outputs import save_png
+from runner.outputs.metadata import infotext, parse_infotext, read_png_record
+from runner.outputs.writer import save_png
 
 
 def record(**over) -> dict:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from runner.common.paths import slug
 from runner.config import RunConfig, validate
-from runner.plan import batches, expand, shard, slug
+from runner.plan import batches, expand, shard
 
 
 def plan(**over):

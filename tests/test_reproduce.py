@@ -12,10 +12,10 @@ from conftest import run_cli
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from runner.cli import CONF_DIR
-from runner.metadata import read_png_record
-from runner.outputs import save_png
-from runner.reproduce import explicit_keys, record_config
+from runner.config.overrides import CONF_DIR
+from runner.outputs.metadata import read_png_record
+from runner.outputs.writer import save_png
+from runner.reproduce.from_image import explicit_keys, record_config
 
 SIDE = 32
 

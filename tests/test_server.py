@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from runner.metadata import read_png_record
+from runner.outputs.metadata import read_png_record
 from runner.server import jobs as jobs_mod
 from runner.server.app import compose_config, create_app, main
 
@@ -89,7 +89,7 @@ def test_form_has_every_seed_field_with_its_default(client: TestClient) -> None:
 
 
 def test_submit_returns_the_png_with_matching_metadata(client: TestClient) -> None:
-    from runner.pipeline import LOADS
+    from runner.models.loading import LOADS
 
     resp = client.post("/submit", data=seed_form())
     rec, infotext, _ = png(resp)

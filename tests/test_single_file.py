@@ -15,8 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from runner.config import ConfigError, ModelConfig
-from runner.metadata import parse_infotext, read_png_record
-from runner.single_file import (
+from runner.models.single_file import (
     CLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
@@ -24,6 +23,7 @@ from runner.single_file import (
     unet_to_ldm,
     vae_to_ldm,
 )
+from runner.outputs.metadata import parse_infotext, read_png_record
 
 ARGS = ("prompts=[a red fox,a blue car]", "seeds=[5]", "steps=2", "width=32", "height=32")
 
@@ -273,7 +273,7 @@ def test_ckpt_is_refused_without_allow_pickle(tiny_file: Path, tmp_path: Path) -
 
 
 def test_ckpt_loads_with_allow_pickle(tiny_dir: Path, tiny_file: Path, tmp_path: Path) -> None:
-    from runner.pipeline import load_model
+    from runner.models.loading import load_model
 
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": load_file(str(tiny_file))}, ckpt)
@@ -286,7 +286,7 @@ def test_ckpt_loads_with_allow_pickle(tiny_dir: Path, tiny_file: Path, tmp_path:
 
 
 def test_corrupt_single_file_is_a_load_error_not_a_pickle_hint(tiny_dir: Path, tmp_path: Path) -> None:
-    from runner.pipeline import load_model
+    from runner.models.loading import load_model
 
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
@@ -296,7 +296,7 @@ def test_corrupt_single_file_is_a_load_error_not_a_pickle_hint(tiny_dir: Path, t
 
 
 def test_t2i_tiny_single_file_flag(tiny_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from runner.tiny import SINGLE_FILE, main
+    from runner.models.tiny import SINGLE_FILE, main
 
     assert main([str(tmp_path / "m"), "--no-loras", "--single-file"]) == 0
     out = tmp_path / "m" / SINGLE_FILE

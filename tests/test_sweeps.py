@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from runner.config import RunConfig, validate
-from runner.grid import read_grid_info
-from runner.outputs import Manifest, png_complete
+from runner.outputs.grid import read_grid_info
+from runner.outputs.manifest import Manifest, png_complete
+from runner.outputs.sweep import merge_main
 from runner.plan import expand, shard
 from runner.run import run
-from runner.sweep import merge_main
 
 KOHYA = "{source:'builtin:tiny/loras/tiny_kohya.safetensors',name:k}"
 
@@ -49,7 +49,8 @@ def _check_job_dir(job: Path, n: int) -> list[dict]:
 
 def test_multirun_in_process_reuses_the_pipeline_and_writes_job_dirs_and_summary(tmp_path: Path,
                                                                                   monkeypatch) -> None:
-    from runner import cli, pipeline
+    from runner import cli
+    from runner.models import loading as pipeline
 
     pipeline.clear_cache()
     loads = pipeline.LOADS["builtin:tiny"]
@@ -194,4 +195,4 @@ def test_four_shards_merge_into_one_manifest_and_grid(tmp_path: Path, capsys) ->
 
 def test_merge_console_script_is_declared() -> None:
     text = (REPO / "pyproject.toml").read_text()
-    assert 't2i-merge = "runner.sweep:main"' in text
+    assert 't2i-merge = "runner.outputs.sweep:main"' in text

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from runner.config import ConfigError, validate
-from runner.metadata import read_png_record
+from runner.outputs.metadata import read_png_record
 from runner.train.losslog import LossLog
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}

@@ -25,7 +25,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from omegaconf import DictConfig
 
-from ..config import ConfigError, validate
+from ..common.errors import ConfigError, first_line
+from ..config import validate
 from .forms import FormError, JobRequest, SubmitForm, error_line, parse_form, to_spec
 from .jobs import Job, JobQueue, QueueFull
 
@@ -39,8 +40,10 @@ def compose_config(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ..cli import CONF_DIR, check_override
+    from ..config import register_configs
+    from ..config.overrides import CONF_DIR, check_override
 
+    register_configs()
     for text in overrides:
         check_override(text)
     GlobalHydra.instance().clear()
@@ -48,7 +51,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose("config", overrides=list(overrides))
     except Exception as exc:  # noqa: BLE001 - Hydra's composition errors are user errors here
-        raise ConfigError(str(exc).strip().splitlines()[0]) from exc
+        raise ConfigError(first_line(exc)) from exc
 
 
 def server_dir(cfg: DictConfig) -> Path:
@@ -79,7 +82,7 @@ async def wait_for(queue: JobQueue, job: Job) -> None:
 
 def create_app(cfg: DictConfig) -> FastAPI:
     """The FastAPI app for a composed run config (its `server` section sets limits and the output dir)."""
-    from ..pipeline import resolve_source
+    from ..models.source import resolve_source
 
     base = validate(cfg)  # a broken server config fails now, not on the first request
     resolve_source(base.model)  # so does a default model that is not there (no weights are loaded here)

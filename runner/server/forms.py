@@ -18,11 +18,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import MAX_SEED, ConfigError, LoraSpec, RunSpec, validate
-from ..pipeline import _HUB_ID
-from ..plan import lora_name
-from ..run import resolve_loras
-from ..tiny import TINY_ID
+from ..common.errors import ConfigError
+from ..common.paths import is_hub_id
+from ..config import MAX_SEED, LoraSpec, RunSpec, lora_name, validate
+from ..lora.files import resolve_loras
+from ..models.tiny import TINY_ID
 
 NOT_GIVEN = ("", "null", "none")
 _HF_URL = re.compile(r"^https?://(www\.)?huggingface\.co/([^/]+/[^/]+)(?:/(?:blob|resolve)/[^/]+/(.+))?/?$")
@@ -146,9 +146,7 @@ def check_lora_access(spec: LoraSpec, server: DictConfig) -> None:
             raise FormError(403, f"LoRA source {src!r} leaves the built-in model's folder")
         return
     path = Path(os.path.expanduser(src))
-    hub = (not path.exists() and _HUB_ID.match(src) is not None and not src.startswith((".", "/", "~"))
-           and src.count("/") == 1)
-    if hub:
+    if is_hub_id(src):
         if not server.allow_hub_loras:
             raise FormError(403, f"LoRA source {src!r} is a hub id and this server does not allow hub LoRAs")
         return

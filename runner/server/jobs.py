@@ -5,7 +5,7 @@ equal but for prompts and seeds: same model, LoRAs, size, steps, guidance, sched
 exact product with it, i.e. all have the same seeds (their prompts are merged) or all have the same prompt
 (their seeds are merged), up to `server.merge_max_images` images. The merged spec is one `run()` call, so
 the core batches those images into pipeline calls; nothing is generated that no request asked for. Other
-jobs run one after another. The pipeline and its adapters stay loaded between runs: `runner.pipeline` caches
+jobs run one after another. The pipeline and its adapters stay loaded between runs: `runner.models.loading` caches
 them per process.
 """
 
@@ -21,7 +21,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import ConfigError, RunSpec
+from ..common.errors import ConfigError
+from ..config import RunSpec
 from ..run import run
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
-from ..tiny import _to_kohya
+from ..common.errors import ConfigError
+from ..lora.kohya import to_kohya
 from .config import TrainSpec
 
 CKPT_DIR = "checkpoints"
@@ -49,7 +49,7 @@ def save_lora(folder: Path, name: str, unet: Any, text_encoder: Any | None, rank
         )
         kohya = {
             k: v.float() if v.is_floating_point() else v
-            for k, v in _to_kohya(unet_state, te_state, alpha).items()
+            for k, v in to_kohya(unet_state, te_state, alpha).items()
         }
         save_file(
             kohya,

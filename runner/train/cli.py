@@ -10,8 +10,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..cli import CONF_DIR, EXIT_CONFIG, _remove_fresh_dir, run_app
-from ..config import ConfigError
+from ..common.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError
+from ..config.overrides import CONF_DIR
+from ..entry import remove_fresh_dir, run_app
 from .config import TrainRunConfig, register_configs
 
 register_configs()
@@ -32,21 +33,21 @@ def hydra_main(cfg: DictConfig) -> Any:
     try:
         result = train(cfg, out)
     except ConfigError as exc:
-        _remove_fresh_dir(out)
+        remove_fresh_dir(out)
         _error(str(exc))
         sys.exit(EXIT_CONFIG)
     except KeyboardInterrupt:
         _error(
             f"interrupted; rerun with output_dir={out} (or resume={out}) to continue from the last checkpoint"
         )
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:
         if cfg.get("verbose"):
             raise
         _error(f"{type(exc).__name__}: {exc} (run with verbose=true for the traceback)")
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     if result.run_dir.resolve() != out.resolve():
-        _remove_fresh_dir(out)  # resume=PATH wrote into that run's folder
+        remove_fresh_dir(out)  # resume=PATH wrote into that run's folder
     print(result.summary())
     return {"run_dir": str(result.run_dir), "lora": str(result.lora_file)}
 

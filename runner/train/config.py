@@ -8,7 +8,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import DEVICES, ConfigError, ModelConfig, _choice, _number, _side
+from ..common.errors import ConfigError
+from ..config import DEVICES, ModelConfig
+from ..config.validate import _choice, _number, _side
 
 CAPTION_SOURCES = ("auto", "txt", "jsonl", "fixed")
 CROPS = ("center", "random")

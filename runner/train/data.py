@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..common.errors import ConfigError
 from .config import DataConfig
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

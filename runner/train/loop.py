@@ -12,8 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..outputs import atomic_write_bytes
-from ..plan import slug
+from ..common.io import atomic_write_bytes
+from ..common.paths import slug
 from .checkpoint import (
     check_resume,
     clean_partial,
@@ -83,7 +83,7 @@ def train(
     from peft import LoraConfig
     from tqdm import tqdm
 
-    from ..pipeline import resolve_device
+    from ..models.source import resolve_device
 
     spec = cfg if isinstance(cfg, TrainSpec) else validate_train(cfg)
     t, lo = spec.train, spec.lora

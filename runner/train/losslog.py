@@ -7,7 +7,7 @@ import io
 import os
 from pathlib import Path
 
-from ..outputs import atomic_write_bytes
+from ..common.io import atomic_write_bytes
 
 FIELDS = ("step", "loss", "lr", "seconds")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..common.errors import ConfigError
 from .config import TrainSpec
 
 
@@ -26,7 +26,8 @@ def load_pipe(spec: TrainSpec):
     """A fresh (uncached) SD 1.x/2.x pipeline for `spec.model`, fp32 on the CPU."""
     import torch
 
-    from ..pipeline import _from_pretrained, _quiet_libraries, resolve_source
+    from ..models.loading import _from_pretrained, _quiet_libraries
+    from ..models.source import resolve_source
 
     source = resolve_source(spec.model)
     _quiet_libraries()

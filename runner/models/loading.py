@@ -1,115 +1,25 @@
-"""Load and cache diffusers pipelines: device, dtype, model source (hub id, folder, single file), schedulers."""
+"""Load and cache diffusers pipelines (one per model, device and dtype per process); switch schedulers."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ModelConfig
-from .hashing import model_sha256
-from .tiny import TINY_ID, ensure_tiny
+from ..common.errors import ConfigError, first_line
+from ..common.hashing import model_sha256
+from ..common.paths import hub_offline
+from ..config import ModelConfig
+from ..config.schedulers import SCHEDULER_TABLE
+from .source import ModelSource, resolve_device, resolve_dtype, resolve_source
+from .tiny import ensure_tiny
 
 log = logging.getLogger(__name__)
 LOADS: Counter = Counter()  # base-model loads per process, keyed by model id (tests assert on it)
 _CACHE: dict[tuple, LoadedModel] = {}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-_PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
-
-# short name -> (diffusers class, extra config, A1111 sampler name)
-SCHEDULERS: dict[str, tuple[str, dict, str]] = {
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}, "DPM++ 2M"),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
-    "pndm": ("PNDMScheduler", {}, "PLMS"),
-    "lms": ("LMSDiscreteScheduler", {}, "LMS"),
-    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-    "ddpm": ("DDPMScheduler", {}, "DDPM"),
-}
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def resolve_device(name: str) -> str:
-    """`auto` picks mps, then cuda, then cpu; an explicit device must exist."""
-    import torch
-
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return "mps" if mps else "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA GPU is available here; valid: auto, cpu" + (", mps" if mps else ""))
-    if name == "mps" and not mps:
-        raise ConfigError("device=mps but Apple MPS is not available here; valid: auto, cpu"
-                          + (", cuda" if torch.cuda.is_available() else ""))
-    return name
-
-
-def resolve_dtype(name: str, device: str):
-    """`auto` is fp16 on cuda/mps and fp32 on cpu."""
-    import torch
-
-    if name == "auto":
-        return torch.float32 if device == "cpu" else torch.float16
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's weights come from, resolved without loading them."""
-
-    kind: str  # builtin | dir | file | hub
-    location: str  # local path or hub repo id
-    display: str  # short name for the infotext `Model:` field
-    revision: str | None = None
-
-
-def resolve_source(model: ModelConfig) -> ModelSource:
-    """Classify `model.id` and check it exists (locally, or in the hub cache when offline)."""
-    mid = model.id.strip()
-    if mid in (TINY_ID, "tiny"):
-        return ModelSource("builtin", TINY_ID, "tiny")
-    path = Path(os.path.expanduser(mid))
-    looks_local = path.is_absolute() or mid.startswith((".", "~")) or path.exists() or not _HUB_ID.match(mid)
-    if path.suffix in (".safetensors", *_PICKLE_EXT):
-        looks_local = True
-    if looks_local:
-        if not path.exists():
-            raise ConfigError(f"model.id={mid!r} does not exist; give an existing folder or .safetensors file,"
-                              " a hub id, or use model=tiny")
-        if path.is_dir():
-            if not (path / "model_index.json").is_file():
-                raise ConfigError(f"model.id={mid!r} is a folder without model_index.json (not a diffusers model)")
-            return ModelSource("dir", str(path.resolve()), path.resolve().name)
-        if path.suffix in _PICKLE_EXT and not model.allow_pickle:
-            raise ConfigError(f"model.id={mid!r} is a pickle checkpoint; convert it to .safetensors or set "
-                              "model.allow_pickle=true if you trust it")
-        if path.suffix not in (".safetensors", *_PICKLE_EXT):
-            raise ConfigError(f"model.id={mid!r} is not a .safetensors/.ckpt checkpoint or a diffusers folder")
-        return ModelSource("file", str(path.resolve()), path.stem)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        snap = snapshot_download(mid, revision=model.revision, local_files_only=True,
-                                 allow_patterns=["model_index.json"])
-        return ModelSource("hub", mid, mid.split("/")[-1], revision=Path(snap).name)
-    except (LocalEntryNotFoundError, OSError, ValueError) as exc:
-        if hub_offline():
-            raise ConfigError(f"model.id={mid!r} is not in the local Hugging Face cache and the hub is offline "
-                              "(HF_HUB_OFFLINE=1); download it first, give a local path, or use model=tiny") from exc
-    return ModelSource("hub", mid, mid.split("/")[-1], revision=model.revision)
-
 
 @dataclass
 class LoadedModel:
@@ -123,7 +33,7 @@ class LoadedModel:
     sha256: str
     base_scheduler: Any
     schedulers: dict[str, Any] = field(default_factory=dict)
-    adapters: Any = None  # runner.loras.AdapterManager, created on first use
+    adapters: Any = None  # runner.lora.adapters.AdapterManager, created on first use
 
     @property
     def dtype_name(self) -> str:
@@ -137,17 +47,17 @@ class LoadedModel:
         if name not in self.schedulers:
             import diffusers
 
-            cls_name, extra, _ = SCHEDULERS[name]
+            cls_name, extra, _ = SCHEDULER_TABLE[name]
             self.schedulers[name] = getattr(diffusers, cls_name).from_config(self.base_scheduler.config, **extra)
         self.pipe.scheduler = self.schedulers[name]
 
     def sampler_name(self, name: str | None) -> str:
         """The A1111 sampler name of a scheduler (the model's own when None)."""
         if name is not None:
-            return SCHEDULERS[name][2]
+            return SCHEDULER_TABLE[name][2]
         cls = type(self.base_scheduler).__name__
         karras = bool(getattr(self.base_scheduler.config, "use_karras_sigmas", False))
-        for cname, extra, label in SCHEDULERS.values():
+        for cname, extra, label in SCHEDULER_TABLE.values():
             if cname == cls and bool(extra.get("use_karras_sigmas", False)) == karras:
                 return label
         return cls
@@ -222,7 +132,7 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
     except ConfigError:
         raise
     except (OSError, ValueError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         if source.kind == "hub":
             if "not fully cached" in msg or "outgoing traffic" in msg or "connect" in msg.lower():
                 raise ConfigError(f"model.id={source.location!r} is not in the local Hugging Face cache and the hub "

@@ -8,7 +8,7 @@ import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from .plan import ImageJob
+from ..plan import ImageJob
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .outputs import MANIFEST, Manifest, atomic_write_bytes
+from ..common.errors import first_line
+from ..common.io import atomic_write_bytes
+from .manifest import MANIFEST, Manifest
 
 log = logging.getLogger(__name__)
 SWEEP_MANIFEST = "sweep_manifest.jsonl"
@@ -83,8 +85,8 @@ def rebuild(sweep_dir: Path) -> Path:
 def _error_text(exc: Any) -> str:
     if isinstance(exc, JobFailed):
         return str(exc)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = first_line(exc)
+    return type(exc).__name__ if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
 
 
 def _sweep_dir(config: DictConfig) -> Path:
@@ -145,7 +147,8 @@ def merge(run_dirs: list[Path], out: Path) -> tuple[list[dict], int]:
 
 def merge_main(argv: list[str] | None = None) -> int:
     """`t2i-merge`: gather shard (or multirun job) run dirs into one manifest and grid."""
-    from .config import ConfigError, GridConfig
+    from ..common.errors import ConfigError
+    from ..config import GridConfig
     from .grid import write_grids
 
     ap = argparse.ArgumentParser(prog="t2i-merge", description=merge_main.__doc__)

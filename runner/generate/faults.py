@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .plan import ImageJob
+from ..plan import ImageJob
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration error: one line, exit code 2."""
+from ..common.errors import ConfigError  # noqa: F401 - part of the schema's API
 
 
 @dataclass

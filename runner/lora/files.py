@@ -7,14 +7,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, LoraSpec
-from .hashing import file_sha256
-from .pipeline import _HUB_ID, hub_offline
-from .plan import lora_name
-from .tiny import TINY_ID, ensure_tiny
+from ..common.errors import ConfigError, first_line
+from ..common.hashing import file_sha256
+from ..common.paths import PICKLE_EXT, hub_offline, is_hub_id
+from ..config import LoraSpec, RunSpec, lora_name
+from ..models.tiny import TINY_ID, ensure_tiny
 
 DEFAULT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")  # the seed's two defaults
-PICKLE_EXT = (".bin", ".ckpt", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def resolve_lora(spec: LoraSpec, allow_pickle: bool = False) -> ResolvedLora:
         file = _pick_in_dir(spec, path)
     elif path.is_file():
         file = path
-    elif _HUB_ID.match(source) and not source.startswith((".", "/", "~")) and source.count("/") == 1:
+    elif is_hub_id(source):
         file = _hub_file(spec)
     else:
         raise ConfigError(f"LoRA source {source!r} not found (no such file or folder, "
@@ -150,13 +149,26 @@ def read_state_dict(r: ResolvedLora) -> dict:
         try:
             return load_file(r.file)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"LoRA file {r.file} is not a readable safetensors file ({first})") from exc
+            why = first_line(exc, 200)
+            raise ConfigError(f"LoRA file {r.file} is not a readable safetensors file ({why})") from exc
     import torch
 
     try:
         state = torch.load(r.file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ConfigError(f"LoRA file {r.file} could not be read ({type(exc).__name__}: {first})") from exc
+        why = f"{type(exc).__name__}: {first_line(exc, 200)}"
+        raise ConfigError(f"LoRA file {r.file} could not be read ({why})") from exc
     return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+
+def resolve_loras(spec: RunSpec) -> list[tuple]:
+    """Resolve every LoRA set to files + hashes before anything is loaded or written."""
+    sets = []
+    by_name: dict[str, str] = {}
+    for i, specs in enumerate(spec.lora_sets):
+        resolved = resolve_set(specs, spec.allow_pickle_lora, f"lora_sets[{i}]")
+        for r in resolved:
+            if by_name.setdefault(r.name, r.sha256) != r.sha256:
+                raise ConfigError(f"LoRA name {r.name!r} is used for two different files; give each a unique name")
+        sets.append(resolved)
+    return sets

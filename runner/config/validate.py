@@ -1,35 +1,25 @@
-"""Validation of a composed config (schema: runner/schema.py) into a plain, typed `RunSpec`."""
+"""Validation of a composed config (schema: schema.py) into a plain, typed `RunSpec`."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .schema import (  # noqa: F401 - the schema is part of this module's API
-    ConfigError,
-    GridConfig,
-    ModelConfig,
-    PerfConfig,
-    RunConfig,
-    ServerConfig,
-    ShardConfig,
-    register_configs,
-)
+from ..common.errors import ConfigError, did_you_mean, first_line
+from ..common.paths import strip_weight_ext
+from .schedulers import SCHEDULERS
+from .schema import GridConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig
 
-SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "lms", "heun", "unipc", "ddpm")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PIPELINES = ("auto", "sd", "sdxl")
 MAX_STEPS = 1000
 MAX_SIDE = 8192
 MAX_SEED = 2**64 - 1
-# keys that accept a list (a sweep axis)
-LIST_KEYS = ("steps", "guidance_scale", "scheduler", "width", "height", "clip_skip")
 
 
 @dataclass(frozen=True)
@@ -38,6 +28,14 @@ class LoraSpec:
     weight_name: str | None = None
     scale: float = 1.0
     name: str | None = None
+
+
+def lora_name(spec: LoraSpec) -> str:
+    """The display name of an adapter: its `name`, else the stem of its file or source."""
+    if spec.name:
+        return spec.name
+    base = spec.weight_name or spec.source.rstrip("/").split("/")[-1]
+    return strip_weight_ext(base) or "lora"
 
 
 @dataclass(frozen=True)
@@ -108,9 +106,7 @@ def _side(key: str, value: Any) -> int | None:
 
 def _choice(key: str, value: Any, valid: tuple[str, ...]) -> str:
     if value not in valid:
-        hint = difflib.get_close_matches(str(value), valid, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(f"{key}={value!r} is not valid{extra}; valid: {', '.join(valid)}")
+        raise ConfigError(f"{key}={value!r} is not valid{did_you_mean(value, valid)}; valid: {', '.join(valid)}")
     return value
 
 
@@ -145,8 +141,7 @@ def _lora(where: str, item: Any) -> LoraSpec:
     unknown = set(item) - {"source", "weight_name", "scale", "name"}
     if unknown:
         key = str(sorted(unknown, key=str)[0])
-        hint = difflib.get_close_matches(key, ["source", "weight_name", "scale", "name"], n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        extra = did_you_mean(key, ["source", "weight_name", "scale", "name"])
         raise ConfigError(f"{where} has unknown key {key!r}{extra}; valid: source, weight_name, scale, name")
     source = item.get("source")
     if not isinstance(source, str) or not source.strip() or source.strip() == "null":
@@ -193,12 +188,10 @@ def _omegaconf_error(exc: Exception) -> ConfigError:
     owner = getattr(exc, "object_type", None)
     if isinstance(exc, ConfigKeyError) and dataclasses.is_dataclass(owner):
         names = [f.name for f in dataclasses.fields(owner)]
-        hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], names, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        extra = did_you_mean(key.rsplit(".", 1)[-1], names)
         valid = ", ".join(names) if len(names) <= 10 else "see `t2i --cfg job` for every key"
         return ConfigError(f"unknown key {key!r}{extra}; valid: {valid}")
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ConfigError(f"{key}: {first}")
+    return ConfigError(f"{key}: {first_line(exc)}")
 
 
 def validate(cfg: DictConfig | dict) -> RunSpec:

@@ -10,7 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, LoraSpec, RunSpec, validate
+from ..common.errors import ConfigError
+from ..config import LoraSpec, RunSpec, validate
 from .inspect import FOREIGN, read_record
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,9 @@ def _complain(msg: str, strict: bool) -> None:
 
 
 def _check_model(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
-    from .hashing import model_sha256
-    from .pipeline import resolve_source
-    from .tiny import ensure_tiny
+    from ..common.hashing import model_sha256
+    from ..models.source import resolve_source
+    from ..models.tiny import ensure_tiny
 
     m = rec["model"]
     try:
@@ -116,7 +117,7 @@ def _check_model(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
 
 
 def _check_loras(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
-    from .loras import resolve_lora
+    from ..lora.files import resolve_lora
 
     for lo in rec.get("loras") or []:
         try:
@@ -163,7 +164,7 @@ def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpe
         if "lora_sets" not in given:
             _check_loras(img, rec, spec, strict)
         if "device" not in given:
-            from .pipeline import resolve_device
+            from ..models.source import resolve_device
 
             try:
                 resolve_device(spec.device)
@@ -222,17 +223,3 @@ class Original:
         if changed:
             out["versions_differ"] = changed
         return out
-
-
-def summary_note(entries: Iterable[dict]) -> str:
-    """The summary-line suffix of a from_image run: `identical` / `max pixel diff N`."""
-    reps = [e["reproduced"] for e in entries if isinstance(e.get("reproduced"), dict)]
-    if not reps:
-        return ""
-    done = [r for r in reps if r.get("compared")]
-    if not done:
-        return f"; compared with {reps[0]['source']}: none ({reps[0].get('reason', 'not comparable')})"
-    worst = max(r["max_pixel_diff"] for r in done)
-    verdict = "identical" if worst == 0 else f"max pixel diff {worst}"
-    count = f" ({len(done)} images)" if len(done) > 1 else ""
-    return f"; compared with {reps[0]['source']}{count}: {verdict}"

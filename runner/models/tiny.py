@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from ..common.paths import cache_root
 
 TINY_ID = "builtin:tiny"
 TINY_VERSION = "1"
@@ -26,15 +27,6 @@ TINY_UNET = {  # the tiny UNet's config (tests vary it to make LoRAs for "anothe
     "norm_num_groups": 32,
 }
 SINGLE_FILE = "tiny.safetensors"  # `t2i-tiny --single-file`: the weights as one LDM-layout checkpoint
-
-
-def cache_root() -> Path:
-    """Per-user cache directory of t2i-runner (respects T2I_CACHE and XDG_CACHE_HOME)."""
-    env = os.environ.get("T2I_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "t2i-runner"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -135,26 +127,12 @@ def _random_lora_layers(pipe, rank: int, seed: int, text_encoder: bool):
     return unet_state, te_state
 
 
-def _to_kohya(unet_state: dict, te_state: dict | None, rank: int) -> dict:
-    """Rename peft LoRA keys to the kohya/A1111 layout (`lora_unet_…`, `lora_te_…`, `.alpha`)."""
-    import torch
-
-    out = {}
-    for prefix, state in (("lora_unet_", unet_state), ("lora_te_", te_state or {})):
-        for key, value in state.items():
-            module, kind = key.rsplit(".lora_", 1)
-            if prefix == "lora_te_" and not module.startswith("text_model."):
-                module = "text_model." + module  # kohya files use transformers-4 names
-            stem = prefix + module.replace(".", "_")
-            out[f"{stem}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
-            out[f"{stem}.alpha"] = torch.tensor(float(rank))
-    return out
-
-
 def write_example_loras(model_dir: Path, out: Path) -> None:
     """Write the two example LoRAs for the tiny model into `out` (a `loras/` folder)."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
+
+    from ..lora.kohya import to_kohya  # the one home of the kohya key layout (a fixture may borrow it)
 
     out.mkdir(parents=True, exist_ok=True)
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))
@@ -165,7 +143,7 @@ def write_example_loras(model_dir: Path, out: Path) -> None:
     )
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))
     unet_state, te_state = _random_lora_layers(pipe, rank=4, seed=2, text_encoder=True)
-    save_file(_to_kohya(unet_state, te_state, rank=4), str(out / KOHYA_LORA), metadata={"ss_network_dim": "4"})
+    save_file(to_kohya(unet_state, te_state, alpha=4), str(out / KOHYA_LORA), metadata={"ss_network_dim": "4"})
 
 
 def write_tiny(dest: Path, loras: bool = True) -> Path:

@@ -5,32 +5,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
-import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from .config import LoraSpec, RunSpec
+from ..common.paths import slug
+from ..config import LoraSpec, RunSpec, lora_name
 
 AXES = ("prompt", "seed", "lora_set", "lora_scale", "steps", "guidance_scale", "scheduler", "width", "height",
         "clip_skip")
-
-
-def slug(text: str, max_len: int = 40) -> str:
-    """A short, file-name-safe, lowercase version of `text` (ASCII letters, digits and dashes)."""
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    text = re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()
-    return text[:max_len].strip("-") or "x"
-
-
-def lora_name(spec: LoraSpec) -> str:
-    """The display name of an adapter: its `name`, else the stem of its file or source."""
-    if spec.name:
-        return spec.name
-    base = spec.weight_name or spec.source.rstrip("/").split("/")[-1]
-    for ext in (".safetensors", ".bin", ".ckpt", ".pt"):
-        base = base.removesuffix(ext)
-    return base or "lora"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import io
 import json
 import logging
@@ -10,9 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, GridConfig
-from .outputs import TMP_SUFFIX, Manifest, atomic_write_bytes
-from .plan import AXES, slug
+from ..common.errors import ConfigError, did_you_mean
+from ..common.io import TMP_SUFFIX, atomic_write_bytes
+from ..common.paths import slug
+from ..config import GridConfig
+from ..plan import AXES
+from .manifest import Manifest
 
 log = logging.getLogger(__name__)
 GRID_AXES = (*AXES, "model")
@@ -26,9 +28,8 @@ def check_axes(grid: GridConfig) -> None:
     for name in ("x", "y"):
         value = getattr(grid, name)
         if value is not None and value not in GRID_AXES:
-            hint = difflib.get_close_matches(str(value), GRID_AXES, n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"grid.{name}={value!r} is not an axis{extra}; valid: {', '.join(GRID_AXES)}")
+            raise ConfigError(f"grid.{name}={value!r} is not an axis{did_you_mean(value, GRID_AXES)}; valid: "
+                              f"{', '.join(GRID_AXES)}")
     if grid.x is not None and grid.x == grid.y:
         raise ConfigError(f"grid.x and grid.y are both {grid.x!r}; pick two different axes")
 

@@ -10,11 +10,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .config import ConfigError
-from .hashing import file_sha256
-from .lora_files import DEFAULT_NAMES, ResolvedLora, read_state_dict, resolve_lora, resolve_set
+from ..common.errors import ConfigError, first_line
+from ..common.hashing import file_sha256
+from .files import ResolvedLora, read_state_dict
 
-__all__ = ["DEFAULT_NAMES", "AdapterManager", "ResolvedLora", "resolve_lora", "resolve_set"]
 log = logging.getLogger(__name__)
 _DOWN = re.compile(r"(lora_A|lora\.down|lora_down|lora_linear_layer\.down|lora_embedding_A)$")
 _SIZE = re.compile(r"size mismatch for (\S+?): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
@@ -86,8 +85,7 @@ class AdapterManager:
             config = getattr(unet, "config", None)
             converted, _ = type(self.pipe).lora_state_dict(dict(state), unet_config=config)
         except Exception as exc:  # noqa: BLE001 - diffusers' converters raise ValueError/KeyError/...
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"{r.file} is not a LoRA diffusers can read ({first})") from exc
+            raise ConfigError(f"{r.file} is not a LoRA diffusers can read ({first_line(exc, 200)})") from exc
         layers: dict[str, list[str]] = {}
         for key in converted:
             if _DOWN.search(key.removesuffix(".weight")):
@@ -118,9 +116,7 @@ class AdapterManager:
             try:
                 self.pipe.load_lora_weights(state, adapter_name=r.adapter)
             except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/RuntimeError/KeyError here
-                text = str(exc).strip()
-                first = text.splitlines()[0][:300] if text else type(exc).__name__
-                msg = _mismatch(r, text) or f"{r.file} is not a LoRA for this model ({first})"
+                msg = _mismatch(r, str(exc)) or f"{r.file} is not a LoRA for this model ({first_line(exc, 300)})"
                 raise self._fail(r.adapter, msg) from exc
         got = self.layers(r.adapter)
         missing = {c: len(v) - got.get(c, 0) for c, v in expected.items() if len(v) > got.get(c, 0)}

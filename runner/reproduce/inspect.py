@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
-from .metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
+from ..common.errors import EXIT_CONFIG, ConfigError
+from ..outputs.metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
 
-EXIT_CONFIG = 2
 FOREIGN = "a1111-infotext"  # `source_format` of a record mapped from A1111 infotext
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
 # ComfyUI sampler names (as A1111-style savers write them) -> our scheduler short names
@@ -60,14 +59,14 @@ def image_text(path: str | Path) -> dict[str, str]:
 
 def scheduler_name(sampler: str, schedule: str | None = None) -> str | None:
     """Our scheduler short name for an A1111 (or ComfyUI) sampler name; None if there is none."""
-    from .pipeline import SCHEDULERS
+    from ..config.schedulers import SCHEDULER_TABLE
 
-    by_label = {label: short for short, (_, _, label) in SCHEDULERS.items()}
+    by_label = {label: short for short, (_, _, label) in SCHEDULER_TABLE.items()}
     karras = f"{sampler.strip()} Karras"
     if schedule and schedule.lower() == "karras" and karras in by_label:
         return by_label[karras]
     key = sampler.strip()
-    return by_label.get(key) or _COMFY.get(key.lower()) or (key if key in SCHEDULERS else None)
+    return by_label.get(key) or _COMFY.get(key.lower()) or (key if key in SCHEDULER_TABLE else None)
 
 
 def _num(kind: type, value: Any) -> Any:

@@ -9,11 +9,10 @@ import re
 import threading
 from pathlib import Path
 
-from .tiny import cache_root
+from .paths import WEIGHT_EXT, cache_root
 
 _lock = threading.Lock()
 _memo: dict[str, str] = {}
-_WEIGHT_EXT = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -70,6 +69,6 @@ def model_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     for f in sorted(p.rglob("*")):
         rel = f.relative_to(p).parts
-        if f.suffix in _WEIGHT_EXT and f.is_file() and len(rel) > 1 and rel[0] != "loras":  # component weights
+        if f.suffix in WEIGHT_EXT and f.is_file() and len(rel) > 1 and rel[0] != "loras":  # component weights
             h.update(f"{f.relative_to(p).as_posix()}:{file_sha256(f)}\n".encode())
     return h.hexdigest()

@@ -1,0 +1,22 @@
+"""The run config: the Hydra schema (schema.py), its validation into a typed RunSpec (validate.py), and the
+command-line override pre-check (overrides.py)."""
+
+from ..common.errors import ConfigError
+from .schema import GridConfig, ModelConfig, PerfConfig, RunConfig, ServerConfig, ShardConfig, register_configs
+from .validate import (
+    DEVICES,
+    DTYPES,
+    MAX_SEED,
+    PIPELINES,
+    LoraSpec,
+    PromptSpec,
+    RunSpec,
+    lora_name,
+    validate,
+)
+
+__all__ = [
+    "DEVICES", "DTYPES", "MAX_SEED", "PIPELINES", "ConfigError", "GridConfig", "LoraSpec", "ModelConfig",
+    "PerfConfig", "PromptSpec", "RunConfig", "RunSpec", "ServerConfig", "ShardConfig", "lora_name",
+    "register_configs", "validate",
+]

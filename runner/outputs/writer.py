@@ -1,0 +1,76 @@
+"""PNG writing off the generating thread: atomic files first, then their manifest lines."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..common.io import atomic_write_bytes
+from .manifest import Manifest
+from .metadata import pnginfo
+
+log = logging.getLogger(__name__)
+
+
+def save_png(image: Any, path: Path, record: dict) -> None:
+    """Encode `image` with its metadata chunks and write it atomically."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=pnginfo(record))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class ImageWriter:
+    """Encodes and writes PNGs in background threads (bounded queue), then appends their manifest lines."""
+
+    def __init__(self, run_dir: Path, manifest: Manifest, threads: int = 2, depth: int = 16, on_done=None) -> None:
+        self.run_dir = Path(run_dir)
+        self.manifest = manifest
+        self.on_done = on_done
+        self.error: BaseException | None = None
+        self._closed = False
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._threads = [threading.Thread(target=self._work, name=f"png-writer-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                self._q.task_done()
+                return
+            image, entry = item
+            try:
+                if self.error is None:
+                    save_png(image, self.run_dir / entry["file"], entry)
+                    self.manifest.append(entry)
+                    if self.on_done is not None:
+                        self.on_done(entry)
+            except BaseException as exc:  # noqa: BLE001 - reported to the generating thread
+                self.error = exc
+            finally:
+                self._q.task_done()
+
+    def submit(self, image: Any, entry: dict) -> None:
+        """Queue one image (blocks while the queue is full); raises a writer error promptly."""
+        if self.error is not None:
+            raise self.error
+        self._q.put((image, entry))
+
+    def close(self) -> None:
+        """Wait for every queued image, stop the threads, and raise the first write error if any (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join()
+        if self.error is not None:
+            raise self.error
