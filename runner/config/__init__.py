@@ -20,3 +20,5 @@ __all__ = [
     "PerfConfig", "PromptSpec", "RunConfig", "RunSpec", "ServerConfig", "ShardConfig", "lora_name",
     "register_configs", "validate",
 ]
+
+register_configs()  # so any Hydra compose of conf/ (t2i, t2i-serve, tests) finds the `schema` its defaults list

@@ -14,8 +14,6 @@ from typing import Any
 
 from ..common.errors import ConfigError
 from ..config import PerfConfig
-from ..lora.adapters import AdapterManager
-from ..lora.fusing import FusingAdapterManager
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +25,7 @@ class PerfState:
     channels_last: bool = False
     fused_qkv: bool = False
     compiled: bool = False
+    hooked: bool = False  # the merge engine refreshes fused projections after each merge
 
 
 def _state(loaded: Any) -> PerfState:
@@ -61,35 +60,82 @@ def _check_compile(device: str) -> None:
         )
 
 
+def refresh_fused_projections(pipe: Any) -> None:
+    """Rebuild every fused QKV/KV projection from its current to_q/to_k/to_v weights.
+
+    diffusers copies the weights into `to_qkv` once, when fusing; a LoRA merged or restored afterwards would
+    leave the fused copy stale (a previous set's LoRA baked into later images), so every merge calls this.
+    """
+    import torch
+    from diffusers.models.attention_processor import Attention
+
+    with torch.no_grad():
+        for part in _parts(pipe):
+            for module in part.modules():
+                if not (isinstance(module, Attention) and getattr(module, "fused_projections", False)):
+                    continue
+                if hasattr(module, "to_qkv"):
+                    module.to_qkv.weight.copy_(torch.cat([module.to_q.weight, module.to_k.weight,
+                                                          module.to_v.weight]))
+                if hasattr(module, "to_kv") and module.is_cross_attention:
+                    module.to_kv.weight.copy_(torch.cat([module.to_k.weight, module.to_v.weight]))
+
+
+def _parts(pipe: Any) -> list[Any]:
+    return [m for m in (getattr(pipe, n, None) for n in ("unet", "transformer", "vae")) if m is not None]
+
+
+def _unfuse_qkv(pipe: Any) -> None:
+    """Back to separate projections, dropping the fused copies (they would only hold memory)."""
+    from diffusers.models.attention_processor import Attention
+
+    pipe.unfuse_qkv_projections()
+    for part in _parts(pipe):
+        for module in part.modules():
+            if isinstance(module, Attention) and getattr(module, "fused_projections", False):
+                for name in ("to_qkv", "to_kv", "to_added_qkv"):
+                    if hasattr(module, name):
+                        delattr(module, name)
+                module.fused_projections = False
+
+
 def apply_perf(loaded: Any, perf: PerfConfig, uses_loras: bool) -> PerfState:
-    """Bring `loaded.pipe` to the state `perf` asks for; `uses_loras` = the run has a non-empty LoRA set."""
+    """Bring `loaded.pipe` to the state `perf` asks for; `uses_loras` = the run has a non-empty LoRA set.
+
+    LoRA sets are merged into the weights (the merge engine) with `fuse_lora`, and also whenever fused QKV or
+    compile is on: fused projections would bypass peft's unmerged LoRA layers, and compiled code would
+    recompile per set. Every image records the resulting state (outputs/record.py `perf`).
+    """
     state = _state(loaded)
     pipe = loaded.pipe
+    manager = loaded.adapters
+    # 1. Merge or compute LoRA sets
+    merge = perf.fuse_lora or (uses_loras and (perf.fuse_qkv or perf.compile))
+    if manager is not None:
+        if not state.hooked:  # every merge refreshes fused projections (a no-op while none are fused)
+            manager.engine.after_apply.append(lambda: refresh_fused_projections(pipe))
+            state.hooked = True
+        if manager.merge and not merge:
+            manager.engine.apply([])  # base weights back; peft computes the sets from now on
+        manager.merge = merge
+    # 2. Memory format
     if perf.channels_last != state.channels_last:
         _memory_format(pipe, perf.channels_last)
         state.channels_last = perf.channels_last
-    want_qkv = perf.fuse_qkv and not uses_loras
-    if perf.fuse_qkv and uses_loras:
-        log.info("perf.fuse_qkv skipped: this run has LoRA sets (fused QKV would bypass the LoRA layers)")
-    if want_qkv != state.fused_qkv:
-        if want_qkv:
+    # 3. Fused QKV, built from the weights as they are now (the merge engine keeps it current)
+    if perf.fuse_qkv != state.fused_qkv:
+        if perf.fuse_qkv:
             pipe.fuse_qkv_projections()
         else:
-            pipe.unfuse_qkv_projections()
-        state.fused_qkv = want_qkv
+            _unfuse_qkv(pipe)
+        state.fused_qkv = perf.fuse_qkv
+    # 4. torch.compile of the denoiser
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if perf.compile and not state.compiled:
         _check_compile(loaded.device)
-        pipe.unet.compile(dynamic=False)
+        denoiser.compile(dynamic=False)
         state.compiled = True
     elif not perf.compile and state.compiled:
-        pipe.unet._compiled_call_impl = None  # back to eager (nn.Module.compile's own attribute)
+        denoiser._compiled_call_impl = None  # back to eager (nn.Module.compile's own attribute)
         state.compiled = False
-    manager = loaded.adapters
-    want_fuse = perf.fuse_lora or (perf.compile and uses_loras)
-    if manager is not None:
-        if want_fuse and type(manager) is AdapterManager:
-            manager.__class__ = FusingAdapterManager  # same state, fusing activate()
-        elif not want_fuse and isinstance(manager, FusingAdapterManager):
-            manager.unfuse()
-            manager.__class__ = AdapterManager
     return state

@@ -13,6 +13,7 @@ from typing import Any
 from ..common.errors import ConfigError, first_line
 from ..common.hashing import file_sha256
 from .files import ResolvedLora, read_state_dict
+from .merge import MergeEngine, peft_deltas
 
 log = logging.getLogger(__name__)
 _DOWN = re.compile(r"(lora_A|lora\.down|lora_down|lora_linear_layer\.down|lora_embedding_A)$")
@@ -62,7 +63,17 @@ class AdapterManager:
         self.max_loaded = max_loaded
         self.loaded: OrderedDict[str, ResolvedLora] = OrderedDict()
         self.loads = 0  # adapter file loads (tests assert adapters are loaded once)
-        self.active: tuple[str, ...] = ()  # adapters peft computes now (none when LoRA is disabled)
+        self.active: tuple[str, ...] = ()  # adapters in effect now (peft-computed or merged)
+        self.merge = False  # perf.fuse_lora: every adapter goes through the merge engine
+        self.merge_only: set[str] = set()  # adapters only the merge engine can apply (e.g. LyCORIS)
+        self._engine: MergeEngine | None = None
+
+    @property
+    def engine(self) -> MergeEngine:
+        """The pipeline's merge engine (created on first use)."""
+        if self._engine is None:
+            self._engine = MergeEngine(self.pipe)
+        return self._engine
 
     def _components(self) -> dict[str, Any]:
         names = getattr(self.pipe, "_lora_loadable_modules", ["unet", "text_encoder"])
@@ -139,6 +150,9 @@ class AdapterManager:
         from diffusers import ModelMixin
         from diffusers.utils.peft_utils import delete_adapter_layers
 
+        if self._engine is not None:
+            self._engine.forget(adapter)  # its change leaves the weights before its factors go
+        self.merge_only.discard(adapter)
         for model in self._components().values():
             try:
                 with warnings.catch_warnings():  # peft warns when the deleted adapter was the active one
@@ -189,16 +203,25 @@ class AdapterManager:
     def activate(self, loras: tuple[ResolvedLora, ...], weights: tuple[float, ...]) -> None:
         """Make exactly this set active at these weights; an empty or all-zero set is the base model.
 
-        Loaded adapters outside the set are left out of peft's active list, so they are not computed. A
-        weight-0 member of a mixed set stays in the list at scale 0 (its term is exactly zero), so that every
-        member's scale is current for `fuse_lora`.
+        Merged adapters (all of them with `merge`, else those only the engine can apply) are written into the
+        base weights by the merge engine; the rest are computed by peft. Loaded adapters outside the set are
+        left out of peft's active list, so they are not computed. A weight-0 member of a mixed peft set stays
+        in the list at scale 0 (its term is exactly zero).
         """
         self.ensure(loras)
         self.active = tuple(r.adapter for r in loras) if any(w != 0 for w in weights) else ()
+        merged = [(r, w) for r, w in zip(loras, weights, strict=True) if self.merge or r.adapter in self.merge_only]
+        computed = [(r, w) for r, w in zip(loras, weights, strict=True) if (r, w) not in merged]
+        if merged or self._engine is not None:
+            engine = self.engine
+            for r, _ in merged:
+                if r.adapter not in engine.adapters:
+                    engine.register(r.adapter, peft_deltas(self.pipe, r.adapter, self._components()))
+            engine.apply([(r.adapter, w, None) for r, w in merged])
         if not self.loaded:
             return
-        if not self.active:
+        if not any(w != 0 for _, w in computed):
             self.pipe.disable_lora()
             return
         self.pipe.enable_lora()
-        self.pipe.set_adapters(list(self.active), adapter_weights=list(weights))
+        self.pipe.set_adapters([r.adapter for r, _ in computed], adapter_weights=[w for _, w in computed])

@@ -11,11 +11,9 @@ from ..plan import ImageJob
 
 def perf_record(loaded: Any) -> dict:
     """The fast-path state that can change pixels (float rounding), as applied to this pipeline."""
-    from ..lora.fusing import FusingAdapterManager
-
     state = getattr(loaded, "perf_state", None)
     return {"channels_last": bool(state and state.channels_last), "fuse_qkv": bool(state and state.fused_qkv),
-            "fuse_lora": isinstance(loaded.adapters, FusingAdapterManager),
+            "fuse_lora": bool(loaded.adapters is not None and loaded.adapters.merge),
             "compile": bool(state and state.compiled)}
 
 
