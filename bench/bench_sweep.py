@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     default = "default,b16,b16+fuse_lora,b16+fuse_lora+channels_last"
     variants = args.variants or (default + ",b16+fuse_lora+channels_last+compile" if full else default)
     variants = variants.split(",")
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v.removesuffix("+bf16").removesuffix("+cudnn_benchmark") not in VARIANTS]
     if bad:
         p.error(f"unknown variant {bad[0]!r}; valid: {', '.join(VARIANTS)}")
     import torch
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows[-1:]).splitlines()[-1], flush=True)
         for i, v in enumerate(variants):
             secs, cpu, note = way_runner(setup, v, work / "c" / v, args.profile and i == 0)
-            batch, inv, perf = VARIANTS[v]
+            batch, inv, perf = VARIANTS[v.removesuffix("+bf16").removesuffix("+cudnn_benchmark")]
             rows.append(
                 Row(f"(c) runner [{v}]: batch_size={batch} batch_invariant={inv}", n, secs, note, cpu)
             )

@@ -23,18 +23,18 @@ VARIANTS = {
     "b16+fuse_lora": (16, False, {"fuse_lora": True}),
     "b16+channels_last": (16, False, {"channels_last": True}),
     "b16+fuse_lora+channels_last": (16, False, {"fuse_lora": True, "channels_last": True}),
-    "b16+fuse_qkv": (16, False, {"fuse_qkv": True}),  # applies only with --lora-sets 1 (no LoRAs)
-    "b16+fuse_qkv+channels_last+compile": (
-        16,
-        False,
-        {"fuse_qkv": True, "channels_last": True, "compile": True},
-    ),
+    "b16+fuse_qkv": (16, False, {"fuse_qkv": True}),
+    "b16+fuse_qkv+channels_last+compile": (16, False, {"fuse_qkv": True, "channels_last": True, "compile": True}),
     "b16+compile": (16, False, {"compile": True}),
-    "b16+fuse_lora+channels_last+compile": (
-        16,
-        False,
-        {"fuse_lora": True, "channels_last": True, "compile": True},
-    ),
+    "b16+fuse_lora+channels_last+compile": (16, False, {"fuse_lora": True, "channels_last": True, "compile": True}),
+    "auto+fuse_lora": ("auto", "auto", {"fuse_lora": True}),
+    "auto+fuse_lora+channels_last": ("auto", "auto", {"fuse_lora": True, "channels_last": True}),
+    "auto+fuse_lora+channels_last+fuse_qkv": ("auto", "auto", {"fuse_lora": True, "channels_last": True,
+                                                                "fuse_qkv": True}),
+    "b32+fuse_lora+channels_last+fuse_qkv": (32, False, {"fuse_lora": True, "channels_last": True,
+                                                         "fuse_qkv": True}),
+    "b16+fuse_lora+channels_last+fuse_qkv+compile": (16, False, {"fuse_lora": True, "channels_last": True,
+                                                                 "fuse_qkv": True, "compile": True}),
 }
 
 
@@ -178,11 +178,57 @@ class SubmitTimer:
             ImageWriter.submit = original
 
 
+class SetTimer:
+    """Time in LoRA-set switches and pipeline calls, split by whether the batch uses LoRAs (the LoRA overhead)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.seconds = {True: 0.0, False: 0.0}
+        self.images = {True: 0, False: 0}
+        self.batches: list[int] = []
+
+    @contextlib.contextmanager
+    def active(self):
+        import runner.generate.batch as gb
+        from runner.lora.adapters import AdapterManager
+
+        gen, act = gb.generate, AdapterManager.activate
+
+        def timed_generate(pipe, jobs, invariant):
+            t = time.perf_counter()
+            out = gen(pipe, jobs, invariant)  # PIL images: the device has finished
+            key = bool(jobs[0].loras)
+            self.seconds[key] += time.perf_counter() - t
+            self.images[key] += len(jobs)
+            self.batches.append(len(jobs))
+            return out
+
+        def timed_activate(manager, loras, weights):
+            t = time.perf_counter()
+            act(manager, loras, weights)
+            _sync(self.device)
+            self.seconds[bool(loras) and any(w != 0 for w in weights)] += time.perf_counter() - t
+
+        gb.generate, AdapterManager.activate = timed_generate, timed_activate
+        try:
+            yield self
+        finally:
+            gb.generate, AdapterManager.activate = gen, act
+
+    def overhead_pct(self) -> float | None:
+        """Per-image time of LoRA images over no-LoRA images, minus 1, in percent."""
+        if not (self.images[True] and self.images[False]):
+            return None
+        per = {k: self.seconds[k] / self.images[k] for k in (True, False)}
+        return 100 * (per[True] / per[False] - 1)
+
+
 def runner_cfg(setup: Setup, variant: str) -> dict:
     """The runner config of the sweep in configuration `variant`."""
-    batch, invariant, perf = VARIANTS[variant]
+    base = variant.removesuffix("+bf16").removesuffix("+cudnn_benchmark")
+    batch, invariant, perf = VARIANTS[base]
     return {
-        "model": {"id": setup.model_id},
+        "model": {"id": setup.model_id, "dtype": "bf16" if "+bf16" in variant else "auto"},
         "prompts": setup.prompts,
         "seeds": setup.seeds,
         "steps": setup.steps,
@@ -211,6 +257,9 @@ def _memory(device: str) -> float:
     return float(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+last_timing: dict[str, dict] = {}  # variant -> LoRA overhead and batch sizes of its last timed run
+
+
 def way_runner(setup: Setup, variant: str, out: Path, profile: bool) -> tuple[float, float, str]:
     """(c) runner.run.run after a warm-up (1 prompt x 1 seed x every LoRA set): (seconds, cpu, note)."""
     import torch
@@ -219,17 +268,22 @@ def way_runner(setup: Setup, variant: str, out: Path, profile: bool) -> tuple[fl
     from runner.run import run
 
     cfg = runner_cfg(setup, variant)
-    # compile variants warm up on the whole sweep so every batch shape is compiled before timing
-    small = {**cfg, "prompts": setup.prompts[:1], "seeds": setup.seeds[:1]}
-    warm = validate(cfg if "compile" in variant else small)
+    torch.backends.cudnn.benchmark = "+cudnn_benchmark" in variant  # cuDNN times conv algorithms (warm-up too)
+    # compile variants warm up on one prompt x every seed x every set: every batch shape of the sweep (and every
+    # set, which must not recompile: sets are merged into the weights) is compiled before timing
+    small = {**cfg, "prompts": setup.prompts[:1], "seeds": setup.seeds if "compile" in variant else setup.seeds[:1]}
+    warm = validate(small)
     t = time.perf_counter()
     run(warm, out / "warmup", progress=False)
     warmup = time.perf_counter() - t
-    timer, prof = SubmitTimer(), cProfile.Profile() if profile else None
+    timer, prof, sets = SubmitTimer(), cProfile.Profile() if profile else None, SetTimer(setup.device)
     if setup.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    from runner.generate import sizing
+
+    sizing._TUNED.clear()  # every configuration measures its own batch size (the warm-up is too small to)
     cpu = time.process_time()
-    with timer.active():
+    with timer.active(), sets.active():
         if prof:
             prof.enable()
         result = run(validate(cfg), out / "run", progress=False)
@@ -237,11 +291,18 @@ def way_runner(setup: Setup, variant: str, out: Path, profile: bool) -> tuple[fl
             prof.disable()
     _sync(setup.device)
     cpu = time.process_time() - cpu
+    torch.backends.cudnn.benchmark = False
     if prof:
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(18)
         print(f"--- cProfile of (c) runner [{variant}] ---\n{text.getvalue()}")
     note = f"writer.submit blocked {timer.seconds:.3f} s over {timer.calls} images; warm-up {warmup:.1f} s"
+    overhead = sets.overhead_pct()
+    if overhead is not None:
+        note += f"; LoRA overhead {overhead:+.1f}%"
+    sizes = sorted(set(sets.batches))
+    note += f"; batch sizes {sizes if len(sizes) < 6 else sizes[:3] + ['…'] + sizes[-2:]}"
+    last_timing[variant] = {"lora_overhead_pct": overhead, "batches": sets.batches}
     if setup.device == "cuda":
         note += f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
     return result.seconds, cpu, note

@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 
 from .config import RunSpec, validate
 from .generate import faults
+from .generate.sizing import BatchSizer
 from .outputs.record import build_record, summary_note
-from .plan import batches, expand, shard
+from .plan import expand, shard
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,6 @@ class RunResult:
                 f"({self.images_per_second:.2f} images/s) -> {self.output_dir}"
                 + (" (interrupted; re-run the same command to finish)" if self.interrupted else "")
                 + summary_note(self.entries))
-
-
-def auto_batch_size(device: str, width: int, height: int) -> int:
-    """A batch size that fits: 4 on cpu/mps, from free memory on cuda (at most 16)."""
-    if device != "cuda":
-        return 4
-    import torch
-
-    free, _ = torch.cuda.mem_get_info()
-    per_image = width * height * 2400  # a rough estimate for SD-class UNets with CFG in fp16 (not measured here)
-    return max(1, min(16, int(free * 0.6 // per_image)))
 
 
 def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True,
@@ -106,9 +96,11 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     start = time.perf_counter()
     writer = ImageWriter(out, manifest, threads=spec.perf.writer_threads, on_done=finished)
     handler = faults.FaultHandler(pipe, spec.nan_retry_fp32_vae)
+    sizer = BatchSizer(spec.batch_size, loaded.device, cap=lambda: handler.cap,
+                       shape_of=lambda j: (model_key, j.width or dw, j.height or dh, j.guidance_scale > 1))
     try:
         with faults.InterruptGuard() as stop:
-            for batch in batches(todo, spec.batch_size or auto_batch_size(loaded.device, dw, dh)):
+            for batch in sizer.batches(todo):
                 if stop.requested:
                     break
                 first = batch[0]
