@@ -49,7 +49,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     from tqdm import tqdm
 
     from .generate.batch import default_size, generate, prompt_tokens
-    from .generate.fastpath import apply_perf
+    from .generate.fastpath import apply_perf, image_steps, resolve_perf
     from .lora.adapters import AdapterManager
     from .lora.files import resolve_loras
     from .models.loading import load_model
@@ -68,7 +68,6 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
         loaded.adapters = AdapterManager(pipe, spec.max_loaded_loras)
     loaded.adapters.max_loaded = spec.max_loaded_loras
     loaded.adapters.preload(lora_sets)  # a LoRA that does not fit the model fails before any write
-    apply_perf(loaded, spec.perf, uses_loras=any(lora_sets))
     model_key = f"{loaded.source.location}@{loaded.source.revision}|{loaded.config.variant}|{loaded.dtype_name}"
     jobs = shard(expand(spec, model_key), spec.shard.index, spec.shard.count)
     for i, p in enumerate(spec.prompts):
@@ -83,6 +82,8 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     todo = [j for j in jobs if j.key not in done]
     invariant = loaded.device == "cpu" if spec.batch_invariant is None else spec.batch_invariant
     dw, dh = default_size(pipe)
+    perf = resolve_perf(spec.perf, loaded.device, image_steps(todo, (dw, dh)))
+    apply_perf(loaded, perf, uses_loras=any(lora_sets))
     result = RunResult(out, len(jobs), 0, len(jobs) - len(todo), 0.0)
     bar = tqdm(total=len(jobs), initial=result.skipped, unit="img", disable=not progress, dynamic_ncols=True)
 
@@ -96,7 +97,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     start = time.perf_counter()
     writer = ImageWriter(out, manifest, threads=spec.perf.writer_threads, on_done=finished)
     handler = faults.FaultHandler(pipe, spec.nan_retry_fp32_vae)
-    sizer = BatchSizer(spec.batch_size, loaded.device, cap=lambda: handler.cap,
+    sizer = BatchSizer(spec.batch_size, loaded.device, cap=lambda: handler.cap, probe=not perf.compile,
                        shape_of=lambda j: (model_key, j.width or dw, j.height or dh, j.guidance_scale > 1))
     try:
         with faults.InterruptGuard() as stop:

@@ -120,6 +120,25 @@ def test_compile_errors_are_one_line(tiny_dir: Path, monkeypatch: pytest.MonkeyP
 
 def test_perf_config_validation(tiny_dir: Path) -> None:
     spec = validate(_cfg(tiny_dir, [[]], writer_threads=3, channels_last=True))
-    assert spec.perf == PerfConfig(channels_last=True, writer_threads=3)
+    assert spec.perf == PerfConfig(channels_last=True, writer_threads=3, fuse_lora="auto", compile="auto")
+    with pytest.raises(ConfigError, match=r"perf.fuse_lora='yes' is not valid; valid: auto, true, false"):
+        validate(_cfg(tiny_dir, [[]], fuse_lora="yes"))
     with pytest.raises(ConfigError, match="perf.writer_threads=0 is out of range"):
         validate(_cfg(tiny_dir, [[]], writer_threads=0))
+
+
+def test_auto_perf_resolves_per_device_and_run_length() -> None:
+    from runner.generate.fastpath import COMPILE_AUTO_MIN_IMAGE_STEPS, image_steps, resolve_perf
+    from runner.plan import ImageJob
+
+    auto = PerfConfig()
+    assert (auto.fuse_lora, auto.compile) == ("auto", "auto")
+    cpu = resolve_perf(auto, "cpu", 1e9)
+    assert (cpu.fuse_lora, cpu.compile) == (False, False)  # measured on cuda only: cpu keeps the exact peft path
+    short = resolve_perf(auto, "cuda", COMPILE_AUTO_MIN_IMAGE_STEPS - 1)
+    assert (short.fuse_lora, short.compile) == (True, False)
+    assert resolve_perf(auto, "cuda", COMPILE_AUTO_MIN_IMAGE_STEPS).compile
+    assert not resolve_perf(PerfConfig(compile=False), "cuda", 1e9).compile  # an explicit value wins
+    assert resolve_perf(PerfConfig(fuse_lora=True), "cpu", 0).fuse_lora
+    jobs = [ImageJob(0, 0, "p", "", 0, 30, 7.5, 1024, None, None, 0, (), None)]
+    assert image_steps(jobs, (512, 512)) == 30 * 2  # 1024x512 is two 512x512 images' worth

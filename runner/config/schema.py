@@ -32,12 +32,13 @@ class GridConfig:
 
 @dataclass
 class PerfConfig:
-    """Fast-path options applied to the loaded pipeline (runner/fastpath.py); off until measured faster."""
+    """Fast-path options applied to the loaded pipeline (generate/fastpath.py); `auto` = what measured faster on
+    this device (BENCHMARKS.md), resolved per run and recorded per image."""
 
-    channels_last: bool = False
-    fuse_qkv: bool = False  # runs without LoRAs only (fused QKV bypasses LoRA layers)
-    fuse_lora: bool = False  # merge each LoRA set into the weights per group (on by itself with compile)
-    compile: bool = False  # torch.compile the UNet
+    channels_last: bool = False  # measured slower on an H200 (extra layout copies) and on cpu
+    fuse_qkv: bool = False  # with LoRA sets it merges them (a fused projection would bypass peft's layers)
+    fuse_lora: Any = "auto"  # merge each LoRA set into the weights on switch; auto = on for cuda
+    compile: Any = "auto"  # torch.compile the denoiser; auto = on for cuda runs long enough to repay the warm-up
     writer_threads: int = 2  # PNG encode/write threads
 
 

@@ -177,7 +177,18 @@ def _perf(perf: Any) -> PerfConfig:
         return PerfConfig()
     perf = _plain(perf)
     _number("perf.writer_threads", perf["writer_threads"], int, 1, 64)
-    return PerfConfig(**{k: perf[k] if k == "writer_threads" else bool(perf[k]) for k in perf})
+    out = {}
+    for key, value in perf.items():
+        if key == "writer_threads":
+            out[key] = int(value)
+        elif key in ("fuse_lora", "compile") and value == "auto":
+            out[key] = "auto"
+        elif isinstance(value, bool):
+            out[key] = value
+        else:
+            valid = "auto, true, false" if key in ("fuse_lora", "compile") else "true, false"
+            raise ConfigError(f"perf.{key}={value!r} is not valid; valid: {valid}")
+    return PerfConfig(**out)
 
 
 def _omegaconf_error(exc: Exception) -> ConfigError:

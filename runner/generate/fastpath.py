@@ -60,6 +60,29 @@ def _check_compile(device: str) -> None:
         )
 
 
+# torch.compile repays its warm-up (~47 s for an SD1.5 UNet at batch 16 on an H200) once it has saved that much:
+# 1.78 ms per image-step at 512x512 there (0.2068 -> 0.1533 s/image at 30 steps), so from ~26,000 image-steps
+# (pixel-weighted; ~880 images of 30 steps at 512x512). BENCHMARKS.md has the measurement.
+COMPILE_AUTO_MIN_IMAGE_STEPS = 26_000
+
+
+def image_steps(jobs: Any, default_size: tuple[int, int]) -> float:
+    """Denoising work of `jobs` in 512x512 image-steps (what compile's saving scales with)."""
+    dw, dh = default_size
+    return sum(j.steps * (j.width or dw) * (j.height or dh) / 512**2 for j in jobs)
+
+
+def resolve_perf(perf: PerfConfig, device: str, work: float) -> PerfConfig:
+    """The `auto` options made concrete for this run: fuse_lora on cuda (LoRA sets cost what the base costs,
+    measured +0.5 %..-3.6 % there vs +11.5 % unmerged); compile on cuda from COMPILE_AUTO_MIN_IMAGE_STEPS of work."""
+    import dataclasses
+
+    fuse = device == "cuda" if perf.fuse_lora == "auto" else bool(perf.fuse_lora)
+    compile_ = (device == "cuda" and work >= COMPILE_AUTO_MIN_IMAGE_STEPS) if perf.compile == "auto" \
+        else bool(perf.compile)
+    return dataclasses.replace(perf, fuse_lora=fuse, compile=compile_)
+
+
 def refresh_fused_projections(pipe: Any) -> None:
     """Rebuild every fused QKV/KV projection from its current to_q/to_k/to_v weights.
 
@@ -106,6 +129,7 @@ def apply_perf(loaded: Any, perf: PerfConfig, uses_loras: bool) -> PerfState:
     compile is on: fused projections would bypass peft's unmerged LoRA layers, and compiled code would
     recompile per set. Every image records the resulting state (outputs/record.py `perf`).
     """
+    perf = resolve_perf(perf, loaded.device, 0.0)  # an unresolved `auto` means a short run (run() resolves it)
     state = _state(loaded)
     pipe = loaded.pipe
     manager = loaded.adapters
