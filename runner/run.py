@@ -50,9 +50,12 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
 
     from .generate.batch import default_size, generate, prompt_tokens
     from .generate.fastpath import apply_perf, image_steps, resolve_perf
+    from .generate.prompt_embeds import clip_skip_applies, prompt_embeds
+    from .generate.threads import use_threads
     from .lora.adapters import AdapterManager
-    from .lora.files import resolve_loras
+    from .lora.files import resolve_loras, touches_text_encoder
     from .models.loading import load_model
+    from .models.schedulers import preflight
     from .outputs.manifest import Manifest
     from .outputs.writer import ImageWriter
 
@@ -62,7 +65,9 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
 
         check_axes(spec.grid)
     lora_sets = resolve_loras(spec)
+    threads = use_threads(spec.threads)
     loaded = load_model(spec.model, spec.device)
+    loaded.threads = threads
     pipe = loaded.pipe
     if loaded.adapters is None:
         loaded.adapters = AdapterManager(pipe, spec.max_loaded_loras)
@@ -70,6 +75,11 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     loaded.adapters.preload(lora_sets)  # a LoRA that does not fit the model fails before any write
     model_key = f"{loaded.source.location}@{loaded.source.revision}|{loaded.config.variant}|{loaded.dtype_name}"
     jobs = shard(expand(spec, model_key), spec.shard.index, spec.shard.count)
+    preflight(loaded.base_scheduler, {(j.scheduler, j.schedule, j.steps) for j in jobs})  # before any image
+    if any((s or 1) > 1 for s in spec.clip_skip) and not clip_skip_applies(pipe):
+        log.warning("clip_skip has no effect on %s: as in A1111, Clip skip applies to SD 1.x only (SDXL and SD 2.x "
+                    "keep their own text-encoder layer); recorded with clip_skip_applied=false",
+                    type(pipe).__name__)
     for i, p in enumerate(spec.prompts):
         for text in (p.prompt, p.negative_prompt):
             n = prompt_tokens(pipe, text) if text else 0
@@ -99,15 +109,20 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     handler = faults.FaultHandler(pipe, spec.nan_retry_fp32_vae)
     sizer = BatchSizer(spec.batch_size, loaded.device, cap=lambda: handler.cap, probe=not perf.compile,
                        shape_of=lambda j: (model_key, j.width or dw, j.height or dh, j.guidance_scale > 1))
+    embeds = prompt_embeds(loaded)
     try:
         with faults.InterruptGuard() as stop:
             for batch in sizer.batches(todo):
                 if stop.requested:
                     break
                 first = batch[0]
-                loaded.use_scheduler(first.scheduler)
-                loaded.adapters.activate(lora_sets[first.lora_set], first.adapter_weights)
-                for made in handler.generate(lambda jobs: generate(pipe, jobs, invariant), batch):
+                loaded.use_scheduler(first.scheduler, first.schedule)
+                loras = lora_sets[first.lora_set]
+                loaded.adapters.activate(loras, first.adapter_weights)
+                te_state = tuple((r.sha256, w) for r, w in zip(loras, first.adapter_weights, strict=True)
+                                 if touches_text_encoder(r))  # what the text encoder carries: cache key
+                for made in handler.generate(lambda jobs, te=te_state: generate(pipe, jobs, invariant, embeds, te),
+                                             batch):
                     rec = build_record(made.job, loaded, lora_sets[made.job.lora_set], made.image.width,
                                        made.image.height, made.batch_size, invariant)
                     if "compare" in spec.extra:  # from_image: compare with the original (reproduce.py)

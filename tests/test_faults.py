@@ -48,11 +48,11 @@ def test_oom_halves_the_batch_and_every_image_is_made(tmp_path, monkeypatch, cap
     real = runner.generate.batch.generate
     calls: list[int] = []
 
-    def fake(pipe, jobs, invariant):
+    def fake(pipe, jobs, invariant, *args):
         calls.append(len(jobs))
         if len(jobs) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(pipe, jobs, invariant)
+        return real(pipe, jobs, invariant, *args)
 
     monkeypatch.setattr(runner.generate.batch, "generate", fake)
     with caplog.at_level(logging.WARNING, logger="runner.generate.faults"):
@@ -77,7 +77,7 @@ def test_oom_halves_the_batch_and_every_image_is_made(tmp_path, monkeypatch, cap
 def test_oom_with_a_single_image_is_one_clear_error(tmp_path, monkeypatch):
     import torch
 
-    def fake(pipe, jobs, invariant):
+    def fake(pipe, jobs, invariant, *args):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(runner.generate.batch, "generate", fake)
@@ -87,7 +87,7 @@ def test_oom_with_a_single_image_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_other_runtime_errors_are_not_taken_for_oom(tmp_path, monkeypatch):
-    def fake(pipe, jobs, invariant):
+    def fake(pipe, jobs, invariant, *args):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
     monkeypatch.setattr(runner.generate.batch, "generate", fake)
@@ -98,8 +98,8 @@ def test_other_runtime_errors_are_not_taken_for_oom(tmp_path, monkeypatch):
 def test_black_image_is_detected_and_recorded(tmp_path, monkeypatch, caplog):
     real = runner.generate.batch.generate
 
-    def fake(pipe, jobs, invariant):
-        images = real(pipe, jobs, invariant)
+    def fake(pipe, jobs, invariant, *args):
+        images = real(pipe, jobs, invariant, *args)
         return [Image.new("RGB", im.size) if j.seed == 2 else im for j, im in zip(jobs, images, strict=True)]
 
     monkeypatch.setattr(runner.generate.batch, "generate", fake)
@@ -118,9 +118,9 @@ def test_black_image_retried_with_fp32_vae(tmp_path, monkeypatch):
     real = runner.generate.batch.generate
     seen: list[torch.dtype] = []
 
-    def fake(pipe, jobs, invariant):  # emulates an fp16 VAE overflow: black unless the VAE runs in fp32
+    def fake(pipe, jobs, invariant, *args):  # emulates an fp16 VAE overflow: black unless the VAE runs in fp32
         seen.append(pipe.vae.dtype)
-        images = real(pipe, jobs, invariant)
+        images = real(pipe, jobs, invariant, *args)
         return [Image.new("RGB", im.size) for im in images] if pipe.vae.dtype == torch.float16 else images
 
     monkeypatch.setattr(runner.generate.batch, "generate", fake)

@@ -14,7 +14,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from runner.config import ConfigError, RunConfig
 from runner.outputs.metadata import infotext
-from runner.reproduce.inspect import FOREIGN, read_record, record_from_infotext, scheduler_name
+from runner.config.schedulers import from_a1111
+from runner.reproduce.inspect import FOREIGN, read_record, record_from_infotext
 
 # Real-world shapes of A1111 / Forge / ComfyUI-saver infotext.
 A1111_HIRES = (
@@ -63,7 +64,7 @@ def test_a1111_multiline_prompts_quoted_lora_hashes_and_hires() -> None:
                                       "bad anatomy, watermark, EasyNegative")
     assert (rec["steps"], rec["guidance_scale"], rec["seed"]) == (28, 7.0, 1234567890)
     assert (rec["width"], rec["height"]) == (512, 768)
-    assert rec["scheduler"] == "dpmpp_2m_karras" and rec["sampler"] == "DPM++ 2M Karras"
+    assert (rec["scheduler"], rec["schedule"]) == ("dpmpp_2m", "karras") and rec["sampler"] == "DPM++ 2M Karras"
     assert rec["model"] == {"id": None, "name": "v1-5-pruned-emaonly", "hash": "6ce0161689"}
     assert [(lo["name"], lo["sha256"], lo["source"]) for lo in rec["loras"]] == [
         ("add_detail", "7c6bad76eb54", None), ("epiNoiseoffset_v2", "d1131f7207d6", None)]
@@ -79,21 +80,22 @@ def test_a1111_without_negative_prompt() -> None:
     assert rec["negative_prompt"] == "" and rec["loras"] == [] and rec["ignored"] == {}
     got = (rec["steps"], rec["guidance_scale"], rec["seed"], rec["width"], rec["height"])
     assert got == (20, 7.5, 42, 512, 512)
-    assert rec["scheduler"] == "euler_a"
+    assert (rec["scheduler"], rec["schedule"]) == ("euler_a", "uniform")  # A1111's k-diffusion default sigmas
 
 
 def test_a1111_schedule_type_and_escaped_quotes() -> None:
     rec = record_from_infotext(A1111_SCHEDULE_TYPE)
     assert rec["prompt"] == 'portrait of an old fisherman, "weathered" face, dramatic light'
     assert rec["negative_prompt"] == "blurry"
-    assert rec["scheduler"] == "dpmpp_2m_karras" and (rec["width"], rec["height"]) == (832, 1216)
+    assert (rec["scheduler"], rec["schedule"]) == ("dpmpp_2m", "karras") and (rec["width"], rec["height"]) == (832, 1216)
     assert rec["ignored"]["ADetailer prompt"] == 'a "happy" face, smiling'
     assert "Schedule type" not in rec["ignored"]
 
 
-def test_forge_sampler_we_do_not_have_is_none_not_a_guess() -> None:
+def test_forge_dpmpp_2m_sde_exponential_maps_onto_sde_dpmsolver_with_exponential_sigmas() -> None:
     rec = record_from_infotext(FORGE_UNSUPPORTED_SAMPLER)
-    assert rec["scheduler"] is None and rec["sampler"] == "DPM++ 2M SDE (Exponential)"
+    assert (rec["scheduler"], rec["schedule"]) == ("dpmpp_2m_sde", "exponential")
+    assert (rec["sampler"], rec["schedule_type"]) == ("DPM++ 2M SDE", "Exponential") and rec["no_equivalent"] == []
     assert rec["ignored"] == {"Distilled CFG Scale": "3.5"}
     assert rec["versions"]["generator"].startswith("f2.0.1")
 
@@ -104,28 +106,42 @@ def test_comfyui_saver_names() -> None:
     assert rec["negative_prompt"] == "text, watermark" and (rec["width"], rec["height"]) == (768, 512)
 
 
-@pytest.mark.parametrize(("sampler", "schedule", "short"), [
-    ("Euler", None, "euler"), ("DDIM", None, "ddim"), ("PLMS", None, "pndm"), ("UniPC", "Automatic", "unipc"),
-    ("DPM++ 2M", None, "dpmpp_2m"), ("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
-    ("Euler a", "Karras", "euler_a"),
-    ("DPM++ SDE", None, None), ("dpmpp_2m karras", None, "dpmpp_2m_karras"), ("heun", None, "heun"),
+@pytest.mark.parametrize(("sampler", "schedule_type", "want"), [
+    ("Euler", None, ("euler", "uniform", [])), ("Euler", "Karras", ("euler", "karras", [])),
+    ("DDIM", None, ("ddim", None, [])), ("PLMS", None, ("pndm", None, [])), ("UniPC", "Automatic", ("unipc", None, [])),
+    ("DPM++ 2M", None, ("dpmpp_2m", "uniform", [])), ("DPM++ 2M", "Karras", ("dpmpp_2m", "karras", [])),
+    ("DPM++ 2M", "Exponential", ("dpmpp_2m", "exponential", [])),
+    ("DPM++ 2M", "Automatic", ("dpmpp_2m", "karras", [])),  # A1111 >= 1.9: Automatic is the sampler's own
+    ("DPM++ 2M Karras", None, ("dpmpp_2m", "karras", [])),  # before 1.9 the schedule was part of the name
+    ("DPM++ 2M SDE", "Exponential", ("dpmpp_2m_sde", "exponential", [])),
+    ("DPM++ 2M SDE Karras", None, ("dpmpp_2m_sde", "karras", [])),
+    ("DPM++ 2M SDE Heun", "Exponential", ("dpmpp_2m_sde_heun", "exponential", [])),
+    ("DPM++ SDE", "Karras", ("dpmpp_sde", "karras", [])), ("DPM2 a", "Karras", ("dpm2_a", "karras", [])),
+    ("LMS", "Beta", ("lms", "beta", [])), ("Heun", "SGM Uniform", ("heun", "sgm_uniform", [])),
+    ("Euler", "Normal", ("euler", "uniform", [])), ("Euler", "Simple", ("euler", "sgm_uniform", [])),
+    ("Euler a", "Karras", ("euler_a", None, ["Schedule type: Karras with Euler a"])),
+    ("Euler", "Align Your Steps", ("euler", None, ["Schedule type: Align Your Steps"])),
+    ("DPM adaptive", None, (None, None, ["Sampler: DPM adaptive"])), 
+    ("Restart", "Karras", (None, None, ["Sampler: Restart", "Schedule type: Karras"])),
+    ("dpmpp_2m karras", None, ("dpmpp_2m", "karras", [])), ("heun", None, ("heun", "uniform", [])),
 ])
-def test_sampler_to_scheduler(sampler: str, schedule: str | None, short: str | None) -> None:
-    assert scheduler_name(sampler, schedule) == short
+def test_a1111_sampler_and_schedule_type_to_ours(sampler: str, schedule_type: str | None, want: tuple) -> None:
+    assert from_a1111(sampler, schedule_type) == want
 
 
 def test_our_infotext_maps_back_onto_our_record() -> None:
     ours = {"prompt": "a red fox, detailed\nsecond line", "negative_prompt": "blurry, low quality",
             "steps": 4,
-            "sampler": "DPM++ 2M Karras", "guidance_scale": 6.5, "seed": 99, "width": 64, "height": 32,
+            "sampler": "DPM++ 2M", "schedule_type": "Karras", "guidance_scale": 6.5, "seed": 99, "width": 64, "height": 32,
             "model": {"name": "tiny", "hash": "0123456789abcdef" * 4},
             "loras": [{"name": "A", "sha256": "ab" * 32, "scale": 0.8}, {"name": "B", "sha256": "cd" * 32,
                                                                           "scale": 0.4}],
             "versions": {"t2i-runner": "0.1.0"}}
     rec = record_from_infotext(infotext(ours))
-    for key in ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "sampler"):
+    for key in ("prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height", "sampler",
+                "schedule_type"):
         assert rec[key] == ours[key], key
-    assert rec["scheduler"] == "dpmpp_2m_karras"
+    assert (rec["scheduler"], rec["schedule"]) == ("dpmpp_2m", "karras")
     assert rec["model"]["hash"] == "0123456789" and rec["model"]["name"] == "tiny"
     assert [(lo["name"], lo["sha256"], lo["scale"]) for lo in rec["loras"]] == [("A", "ab" * 6, 0.8),
                                                                                 ("B", "cd" * 6, 0.4)]

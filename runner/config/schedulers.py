@@ -1,21 +1,166 @@
-"""The sampler vocabulary: short names a config may use -> diffusers scheduler class, extra config, A1111 name.
+"""The sampler vocabulary: ONE table of schedulers and ONE of schedule types.
 
-One table for validation (config), building schedulers (models) and reading A1111 infotext (reproduce).
+A run names a scheduler (`scheduler=dpmpp_2m`) and, separately, a schedule type (`schedule=karras`), like A1111's
+"Sampler" and "Schedule type" fields. Each scheduler row maps onto a diffusers scheduler class plus the config
+options that make it that sampler; each schedule row onto the diffusers sigma/timestep options that give that
+schedule. The same tables validate configs (config), build schedulers (models), write the infotext (outputs) and
+read A1111 infotext (reproduce). A family with other schedulers (flow matching, …) adds rows here.
 """
 
 from __future__ import annotations
 
-# short name -> (diffusers class, extra config, A1111 sampler name)
-SCHEDULER_TABLE: dict[str, tuple[str, dict, str]] = {
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}, "DPM++ 2M"),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
-    "pndm": ("PNDMScheduler", {}, "PLMS"),
-    "lms": ("LMSDiscreteScheduler", {}, "LMS"),
-    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-    "ddpm": ("DDPMScheduler", {}, "DDPM"),
+import importlib.util
+from dataclasses import dataclass, field
+
+# Schedule types that only change sigmas or timestep spacing, offered by every scheduler class whose __init__
+# takes the option (tests/test_schedulers.py checks each row against diffusers' signatures).
+SIGMA_SCHEDULES = ("uniform", "karras", "exponential", "beta", "sgm_uniform")
+SPACING_SCHEDULES = ("uniform", "sgm_uniform")
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """One `scheduler=` value."""
+
+    cls: str  # diffusers scheduler class
+    a1111: str | None  # A1111's sampler name (None: A1111 has no such sampler)
+    options: dict = field(default_factory=dict)  # from_config overrides that make the class this sampler
+    schedules: tuple[str, ...] = SIGMA_SCHEDULES  # `schedule=` values diffusers offers for this class
+    auto_schedule: str | None = None  # what A1111 (>= 1.9) uses for "Automatic": its infotext must not rely on it
+    kdiffusion: bool = True  # A1111 runs it on k-diffusion sigmas ("Uniform" when no Schedule type is given)
+    schedule: str | None = None  # a schedule the name itself fixes (the older combined names)
+    requires: tuple[str, ...] = ()  # Python modules diffusers needs for this class
+
+    def __post_init__(self) -> None:
+        assert self.schedule is None or self.schedule in self.schedules
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One `schedule=` value (A1111's "Schedule type")."""
+
+    a1111: str  # A1111's label
+    options: dict  # diffusers scheduler config options
+    requires: tuple[str, ...] = ()
+
+
+SCHEDULER_TABLE: dict[str, Scheduler] = {
+    "euler": Scheduler("EulerDiscreteScheduler", "Euler"),
+    "euler_a": Scheduler("EulerAncestralDiscreteScheduler", "Euler a", schedules=SPACING_SCHEDULES),
+    "heun": Scheduler("HeunDiscreteScheduler", "Heun"),
+    "lms": Scheduler("LMSDiscreteScheduler", "LMS", requires=("scipy",)),
+    "dpm2": Scheduler("KDPM2DiscreteScheduler", "DPM2", auto_schedule="karras"),
+    "dpm2_a": Scheduler("KDPM2AncestralDiscreteScheduler", "DPM2 a", auto_schedule="karras"),
+    "dpmpp_2m": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M", auto_schedule="karras"),
+    "dpmpp_2m_karras": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M", auto_schedule="karras",
+                                 schedule="karras"),
+    "dpmpp_2m_sde": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M SDE", {"algorithm_type": "sde-dpmsolver++"},
+                              auto_schedule="exponential"),
+    "dpmpp_2m_sde_heun": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M SDE Heun",
+                                   {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+                                   auto_schedule="exponential"),
+    "dpmpp_sde": Scheduler("DPMSolverSDEScheduler", "DPM++ SDE", auto_schedule="karras", requires=("torchsde",)),
+    "ddim": Scheduler("DDIMScheduler", "DDIM", schedules=SPACING_SCHEDULES, kdiffusion=False),
+    "pndm": Scheduler("PNDMScheduler", "PLMS", {"skip_prk_steps": True}, schedules=SPACING_SCHEDULES, kdiffusion=False),
+    "unipc": Scheduler("UniPCMultistepScheduler", "UniPC", kdiffusion=False),
+    "lcm": Scheduler("LCMScheduler", "LCM", schedules=SPACING_SCHEDULES),
+    "ddpm": Scheduler("DDPMScheduler", None, schedules=SPACING_SCHEDULES, kdiffusion=False),
 }
 SCHEDULERS = tuple(SCHEDULER_TABLE)
+
+SCHEDULE_TABLE: dict[str, Schedule] = {
+    "uniform": Schedule("Uniform", {"timestep_spacing": "linspace"}),
+    "karras": Schedule("Karras", {"use_karras_sigmas": True}),
+    "exponential": Schedule("Exponential", {"use_exponential_sigmas": True}),
+    "beta": Schedule("Beta", {"use_beta_sigmas": True}, requires=("scipy",)),
+    "sgm_uniform": Schedule("SGM Uniform", {"timestep_spacing": "trailing"}),
+}
+SCHEDULES = tuple(SCHEDULE_TABLE)
+# Sigma options a named scheduler starts without (a model's config may turn one on: naming a scheduler resets it)
+SIGMA_OPTIONS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+
+# A1111 names read from infotext that mean one of ours (A1111's aliases and same-sigma labels)
+A1111_SCHEDULE_ALIASES = {"Normal": "uniform", "SGMUniform": "sgm_uniform", "Simple": "sgm_uniform"}
+# ComfyUI sampler names (as A1111-style savers write them)
+COMFY_SAMPLERS = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun", "lms": "lms", "dpm_2": "dpm2",
+                  "dpm_2_ancestral": "dpm2_a", "dpmpp_2m": "dpmpp_2m", "dpmpp_2m_sde": "dpmpp_2m_sde",
+                  "dpmpp_sde": "dpmpp_sde", "ddim": "ddim", "uni_pc": "unipc", "lcm": "lcm", "ddpm": "ddpm"}
+
+
+def effective_schedule(scheduler: str | None, schedule: str | None) -> str | None:
+    """The schedule a (scheduler, schedule) pair runs with: the explicit one, else the one the name fixes."""
+    if schedule is None and scheduler is not None:
+        return SCHEDULER_TABLE[scheduler].schedule
+    return schedule
+
+
+def check_pair(scheduler: str | None, schedule: str | None) -> str | None:
+    """Why `scheduler` with `schedule` cannot run (one line), or None when it can."""
+    if scheduler is None:
+        return None  # the model's own scheduler class: checked once it is loaded
+    row = SCHEDULER_TABLE[scheduler]
+    if schedule is not None and row.schedule is not None and schedule != row.schedule:
+        return (f"scheduler={scheduler} already means schedule={row.schedule}; use scheduler="
+                f"{scheduler.removesuffix('_' + row.schedule)} schedule={schedule}")
+    if schedule is not None and schedule not in row.schedules:
+        return (f"schedule={schedule} is not available for scheduler={scheduler} ({row.cls}); valid: "
+                f"{', '.join(row.schedules)}")
+    return None
+
+
+def missing_modules(scheduler: str | None, schedule: str | None) -> list[str]:
+    """Python modules that `scheduler`/`schedule` need and this install lacks."""
+    needs = (SCHEDULER_TABLE[scheduler].requires if scheduler else ()) + \
+        (SCHEDULE_TABLE[schedule].requires if schedule else ())
+    return [m for m in needs if importlib.util.find_spec(m) is None]
+
+
+def a1111_names(scheduler: str | None, schedule: str | None) -> tuple[str | None, str | None]:
+    """A1111's (Sampler, Schedule type) for a named scheduler: what A1111 must read to run the same thing.
+
+    A1111 (>= 1.9) fills a missing "Schedule type" with the sampler's own default (Karras for DPM++ 2M), so a run
+    with no schedule on such a sampler says "Uniform" (evenly spaced, no sigma transform) explicitly."""
+    if scheduler is None:
+        return None, SCHEDULE_TABLE[schedule].a1111 if schedule else None
+    row = SCHEDULER_TABLE[scheduler]
+    sched = effective_schedule(scheduler, schedule)
+    if sched is not None:
+        return row.a1111, SCHEDULE_TABLE[sched].a1111
+    return row.a1111, SCHEDULE_TABLE["uniform"].a1111 if row.auto_schedule else None
+
+
+def from_a1111(sampler: str, schedule_type: str | None) -> tuple[str | None, str | None, list[str]]:
+    """(scheduler, schedule, what has no diffusers equivalent) for A1111's Sampler and Schedule type fields.
+
+    Follows A1111's own reading (`sd_samplers.get_sampler_and_scheduler`): a sampler name may end in a schedule
+    label ("DPM++ 2M Karras", before 1.9); "Automatic" means the sampler's default; an image without a
+    Schedule type was sampled on evenly spaced timesteps ("Uniform") by A1111's k-diffusion samplers."""
+    labels = {s.a1111: name for name, s in SCHEDULE_TABLE.items()} | A1111_SCHEDULE_ALIASES
+    name = sampler.strip()
+    sched_label = (schedule_type or "").strip() or None
+    for label in sorted(labels, key=len, reverse=True):  # "DPM++ 2M SDE Karras": the suffix is the schedule
+        if name.endswith(" " + label) and name[: -len(label) - 1] in {s.a1111 for s in SCHEDULER_TABLE.values()}:
+            name, sched_label = name[: -len(label) - 1], sched_label or label
+            break
+    lost: list[str] = []
+    rows = [k for k, s in SCHEDULER_TABLE.items() if s.a1111 == name and s.schedule is None]
+    scheduler = rows[0] if rows else COMFY_SAMPLERS.get(name.lower().replace(" karras", ""))
+    if scheduler is None:
+        lost.append(f"Sampler: {sampler}")
+    if sched_label == "Automatic":
+        auto = SCHEDULER_TABLE[scheduler].auto_schedule if scheduler else None
+        sched_label = SCHEDULE_TABLE[auto].a1111 if auto else None
+    if sched_label is None and name.lower().endswith(" karras"):  # ComfyUI's "dpmpp_2m karras"
+        sched_label = "Karras"
+    if sched_label is None and scheduler is not None and SCHEDULER_TABLE[scheduler].kdiffusion:
+        sched_label = "Uniform"
+    schedule = labels.get(sched_label) if sched_label else None
+    if sched_label and schedule is None:
+        lost.append(f"Schedule type: {sched_label}")
+    if scheduler is None and schedule is not None:  # a schedule for the model's own scheduler is a guess
+        lost.append(f"Schedule type: {sched_label}")
+        schedule = None
+    elif schedule is not None and check_pair(scheduler, schedule):
+        lost.append(f"Schedule type: {sched_label} with {SCHEDULER_TABLE[scheduler].a1111}")
+        schedule = None
+    return scheduler, schedule, lost

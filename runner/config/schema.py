@@ -54,8 +54,8 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    allowed_models: list[str] = field(default_factory=list)  # model ids allowed besides model.id
-    allowed_lora_dirs: list[str] = field(default_factory=list)  # local LoRA paths must lie inside one of these
+    allowed_models: Any = field(default_factory=list)  # model ids allowed besides model.id (a list or one id)
+    allowed_lora_dirs: Any = field(default_factory=list)  # local LoRA paths must lie inside one of these
     allow_hub_loras: bool = True
     max_steps: int = 150
     max_images: int = 8
@@ -68,19 +68,22 @@ class ServerConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    prompts: list[Any] = field(default_factory=lambda: ["a photograph of an astronaut riding a horse"])
+    # list keys are typed Any so a scalar is accepted too (`seeds=1`); validate.py makes every one a list
+    prompts: Any = field(default_factory=lambda: ["a photograph of an astronaut riding a horse"])
     negative_prompt: str = ""
-    seeds: list[Any] = field(default_factory=lambda: [0])
+    seeds: Any = field(default_factory=lambda: [0])
     steps: Any = 30
     guidance_scale: Any = 7.5
     width: Any = None
     height: Any = None
     scheduler: Any = None
+    schedule: Any = None  # A1111 "Schedule type": null = the scheduler's own, karras, exponential, … (schedulers.py)
     clip_skip: Any = None  # A1111 "Clip skip": 1 = last CLIP layer (null/1 = off), 2 = penultimate, …
     device: str = "auto"
+    threads: Any = "auto"  # CPU threads for torch: auto = the cores this process may use, or an int
     batch_size: Any = "auto"
     batch_invariant: Any = "auto"
-    lora_sets: list[Any] = field(default_factory=lambda: [[]])
+    lora_sets: Any = field(default_factory=lambda: [[]])
     lora_scales: Any = None
     allow_pickle_lora: bool = False
     max_loaded_loras: int = 8

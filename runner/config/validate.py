@@ -11,7 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..common.errors import ConfigError, did_you_mean, first_line
 from ..common.paths import strip_weight_ext
-from .schedulers import SCHEDULERS
+from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
 from .schema import GridConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -71,6 +71,8 @@ class RunSpec:
     nan_retry_fp32_vae: bool = False
     perf: PerfConfig = field(default_factory=PerfConfig)
     extra: dict = field(default_factory=dict)
+    schedule: tuple[str | None, ...] = (None,)  # A1111 "Schedule type" axis (config/schedulers.py)
+    threads: int | None = None  # None = auto (runner.generate.threads)
 
 
 def _plain(value: Any) -> Any:
@@ -84,6 +86,16 @@ def _as_list(key: str, value: Any) -> list:
     items = list(value) if isinstance(value, list | tuple) else [value]
     if not items:
         raise ConfigError(f"{key}=[] is empty; give at least one value")
+    return items
+
+
+def string_list(key: str, value: Any) -> list[str]:
+    """A list of strings (a single string is a list of one), for list keys that are not swept."""
+    items = [] if value is None else _plain(value)
+    items = list(items) if isinstance(items, list | tuple) else [items]
+    bad = [v for v in items if not isinstance(v, str)]
+    if bad:
+        raise ConfigError(f"{key} has {bad[0]!r}, which is not a string; give a list of strings")
     return items
 
 
@@ -122,7 +134,9 @@ def _prompts(cfg: DictConfig) -> tuple[PromptSpec, ...]:
                 raise ConfigError(
                     f"prompts[{i}]={item!r} is not valid; use a string or {{prompt: ..., negative_prompt: ...}}"
                 )
-            prompt, neg = item["prompt"], item.get("negative_prompt") or default_neg
+            neg = item.get("negative_prompt")
+            neg = default_neg if neg is None else neg  # an explicit '' wins over the global negative prompt
+            prompt = item["prompt"]
             if not isinstance(neg, str):
                 raise ConfigError(f"prompts[{i}].negative_prompt={neg!r} is not a string")
         else:
@@ -228,9 +242,20 @@ def _validate(cfg: DictConfig) -> RunSpec:
     for s in _as_list("seeds", cfg.seeds):
         seed = _number("seeds", s, int, -1, MAX_SEED)
         seeds.append(random.SystemRandom().randrange(2**32) if seed == -1 else seed)
-    scheds = []
-    for s in _as_list("scheduler", cfg.scheduler):
-        scheds.append(None if s in (None, "null", "default") else _choice("scheduler", s, SCHEDULERS))
+    scheds = [None if s in (None, "null", "default") else _choice("scheduler", s, SCHEDULERS)
+              for s in _as_list("scheduler", cfg.scheduler)]
+    schedules = [None if s in (None, "null", "default") else _choice("schedule", s, SCHEDULES)
+                 for s in _as_list("schedule", cfg.get("schedule"))]
+    for sched in scheds:
+        for schedule in schedules:
+            why = check_pair(sched, schedule)
+            if why:
+                raise ConfigError(why)
+            missing = missing_modules(sched, effective_schedule(sched, schedule))
+            if missing:
+                what = f"scheduler={sched}" if sched else f"schedule={schedule}"
+                raise ConfigError(f"{what} needs the Python package {missing[0]!r}, which is not installed; "
+                                  f"pip install {missing[0]} (it is a dependency of t2i-runner)")
     batch = cfg.batch_size
     if batch != "auto":
         batch = _number("batch_size", batch, int, 1, 1024)
@@ -243,6 +268,15 @@ def _validate(cfg: DictConfig) -> RunSpec:
     _number("shard.index", shard.index, int, 0, shard.count - 1)
     _number("max_loaded_loras", cfg.max_loaded_loras, int, 1, 1000)
     _number("grid.max_size", cfg.grid.max_size, int, 64, 65536)
+    threads = cfg.get("threads", "auto")
+    if threads not in ("auto", None) and (isinstance(threads, bool) or not isinstance(threads, int)
+                                          or not 1 <= threads <= 1024):
+        raise ConfigError(f"threads={threads!r} is not valid; valid: auto (the cores this process may use) or "
+                          "an integer from 1 to 1024")
+    threads = None if threads in ("auto", None) else int(threads)
+    if cfg.get("server") is not None:
+        for key in ("allowed_models", "allowed_lora_dirs"):
+            string_list(f"server.{key}", cfg.server.get(key))
     return RunSpec(
         model=ModelConfig(**OmegaConf.to_container(m, resolve=True)) if isinstance(m, DictConfig) else m,
         prompts=_prompts(cfg),
@@ -269,4 +303,6 @@ def _validate(cfg: DictConfig) -> RunSpec:
         verbose=bool(cfg.verbose),
         perf=_perf(cfg.get("perf")),
         nan_retry_fp32_vae=bool(cfg.get("nan_retry_fp32_vae", False)),
+        schedule=tuple(schedules),
+        threads=threads,
     )

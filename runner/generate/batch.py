@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ..plan import ImageJob
+from .prompt_embeds import PromptEmbeds
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +81,6 @@ def batch_invariant(pipe: Any, enabled: bool) -> Iterator[None]:
             delattr(module, method)
 
 
-@contextlib.contextmanager
-def clip_skip_compat(pipe: Any, enabled: bool) -> Iterator[None]:
-    """diffusers' SD clip_skip reads `text_encoder.text_model.final_layer_norm`, which transformers 5 flattened
-    away; lend that path for the call only (a permanent `text_model` would change how LoRAs load)."""
-    te = getattr(pipe, "text_encoder", None)
-    lend = enabled and te is not None and "text_model" not in dir(te) and hasattr(te, "final_layer_norm")
-    if lend:
-        object.__setattr__(te, "text_model", types.SimpleNamespace(final_layer_norm=te.final_layer_norm))
-    try:
-        yield
-    finally:
-        if lend:
-            object.__delattr__(te, "text_model")
-
-
 def default_size(pipe: Any) -> tuple[int, int]:
     """The pipeline's native (width, height)."""
     side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
@@ -108,9 +93,14 @@ def prompt_tokens(pipe: Any, prompt: str) -> int:
     return len(tok(prompt, truncation=False).input_ids) if tok is not None else 0
 
 
-def generate(pipe: Any, jobs: Sequence[ImageJob], invariant: bool) -> list[Any]:
-    """Run one pipeline call for `jobs` (same group) and return their PIL images, in order."""
+def generate(pipe: Any, jobs: Sequence[ImageJob], invariant: bool, embeds: PromptEmbeds | None = None,
+             te_state: tuple = ()) -> list[Any]:
+    """Run one pipeline call for `jobs` (same group) and return their PIL images, in order.
+
+    `embeds` caches prompt embeddings across calls; `te_state` identifies what the text encoder carries now."""
     import torch
+
+    from ..models.schedulers import quiet_schedulers, seed_noise
 
     first = jobs[0]
     width, height = first.width, first.height
@@ -118,16 +108,19 @@ def generate(pipe: Any, jobs: Sequence[ImageJob], invariant: bool) -> list[Any]:
         dw, dh = default_size(pipe)
         width, height = width or dw, height or dh
     generators = [torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs]
-    with batch_invariant(pipe, invariant), clip_skip_compat(pipe, bool(first.clip_skip)), torch.inference_mode():
+    # the pipelines' own rule for classifier-free guidance (negative prompts are encoded only when it is on)
+    cfg = first.guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    seed_noise(pipe.scheduler, [j.seed for j in jobs])
+    with batch_invariant(pipe, invariant), torch.inference_mode(), quiet_schedulers():
+        text = (embeds or PromptEmbeds(0)).call_kwargs(
+            pipe, [(j.prompt, j.negative_prompt) for j in jobs], first.clip_skip, cfg, te_state)
         out = pipe(
-            prompt=[j.prompt for j in jobs],
-            negative_prompt=[j.negative_prompt for j in jobs],
+            **text,
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
             width=width,
             height=height,
             generator=generators,
-            clip_skip=first.clip_skip - 1 if first.clip_skip else None,  # diffusers counts skipped layers
             output_type="pil",
         )
     return list(out.images)

@@ -161,6 +161,30 @@ def read_state_dict(r: ResolvedLora) -> dict:
     return state.get("state_dict", state) if isinstance(state, dict) else {}
 
 
+# key prefixes of LoRA files that change only the denoiser (UNet / transformer), in the layouts loaders accept
+_DENOISER_ONLY = ("lora_unet_", "unet.", "transformer.", "lora_transformer_", "diffusion_model.",
+                  "model.diffusion_model.", "base_model.model.down_blocks", "base_model.model.up_blocks",
+                  "base_model.model.mid_block")
+_TE_MEMO: dict[str, bool] = {}
+
+
+def touches_text_encoder(r: ResolvedLora) -> bool:
+    """Whether a LoRA file may change a text encoder: True unless every key is a denoiser key (safetensors header
+    only; other files count as touching it). Used to share prompt embeddings across LoRA sets."""
+    if r.sha256 not in _TE_MEMO:
+        touches = True
+        if r.file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(r.file, "pt") as f:
+                    touches = not all(k.startswith(_DENOISER_ONLY) for k in f.keys())  # noqa: SIM118
+            except Exception:  # noqa: BLE001 - unreadable here means the loader reports it; assume it does
+                touches = True
+        _TE_MEMO[r.sha256] = touches
+    return _TE_MEMO[r.sha256]
+
+
 def resolve_loras(spec: RunSpec) -> list[tuple]:
     """Resolve every LoRA set to files + hashes before anything is loaded or written."""
     sets = []

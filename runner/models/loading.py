@@ -13,7 +13,6 @@ from ..common.errors import ConfigError, first_line
 from ..common.hashing import model_sha256
 from ..common.paths import hub_offline
 from ..config import ModelConfig
-from ..config.schedulers import SCHEDULER_TABLE
 from .source import ModelSource, resolve_device, resolve_dtype, resolve_source
 from .tiny import ensure_tiny
 
@@ -32,35 +31,32 @@ class LoadedModel:
     dtype: Any
     sha256: str
     base_scheduler: Any
-    schedulers: dict[str, Any] = field(default_factory=dict)
+    schedulers: dict[tuple, Any] = field(default_factory=dict)  # (name, schedule) -> scheduler
     adapters: Any = None  # runner.lora.adapters.AdapterManager, created on first use
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
 
-    def use_scheduler(self, name: str | None) -> None:
-        """Switch to the named scheduler (None = the model's own), built once from the base config."""
+    def use_scheduler(self, name: str | None, schedule: str | None = None) -> None:
+        """Switch to the named scheduler and schedule (None, None = the model's own), each built once."""
+        from .schedulers import build_scheduler
+
+        key = (name, schedule)
+        if key not in self.schedulers:
+            self.schedulers[key] = build_scheduler(self.base_scheduler, name, schedule)
+        self.pipe.scheduler = self.schedulers[key]
+
+    def sampler_name(self, name: str | None, schedule: str | None = None) -> tuple[str, str | None]:
+        """A1111's (Sampler, Schedule type) of a scheduler; for the model's own, of the table row it matches."""
+        from ..config.schedulers import a1111_names
+        from .schedulers import table_row
+
         if name is None:
-            self.pipe.scheduler = self.base_scheduler
-            return
-        if name not in self.schedulers:
-            import diffusers
-
-            cls_name, extra, _ = SCHEDULER_TABLE[name]
-            self.schedulers[name] = getattr(diffusers, cls_name).from_config(self.base_scheduler.config, **extra)
-        self.pipe.scheduler = self.schedulers[name]
-
-    def sampler_name(self, name: str | None) -> str:
-        """The A1111 sampler name of a scheduler (the model's own when None)."""
-        if name is not None:
-            return SCHEDULER_TABLE[name][2]
-        cls = type(self.base_scheduler).__name__
-        karras = bool(getattr(self.base_scheduler.config, "use_karras_sigmas", False))
-        for cname, extra, label in SCHEDULER_TABLE.values():
-            if cname == cls and bool(extra.get("use_karras_sigmas", False)) == karras:
-                return label
-        return cls
+            name, own = table_row(self.base_scheduler)
+            schedule = schedule or own
+        sampler, schedule_type = a1111_names(name, schedule)
+        return sampler or name or type(self.base_scheduler).__name__, schedule_type
 
 
 def _pipeline_class(kind: str, source: ModelSource, model: ModelConfig):

@@ -50,6 +50,7 @@ def infotext(rec: dict[str, Any]) -> str:
     fields: dict[str, Any] = {
         "Steps": rec["steps"],
         "Sampler": rec["sampler"],
+        "Schedule type": rec.get("schedule_type"),
         "CFG scale": f"{rec['guidance_scale']:g}",
         "Seed": rec["seed"],
         "Size": f"{rec['width']}x{rec['height']}",

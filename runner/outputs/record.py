@@ -8,6 +8,17 @@ from typing import Any
 
 from ..plan import ImageJob
 
+# What from_image compares. Settings decide the pixels; derived keys follow from settings and the model; the rest
+# is provenance. Every record key is in exactly one group (tests/test_reproduce.py checks it), so a new knob
+# cannot be left out of the comparison unnoticed. loras, model, device, threads and batch are compared by rules of
+# their own (reproduce/from_image.py: Original.differences).
+SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler",
+            "schedule", "clip_skip", "perf")
+SPECIAL = ("loras", "model", "device", "threads", "batch_size", "batch_invariant")
+DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_scale", "key",
+           "file", "index")
+PROVENANCE = ("record_version", "generator", "versions", "created", "faults", "reproduced")
+
 
 def perf_record(loaded: Any) -> dict:
     """The fast-path state that can change pixels (float rounding), as applied to this pipeline."""
@@ -20,9 +31,11 @@ def perf_record(loaded: Any) -> dict:
 def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: int, batch: int,
                  invariant: bool) -> dict:
     """The full per-image record: every knob that changes pixels, plus provenance."""
+    from ..generate.prompt_embeds import clip_skip_applies
     from .metadata import RECORD_VERSION, versions
 
     src = loaded.source
+    sampler, schedule_type = loaded.sampler_name(job.scheduler, job.schedule)
     return {
         "record_version": RECORD_VERSION,
         "file": job.filename,
@@ -36,8 +49,12 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         "width": width,
         "height": height,
         "scheduler": job.scheduler,
+        "schedule": job.schedule,
         "clip_skip": job.clip_skip,
-        "sampler": loaded.sampler_name(job.scheduler),
+        # A1111 applies Clip skip per family (SD 1.x only); False: the model's normal conditioning was used
+        "clip_skip_applied": bool(job.clip_skip and job.clip_skip > 1 and clip_skip_applies(loaded.pipe)),
+        "sampler": sampler,
+        "schedule_type": schedule_type,
         "scheduler_class": type(loaded.pipe.scheduler).__name__,
         "lora_set": job.lora_set,
         "lora_scale": job.lora_scale,
@@ -47,6 +64,7 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
                   "dtype": loaded.dtype_name, "variant": loaded.config.variant, "config": loaded.config.config},
         "perf": perf_record(loaded),
         "device": loaded.device,
+        "threads": getattr(loaded, "threads", None),  # torch CPU threads: they change float rounding on CPU
         "generator": "cpu",
         "batch_size": batch,
         "batch_invariant": invariant,

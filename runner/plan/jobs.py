@@ -12,7 +12,7 @@ from ..common.paths import slug
 from ..config import LoraSpec, RunSpec, lora_name
 
 AXES = ("prompt", "seed", "lora_set", "lora_scale", "steps", "guidance_scale", "scheduler", "width", "height",
-        "clip_skip")
+        "clip_skip", "schedule")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class ImageJob:
     lora_scale: float | None  # None for the no-LoRA set (the multiplier does not apply)
     model_key: str = ""
     clip_skip: int | None = None  # A1111 semantics: 2 = the penultimate CLIP layer; None = the last
+    schedule: str | None = None  # A1111 "Schedule type" (config/schedulers.py); None = the scheduler's own
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:
@@ -48,7 +49,8 @@ class ImageJob:
             [self.model_key, self.prompt, self.negative_prompt, self.seed, self.steps, self.guidance_scale,
              self.width, self.height, self.scheduler,
              [[s.source, s.weight_name, w] for s, w in zip(self.loras, self.adapter_weights, strict=True)]]
-            + ([self.clip_skip] if self.clip_skip else []),  # absent when off: keys of older runs stay valid
+            + ([self.clip_skip] if self.clip_skip else [])  # absent when off: keys of older runs stay valid
+            + ([{"schedule": self.schedule}] if self.schedule else []),
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -57,7 +59,7 @@ class ImageJob:
     def group_key(self) -> tuple:
         """Images with equal group keys can share one pipeline call."""
         return (self.lora_set, self.lora_scale, self.scheduler or "", self.steps, self.guidance_scale,
-                self.width or 0, self.height or 0, self.clip_skip or 0)
+                self.width or 0, self.height or 0, self.clip_skip or 0, self.schedule or "")
 
     @property
     def lora_label(self) -> str:
@@ -84,17 +86,17 @@ def expand(spec: RunSpec, model_key: str = "") -> list[ImageJob]:
     jobs: list[ImageJob] = []
     combos = itertools.product(
         enumerate(spec.prompts), spec.seeds, enumerate(spec.lora_sets), spec.lora_scales, spec.steps,
-        spec.guidance_scale, spec.scheduler, spec.width, spec.height, spec.clip_skip,
+        spec.guidance_scale, spec.scheduler, spec.width, spec.height, spec.clip_skip, spec.schedule,
     )
     seen: set[tuple] = set()
-    for (pi, p), seed, (li, loras), mult, steps, cfg, sched, w, h, skip in combos:
+    for (pi, p), seed, (li, loras), mult, steps, cfg, sched, w, h, skip, schedule in combos:
         scale = mult if loras else None
-        ident = (pi, seed, li, scale, steps, cfg, sched, w, h, skip)
+        ident = (pi, seed, li, scale, steps, cfg, sched, w, h, skip, schedule)
         if ident in seen:  # the no-LoRA set is generated once, whatever the multipliers
             continue
         seen.add(ident)
         jobs.append(ImageJob(len(jobs), pi, p.prompt, p.negative_prompt, seed, steps, cfg, w, h, sched, li,
-                             loras, scale, model_key, skip))
+                             loras, scale, model_key, skip, schedule))
     return jobs
 
 

@@ -12,12 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..common.errors import ConfigError
 from ..config import LoraSpec, RunSpec, validate
+from ..outputs.record import SETTINGS
 from .inspect import FOREIGN, read_record
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
-SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler")
 
 
 def _text(value: Any) -> Any:
@@ -56,10 +56,14 @@ def record_config(rec: dict) -> dict:
         if rec.get(key) is not None:
             out[key] = rec[key]
     if rec.get("source_format") == FOREIGN:
-        if rec.get("scheduler"):
-            out["scheduler"] = rec["scheduler"]
+        for key in ("scheduler", "schedule"):
+            if rec.get(key):
+                out[key] = rec[key]
         return out
     out["scheduler"] = rec.get("scheduler")
+    out["schedule"] = rec.get("schedule")
+    if rec.get("threads") and str(rec.get("device")).startswith("cpu"):  # thread count changes CPU rounding
+        out["threads"] = rec["threads"]
     out["model"] = model_config(rec["model"])
     loras = rec.get("loras") or []
     mult = 1.0 if rec.get("lora_scale") is None else rec["lora_scale"]
@@ -140,6 +144,11 @@ def _check_foreign(img: str, rec: dict, given: set[str], strict: bool) -> None:
                     rec["model"].get("name"), rec["model"].get("hash"))
     if rec.get("ignored"):
         log.warning("%s: not supported here, ignored: %s", img, ", ".join(rec["ignored"]))
+    if rec.get("no_equivalent"):
+        log.warning("%s: no diffusers equivalent for %s; using %s instead", img, "; ".join(rec["no_equivalent"]),
+                    "the model's own scheduler" if not rec.get("scheduler") else
+                    f"scheduler={rec['scheduler']}" + (f" schedule={rec['schedule']}" if rec.get("schedule") else
+                                                       " with its default schedule"))
 
 
 def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpec:
@@ -186,13 +195,15 @@ class Original:
     def differences(self, rec: dict) -> list[str]:
         """Settings (and device class) in which `rec` differs from the original's."""
         a, b = self.record, rec
-        out = [k for k in SETTINGS if a.get(k) != b.get(k)]
+        out = [k for k in SETTINGS if k in a and a.get(k) != b.get(k)]  # a key older records lack: not compared
         if [(lo["sha256"], lo["scale"]) for lo in a.get("loras") or []] != \
                 [(lo["sha256"], lo["scale"]) for lo in b.get("loras") or []]:
             out.append("loras")
         out += [f"model.{k}" for k in ("hash", "dtype") if a["model"].get(k) != b["model"].get(k)]
         if str(a.get("device")).split(":")[0] != str(b.get("device")).split(":")[0]:
             out.append("device")
+        elif str(a.get("device")).startswith("cpu") and a.get("threads") and a.get("threads") != b.get("threads"):
+            out.append("threads")
         invariant = a.get("batch_invariant") and b.get("batch_invariant")
         if not invariant and a.get("batch_size") != b.get("batch_size"):
             out.append("batch")

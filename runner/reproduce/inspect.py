@@ -13,10 +13,6 @@ from ..outputs.metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
 
 FOREIGN = "a1111-infotext"  # `source_format` of a record mapped from A1111 infotext
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
-# ComfyUI sampler names (as A1111-style savers write them) -> our scheduler short names
-_COMFY = {"euler": "euler", "euler_ancestral": "euler_a", "ddim": "ddim", "dpmpp_2m": "dpmpp_2m",
-          "dpmpp_2m karras": "dpmpp_2m_karras", "lms": "lms", "heun": "heun", "uni_pc": "unipc",
-          "ddpm": "ddpm"}
 _MAPPED = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Clip skip", "Seed",
            "Size-1", "Size-2", "Model", "Model hash", "Lora hashes", "Lora weights", "Version"}
 
@@ -57,18 +53,6 @@ def image_text(path: str | Path) -> dict[str, str]:
     return text
 
 
-def scheduler_name(sampler: str, schedule: str | None = None) -> str | None:
-    """Our scheduler short name for an A1111 (or ComfyUI) sampler name; None if there is none."""
-    from ..config.schedulers import SCHEDULER_TABLE
-
-    by_label = {label: short for short, (_, _, label) in SCHEDULER_TABLE.items()}
-    karras = f"{sampler.strip()} Karras"
-    if schedule and schedule.lower() == "karras" and karras in by_label:
-        return by_label[karras]
-    key = sampler.strip()
-    return by_label.get(key) or _COMFY.get(key.lower()) or (key if key in SCHEDULER_TABLE else None)
-
-
 def _num(kind: type, value: Any) -> Any:
     try:
         return kind(float(value)) if kind is int else kind(value)
@@ -85,8 +69,11 @@ def _pairs(value: Any) -> dict[str, str]:
 
 def record_from_infotext(text: str) -> dict[str, Any]:
     """Map A1111 `parameters` infotext onto our record keys; fields we cannot use go to `ignored`."""
+    from ..config.schedulers import from_a1111
+
     p = parse_infotext(text)
     sampler = p.get("Sampler")
+    scheduler, schedule, lost = from_a1111(sampler, p.get("Schedule type")) if sampler else (None, None, [])
     weights = _pairs(p.get("Lora weights"))
     loras = [{"name": name, "sha256": h, "scale": _num(float, weights.get(name)), "source": None,
               "weight_name": None, "file": None} for name, h in _pairs(p.get("Lora hashes")).items()]
@@ -100,8 +87,11 @@ def record_from_infotext(text: str) -> dict[str, Any]:
         "clip_skip": _num(int, p.get("Clip skip")),
         "width": _num(int, p.get("Size-1")),
         "height": _num(int, p.get("Size-2")),
-        "scheduler": scheduler_name(sampler, p.get("Schedule type")) if sampler else None,
-        "sampler": sampler if not p.get("Schedule type") else f"{sampler} ({p['Schedule type']})",
+        "scheduler": scheduler,
+        "schedule": schedule,
+        "sampler": sampler,
+        "schedule_type": p.get("Schedule type"),
+        "no_equivalent": lost,  # A1111 settings diffusers has no equivalent for (from_image warns)
         "loras": loras,
         "model": {"id": None, "name": p.get("Model"), "hash": p.get("Model hash")},
         "versions": {"generator": p["Version"]} if "Version" in p else {},
@@ -145,9 +135,13 @@ def describe(rec: dict[str, Any], path: str = "") -> str:
     out.append(_line("seed", rec.get("seed")))
     out.append(_line("steps", f"{rec.get('steps')}   guidance scale: {rec.get('guidance_scale')}   size: "
                               f"{rec.get('width')}x{rec.get('height')}"))
-    out.append(_line("scheduler", f"{sched} (sampler {rec.get('sampler')})"))
+    a1111 = rec.get("sampler") if not rec.get("schedule_type") else f"{rec['sampler']}, {rec['schedule_type']}"
+    sched += f", schedule {rec['schedule']}" if rec.get("schedule") else ""
+    out.append(_line("scheduler", f"{sched} (A1111: {a1111})"))
     if rec.get("clip_skip"):
-        out.append(_line("clip skip", rec["clip_skip"]))
+        ignored = rec.get("clip_skip_applied") is False and rec["clip_skip"] > 1
+        out.append(_line("clip skip", f"{rec['clip_skip']}" + (" (no effect on this model, as in A1111)"
+                                                                 if ignored else "")))
     where = m.get("location") or m.get("id")
     model = f"{m.get('name')}" + (f" ({where})" if where and where != m.get("name") else "")
     if m.get("revision"):
@@ -162,12 +156,13 @@ def describe(rec: dict[str, Any], path: str = "") -> str:
             if lo.get("source") else ""
         scale = "?" if lo.get("scale") is None else f"{lo['scale']:g}"
         text = f"{lo.get('name')} x{scale}  sha256 {str(lo.get('sha256'))[:12]}{src}"
-        out.append(_line("loras" if i == 0 else "", text))
+        out.append(_line("loras", text) if i == 0 else " " * 17 + text)
     if not rec.get("loras"):
         out.append(_line("loras", "none"))
     if not foreign:
         inv = "batch-invariant" if rec.get("batch_invariant") else "not batch-invariant"
-        out.append(_line("device", f"{rec.get('device')}  batch of {rec.get('batch_size')}, {inv}"))
+        threads = f", {rec['threads']} CPU threads" if rec.get("threads") else ""
+        out.append(_line("device", f"{rec.get('device')}  batch of {rec.get('batch_size')}, {inv}{threads}"))
     versions = rec.get("versions") or {}
     if versions:
         out.append(_line("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
@@ -179,14 +174,46 @@ def describe(rec: dict[str, Any], path: str = "") -> str:
     return "\n".join(out)
 
 
+def read_grid(path: str | Path) -> dict[str, Any] | None:
+    """The `t2i-grid` description of a comparison grid PNG (None for other images)."""
+    from ..outputs.grid import GRID_KEY
+
+    text = image_text(path)
+    if GRID_KEY not in text or JSON_KEY in text:
+        return None
+    try:
+        return json.loads(text[GRID_KEY])
+    except ValueError as exc:
+        raise ConfigError(f"{path} has a damaged {GRID_KEY} description ({exc})") from exc
+
+
+def describe_grid(info: dict[str, Any], path: str = "") -> str:
+    """A human-readable summary of a grid's `t2i-grid` description."""
+    cells = [c for row in info.get("cells") or [] for c in row]
+    out = [_line("grid", f"{path}  (a comparison grid; t2i-inspect a cell image for its settings)")]
+    for axis in ("x", "y"):
+        if info.get(axis):
+            values = ["default" if v is None else str(v) for v in info.get(f"{axis}_values") or []]
+            out.append(_line(f"{axis} axis", f"{info[axis]}: " + " | ".join(values)))
+    if info.get("fixed"):
+        out.append(_line("fixed", ", ".join(f"{k}: {v}" for k, v in info["fixed"].items())))
+    out.append(_line("cells", f"{sum(c is not None for c in cells)} of {len(cells)}, {info.get('cell_size')} px"))
+    for k, row in enumerate(info.get("cells") or []):
+        out.append(" " * 17 + "  ".join(c or "-" for c in row) if k else _line("files", "  ".join(c or "-"
+                                                                                             for c in row)))
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: print each image's record (human-readable, or JSON with --json)."""
+    """Console entry point: print each image's record (human-readable, or JSON with --json); for a grid, its
+    `t2i-grid` description."""
     parser = argparse.ArgumentParser(prog="t2i-inspect", description="Show how an image was generated.")
-    parser.add_argument("images", nargs="+", metavar="IMG", help="PNG (or A1111 JPEG/WebP) file")
+    parser.add_argument("images", nargs="+", metavar="IMG", help="PNG (or A1111 JPEG/WebP) file, or a grid PNG")
     parser.add_argument("--json", action="store_true", help="print the full JSON record")
     args = parser.parse_args(argv)
     try:
-        records = [read_record(p) for p in args.images]
+        grids = [read_grid(p) for p in args.images]
+        records = [g if g is not None else read_record(p) for g, p in zip(grids, args.images, strict=True)]
     except ConfigError as exc:
         print(f"t2i-inspect: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -194,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         data = records[0] if len(records) == 1 else records
         print(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True))
     else:
-        print("\n\n".join(describe(r, p) for r, p in zip(records, args.images, strict=True)))
+        print("\n\n".join(describe_grid(r, p) if g is not None else describe(r, p)
+                           for r, g, p in zip(records, grids, args.images, strict=True)))
     return 0
 
 
