@@ -31,8 +31,10 @@ def remove_fresh_dir(out: Path) -> None:
             parent = parent.parent
 
 
-def run_app(app: Callable[[], Any], state: dict, schema: Any = RunConfig, prog: str = "t2i") -> None:
-    """Pre-check the overrides against `schema` (one line, exit 2), then run the Hydra `app`."""
+def run_app(app: Callable[[], Any], state: dict, schema: Any = RunConfig, prog: str = "t2i",
+            groups: tuple[str, ...] = ("model", "lora", "server")) -> None:
+    """Pre-check the overrides against `schema` and the app's config `groups` (one line, exit 2), then run the
+    Hydra `app`."""
     from .common.errors import ConfigError
 
     args = sys.argv[1:]
@@ -41,7 +43,7 @@ def run_app(app: Callable[[], Any], state: dict, schema: Any = RunConfig, prog: 
         try:
             for a in args:
                 if a not in flags:
-                    check_override(a, schema, prog)
+                    check_override(a, schema, prog, groups)
         except ConfigError as exc:
             error(str(exc), prog)
             sys.exit(EXIT_CONFIG)

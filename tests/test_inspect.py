@@ -13,8 +13,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from runner.config import ConfigError, RunConfig
-from runner.outputs.metadata import infotext
 from runner.config.schedulers import from_a1111
+from runner.outputs.metadata import infotext
 from runner.reproduce.inspect import FOREIGN, read_record, record_from_infotext
 
 # Real-world shapes of A1111 / Forge / ComfyUI-saver infotext.
@@ -87,7 +87,8 @@ def test_a1111_schedule_type_and_escaped_quotes() -> None:
     rec = record_from_infotext(A1111_SCHEDULE_TYPE)
     assert rec["prompt"] == 'portrait of an old fisherman, "weathered" face, dramatic light'
     assert rec["negative_prompt"] == "blurry"
-    assert (rec["scheduler"], rec["schedule"]) == ("dpmpp_2m", "karras") and (rec["width"], rec["height"]) == (832, 1216)
+    assert (rec["scheduler"], rec["schedule"]) == ("dpmpp_2m", "karras")
+    assert (rec["width"], rec["height"]) == (832, 1216)
     assert rec["ignored"]["ADetailer prompt"] == 'a "happy" face, smiling'
     assert "Schedule type" not in rec["ignored"]
 
@@ -121,7 +122,7 @@ def test_comfyui_saver_names() -> None:
     ("Euler", "Normal", ("euler", "uniform", [])), ("Euler", "Simple", ("euler", "sgm_uniform", [])),
     ("Euler a", "Karras", ("euler_a", None, ["Schedule type: Karras with Euler a"])),
     ("Euler", "Align Your Steps", ("euler", None, ["Schedule type: Align Your Steps"])),
-    ("DPM adaptive", None, (None, None, ["Sampler: DPM adaptive"])), 
+    ("DPM adaptive", None, (None, None, ["Sampler: DPM adaptive"])),
     ("Restart", "Karras", (None, None, ["Sampler: Restart", "Schedule type: Karras"])),
     ("dpmpp_2m karras", None, ("dpmpp_2m", "karras", [])), ("heun", None, ("heun", "uniform", [])),
 ])
@@ -132,7 +133,8 @@ def test_a1111_sampler_and_schedule_type_to_ours(sampler: str, schedule_type: st
 def test_our_infotext_maps_back_onto_our_record() -> None:
     ours = {"prompt": "a red fox, detailed\nsecond line", "negative_prompt": "blurry, low quality",
             "steps": 4,
-            "sampler": "DPM++ 2M", "schedule_type": "Karras", "guidance_scale": 6.5, "seed": 99, "width": 64, "height": 32,
+            "sampler": "DPM++ 2M", "schedule_type": "Karras", "guidance_scale": 6.5, "seed": 99, "width": 64,
+            "height": 32,
             "model": {"name": "tiny", "hash": "0123456789abcdef" * 4},
             "loras": [{"name": "A", "sha256": "ab" * 32, "scale": 0.8}, {"name": "B", "sha256": "cd" * 32,
                                                                           "scale": 0.4}],

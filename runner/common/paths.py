@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 import unicodedata
 from pathlib import Path
 
@@ -25,6 +27,43 @@ def cache_root() -> Path:
 def hub_offline() -> bool:
     """True when HF_HUB_OFFLINE asks for no network."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+HUB_PROBE_SECONDS = 4.0  # how long to wait for the hub's host before calling it unreachable
+_probe: dict[str, tuple[float, str | None]] = {}  # endpoint -> (when, why unreachable); kept for a minute
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (a short reason), or None if its host answers.
+
+    A TCP connection to the endpoint's host, bounded to a few seconds: without it huggingface_hub retries a
+    failed request for ~25 s before it reports anything."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    now = time.monotonic()
+    if endpoint in _probe and now - _probe[endpoint][0] < 60:
+        return _probe[endpoint][1]
+    url = urlparse(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    result: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+            result.append(None)
+        except OSError as exc:
+            result.append(f"{host}: {exc.strerror or type(exc).__name__}")
+
+    worker = threading.Thread(target=connect, daemon=True)  # name resolution has no timeout of its own
+    worker.start()
+    worker.join(HUB_PROBE_SECONDS)
+    why = result[0] if result else f"{host}: no answer within {HUB_PROBE_SECONDS:g} s"
+    _probe[endpoint] = (now, why)
+    return why
 
 
 def is_hub_id(text: str, owner_required: bool = True) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,31 @@ def _fields(obj: Any) -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
 
 
-def check_override(text: str, schema: Any = RunConfig, prog: str = "t2i") -> None:
+def leaf_keys(schema: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a structured-config schema (`train.steps`, `model.id`, …)."""
+    out = []
+    for name, f in _fields(schema).items():
+        factory = f.default_factory
+        child = factory() if factory is not dataclasses.MISSING else None
+        out += leaf_keys(child, f"{prefix}{name}.") if dataclasses.is_dataclass(child) else [f"{prefix}{name}"]
+    return out
+
+
+def key_hint(key: str, schema: Any) -> str:
+    """` (did you mean 'train.steps'?)` for a mistyped dotted key: the closest full key, by path or by last part."""
+    keys = leaf_keys(schema)
+    hint = did_you_mean(key, keys)
+    if hint:
+        return hint
+    by_leaf: dict[str, str] = {}
+    for k in keys:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1)
+    return f" (did you mean {by_leaf[close[0]]!r}?)" if close else ""
+
+
+def check_override(text: str, schema: Any = RunConfig, prog: str = "t2i", groups: tuple[str, ...] | None = None
+                   ) -> None:
     """Reject an unknown key (of `schema`) or config-group option before Hydra runs (with a 'did you mean')."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -29,7 +54,7 @@ def check_override(text: str, schema: Any = RunConfig, prog: str = "t2i") -> Non
     if key.startswith("hydra") or ov.is_delete():
         return
     group_dir = CONF_DIR / key
-    if group_dir.is_dir() and "." not in key:
+    if group_dir.is_dir() and "." not in key and (groups is None or key in groups):
         if ov.is_sweep_override():
             return
         options = sorted(p.stem for p in group_dir.glob("*.yaml"))
@@ -42,8 +67,7 @@ def check_override(text: str, schema: Any = RunConfig, prog: str = "t2i") -> Non
     for part in key.split("."):
         fields = _fields(node)
         if part not in fields:
-            raise ConfigError(f"unknown key {key!r}{did_you_mean(part, fields)}; see `{prog} --cfg job` for "
-                              "every key")
+            raise ConfigError(f"unknown key {key!r}{key_hint(key, schema)}; see `{prog} --cfg job` for every key")
         factory = fields[part].default_factory
         owner, node = node, (factory() if factory is not dataclasses.MISSING else None)
     if not (ov.is_sweep_override() or ov.is_add() or ov.is_force_add()):

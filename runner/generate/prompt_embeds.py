@@ -106,10 +106,11 @@ class PromptEmbeds:
                 out = pipe.encode_prompt([prompt], pipe._execution_device, 1, cfg,
                                          negative_prompt=[negative] if cfg else None, clip_skip=skip)
         self.encoded += 1
-        self._cache[key] = tuple(out)
-        if len(self._cache) > self.max_entries:
+        out = tuple(out)
+        self._cache[key] = out
+        while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
-        return self._cache[key]
+        return out
 
 
 def prompt_embeds(holder: Any) -> PromptEmbeds:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..common.errors import ConfigError, first_line
 from ..common.hashing import file_sha256
-from ..common.paths import PICKLE_EXT, hub_offline, is_hub_id
+from ..common.paths import PICKLE_EXT, hub_offline, hub_unreachable, is_hub_id
 from ..config import LoraSpec, RunSpec, lora_name
 from ..models.tiny import TINY_ID, ensure_tiny
 
@@ -77,6 +77,11 @@ def _hub_listing(repo: str) -> list[str] | None:
 def _hub_file(spec: LoraSpec) -> Path:
     from huggingface_hub import hf_hub_download
 
+    if not hub_offline():
+        why = hub_unreachable()
+        if why:
+            raise ConfigError(f"LoRA source {spec.source!r} is a hub id, but the hub cannot be reached ({why}); "
+                              "give a local file or folder, or set HF_HUB_OFFLINE=1 to use the local cache")
     files = _hub_listing(spec.source)
     where = "the local hub cache (HF_HUB_OFFLINE=1)" if hub_offline() else "the hub"
     if files is None:

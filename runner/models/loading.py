@@ -111,6 +111,39 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _root_line(exc: BaseException) -> str:
+    """The first line of an error, or of its root cause when the message only points at a traceback."""
+    msg = first_line(exc)
+    while "stacktrace above" in msg or "traceback above" in msg:
+        exc = exc.__cause__ or exc.__context__
+        if exc is None:
+            return msg.split(". ")[0]
+        msg = first_line(exc)
+    return msg
+
+
+def load_error(source: ModelSource, model: ModelConfig, exc: BaseException) -> ConfigError:
+    """The one-line ConfigError for a model that failed to load (used by t2i, t2i-serve and t2i-train)."""
+    msg = _root_line(exc)
+    if source.kind == "hub":
+        if "not fully cached" in msg or "outgoing traffic" in msg or "connect" in msg.lower() or \
+                "resolve" in msg.lower() or "cannot find the requested files" in msg:
+            return ConfigError(f"model.id={source.location!r} is not in the local Hugging Face cache and the hub "
+                               "cannot be reached; download it first, give a local path, or use model=tiny")
+        return ConfigError(f"could not load model.id={source.location!r} from the hub ({msg[:200]}); check the id,"
+                           " give a local path, or use model=tiny")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if source.kind == "file" and not model.config and isinstance(exc, LocalEntryNotFoundError):
+        return ConfigError(f"model.id={source.location!r} is a single-file checkpoint whose diffusers "
+                           "configs are not available offline; set model.config=<diffusers folder or "
+                           "cached hub id of the same architecture>")
+    if "safetensors" in msg and not model.allow_pickle and source.kind != "file":
+        return ConfigError(f"model.id={source.location!r} has no .safetensors weights ({msg}); set "
+                           "model.allow_pickle=true only if you trust its pickle files")
+    return ConfigError(f"could not load model.id={source.location!r}: {msg}")
+
+
 def load_model(model: ModelConfig, device: str) -> LoadedModel:
     """Load (or reuse from the process cache) the pipeline for `model` on `device`."""
     import torch
@@ -128,23 +161,7 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
     except ConfigError:
         raise
     except (OSError, ValueError) as exc:
-        msg = first_line(exc)
-        if source.kind == "hub":
-            if "not fully cached" in msg or "outgoing traffic" in msg or "connect" in msg.lower():
-                raise ConfigError(f"model.id={source.location!r} is not in the local Hugging Face cache and the hub "
-                                  "cannot be reached; download it first, give a local path, or use model=tiny") from exc
-            raise ConfigError(f"could not load model.id={source.location!r} from the hub ({msg[:200]}); check the id,"
-                              " give a local path, or use model=tiny") from exc
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        if source.kind == "file" and not model.config and isinstance(exc, LocalEntryNotFoundError):
-            raise ConfigError(f"model.id={source.location!r} is a single-file checkpoint whose diffusers "
-                              "configs are not available offline; set model.config=<diffusers folder or "
-                              "cached hub id of the same architecture>") from exc
-        if "safetensors" in msg and not model.allow_pickle and source.kind != "file":
-            raise ConfigError(f"model.id={source.location!r} has no .safetensors weights ({msg}); set "
-                              "model.allow_pickle=true only if you trust its pickle files") from exc
-        raise ConfigError(f"could not load model.id={source.location!r}: {msg}") from exc
+        raise load_error(source, model, exc) from exc
     LOADS[source.location] += 1
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)

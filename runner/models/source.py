@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.errors import ConfigError
-from ..common.paths import PICKLE_EXT, hub_offline, is_hub_id
+from ..common.paths import PICKLE_EXT, hub_offline, hub_unreachable, is_hub_id
 from ..config import ModelConfig
 from .tiny import TINY_ID
 
@@ -77,6 +77,9 @@ def resolve_source(model: ModelConfig) -> ModelSource:
         if hub_offline():
             raise ConfigError(f"model.id={mid!r} is not in the local Hugging Face cache and the hub is offline "
                               "(HF_HUB_OFFLINE=1); download it first, give a local path, or use model=tiny") from exc
+        if hub_unreachable():  # fail now, not after huggingface_hub's retries
+            raise ConfigError(f"model.id={mid!r} is not in the local Hugging Face cache and the hub cannot be "
+                              "reached; download it first, give a local path, or use model=tiny") from exc
     return ModelSource("hub", mid, mid.split("/")[-1], revision=model.revision)
 
 

@@ -23,10 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from fastapi_offline import FastAPIOffline
 from omegaconf import DictConfig
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..common.errors import ConfigError, first_line
-from ..config import validate
+from ..config import lora_name, validate
 from .forms import FormError, JobRequest, SubmitForm, error_line, parse_form, to_spec
 from .jobs import Job, JobQueue, QueueFull
 
@@ -61,6 +63,13 @@ def server_dir(cfg: DictConfig) -> Path:
     return Path("outputs") / "server" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
+def job_loras(job: Job) -> list[dict[str, Any]]:
+    """The LoRAs a job uses: name, scale, source and file name (what the gallery shows)."""
+    (loras,) = job.spec.lora_sets
+    return [{"name": lora_name(lo), "scale": lo.scale, "source": lo.source, "weight_name": lo.weight_name}
+            for lo in loras]
+
+
 def job_json(queue: JobQueue, job: Job) -> dict[str, Any]:
     total = len(job.files)
     return {
@@ -69,6 +78,7 @@ def job_json(queue: JobQueue, job: Job) -> dict[str, Any]:
         "queue_position": queue.position(job), "error": job.error,
         "images": [f"/api/jobs/{job.id}/images/{k}.png" for k, f in enumerate(job.files) if f is not None],
         "seeds": list(job.spec.seeds), "prompt": job.spec.prompts[0].prompt, "gallery": f"/jobs/{job.id}",
+        "loras": job_loras(job),
     }
 
 
@@ -82,10 +92,10 @@ async def wait_for(queue: JobQueue, job: Job) -> None:
 
 def create_app(cfg: DictConfig) -> FastAPI:
     """The FastAPI app for a composed run config (its `server` section sets limits and the output dir)."""
-    from ..models.source import resolve_source
+    from ..models.loading import load_model
 
     base = validate(cfg)  # a broken server config fails now, not on the first request
-    resolve_source(base.model)  # so does a default model that is not there (no weights are loaded here)
+    load_model(base.model, base.device)  # so does a model that does not load (the one line `t2i` prints)
     out = server_dir(cfg)
     queue = JobQueue(out, int(cfg.server.queue_size), int(cfg.server.merge_max_images))
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -96,7 +106,8 @@ def create_app(cfg: DictConfig) -> FastAPI:
         yield
         await run_in_threadpool(queue.stop)
 
-    app = FastAPI(title="t2i-runner server", lifespan=lifespan,
+    # FastAPIOffline serves Swagger UI / ReDoc from packaged files: /docs works without the internet
+    app = FastAPIOffline(title="t2i-runner server", lifespan=lifespan,
                   description="Text-to-image with LoRA adapters. `POST /submit` is the original form's "
                               "endpoint; `/api/jobs` queues a job and reports its progress. `strength` is "
                               "accepted and ignored (text-to-image).")
@@ -104,7 +115,11 @@ def create_app(cfg: DictConfig) -> FastAPI:
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def error(request: Request, status: int, message: str, headers: dict | None = None) -> Response:
-        if "text/html" in request.headers.get("accept", "") and not request.url.path.startswith("/api/"):
+        """HTML for the pages a browser posts to (the form, /submit, galleries), JSON for the API and for
+        clients that ask for JSON."""
+        accept = request.headers.get("accept", "")
+        wants_json = "application/json" in accept and "text/html" not in accept
+        if not request.url.path.startswith(("/api/", "/openapi")) and not wants_json:
             page = templates.TemplateResponse(request, "error.html", {"status": status, "message": message},
                                               status_code=status)
             page.headers.update(headers or {})
@@ -122,6 +137,10 @@ def create_app(cfg: DictConfig) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         return error(request, 422, error_line(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        return error(request, exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
     def enqueue(req: JobRequest) -> Job:
         return queue.submit(to_spec(req, cfg))
@@ -155,7 +174,8 @@ def create_app(cfg: DictConfig) -> FastAPI:
     def gallery_page(request: Request, job: Job) -> Response:
         items = [{"url": f"/api/jobs/{job.id}/images/{k}.png", "seed": s}
                  for k, (_, _, s) in enumerate(job.wanted) if job.files[k] is not None]
-        ctx = {"job": job_json(queue, job), "items": items, "negative": job.spec.prompts[0].negative_prompt}
+        ctx = {"job": job_json(queue, job), "items": items, "negative": job.spec.prompts[0].negative_prompt,
+               "loras": job_loras(job)}
         return templates.TemplateResponse(request, "gallery.html", ctx)
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse, summary="A job's gallery page")

@@ -228,6 +228,49 @@ def fingerprint(spec: TrainSpec, name: str) -> dict:
     }
 
 
+# What a resume takes from the checkpoint (besides the LoRA weights, optimizer moments, step, random state and loss
+# log): the fingerprint (model + LoRA layout) and train.seed, which seeds the data order and every random draw;
+# changing one of those is refused. Every other setting is applied from the new config (train.lr included).
+FROM_CHECKPOINT = ("train.seed",)
+
+
+def settings(spec: TrainSpec) -> dict:
+    """The training settings a checkpoint records (compared on resume)."""
+    import dataclasses
+
+    out = {f"train.{k}": v for k, v in dataclasses.asdict(spec.train).items()}
+    out |= {f"data.{k}": v for k, v in dataclasses.asdict(spec.data).items()}
+    out |= {f"validation.{k}": v for k, v in dataclasses.asdict(spec.validation).items()}
+    return out
+
+
+def changed_settings(ckpt: Path, spec: TrainSpec) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ from the checkpoint's ({key: (old, new)}); ConfigError for those that must not."""
+    old = read_info(ckpt).get("settings") or {}
+    new = settings(spec)
+    changed = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
+    for key in FROM_CHECKPOINT:
+        if key in changed:
+            was, now = changed[key]
+            raise ConfigError(f"cannot resume from {ckpt} with {key}={now!r}: it was trained with {was!r}, which "
+                              "seeds its data order and random state; use the same value or resume=false")
+    return changed
+
+
+def apply_optimizer_settings(optimizer: Any, lr_scheduler: Any, spec: TrainSpec) -> None:
+    """After loading a checkpoint: this run's learning rate and AdamW settings, on the restored moments.
+
+    A loaded state dict brings back the old run's base learning rate and betas; the new schedule (built from this
+    run's config) is kept and re-evaluated at the restored step."""
+    t = spec.train
+    lr_scheduler.base_lrs = [t.lr for _ in optimizer.param_groups]
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None) or [lambda _: 1.0] * len(optimizer.param_groups)
+    for group, lam in zip(optimizer.param_groups, lambdas, strict=True):
+        group.update(initial_lr=t.lr, lr=t.lr * lam(lr_scheduler.last_epoch), betas=(t.adam_beta1, t.adam_beta2),
+                     eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def check_resume(ckpt: Path, fingerprint: dict) -> int:
     """The checkpoint's step, after checking it was trained with the same model and LoRA layout."""
     info = read_info(ckpt)

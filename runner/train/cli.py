@@ -54,7 +54,7 @@ def hydra_main(cfg: DictConfig) -> Any:
 
 def main() -> None:
     """Console entry point of `t2i-train`: pre-checks overrides, then runs the Hydra app."""
-    run_app(hydra_main, _state, TrainRunConfig, prog="t2i-train")
+    run_app(hydra_main, _state, TrainRunConfig, prog="t2i-train", groups=("model", "train"))
 
 if __name__ == "__main__":
     main()

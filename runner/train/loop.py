@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..common.io import atomic_write_bytes
 from ..common.paths import slug
 from .checkpoint import (
+    apply_optimizer_settings,
+    changed_settings,
     check_resume,
     clean_partial,
     find_resume,
@@ -22,6 +24,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
     save_lora,
+    settings,
 )
 from .config import TrainSpec, validate_train
 from .data import Example, load_pixels, sample_order, scan
@@ -95,6 +98,7 @@ def train(
         run_dir = ckpt.parent.parent  # resume=PATH continues that run in its own folder
     fprint = fingerprint(spec, name)
     start_step = check_resume(ckpt, fprint) if ckpt is not None else 0
+    changed = changed_settings(ckpt, spec) if ckpt is not None else {}
     device = resolve_device(spec.device)
     weight_dtype = resolve_precision(t.mixed_precision, device)
     pipe = load_pipe(spec)
@@ -141,15 +145,19 @@ def train(
         "generator": gen,
         "scaler": scaler,
         "lora": lora_writer,
-        "info": {"fingerprint": fprint},
+        "info": {"fingerprint": fprint, "settings": settings(spec)},
     }
     losses = LossLog(run_dir / "loss.csv")
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_partial(run_dir)
     if ckpt is not None:
         load_checkpoint(ckpt, state)
+        apply_optimizer_settings(optimizer, lr_sched, spec)
         losses.truncate(start_step)
-        log.info("resuming from %s (step %d)", ckpt, start_step)
+        news = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        log.warning("resuming from %s (step %d): LoRA weights, optimizer state, random state and loss log come from "
+                    "the checkpoint; %s", ckpt, start_step, f"changed settings applied: {news}" if news else
+                    "settings unchanged")
     if not (run_dir / CONFIG_FILE).exists() or ckpt is None:
         cfg_obj = OmegaConf.structured(dataclasses.asdict(spec))
         atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg_obj).encode("utf-8"))

@@ -26,16 +26,17 @@ def load_pipe(spec: TrainSpec):
     """A fresh (uncached) SD 1.x/2.x pipeline for `spec.model`, fp32 on the CPU."""
     import torch
 
-    from ..models.loading import _from_pretrained, _quiet_libraries
+    from ..models.loading import _from_pretrained, _quiet_libraries, load_error
     from ..models.source import resolve_source
 
     source = resolve_source(spec.model)
     _quiet_libraries()
     try:
         pipe = _from_pretrained(source, spec.model, torch.float32)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"could not load model.id={spec.model.id!r}: {first}") from exc
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as exc:  # the same one line `t2i` prints for this model
+        raise load_error(source, spec.model, exc) from exc
     if getattr(pipe, "text_encoder_2", None) is not None or not hasattr(pipe, "unet"):
         raise ConfigError(
             f"model.id={spec.model.id!r} is a {type(pipe).__name__}; t2i-train trains LoRAs for "

@@ -14,8 +14,19 @@
     statusText.className = isError ? "error" : "";
   }
 
+  function resetProgress() {
+    bar.value = 0;
+    bar.max = 1;
+  }
+
   function render(job) {
     result.replaceChildren();
+    const loras = document.createElement("p");
+    loras.className = "loras";
+    loras.textContent = "LoRAs: " + (job.loras.length ? job.loras.map(function (lo) {
+      return lo.name + " \u00d7" + lo.scale + " (" + lo.source + (lo.weight_name ? ", " + lo.weight_name : "") + ")";
+    }).join(", ") : "none");
+    result.appendChild(loras);
     job.images.forEach(function (url, k) {
       const fig = document.createElement("figure");
       const link = document.createElement("a");
@@ -39,14 +50,14 @@
   async function poll(id) {
     for (;;) {
       const resp = await fetch("/api/jobs/" + id);
-      if (!resp.ok) { show(await detail(resp), true); return; }
+      if (!resp.ok) { resetProgress(); show(await detail(resp), true); return; }
       const job = await resp.json();
       bar.max = job.total;
       bar.value = job.done;
       if (job.status === "queued") show("queued (position " + job.queue_position + ")");
       else if (job.status === "running") show("running: " + job.progress + " images");
       else if (job.status === "done") { show("done: " + job.progress + " images"); render(job); return; }
-      else { show(job.error || "failed", true); render(job); return; }
+      else { resetProgress(); show(job.error || "failed", true); render(job); return; }
       await new Promise(function (r) { setTimeout(r, 300); });
     }
   }
@@ -56,6 +67,7 @@
     const body = Object.fromEntries(new FormData(form).entries());
     button.disabled = true;
     result.replaceChildren();
+    resetProgress();  // a new job starts at 0, whatever the last one reached
     show("submitting…");
     try {
       const resp = await fetch("/api/jobs", {
@@ -64,6 +76,7 @@
       if (!resp.ok) { show(await detail(resp), true); return; }
       await poll((await resp.json()).id);
     } catch (e) {
+      resetProgress();
       show(String(e), true);
     } finally {
       button.disabled = false;
