@@ -52,8 +52,10 @@ SCHEDULER_TABLE: dict[str, Scheduler] = {
     "dpm2": Scheduler("KDPM2DiscreteScheduler", "DPM2", auto_schedule="karras"),
     "dpm2_a": Scheduler("KDPM2AncestralDiscreteScheduler", "DPM2 a", auto_schedule="karras"),
     "dpmpp_2m": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M", auto_schedule="karras"),
-    "dpmpp_2m_karras": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M", auto_schedule="karras",
-                                 schedule="karras"),
+    # the older combined name, kept with its old sigmas (Karras over the model's own timestep spacing) so its
+    # images stay reproducible; scheduler=dpmpp_2m schedule=karras is A1111's Karras (the model's whole range)
+    "dpmpp_2m_karras": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M", {"use_karras_sigmas": True},
+                                 auto_schedule="karras", schedule="karras"),
     "dpmpp_2m_sde": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M SDE", {"algorithm_type": "sde-dpmsolver++"},
                               auto_schedule="exponential"),
     "dpmpp_2m_sde_heun": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M SDE Heun",
@@ -68,11 +70,13 @@ SCHEDULER_TABLE: dict[str, Scheduler] = {
 }
 SCHEDULERS = tuple(SCHEDULER_TABLE)
 
+# A1111's sigma schedules span the model's whole noise range (its first and last training timestep); diffusers
+# derives the range from the spaced timesteps, so they come with "linspace" spacing (t = 999 … 0).
 SCHEDULE_TABLE: dict[str, Schedule] = {
     "uniform": Schedule("Uniform", {"timestep_spacing": "linspace"}),
-    "karras": Schedule("Karras", {"use_karras_sigmas": True}),
-    "exponential": Schedule("Exponential", {"use_exponential_sigmas": True}),
-    "beta": Schedule("Beta", {"use_beta_sigmas": True}, requires=("scipy",)),
+    "karras": Schedule("Karras", {"use_karras_sigmas": True, "timestep_spacing": "linspace"}),
+    "exponential": Schedule("Exponential", {"use_exponential_sigmas": True, "timestep_spacing": "linspace"}),
+    "beta": Schedule("Beta", {"use_beta_sigmas": True, "timestep_spacing": "linspace"}, requires=("scipy",)),
     "sgm_uniform": Schedule("SGM Uniform", {"timestep_spacing": "trailing"}),
 }
 SCHEDULES = tuple(SCHEDULE_TABLE)

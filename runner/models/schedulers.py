@@ -15,17 +15,17 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..common.errors import ConfigError, first_line
-from ..config.schedulers import SCHEDULE_TABLE, SCHEDULER_TABLE, SIGMA_OPTIONS, effective_schedule
+from ..config.schedulers import SCHEDULE_TABLE, SCHEDULER_TABLE, SIGMA_OPTIONS
 
 log = logging.getLogger(__name__)
 PREFLIGHT_MAX_STEPS = 50  # how far up the pre-flight looks for the smallest step count that works
 
 
 def scheduler_options(base: Any, name: str | None, schedule: str | None) -> tuple[type, dict]:
-    """The diffusers class and the config overrides for `name` with `schedule` (None = the model's own)."""
+    """The diffusers class and the config overrides for `name` with an explicit `schedule` (None = the model's
+    own, or the one a combined name such as dpmpp_2m_karras carries in its options)."""
     import diffusers
 
-    schedule = effective_schedule(name, schedule)
     if name is None:
         cls, options = type(base), {}
     else:
@@ -33,7 +33,8 @@ def scheduler_options(base: Any, name: str | None, schedule: str | None) -> tupl
         cls = getattr(diffusers, row.cls)
         options = {**SIGMA_OPTIONS, **row.options}  # a named sampler starts from plain sigmas
     if schedule is not None:  # one sigma transform at a time: the schedule's replaces the model's own
-        options = {**SIGMA_OPTIONS, **options, **SCHEDULE_TABLE[schedule].options}
+        options = {**options, **SIGMA_OPTIONS, **SCHEDULE_TABLE[schedule].options}
+    # (a schedule only implied by a combined name is in that row's own options)
     accepted = inspect.signature(cls.__init__).parameters
     unknown = sorted(k for k, v in options.items() if k not in accepted and v is not False)
     if unknown:
@@ -54,10 +55,10 @@ def table_row(scheduler: Any) -> tuple[str | None, str | None]:
 
 def build_scheduler(base: Any, name: str | None, schedule: str | None) -> Any:
     """A new scheduler for `name` + `schedule` from the config of `base` (the model's own scheduler)."""
-    if name is None and effective_schedule(name, schedule) is None:
+    if name is None and schedule is None:
         return base
     cls, options = scheduler_options(base, name, schedule)
-    with quiet_schedulers():
+    with quiet_schedulers(), _silent_diffusers():  # e.g. LCM's note on the Euler config keys it does not use
         return cls.from_config(base.config, **options)
 
 
