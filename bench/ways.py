@@ -225,9 +225,12 @@ class SetTimer:
 
 def runner_cfg(setup: Setup, variant: str) -> dict:
     """The runner config of the sweep in configuration `variant`."""
+    import torch
+
     base = variant.removesuffix("+bf16").removesuffix("+cudnn_benchmark")
     batch, invariant, perf = VARIANTS[base]
     return {
+        "threads": torch.get_num_threads(),  # the same CPU threads as ways (a) and (b)
         "model": {"id": setup.model_id, "dtype": "bf16" if "+bf16" in variant else "auto"},
         "prompts": setup.prompts,
         "seeds": setup.seeds,

@@ -165,25 +165,33 @@ def test_hub_lora_without_network_is_refused_within_seconds(tmp_path: Path, monk
     assert "hub cannot be reached" in resp.json()["detail"] and "someone/some-lora" in resp.json()["detail"]
 
 
-def test_submit_errors_are_html_pages_and_the_api_stays_json(tmp_path: Path) -> None:
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+def test_submit_errors_are_html_pages_and_the_api_stays_json(tmp_path: Path, monkeypatch) -> None:
+    from runner.server import app as app_mod
     from runner.server.app import compose_config, create_app
 
     app = create_app(compose_config(["model=tiny", f"server.output_dir={tmp_path}", "server.max_steps=5"]))
-    with TestClient(app) as client:
+    html = {"accept": BROWSER_ACCEPT}
+    with TestClient(app, raise_server_exceptions=False) as client:
         form = {"text_prompt": "a fox", "inference_steps": "50"}
-        for accept in ("*/*", "text/html,application/xhtml+xml,*/*;q=0.8", None):
-            headers = {"accept": accept} if accept else {}
-            resp = client.post("/submit", data=form, headers=headers)
-            assert resp.status_code == 422 and resp.headers["content-type"].startswith("text/html"), accept
-            assert "inference_steps=50" in resp.text and "<html" in resp.text
+        resp = client.post("/submit", data=form, headers=html)
+        assert resp.status_code == 422 and resp.headers["content-type"].startswith("text/html")
+        assert "inference_steps=50" in resp.text and "<html" in resp.text
         resp = client.post("/submit", data=form, headers={"accept": "application/json"})
-        assert resp.headers["content-type"] == "application/json"
-        resp = client.get("/jobs/nope", headers={"accept": "*/*"})
-        assert resp.status_code == 404 and resp.headers["content-type"].startswith("text/html")
-        resp = client.get("/api/jobs/nope")
+        assert resp.headers["content-type"] == "application/json" and "inference_steps" in resp.json()["detail"]
+        resp = client.get("/submit", headers=html)  # a reload of the result page
+        assert resp.status_code == 405 and resp.headers["content-type"].startswith("text/html")
+        for path in ("/jobs/nope", "/no-such-page"):
+            resp = client.get(path, headers=html)
+            assert resp.status_code == 404 and resp.headers["content-type"].startswith("text/html"), path
+        resp = client.get("/api/jobs/nope", headers=html)
         assert resp.status_code == 404 and resp.json()["detail"].startswith("no job")
-        resp = client.get("/no-such-page")
-        assert resp.status_code == 404 and resp.headers["content-type"].startswith("text/html")
+        monkeypatch.setattr(app_mod, "parse_form", lambda form: 1 / 0)
+        resp = client.post("/submit", data=form, headers=html)
+        assert resp.status_code == 500 and resp.headers["content-type"].startswith("text/html")
+        assert "ZeroDivisionError" in resp.text
 
 
 def test_gallery_and_job_json_show_the_loras_used(tmp_path: Path, tiny_dir: Path) -> None:
@@ -284,6 +292,22 @@ def test_progress_bar_resets_after_an_error(live_server: str, browser) -> None:
     page.wait_for_function("document.getElementById('status-text').className === 'error'", timeout=60_000)
     assert page.eval_on_selector("#progress", "p => [p.value, p.max]") == [0, 1]
     page.close()
+
+
+@pytest.mark.browser
+def test_submit_error_without_javascript_is_an_html_page(live_server: str, browser) -> None:
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(live_server + "/")
+    page.fill("textarea[name=text_prompt]", "a tree")
+    page.fill("input[name=lora_hugging_face_1]", "/etc")
+    with page.expect_navigation(timeout=120_000) as nav:
+        page.click("#submit")
+    assert nav.value.status == 403 and nav.value.headers["content-type"].startswith("text/html")
+    assert page.text_content("h1") == "Error 403" and "outside the folders" in page.text_content(".error")
+    page.goto(live_server + "/submit")  # reloading the result page is a GET
+    assert page.text_content("h1") == "Error 405"
+    context.close()
 
 
 def test_hub_probe_is_bounded_and_remembered(monkeypatch) -> None:

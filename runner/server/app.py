@@ -115,11 +115,8 @@ def create_app(cfg: DictConfig) -> FastAPI:
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def error(request: Request, status: int, message: str, headers: dict | None = None) -> Response:
-        """HTML for the pages a browser posts to (the form, /submit, galleries), JSON for the API and for
-        clients that ask for JSON."""
-        accept = request.headers.get("accept", "")
-        wants_json = "application/json" in accept and "text/html" not in accept
-        if not request.url.path.startswith(("/api/", "/openapi")) and not wants_json:
+        """An HTML page for a browser (it accepts text/html) outside the JSON API, else one JSON line."""
+        if "text/html" in request.headers.get("accept", "") and not request.url.path.startswith("/api/"):
             page = templates.TemplateResponse(request, "error.html", {"status": status, "message": message},
                                               status_code=status)
             page.headers.update(headers or {})
@@ -138,9 +135,14 @@ def create_app(cfg: DictConfig) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         return error(request, 422, error_line(list(exc.errors())))
 
-    @app.exception_handler(StarletteHTTPException)
+    @app.exception_handler(StarletteHTTPException)  # 404, 405 (a reloaded /submit is a GET): pages too
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         return error(request, exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> Response:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error(request, 500, f"the server failed: {type(exc).__name__}: {first_line(exc, 300)}")
 
     def enqueue(req: JobRequest) -> Job:
         return queue.submit(to_spec(req, cfg))
