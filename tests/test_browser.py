@@ -97,3 +97,60 @@ def test_form_without_javascript_posts_to_submit_and_gets_the_png(live_server: s
     body = resp.body()
     assert body[:8] == b"\x89PNG\r\n\x1a\n" and b"a yellow star" in body
     context.close()
+
+
+@pytest.mark.parametrize("page_path", ["/docs", "/redoc"])
+def test_api_docs_render_with_every_outside_request_blocked(live_server: str, browser, page_path: str) -> None:
+    outside: list[str] = []
+    page = browser.new_page()
+
+    def route(r) -> None:
+        if r.request.url.startswith(live_server):
+            r.continue_()
+        else:
+            outside.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    page.goto(live_server + page_path)
+    title = ".swagger-ui .info .title" if page_path == "/docs" else "h1"
+    page.wait_for_selector(title, timeout=60_000)
+    assert "t2i-runner server" in page.text_content(title)
+    if page_path == "/docs":
+        page.wait_for_selector("text=/api/jobs", timeout=60_000)
+    assert outside == []
+    page.close()
+
+
+def test_progress_bar_resets_after_an_error(live_server: str, browser) -> None:
+    page = browser.new_page()
+    page.goto(live_server + "/")
+    page.fill("textarea[name=text_prompt]", "a tree")
+    for name, value in (("total_nm_img_prompt", "2"), ("inference_steps", "1"), ("width", "32"),
+                        ("height", "32")):
+        page.fill(f"input[name={name}]", value)
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('status-text').textContent.startsWith('done')",
+                           timeout=300_000)
+    assert page.get_attribute("#progress", "value") == "2"
+    assert page.text_content("#result .loras") == "LoRAs: none"
+    page.fill("input[name=lora_hugging_face_1]", "/etc")  # refused: outside the allowed folders
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('status-text').className === 'error'", timeout=60_000)
+    assert page.eval_on_selector("#progress", "p => [p.value, p.max]") == [0, 1]
+    page.close()
+
+
+def test_submit_error_without_javascript_is_an_html_page(live_server: str, browser) -> None:
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(live_server + "/")
+    page.fill("textarea[name=text_prompt]", "a tree")
+    page.fill("input[name=lora_hugging_face_1]", "/etc")
+    with page.expect_navigation(timeout=120_000) as nav:
+        page.click("#submit")
+    assert nav.value.status == 403 and nav.value.headers["content-type"].startswith("text/html")
+    assert page.text_content("h1") == "Error 403" and "outside the folders" in page.text_content(".error")
+    page.goto(live_server + "/submit")  # reloading the result page is a GET
+    assert page.text_content("h1") == "Error 405"
+    context.close()

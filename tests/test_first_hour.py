@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +15,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 def train_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -213,101 +210,6 @@ def test_gallery_and_job_json_show_the_loras_used(tmp_path: Path, tiny_dir: Path
                                  "source": str(loras / "tiny_kohya.safetensors")}]
         resp = client.post("/submit", data={**form, "lora_hugging_face_1": "null"})
         assert "LoRAs: none" in " ".join(resp.text.split())
-
-
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory: pytest.TempPathFactory):
-    import uvicorn
-
-    from runner.server.app import compose_config, create_app
-
-    out = tmp_path_factory.mktemp("served") / "out"
-    app = create_app(compose_config(["model=tiny", f"server.output_dir={out}", "server.max_steps=20"]))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(600):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(60)
-    sock.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu"])
-        yield b
-        b.close()
-
-
-@pytest.mark.browser
-@pytest.mark.parametrize("page_path", ["/docs", "/redoc"])
-def test_api_docs_render_with_every_outside_request_blocked(live_server: str, browser, page_path: str) -> None:
-    outside: list[str] = []
-    page = browser.new_page()
-
-    def route(r) -> None:
-        if r.request.url.startswith(live_server):
-            r.continue_()
-        else:
-            outside.append(r.request.url)
-            r.abort()
-
-    page.route("**/*", route)
-    page.goto(live_server + page_path)
-    title = ".swagger-ui .info .title" if page_path == "/docs" else "h1"
-    page.wait_for_selector(title, timeout=60_000)
-    assert "t2i-runner server" in page.text_content(title)
-    if page_path == "/docs":
-        page.wait_for_selector("text=/api/jobs", timeout=60_000)
-    assert outside == []
-    page.close()
-
-
-@pytest.mark.browser
-def test_progress_bar_resets_after_an_error(live_server: str, browser) -> None:
-    page = browser.new_page()
-    page.goto(live_server + "/")
-    page.fill("textarea[name=text_prompt]", "a tree")
-    for name, value in (("total_nm_img_prompt", "2"), ("inference_steps", "1"), ("width", "32"),
-                        ("height", "32")):
-        page.fill(f"input[name={name}]", value)
-    page.click("#submit")
-    page.wait_for_function("document.getElementById('status-text').textContent.startsWith('done')",
-                           timeout=300_000)
-    assert page.get_attribute("#progress", "value") == "2"
-    assert page.text_content("#result .loras") == "LoRAs: none"
-    page.fill("input[name=lora_hugging_face_1]", "/etc")  # refused: outside the allowed folders
-    page.click("#submit")
-    page.wait_for_function("document.getElementById('status-text').className === 'error'", timeout=60_000)
-    assert page.eval_on_selector("#progress", "p => [p.value, p.max]") == [0, 1]
-    page.close()
-
-
-@pytest.mark.browser
-def test_submit_error_without_javascript_is_an_html_page(live_server: str, browser) -> None:
-    context = browser.new_context(java_script_enabled=False)
-    page = context.new_page()
-    page.goto(live_server + "/")
-    page.fill("textarea[name=text_prompt]", "a tree")
-    page.fill("input[name=lora_hugging_face_1]", "/etc")
-    with page.expect_navigation(timeout=120_000) as nav:
-        page.click("#submit")
-    assert nav.value.status == 403 and nav.value.headers["content-type"].startswith("text/html")
-    assert page.text_content("h1") == "Error 403" and "outside the folders" in page.text_content(".error")
-    page.goto(live_server + "/submit")  # reloading the result page is a GET
-    assert page.text_content("h1") == "Error 405"
-    context.close()
 
 
 def test_hub_probe_is_bounded_and_remembered(monkeypatch) -> None:
