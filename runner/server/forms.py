@@ -218,7 +218,9 @@ def to_spec(req: JobRequest, cfg: DictConfig) -> RunSpec:
     if not 0 <= seed <= MAX_SEED - n + 1:
         raise FormError(422, f"manual_seed={seed} is out of range; valid: 0 to {MAX_SEED - n + 1}")
     neg = req.negative_prompt
-    sched = cfg.scheduler
+    def first(value: Any) -> Any:  # a request is one image per seed: a swept server default takes its first value
+        return value[0] if OmegaConf.is_list(value) else value
+
     overrides = {
         "model": _model(req, cfg),
         "prompts": [{"prompt": req.text_prompt, "negative_prompt": neg}] if neg else [req.text_prompt],
@@ -227,7 +229,9 @@ def to_spec(req: JobRequest, cfg: DictConfig) -> RunSpec:
         "guidance_scale": req.guidance_scale,
         "width": req.width,
         "height": req.height,
-        "scheduler": sched[0] if OmegaConf.is_list(sched) else sched,
+        "scheduler": first(cfg.scheduler),
+        "schedule": first(cfg.get("schedule")),
+        "clip_skip": first(cfg.get("clip_skip")),
         "lora_sets": [_loras(req, server)],
         "lora_scales": None,
         "shard": {"index": 0, "count": 1},
