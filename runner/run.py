@@ -119,8 +119,11 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
                 loaded.use_scheduler(first.scheduler, first.schedule)
                 loras = lora_sets[first.lora_set]
                 loaded.adapters.activate(loras, first.adapter_weights)
-                te_state = tuple((r.sha256, w) for r, w in zip(loras, first.adapter_weights, strict=True)
-                                 if touches_text_encoder(r))  # what the text encoder carries: cache key
+                # what the text encoder computes with (the cache key): its LoRAs at their weights, and how they
+                # are applied (peft layers or merged weights round differently)
+                te_state = (type(loaded.adapters).__name__, repr(getattr(loaded, "perf_state", None)),
+                            *((r.sha256, w) for r, w in zip(loras, first.adapter_weights, strict=True)
+                              if touches_text_encoder(r)))
                 for made in handler.generate(lambda jobs, te=te_state: generate(pipe, jobs, invariant, embeds, te),
                                              batch):
                     rec = build_record(made.job, loaded, lora_sets[made.job.lora_set], made.image.width,
