@@ -126,6 +126,13 @@ def test_server_list_keys_take_a_single_value(tmp_path: Path) -> None:
     app = create_app(compose_config(["model=tiny", f"server.output_dir={tmp_path}",
                                      f"server.allowed_lora_dirs={tmp_path}", "server.allowed_models=other/model"]))
     assert app.state.cfg.server.allowed_lora_dirs == str(tmp_path)
+    from runner.config import LoraSpec
+    from runner.server.forms import FormError, check_lora_access
+
+    lora = tmp_path / "x.safetensors"
+    check_lora_access(LoraSpec(str(lora)), app.state.cfg.server)  # inside the one allowed folder
+    with pytest.raises(FormError, match="outside the folders"):
+        check_lora_access(LoraSpec(str(tmp_path.parent / "y.safetensors")), app.state.cfg.server)
     with pytest.raises(ConfigError, match="server.allowed_models"):
         validate(OmegaConf.merge(cfg("builtin:tiny"), {"server": {"allowed_models": [1]}}))
 

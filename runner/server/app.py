@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..common.errors import ConfigError, first_line
 from ..config import lora_name, validate
+from ..config.validate import string_list
 from .forms import FormError, JobRequest, SubmitForm, error_line, parse_form, to_spec
 from .jobs import Job, JobQueue, QueueFull
 
@@ -156,7 +157,8 @@ def create_app(cfg: DictConfig) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, summary="The generation form (the original design's fields)")
     async def index(request: Request) -> Response:
         s = cfg.server
-        ctx = {"model_id": base.model.id, "models": [base.model.id, *s.allowed_models],
+        ctx = {"model_id": base.model.id, "models": [base.model.id, *string_list("server.allowed_models",
+                                                                                 s.allowed_models)],
                "steps": min(30, int(s.max_steps)), "max_steps": s.max_steps, "max_images": s.max_images,
                "max_side": s.max_side}
         return templates.TemplateResponse(request, "index.html", ctx)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..common.errors import ConfigError
 from ..common.paths import is_hub_id
 from ..config import MAX_SEED, LoraSpec, RunSpec, lora_name, validate
+from ..config.validate import string_list
 from ..lora.files import resolve_loras
 from ..models.tiny import TINY_ID
 
@@ -150,7 +151,8 @@ def check_lora_access(spec: LoraSpec, server: DictConfig) -> None:
         if not server.allow_hub_loras:
             raise FormError(403, f"LoRA source {src!r} is a hub id and this server does not allow hub LoRAs")
         return
-    roots = [Path(os.path.realpath(os.path.expanduser(d))) for d in server.allowed_lora_dirs]
+    dirs = string_list("server.allowed_lora_dirs", server.allowed_lora_dirs)
+    roots = [Path(os.path.realpath(os.path.expanduser(d))) for d in dirs]
     files = [path] + ([path / spec.weight_name] if spec.weight_name and path.is_dir() else [])
     if not all(_inside(f, roots) for f in files):
         raise FormError(403, f"LoRA path {src!r} is outside the folders this server allows "
@@ -190,7 +192,7 @@ def _model(req: JobRequest, cfg: DictConfig) -> dict:
     mid = (req.modelid or default).strip()
     if mid == default:
         return OmegaConf.to_container(cfg.model, resolve=True)
-    allowed = list(cfg.server.allowed_models)
+    allowed = string_list("server.allowed_models", cfg.server.allowed_models)
     if mid not in allowed:
         valid = ", ".join([default, *allowed])
         raise FormError(403, f"modelid={mid!r} is not allowed on this server; valid: {valid}")
