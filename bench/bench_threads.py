@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {s} | {used[s]} | {n} | {wall[s]:.2f} | {ips:.3f} | {ips / base:.2f} | {cpu[s] / n:.4f} |")
     head = (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, available to this "
             f"process: {available_cores()}; load: {burners} busy background process(es); sweep: {args.images} "
-            f"images x {args.rounds} interleaved rounds, tiny model, 64 px, 4 Euler steps")
+            f"images x {args.rounds} interleaved rounds, tiny model, 64 px, 4 Euler steps; "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     table = "\n".join(rows)
     print(head + "\n\n" + table)
     if args.benchmarks:
