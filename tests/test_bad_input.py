@@ -70,7 +70,7 @@ CLI_CASES = [
     pytest.param(["height=100"], ["height=100", "multiple of 8", "96 or 104"], id="height-not-8"),
     # unknown keys, options, choices
     pytest.param(["stesp=2"], ["'stesp'", "did you mean 'steps'"], id="typo-key"),
-    pytest.param(["model.dtyp=fp16"], ["'model.dtyp'", "did you mean 'dtype'"], id="typo-nested-key"),
+    pytest.param(["model.dtyp=fp16"], ["'model.dtyp'", "did you mean 'model.dtype'"], id="typo-nested-key"),
     pytest.param(["model=tny"], ["'tny'", "did you mean 'tiny'", "sd15"], id="typo-model-option"),
     pytest.param(["lora=tiny_exampels"], ["'tiny_exampels'", "did you mean 'tiny_examples'"],
                  id="typo-lora-option"),

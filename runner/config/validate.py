@@ -173,6 +173,10 @@ def _lora(where: str, item: Any) -> LoraSpec:
 
 def _lora_sets(cfg: DictConfig) -> tuple[tuple[LoraSpec, ...], ...]:
     sets = []
+    value = _plain(cfg.lora_sets)
+    if not isinstance(value, list | tuple | str | dict | None):
+        raise ConfigError(f"lora_sets={value!r} is not valid; give a LoRA (file, folder or hub id) or a list of sets,"
+                          " e.g. [[], [{source: x}]]")
     for i, raw in enumerate(_as_list("lora_sets", cfg.lora_sets)):
         raw = [] if raw is None else raw
         if not isinstance(raw, list):
