@@ -107,8 +107,9 @@ def create_app(cfg: DictConfig) -> FastAPI:
         yield
         await run_in_threadpool(queue.stop)
 
-    # FastAPIOffline serves Swagger UI / ReDoc from packaged files: /docs works without the internet
-    app = FastAPIOffline(title="t2i-runner server", lifespan=lifespan,
+    # FastAPIOffline serves Swagger UI from packaged files: /docs works without the internet. No /redoc: ReDoc's
+    # bundle fetches its logo from a CDN.
+    app = FastAPIOffline(title="t2i-runner server", lifespan=lifespan, redoc_url=None,
                   description="Text-to-image with LoRA adapters. `POST /submit` is the original form's "
                               "endpoint; `/api/jobs` queues a job and reports its progress. `strength` is "
                               "accepted and ignored (text-to-image).")
