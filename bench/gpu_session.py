@@ -272,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - a script of numb
 
             real = gb.generate
 
-            def fake(pipe, jobs, invariant):
+            def fake(pipe, jobs, invariant, *args):
                 if len(jobs) > 8:
                     raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-                return real(pipe, jobs, invariant)
+                return real(pipe, jobs, invariant, *args)
 
             @contextlib.contextmanager
             def patched():
