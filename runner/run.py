@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from .config import RunSpec, validate
 from .generate import faults
 from .generate.sizing import BatchSizer
-from .outputs.record import build_record, summary_note
+from .outputs.record import build_record, perf_record, summary_note
 from .plan import expand, shard
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
                 loaded.adapters.activate(loras, first.adapter_weights)
                 # what the text encoder computes with (the cache key): its LoRAs at their weights, and how they
                 # are applied (peft layers or merged weights round differently)
-                te_state = (type(loaded.adapters).__name__, repr(getattr(loaded, "perf_state", None)),
+                te_state = (tuple(sorted(perf_record(loaded).items())),
                             *((r.sha256, w) for r, w in zip(loras, first.adapter_weights, strict=True)
                               if touches_text_encoder(r)))
                 for made in handler.generate(lambda jobs, te=te_state: generate(pipe, jobs, invariant, embeds, te),
