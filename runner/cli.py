@@ -11,12 +11,14 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from .common.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError
+from .common.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError
 from .config import register_configs
 from .config.overrides import CONF_DIR
-from .entry import error, remove_fresh_dir, run_app
+from .entry import error, run_app
+from .generate.faults import exit_code
+from .outputs.rundir import STATE, remove_created, stored_seed
 from .outputs.sweep import JobFailed
 
 log = logging.getLogger("runner")
@@ -35,6 +37,9 @@ def hydra_main(cfg: DictConfig) -> Any:
     hc = HydraConfig.get()
     out = Path(cfg.output_dir or hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    if multirun and cfg.get("run_seed") is None and -1 in (cfg.seeds if OmegaConf.is_list(cfg.seeds) else [cfg.seeds]):
+        # every job of the sweep draws its -1 seeds from one stored seed, so shards agree and requeues resume
+        cfg.run_seed = stored_seed(Path(hc.runtime.cwd, str(hc.sweep.dir)) / STATE / "run.json")
     try:
         if cfg.get("from_image"):  # the image's settings, then the user's overrides (reproduce/from_image.py)
             from .reproduce.from_image import prepare
@@ -42,11 +47,11 @@ def hydra_main(cfg: DictConfig) -> Any:
             result = run(prepare(cfg, hc.overrides.task, CONF_DIR), out)
         else:
             result = run(cfg, out)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         error(f"aborted; the finished images are kept in {out}; re-run the same command to resume")
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(exit_code(getattr(exc, "signum", None)))
     except ConfigError as exc:
-        remove_fresh_dir(out)
+        remove_created(out)
         error(str(exc))
         if multirun:  # outputs.sweep records it; the other jobs still run; the sweep exits 1 at the end
             raise JobFailed(str(exc)) from exc
@@ -58,9 +63,11 @@ def hydra_main(cfg: DictConfig) -> Any:
         if multirun:
             raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
         sys.exit(EXIT_FAILED)
-    print(result.summary())
+    print(result.summary(), flush=True)
+    if result.hand_over is not None:
+        result.hand_over()  # submitit: checkpoint and requeue this job; the requeued job resumes
     if result.interrupted:
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(result.exit_code)
     return {"output_dir": str(result.output_dir), "generated": result.generated, "skipped": result.skipped}
 
 

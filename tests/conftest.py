@@ -48,3 +48,24 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+SLOW_CLI = """
+import os, sys, time
+import runner.generate.batch as g
+real = g.generate
+def slow(*args, **kwargs):  # each batch takes at least T2I_TEST_BATCH_DELAY s, so signals land mid-run
+    time.sleep(float(os.environ.get("T2I_TEST_BATCH_DELAY", "0.5")))
+    return real(*args, **kwargs)
+g.generate = slow
+sys.argv = ["t2i", *sys.argv[1:]]
+from runner.cli import main
+main()
+"""
+
+
+def start_slow(args: list[str], cwd: Path, delay: float = 0.5) -> subprocess.Popen:
+    """Start `t2i ARGS` in a subprocess whose every batch takes at least `delay` seconds."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "T2I_TEST_BATCH_DELAY": str(delay)}
+    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)

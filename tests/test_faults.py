@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from conftest import run_cli, start_slow
 from PIL import Image
 
 import runner.generate.batch
@@ -146,11 +145,11 @@ def test_disk_full_keeps_exactly_the_finished_images(tmp_path, monkeypatch):
     real = runner.outputs.writer.save_png
     count = {"n": 0}
 
-    def fake(image, path, record):
+    def fake(image, path, record, **kw):
         count["n"] += 1
         if count["n"] > 3:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(image, path, record)
+        real(image, path, record, **kw)
 
     monkeypatch.setattr(runner.outputs.writer, "save_png", fake)
     out = tmp_path / "o"
@@ -171,11 +170,11 @@ DISK_FULL_CLI = """
 import errno, sys
 import runner.outputs.writer as o
 real, n = o.save_png, [0]
-def fake(image, path, record):
+def fake(image, path, record, **kw):
     n[0] += 1
     if n[0] > 2:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    real(image, path, record)
+    real(image, path, record, **kw)
 o.save_png = fake
 sys.argv = ["t2i", *sys.argv[1:]]
 from runner.cli import main
@@ -197,23 +196,8 @@ def test_disk_full_on_the_cli_is_one_line_and_nonzero(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
-SLOW_CLI = """
-import sys, time
-import runner.generate.batch as g
-real = g.generate
-def slow(*args, **kwargs):  # each batch takes at least 0.5 s, so a signal always lands mid-run
-    time.sleep(0.5)
-    return real(*args, **kwargs)
-g.generate = slow
-sys.argv = ["t2i", *sys.argv[1:]]
-from runner.cli import main
-main()
-"""
-
-
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return start_slow(args, cwd)
 
 
 def _wait_for_images(out: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -69,7 +69,7 @@ def test_axes_can_be_chosen_and_huge_grids_are_downscaled(run_2x3: Path) -> None
     info = read_grid_info(path)
     assert (info["x"], info["y"]) == ("prompt", "seed")
     assert len(info["cells"]) == 3 and len(info["cells"][0]) == 2
-    (path,) = write_grids(run_2x3, GridConfig(max_size=120))
+    (path,) = write_grids(run_2x3, GridConfig(max_size=120, min_cell=16))
     info = read_grid_info(path)
     with Image.open(path) as im:
         assert max(im.size) <= 120 and list(im.size) == info["size"]

@@ -8,7 +8,8 @@ from collections.abc import Iterable
 EXIT_OK = 0
 EXIT_FAILED = 1  # anything else that went wrong (a traceback with verbose=true)
 EXIT_CONFIG = 2  # bad input: one line naming the bad value and the valid ones
-EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: the finished images are kept
+EXIT_INTERRUPTED = 130  # Ctrl-C: the finished images are kept
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15): the finished images are kept
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,5 @@
-"""SHA-256 of weight files, cached by (path, size, mtime) so big checkpoints are hashed once."""
+"""SHA-256 of weight files (cached by path, size and mtime so big checkpoints are hashed once) and of the configs
+that change a model's pixels."""
 
 from __future__ import annotations
 
@@ -71,4 +72,32 @@ def model_sha256(path: str | os.PathLike) -> str:
         rel = f.relative_to(p).parts
         if f.suffix in WEIGHT_EXT and f.is_file() and len(rel) > 1 and rel[0] != "loras":  # component weights
             h.update(f"{f.relative_to(p).as_posix()}:{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _components(folder: Path) -> list[str]:
+    """The component subfolders a diffusers `model_index.json` names (`unet`, `scheduler`, `tokenizer`, ...)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return sorted(k for k, v in index.items() if isinstance(v, list) and (folder / k).is_dir())
+
+
+def config_sha256(path: str | os.PathLike) -> str:
+    """Hash of everything in a diffusers folder that changes pixels besides the weights: `model_index.json` and
+    every other file of its components (scheduler_config.json, config.json, tokenizer files, ...).
+
+    Empty for a single checkpoint file (its configs come from `model.config`, hashed on its own)."""
+    p = Path(path)
+    if not p.is_dir():
+        return ""
+    h = hashlib.sha256()
+    if (p / "model_index.json").is_file():
+        h.update(f"model_index.json:{file_sha256(p / 'model_index.json')}\n".encode())
+    for comp in _components(p):
+        for f in sorted((p / comp).rglob("*")):
+            rel = f.relative_to(p)
+            if f.is_file() and f.suffix not in WEIGHT_EXT and not any(part.startswith(".") for part in rel.parts):
+                h.update(f"{rel.as_posix()}:{file_sha256(f)}\n".encode())
     return h.hexdigest()

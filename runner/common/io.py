@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temp name beside `path`, fsync, then rename over it."""
+def atomic_write_bytes(path: Path, data: bytes, overwrite: bool = True) -> None:
+    """Write `data` to a temp name beside `path`, fsync, then rename over it.
+
+    With `overwrite=False` an existing `path` is never replaced (FileExistsError): the temp file is hard-linked
+    into place, which fails atomically if the name is taken (a plain existence check where links do not work)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
     try:
@@ -17,7 +21,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
+    finally:
         tmp.unlink(missing_ok=True)
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
         raise
+    except OSError:  # no hard links on this file system
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "will not overwrite an existing file", str(path)) from None
+        os.replace(tmp, path)

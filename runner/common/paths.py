@@ -84,7 +84,11 @@ def strip_weight_ext(name: str) -> str:
 
 
 def slug(text: str, max_len: int = 40) -> str:
-    """A short, file-name-safe, lowercase version of `text` (ASCII letters, digits and dashes)."""
+    """A short, file-name-safe, lowercase version of `text` (ASCII letters, digits and dashes), cut at a word
+    boundary when it is too long (a single word longer than `max_len` is cut)."""
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     text = re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()
-    return text[:max_len].strip("-") or "x"
+    if len(text) > max_len:
+        cut = text[: max_len + 1].rfind("-")
+        text = text[:cut] if cut > 0 else text[:max_len]
+    return text.strip("-") or "x"

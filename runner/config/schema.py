@@ -26,8 +26,9 @@ class GridConfig:
     enabled: bool = True
     x: str | None = None
     y: str | None = None
-    max_size: int = 8192
+    max_size: int = 8192  # largest side of a grid image (at most 8192: no decompression-bomb errors)
     font_size: int = 0  # 0 = derived from cell size
+    min_cell: int = 128  # cells never shrink below this side; a bigger grid is split into pages
 
 
 @dataclass
@@ -88,6 +89,7 @@ class RunConfig:
     allow_pickle_lora: bool = False
     max_loaded_loras: int = 8
     resume: bool = True
+    run_seed: int | None = None  # seeds given as -1 are drawn from it; null = the run dir's (or the sweep's)
     output_dir: str | None = None
     grid: GridConfig = field(default_factory=GridConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
@@ -99,7 +101,17 @@ class RunConfig:
     verbose: bool = False
 
 
+def register_resolvers() -> None:
+    """`${t2i.first:A,B}`: A unless it is null or empty, else B (conf/*.yaml: Hydra's run dir is `output_dir` when
+    that is set, so Hydra creates no second folder)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("t2i.first"):
+        OmegaConf.register_new_resolver("t2i.first", lambda a, b: b if a in (None, "") else a)
+
+
 def register_configs() -> None:
     """Register the schema so `conf/config.yaml` can list it first in its defaults."""
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="schema", node=RunConfig)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +19,7 @@ PIPELINES = ("auto", "sd", "sdxl")
 MAX_STEPS = 1000
 MAX_SIDE = 8192
 MAX_SEED = 2**64 - 1
+MAX_GRID_SIDE = 8192  # 8192² pixels stay under Pillow's decompression-bomb limit (89.5 M pixels)
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class RunSpec:
     verbose: bool = False
     nan_retry_fp32_vae: bool = False
     perf: PerfConfig = field(default_factory=PerfConfig)
+    run_seed: int | None = None  # seeds given as -1 are drawn from it (None: the run dir's, see outputs/rundir)
     extra: dict = field(default_factory=dict)
     schedule: tuple[str | None, ...] = (None,)  # A1111 "Schedule type" axis (config/schedulers.py)
     threads: int | None = None  # None = auto (runner.generate.threads)
@@ -245,7 +246,7 @@ def _validate(cfg: DictConfig) -> RunSpec:
     seeds = []
     for s in _as_list("seeds", cfg.seeds):
         seed = _number("seeds", s, int, -1, MAX_SEED)
-        seeds.append(random.SystemRandom().randrange(2**32) if seed == -1 else seed)
+        seeds.append(seed)  # -1 stays: drawn from the run seed (plan.draw_seeds), so shards and resumes agree
     scheds = [None if s in (None, "null", "default") else _choice("scheduler", s, SCHEDULERS)
               for s in _as_list("scheduler", cfg.scheduler)]
     schedules = [None if s in (None, "null", "default") else _choice("schedule", s, SCHEDULES)
@@ -271,7 +272,9 @@ def _validate(cfg: DictConfig) -> RunSpec:
     _number("shard.count", shard.count, int, 1, 1_000_000)
     _number("shard.index", shard.index, int, 0, shard.count - 1)
     _number("max_loaded_loras", cfg.max_loaded_loras, int, 1, 1000)
-    _number("grid.max_size", cfg.grid.max_size, int, 64, 65536)
+    _number("grid.max_size", cfg.grid.max_size, int, 64, MAX_GRID_SIDE)
+    _number("grid.min_cell", cfg.grid.min_cell, int, 8, MAX_GRID_SIDE)
+    run_seed = None if cfg.get("run_seed") is None else _number("run_seed", cfg.run_seed, int, 0, MAX_SEED)
     threads = cfg.get("threads", "auto")
     if threads not in ("auto", None) and (isinstance(threads, bool) or not isinstance(threads, int)
                                           or not 1 <= threads <= 1024):
@@ -309,4 +312,5 @@ def _validate(cfg: DictConfig) -> RunSpec:
         nan_retry_fp32_vae=bool(cfg.get("nan_retry_fp32_vae", False)),
         schedule=tuple(schedules),
         threads=threads,
+        run_seed=run_seed,
     )

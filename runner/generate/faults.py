@@ -1,5 +1,6 @@
 """Faults the generation loop survives: out-of-memory (smaller batches), black/NaN images (reported, optional
-fp32-VAE retry), write errors (one clear line, finished images kept), Ctrl-C (finish the batch, then stop)."""
+fp32-VAE retry), write errors (one clear line, finished images kept), Ctrl-C, SIGTERM and a submitit
+preemption signal (finish the batch, then stop)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import errno
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..common.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 from ..plan import ImageJob
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,10 @@ class FaultHandler:
         self.pipe = pipe
         self.nan_retry_fp32_vae = nan_retry_fp32_vae
         self.cap: int | None = None  # largest batch that fitted after an OOM
+        self.names: dict[str, str] = {}  # key -> file name, for messages (the run dir gives names)
+
+    def name(self, job: ImageJob) -> str:
+        return self.names.get(job.key, job.stem)
 
     def _call(self, generate: Callable[[list[ImageJob]], list[Any]], jobs: list[ImageJob],
               notes: dict[str, list[dict]]) -> list[tuple[list[ImageJob], list[Any]]]:
@@ -117,7 +124,7 @@ class FaultHandler:
                     raise
                 free_memory()
                 if len(chunk) == 1:
-                    raise OutOfMemory(f"out of memory even with batch_size=1 for {chunk[0].filename}; use "
+                    raise OutOfMemory(f"out of memory even with batch_size=1 for {self.name(chunk[0])}; use "
                                       "smaller width/height, model.dtype=fp16 or another device") from exc
                 half = (len(chunk) + 1) // 2
                 self.cap = half
@@ -147,7 +154,7 @@ class FaultHandler:
                 hint = "kept as is"
                 if can_retry:
                     hint = "set nan_retry_fp32_vae=true to retry with the VAE in fp32"
-                log.warning("%s is all black (NaN in the VAE?); %s", p.job.filename, hint)
+                log.warning("%s is all black (NaN in the VAE?); %s", self.name(p.job), hint)
         if not (self.nan_retry_fp32_vae and can_retry):
             if self.nan_retry_fp32_vae:
                 log.warning("%d black image(s); the VAE already runs in fp32, kept as is", len(bad))
@@ -159,7 +166,7 @@ class FaultHandler:
                 p.faults[-1].update(retried="fp32_vae", fixed=fixed)
                 if fixed:
                     p.image = image
-                log.warning("%s was all black; retried with the VAE in fp32: %s", p.job.filename,
+                log.warning("%s was all black; retried with the VAE in fp32: %s", self.name(p.job),
                             "fixed" if fixed else "still black, kept")
 
     def generate(self, generate: Callable[[list[ImageJob]], list[Any]],
@@ -188,30 +195,87 @@ def output_error(exc: OSError, out: Path, done: int) -> OutputError:
                        "manifest.jsonl; fix it and re-run the same command to resume")
 
 
+class Interrupted(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: stop at once (what is written stays consistent)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+def exit_code(signum: int | None) -> int:
+    """The exit code of a run stopped by `signum`: 143 for SIGTERM (128 + 15), else 130 (Ctrl-C)."""
+    return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
+
+
+def signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "no signal"
+
+
+def preemption_signal() -> int:
+    """The signal submitit sends before a time limit or on preemption (SUBMITIT_PREEMPT_SIGNAL, default USR2)."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return int(getattr(signal, f"SIG{name}", signal.SIGUSR2))
+
+
 class InterruptGuard:
-    """First Ctrl-C: finish the current batch, then stop. Second Ctrl-C: KeyboardInterrupt at once."""
+    """First Ctrl-C or SIGTERM: finish the batch in flight, then stop (the run writes its summary; exit 130 or
+    143). A second one: `Interrupted` at once.
+
+    Under submitit (a Python handler is installed for its preemption signal), that signal also stops the run
+    after the batch in flight; `hand_over()` then passes it to submitit's handler, which checkpoints and requeues
+    the job, and the requeued job resumes from the manifest."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._old: Any = None
-        self._installed = False
+        self.signum: int | None = None
+        self._count = 0  # Ctrl-C / SIGTERM received
+        self._old: dict[int, Any] = {}
+        self._preempt = preemption_signal()
 
-    def _handle(self, _signum: int, _frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("t2i: interrupted; finishing the current batch (Ctrl-C again to abort now)", file=sys.stderr,
+    @property
+    def preempted(self) -> bool:
+        return self.signum == self._preempt
+
+    @property
+    def time_limited(self) -> bool:
+        """Stopped by SIGTERM or preemption: a kill follows soon, so nothing slow should run now."""
+        return self.requested and self.signum != signal.SIGINT
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if signum != self._preempt:
+            self._count += 1
+            if self._count > 1:
+                raise Interrupted(signum)
+        if self.requested:
+            return
+        self.requested, self.signum = True, signum
+        name = signal_name(signum)
+        again = "" if signum == self._preempt else " (Ctrl-C again to abort now)"
+        print(f"t2i: interrupted ({name}); finishing the current batch, then stopping{again}", file=sys.stderr,
               flush=True)
 
+    def hand_over(self) -> None:
+        """Give the preemption signal to the handler that was there before (submitit: checkpoint, requeue)."""
+        old = self._old.get(self._preempt)
+        if self.preempted and callable(old):
+            old(self._preempt, None)
+
     def __enter__(self) -> InterruptGuard:
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        wanted = [signal.SIGINT, signal.SIGTERM]
+        if callable(signal.getsignal(self._preempt)):  # submitit's checkpoint-and-requeue handler
+            wanted.append(self._preempt)
+        for signum in wanted:
+            self._old[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._old)
-            self._installed = False
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+        if not self.preempted:
+            self._old.clear()
 
 
 def close_quietly(writer: Any) -> None:

@@ -1,10 +1,19 @@
-"""Labelled XY comparison grids of a run dir's manifest (A1111's "X/Y plot"), one per other-axes value."""
+"""Labelled XY comparison grids of a run dir's manifest (A1111's "X/Y plot"): one per value of the other swept
+axes, split into pages so no grid is huge, and every image in exactly one grid cell under labels that tell it apart.
+
+Images that agree on every grid axis (same prompt with two negative prompts, one LoRA set at two per-adapter
+scales, a LoRA file retrained under the same name, ...) would share a cell: the fields that tell them apart are
+added as page axes (shown in the grid's title), down to the file name if nothing else differs.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +26,14 @@ from ..plan import AXES
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)
-GRID_AXES = (*AXES, "model")
+GRID_AXES = (*AXES, "negative_prompt", "model")
+AUTO_AXES = tuple(a for a in GRID_AXES if a != "negative_prompt")  # it goes with its prompt: not picked alone
+DETAIL_AXES = ("lora_files", "model_build", "file")  # tell apart what the grid axes cannot; `file` always can
 GRID_DIR = "grids"
 GRID_KEY = "t2i-grid"  # PNG iTXt key of the grid's JSON description
+GRID_VERSION = 2
 MIN_FONT = 6
+NAME_MAX = 100  # characters of a grid file name before `.png`
 
 
 def check_axes(grid: GridConfig) -> None:
@@ -34,20 +47,43 @@ def check_axes(grid: GridConfig) -> None:
         raise ConfigError(f"grid.x and grid.y are both {grid.x!r}; pick two different axes")
 
 
+def _set_name(entry: dict) -> str:
+    """The LoRA set by adapter names with their own scales (`A+B@0`); older records rebuild it from the weights."""
+    if entry.get("lora_set_name"):
+        return entry["lora_set_name"]
+    loras = entry.get("loras") or []
+    if not loras:
+        return "nolora"
+    mult = entry.get("lora_scale")
+    parts = []
+    for lo in loras:
+        own = lo.get("scale", 1.0) / mult if mult not in (None, 0) else 1.0
+        parts.append((lo.get("name") or "lora") + ("" if round(own, 6) == 1 else f"@{own:g}"))
+    return "+".join(parts)
+
+
 def axis_value(entry: dict, axis: str) -> Any:
     """The value of `axis` for one manifest entry (LoRA sets by adapter names, the model by its name)."""
     if axis == "lora_set":
-        names = [lo.get("name") or "lora" for lo in entry.get("loras") or []]
-        return "+".join(names) if names else "nolora"
+        return _set_name(entry)
     if axis == "model":
         return (entry.get("model") or {}).get("name")
+    if axis == "negative_prompt":
+        return entry.get("negative_prompt") or ""
+    if axis == "lora_files":
+        return "+".join(f"{lo.get('name')}:{str(lo.get('sha256'))[:10]}" for lo in entry.get("loras") or []) or "-"
+    if axis == "model_build":
+        m = entry.get("model") or {}
+        return " ".join(str(v)[:10] for v in (m.get("hash"), m.get("config_hash"), m.get("dtype")) if v)
     return entry.get(axis)
 
 
 def value_label(axis: str, value: Any) -> str:
-    """Readable `axis: value` text."""
+    """Readable `axis: value` text (A1111's terms for the defaults: Clip skip 1 is the last layer)."""
     if value is None:
-        text = "default" if axis == "scheduler" else "-"
+        text = {"scheduler": "default", "clip_skip": "1", "width": "native", "height": "native"}.get(axis, "-")
+    elif axis == "negative_prompt" and value == "":
+        text = "(none)"
     elif isinstance(value, float):
         text = f"{value:g}"
     else:
@@ -63,23 +99,44 @@ def _ordered(values: list[Any]) -> list[Any]:
     return distinct
 
 
-def _swept(entries: list[dict]) -> list[str]:
-    """The axes with more than one value among `entries` (lora_scale None, i.e. no LoRA, does not count)."""
-    def distinct(axis: str) -> int:
-        values = (axis_value(e, axis) for e in entries)
-        return len({json.dumps(v) for v in values if v is not None or axis != "lora_scale"})
+def _distinct(entries: list[dict], axis: str) -> int:
+    values = (axis_value(e, axis) for e in entries)
+    return len({v for v in values if v is not None or axis != "lora_scale"})
 
-    return [a for a in GRID_AXES if distinct(a) > 1]
+
+def _swept(entries: list[dict], axes: tuple[str, ...] = GRID_AXES) -> list[str]:
+    """The axes with more than one value among `entries` (lora_scale None, i.e. no LoRA, does not count)."""
+    return [a for a in axes if _distinct(entries, a) > 1]
 
 
 def pick_axes(entries: list[dict], x: str | None, y: str | None) -> tuple[str | None, str | None]:
     """`grid.x`/`grid.y`, filling a null one with the last swept axes (those with more than one value)."""
-    free = [a for a in _swept(entries) if a not in (x, y)]
+    free = [a for a in _swept(entries, AUTO_AXES) if a not in (x, y)]
     if x is None and free:
         x = free.pop()
     if y is None and free:
         y = free.pop()
     return x, y
+
+
+def _collisions(entries: list[dict], axes: list[str]) -> int:
+    """How many entries share all of `axes`' values with an earlier one (they would share a grid cell)."""
+    return len(entries) - len({tuple(axis_value(e, a) for a in axes) for e in entries})
+
+
+def tell_apart(entries: list[dict], axes: list[str]) -> list[str]:
+    """The extra axes (fewest, in order: the other grid axes, then LoRA file hashes, the model's build, the file
+    name) that give every entry its own combination of values."""
+    extra: list[str] = []
+    left = _collisions(entries, axes)
+    for cand in [a for a in GRID_AXES if a not in axes] + list(DETAIL_AXES):
+        if not left:
+            break
+        fewer = _collisions(entries, axes + extra + [cand])
+        if fewer < left:
+            extra.append(cand)
+            left = fewer
+    return extra
 
 
 def _wrap(text: str, font: Any, width: int) -> list[str]:
@@ -167,17 +224,50 @@ def _draw_lines(draw: Any, lay: _Layout, lines: list[str], box: tuple[int, int, 
         y += lay.line_h
 
 
-def render_grid(run_dir: Path, cells: list[list[dict | None]], x: str | None, y: str | None,
-                x_values: list, y_values: list, fixed: dict[str, Any], grid: GridConfig) -> tuple[Any, dict]:
-    """One labelled grid image (rows = y values, columns = x values) and its JSON description."""
-    from PIL import Image, ImageDraw, ImageOps
+@dataclass
+class Page:
+    """One grid image: a block of rows x columns of one group (one value of each page axis)."""
 
-    present = [e for row in cells for e in row if e is not None]
+    name: str
+    x: str | None
+    y: str | None
+    xs: list[Any]
+    ys: list[Any]
+    fixed: dict[str, Any]
+    cells: list[list[dict | None]]
+    page: tuple[int, int]  # (number, of)
+
+
+def _tile(path: Path, size: tuple[int, int]) -> Any:
+    """The image at `path`, fitted into `size` keeping its aspect ratio (None if it cannot be read)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = min(size[0] / im.width, size[1] / im.height)
+            if scale >= 1 and im.width <= size[0] and im.height <= size[1]:
+                return im.copy()
+            fit = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            return im.resize(fit, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    except (OSError, ValueError) as exc:
+        log.warning("grid: cannot read %s (%s); its cell is left blank", path, exc)
+        return None
+
+
+def render_grid(run_dir: Path, page: Page, grid: GridConfig, pool: ThreadPoolExecutor | None = None
+                ) -> tuple[Any, dict]:
+    """One labelled grid image (rows = y values, columns = x values) and its JSON description."""
+    from PIL import Image, ImageDraw
+
+    present = [e for row in page.cells for e in row if e is not None]
     cell = (max(int(e.get("width") or 64) for e in present), max(int(e.get("height") or 64) for e in present))
     font_size = grid.font_size or max(10, min(cell) // 12)
-    title = ", ".join(value_label(a, v) for a, v in fixed.items())
-    cols = [value_label(x, v) for v in x_values] if x else [""]
-    rows = [value_label(y, v) for v in y_values] if y else [""]
+    title = ", ".join(value_label(a, v) for a, v in page.fixed.items())
+    if page.page[1] > 1:
+        title = f"{title} (page {page.page[0]} of {page.page[1]})".strip()
+    cols = [value_label(page.x, v) for v in page.xs] if page.x else [""]
+    rows = [value_label(page.y, v) for v in page.ys] if page.y else [""]
     lay = _fit(cell, font_size, grid.max_size, title, cols, rows)
     width, height = lay.size
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -185,21 +275,15 @@ def render_grid(run_dir: Path, cells: list[list[dict | None]], x: str | None, y:
     cw, ch = lay.cell
     if lay.title:
         _draw_lines(draw, lay, lay.title, (0, 0, width, len(lay.title) * lay.line_h + 2 * lay.pad))
-    header_top = lay.top - (max(len(c) for c in lay.cols) * lay.line_h + 2 * lay.pad if x else 0)
-    for c, lines in enumerate(lay.cols if x else []):
+    header_top = lay.top - (max(len(c) for c in lay.cols) * lay.line_h + 2 * lay.pad if page.x else 0)
+    for c, lines in enumerate(lay.cols if page.x else []):
         _draw_lines(draw, lay, lines, (lay.left + c * cw, header_top, lay.left + (c + 1) * cw, lay.top))
-    for r, lines in enumerate(lay.rows if y else []):
+    for r, lines in enumerate(lay.rows if page.y else []):
         _draw_lines(draw, lay, lines, (0, lay.top + r * ch, lay.left, lay.top + (r + 1) * ch))
-    for r, row in enumerate(cells):
-        for c, entry in enumerate(row):
-            if entry is None:
-                continue
-            try:
-                with Image.open(run_dir / entry["file"]) as im:
-                    tile = ImageOps.contain(im.convert("RGB"), (cw, ch), Image.Resampling.LANCZOS)
-            except (OSError, ValueError) as exc:
-                log.warning("grid: cannot read %s (%s); its cell is left blank", entry["file"], exc)
-                continue
+    spots = [(r, c, e) for r, row in enumerate(page.cells) for c, e in enumerate(row) if e is not None]
+    load = (pool.map if pool is not None else map)(lambda s: _tile(run_dir / s[2]["file"], (cw, ch)), spots)
+    for (r, c, _), tile in zip(spots, load, strict=True):
+        if tile is not None:
             x0, y0 = lay.left + c * cw + (cw - tile.width) // 2, lay.top + r * ch + (ch - tile.height) // 2
             canvas.paste(tile, (x0, y0))
     if max(canvas.size) > grid.max_size:  # labels alone are wider than max_size: shrink everything
@@ -207,13 +291,13 @@ def render_grid(run_dir: Path, cells: list[list[dict | None]], x: str | None, y:
         size = (max(1, round(width * s)), max(1, round(height * s)))
         canvas = canvas.resize(size, Image.Resampling.LANCZOS)
     info = {
-        "grid_version": 1, "x": x, "y": y, "fixed": fixed,
-        "x_values": x_values if x else [], "y_values": y_values if y else [],
-        "x_labels": cols if x else [], "y_labels": rows if y else [],
+        "grid_version": GRID_VERSION, "x": page.x, "y": page.y, "fixed": page.fixed,
+        "x_values": page.xs if page.x else [], "y_values": page.ys if page.y else [],
+        "x_labels": cols if page.x else [], "y_labels": rows if page.y else [],
         "cell_size": [cw, ch], "origin": [lay.left, lay.top], "size": list(canvas.size),
-        "font_size": lay.font.size,
+        "font_size": lay.font.size, "page": list(page.page),
         "scale": round(cw / cell[0], 4) if canvas.size == (width, height) else None,
-        "cells": [[e["file"] if e else None for e in row] for row in cells],
+        "cells": [[e["file"] if e else None for e in row] for row in page.cells],
     }
     return canvas, info
 
@@ -237,48 +321,99 @@ def read_grid_info(path: str | Path) -> dict | None:
     return json.loads(text[GRID_KEY]) if GRID_KEY in text else None
 
 
+def _name(fixed: dict[str, Any], page: tuple[int, int], digest: bool = False) -> str:
+    """`grid_seed-1_steps-4` (whole words; a short hash when the values do not fit), `_p2` for later pages."""
+    parts = [f"{slug(a, 16)}-{slug(value_label(a, v).split(': ', 1)[1], 40)}" for a, v in fixed.items()]
+    name = "_".join(["grid", *parts])
+    if len(name) > NAME_MAX or digest:
+        tag = hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        keep = ["grid"]
+        for part in parts:
+            if len("_".join([*keep, part])) + 9 > NAME_MAX:
+                break
+            keep.append(part)
+        name = "_".join([*keep, tag])
+    return name + (f"_p{page[0]}" if page[1] > 1 else "")
+
+
+def _chunks(values: list[Any], size: int) -> list[list[Any]]:
+    return [values[i : i + size] for i in range(0, len(values), size)] or [[]]
+
+
+def plan_pages(entries: list[dict], grid: GridConfig) -> list[Page]:
+    """Every grid page of `entries` (each entry in exactly one cell of one page)."""
+    x, y = pick_axes(entries, grid.x, grid.y)
+    others = [a for a in _swept(entries, AUTO_AXES) if a not in (x, y)]
+    others += tell_apart(entries, [a for a in (x, y) if a] + others)
+    x_values = _ordered([axis_value(e, x) for e in entries]) if x else [None]
+    y_values = _ordered([axis_value(e, y) for e in entries]) if y else [None]
+    groups: dict[tuple, list[dict]] = {}
+    for e in entries:
+        groups.setdefault(tuple(axis_value(e, a) for a in others), []).append(e)
+    pages: list[Page] = []
+    for values, members in groups.items():
+        fixed = dict(zip(others, values, strict=True))
+        where = {(axis_value(e, x) if x else None, axis_value(e, y) if y else None): e for e in members}
+        here_x, here_y = {k[0] for k in where}, {k[1] for k in where}
+        xs, ys = [v for v in x_values if v in here_x], [v for v in y_values if v in here_y]
+        cw = max(int(e.get("width") or 64) for e in members)
+        ch = max(int(e.get("height") or 64) for e in members)
+        shrink = min(1.0, grid.min_cell / min(cw, ch))  # cells never below min_cell (or the image, if smaller)
+        per_row = max(1, int(grid.max_size * 0.9 // max(1, int(cw * shrink))))
+        per_col = max(1, int(grid.max_size * 0.9 // max(1, int(ch * shrink))))
+        blocks = [(bx, by) for by in _chunks(ys, per_col) for bx in _chunks(xs, per_row)]
+        for n, (bx, by) in enumerate(blocks, start=1):
+            cells = [[where.get((vx, vy)) for vx in bx] for vy in by]
+            if any(c is not None for row in cells for c in row):
+                pages.append(Page(_name(fixed, (n, len(blocks))), x, y, bx, by, fixed, cells, (n, len(blocks))))
+    names = [p.name for p in pages]
+    for p in pages:  # values that differ only in what a file name cannot hold: add their hash
+        if names.count(p.name) > 1:
+            p.name = _name(p.fixed, p.page, digest=True)
+    return pages
+
+
+def _source(run_dir: Path, page: Page, grid: GridConfig) -> str:
+    """A digest of what a page shows (files and their modification times, labels, layout settings)."""
+    files = [[e["file"] if e else None for e in row] for row in page.cells]
+    mtimes = [os.stat(run_dir / f).st_mtime_ns for row in files for f in row if f]
+    blob = [GRID_VERSION, files, mtimes, page.x, page.y, page.xs, page.ys, page.fixed, list(page.page),
+            grid.max_size, grid.font_size, grid.min_cell]
+    return hashlib.sha256(json.dumps(blob, default=str).encode()).hexdigest()
+
+
 def write_grids(run_dir: str | Path, grid: GridConfig, entries: list[dict] | None = None) -> list[Path]:
-    """Write `run_dir/grids/*.png` for every image in the run dir's manifest; returns the paths written."""
+    """Write `run_dir/grids/*.png` covering every image in the run dir's manifest; returns the grids of the run dir
+    (a page whose images and labels did not change since it was written is not drawn again)."""
     check_axes(grid)
     run_dir = Path(run_dir)
     if entries is None:
         entries = Manifest(run_dir).entries()
-    by_key = {e["key"]: e for e in entries if (run_dir / e["file"]).is_file()}
-    entries = sorted(by_key.values(), key=lambda e: (e.get("index", 0), e["file"]))
-    x, y = pick_axes(entries, grid.x, grid.y)
-    if not entries or (x is None and y is None):
-        return []
-    others = [a for a in _swept(entries) if a not in (x, y)]
-    x_values = _ordered([axis_value(e, x) for e in entries]) if x else [None]
-    y_values = _ordered([axis_value(e, y) for e in entries]) if y else [None]
-    groups: dict[str, list[dict]] = {}
-    for e in entries:
-        groups.setdefault(json.dumps([axis_value(e, a) for a in others]), []).append(e)
+    by_file = {e["file"]: e for e in entries if (run_dir / e["file"]).is_file()}
+    entries = sorted(by_file.values(), key=lambda e: (str(e.get("run_dir", "")), e.get("index", 0), e["file"]))
     out_dir = run_dir / GRID_DIR
-    out_dir.mkdir(exist_ok=True)
-    for tmp in out_dir.glob(f".*{TMP_SUFFIX}"):
+    pages = plan_pages(entries, grid) if entries else []
+    if pages:
+        out_dir.mkdir(exist_ok=True)
+    for tmp in out_dir.glob(f".*{TMP_SUFFIX}") if out_dir.is_dir() else []:
         tmp.unlink(missing_ok=True)
     written: list[Path] = []
-    for n, members in enumerate(groups.values()):
-        fixed = {a: axis_value(members[0], a) for a in others}
-        xs = [v for v in x_values if any(axis_value(e, x) == v for e in members)] if x else [None]
-        ys = [v for v in y_values if any(axis_value(e, y) == v for e in members)] if y else [None]
-        cells: list[list[dict | None]] = [[None] * len(xs) for _ in ys]
-        for e in members:
-            r = ys.index(axis_value(e, y)) if y else 0
-            c = xs.index(axis_value(e, x)) if x else 0
-            if cells[r][c] is None:
-                cells[r][c] = e
-            else:
-                log.warning("grid: %s and %s share a cell; showing the first", cells[r][c]["file"], e["file"])
-        image, info = render_grid(run_dir, cells, x, y, xs, ys, fixed, grid)
-        name = "grid" if not fixed else f"grid_{n:03d}_" + "_".join(
-            f"{slug(a, 12)}-{slug(value_label(a, v).split(': ', 1)[1], 24)}" for a, v in fixed.items())
-        path = out_dir / f"{name[:120]}.png"
-        _save(image, path, info)
-        written.append(path)
-    for old in out_dir.glob("grid*.png"):
+    drawn = 0
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for page in pages:
+            path = out_dir / f"{page.name}.png"
+            source = _source(run_dir, page, grid)
+            try:
+                same = path.is_file() and (read_grid_info(path) or {}).get("source") == source
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                image, info = render_grid(run_dir, page, grid, pool)
+                _save(image, path, {**info, "source": source})
+                drawn += 1
+            written.append(path)
+    for old in out_dir.glob("grid*.png") if out_dir.is_dir() else []:
         if old not in written:
             old.unlink(missing_ok=True)
-    log.info("wrote %d grid(s) to %s", len(written), out_dir)
+    log.info("grids: %d page(s) in %s (%d drawn, %d unchanged)", len(written), out_dir, drawn, len(written) - drawn)
     return written

@@ -1,19 +1,25 @@
-"""`manifest.jsonl`: one JSON line per finished image, the run dir's source of truth (resume, grids, merge)."""
+"""`manifest.jsonl`: one JSON line per image file of a run dir, the run dir's source of truth (resume, grids, merge).
+
+A line is appended only after its file is in place (atomic rename), so a line always names a complete file; the
+file name is unique in the run dir and never reused. Reading is O(1) per line: no image is decoded.
+Writers that share a run dir serialise appends and rewrites with the run dir's lock (outputs/rundir.py).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
-from ..common.io import TMP_SUFFIX, atomic_write_bytes
+from ..common.io import atomic_write_bytes
 
 MANIFEST = "manifest.jsonl"
 
 
 def png_complete(path: Path) -> bool:
-    """True if the PNG exists and decodes fully."""
+    """True if the PNG exists and decodes fully (a slow, full check; resume does not need it)."""
     from PIL import Image
 
     try:
@@ -24,8 +30,63 @@ def png_complete(path: Path) -> bool:
         return False
 
 
+def dumps(entry: dict) -> str:
+    return json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def parse_lines(data: bytes) -> list[dict]:
+    """The valid manifest lines of `data` (a torn or foreign line is skipped)."""
+    out = []
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str) and "key" in entry:
+            out.append(entry)
+    return out
+
+
+def one_per_file(entries: Iterable[dict]) -> list[dict]:
+    """One line per file: the last one written for it (the file holds what was written last), in the order the
+    files first appear."""
+    last: dict[str, dict] = {}
+    for e in entries:
+        last[e["file"]] = e  # a dict keeps a key's first position and takes its latest value
+    return list(last.values())
+
+
+class Tail:
+    """Reads the lines appended to a file since the last read (by any process); a rewritten file is read anew."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._ino: int | None = None
+        self._offset = 0
+
+    def read(self) -> tuple[list[dict], bool]:
+        """(new lines, whether the file was rewritten and these are all of its lines)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            rewritten = self._offset > 0
+            self._ino, self._offset = None, 0
+            return [], rewritten
+        rewritten = self._ino is not None and (st.st_ino != self._ino or st.st_size < self._offset)
+        if rewritten or self._ino is None:
+            self._ino, self._offset = st.st_ino, 0
+        if st.st_size == self._offset:
+            return [], rewritten
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read(st.st_size - self._offset)
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        self._offset += end
+        return parse_lines(data[:end]), rewritten
+
+
 class Manifest:
-    """Append-only JSON lines, one per finished image; a line is written only after its file is in place."""
+    """The run dir's manifest file: read it, append one line, rewrite it atomically."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
@@ -33,38 +94,49 @@ class Manifest:
         self._lock = threading.Lock()
 
     def entries(self) -> list[dict]:
-        """Valid lines (a torn last line from a killed process is skipped)."""
-        if not self.path.is_file():
+        """One valid line per file (a torn last line from a killed process is skipped)."""
+        try:
+            return one_per_file(parse_lines(self.path.read_bytes()))
+        except FileNotFoundError:
             return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and "file" in entry and "key" in entry:
-                out.append(entry)
-        return out
 
-    def recover(self, verify: bool = True) -> dict[str, dict]:
-        """Done images by key; drops lines whose file is missing or broken, removes temp files, rewrites cleanly."""
-        for tmp in self.run_dir.glob(f".*{TMP_SUFFIX}"):
-            tmp.unlink(missing_ok=True)
-        done: dict[str, dict] = {}
-        entries = self.entries()
-        for entry in entries:
-            path = self.run_dir / entry["file"]
-            if entry["key"] in done or not path.is_file() or (verify and not png_complete(path)):
-                continue
-            done[entry["key"]] = entry
-        if self.path.is_file() and len(done) != len(self.path.read_text(encoding="utf-8").splitlines()):
-            text = "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in done.values())
-            atomic_write_bytes(self.path, text.encode("utf-8"))
-        return done
+    def recover(self, present: set[str] | None = None) -> list[dict]:
+        """The lines whose file is in the run dir, one per file; rewrites the manifest when that drops anything
+        (lines of deleted files, duplicate lines, a torn last line). `present`: the run dir's file names, when
+        the caller has listed them already. O(1) per line: completeness is guaranteed by the atomic rename."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        if present is None:
+            present = {d.name for d in os.scandir(self.run_dir)}
+        raw = parse_lines(data)
+        kept = [e for e in one_per_file(raw) if e["file"] in present]
+        if len(kept) != data.count(b"\n") or (data and not data.endswith(b"\n")):
+            self.rewrite(kept)
+        return kept
+
+    def rewrite(self, entries: Iterable[dict]) -> None:
+        """Replace the manifest by `entries` atomically (the caller holds the run dir's lock)."""
+        with self._lock:
+            atomic_write_bytes(self.path, "".join(dumps(e) for e in entries).encode("utf-8"))
 
     def append(self, entry: dict) -> None:
-        line = json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one line, durably (the caller holds the run dir's lock when others may write too)."""
+        append_line(self.path, dumps(entry), self._lock)
+
+
+def append_line(path: Path, line: str, lock: threading.Lock | None = None) -> None:
+    """Append `line` to `path` and fsync; a torn last line left by a killed process is ended first, so the new
+    line stays whole."""
+    data = line.encode("utf-8")
+    with lock or threading.Lock():
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

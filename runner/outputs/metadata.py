@@ -11,7 +11,7 @@ from typing import Any
 
 JSON_KEY = "t2i-runner"  # PNG tEXt/iTXt key of our full JSON record
 INFOTEXT_KEY = "parameters"  # A1111's key
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: keys hold file hashes (plan.KEY_VERSION); file/index/created only in the manifest
 
 _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _RE_SIZE = re.compile(r"^(\d+)x(\d+)$")

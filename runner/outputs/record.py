@@ -1,9 +1,11 @@
-"""The per-image record: every knob that changes pixels, plus provenance (stored in the PNG and the manifest)."""
+"""The per-image record: every knob that changes pixels, plus provenance (stored in the PNG and the manifest).
+
+Only what the image is goes into the PNG, so the same config on the same machine and versions gives the same
+bytes; where and when it was written (file name, number, time) is in its manifest line only (writer.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timezone
 from typing import Any
 
 from ..plan import ImageJob
@@ -15,9 +17,10 @@ from ..plan import ImageJob
 SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler",
             "schedule", "clip_skip", "perf")
 SPECIAL = ("loras", "model", "device", "threads", "batch_size", "batch_invariant")
-DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_scale", "key",
-           "file", "index")
-PROVENANCE = ("record_version", "generator", "versions", "created", "faults", "reproduced")
+DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_set_name",
+           "lora_scale", "key", "file", "index")
+# `file`, `index`, `created` and `adopted` are in manifest lines only (the PNG holds no run-dir facts)
+PROVENANCE = ("record_version", "generator", "versions", "created", "adopted", "faults", "reproduced", "run_seed")
 
 
 def perf_record(loaded: Any) -> dict:
@@ -29,8 +32,9 @@ def perf_record(loaded: Any) -> dict:
 
 
 def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: int, batch: int,
-                 invariant: bool) -> dict:
-    """The full per-image record: every knob that changes pixels, plus provenance."""
+                 invariant: bool, config_hash: str = "") -> dict:
+    """The full per-image record: every knob that changes pixels, plus provenance. `config_hash`: the model's
+    pixel-changing configs (common.hashing.config_sha256)."""
     from ..generate.prompt_embeds import clip_skip_applies
     from .metadata import RECORD_VERSION, versions
 
@@ -38,9 +42,7 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
     sampler, schedule_type = loaded.sampler_name(job.scheduler, job.schedule)
     return {
         "record_version": RECORD_VERSION,
-        "file": job.filename,
         "key": job.key,
-        "index": job.index,
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt,
         "seed": job.seed,
@@ -57,10 +59,12 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         "schedule_type": schedule_type,
         "scheduler_class": type(loaded.pipe.scheduler).__name__,
         "lora_set": job.lora_set,
+        "lora_set_name": job.set_label,
         "lora_scale": job.lora_scale,
         "loras": [r.record(w) for r, w in zip(loras, job.adapter_weights, strict=True)],
         "model": {"id": loaded.config.id, "name": src.display, "kind": src.kind, "location": src.location,
-                  "revision": src.revision, "hash": loaded.sha256, "pipeline": type(loaded.pipe).__name__,
+                  "revision": src.revision, "hash": loaded.sha256, "config_hash": config_hash,
+                  "pipeline": type(loaded.pipe).__name__,
                   "dtype": loaded.dtype_name, "variant": loaded.config.variant, "config": loaded.config.config},
         "perf": perf_record(loaded),
         "device": loaded.device,
@@ -69,7 +73,6 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         "batch_size": batch,
         "batch_invariant": invariant,
         "versions": versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 

@@ -7,17 +7,17 @@ import json
 import logging
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from hydra.core.utils import JobStatus
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ..common.errors import first_line
+from ..common.errors import ConfigError, first_line
 from ..common.io import atomic_write_bytes
 from .manifest import MANIFEST, Manifest
 
@@ -32,22 +32,6 @@ class JobFailed(CompactHydraException):
 
 def _lines(entries: list[dict]) -> bytes:
     return "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in entries).encode("utf-8")
-
-
-@contextmanager
-def _locked(folder: Path):
-    """An exclusive lock on `folder/lock` (jobs of a submitit sweep may finish at the same moment)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock (jobs there run one at a time)
-        yield
-        return
-    with open(folder / "lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def job_lines(sweep_dir: Path, job_dir: Path, num: int, overrides: list[str],
@@ -76,7 +60,7 @@ def rebuild(sweep_dir: Path) -> Path:
     """Concatenate the job part files into `sweep_manifest.jsonl` (atomically, under a lock)."""
     parts = sweep_dir / PARTS_DIR
     parts.mkdir(parents=True, exist_ok=True)
-    with _locked(parts):
+    with FileLock(parts / "lock"):  # jobs of a submitit sweep may finish at the same moment
         blob = b"".join(p.read_bytes() for p in sorted(parts.glob("job-*.jsonl")))
         atomic_write_bytes(sweep_dir / SWEEP_MANIFEST, blob)
     return sweep_dir / SWEEP_MANIFEST
@@ -125,8 +109,19 @@ def run_dirs_of(paths: list[Path]) -> list[Path]:
     return found
 
 
+def own_images(folder: Path) -> int:
+    """How many images `folder`'s manifest lists as its own (lines that are not a merge's references)."""
+    return sum(1 for e in Manifest(folder).entries() if "run_dir" not in e)
+
+
 def merge(run_dirs: list[Path], out: Path) -> tuple[list[dict], int]:
-    """Write one manifest in `out` of all run dirs' images (first of a key wins); return it, duplicates."""
+    """Write one manifest in `out` of all run dirs' images (first of a key wins); return it, duplicates.
+
+    `out` may hold an earlier merge (replaced), never a run dir's own images (ConfigError)."""
+    mine = own_images(out) if (out / MANIFEST).is_file() else 0
+    if mine:
+        raise ConfigError(f"--output {out} is a run dir with {mine} image(s) of its own; merging into it would "
+                          "mix its manifest with other dirs' lines: give it as an input and --output a new folder")
     out.mkdir(parents=True, exist_ok=True)
     merged: dict[str, dict] = {}
     duplicates = 0
@@ -140,14 +135,13 @@ def merge(run_dirs: list[Path], out: Path) -> tuple[list[dict], int]:
                 continue
             rel = {"file": os.path.relpath(path, out), "run_dir": os.path.relpath(d, out)}
             merged[entry["key"]] = {**entry, **rel}
-    entries = sorted(merged.values(), key=lambda e: (e.get("index", 0), e["file"]))
+    entries = sorted(merged.values(), key=lambda e: (e["run_dir"], e.get("index", 0), e["file"]))
     atomic_write_bytes(out / MANIFEST, _lines(entries))
     return entries, duplicates
 
 
 def merge_main(argv: list[str] | None = None) -> int:
     """`t2i-merge`: gather shard (or multirun job) run dirs into one manifest and grid."""
-    from ..common.errors import ConfigError
     from ..config import GridConfig
     from .grid import write_grids
 

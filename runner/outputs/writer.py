@@ -5,31 +5,38 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..common.io import atomic_write_bytes
-from .manifest import Manifest
 from .metadata import pnginfo
+from .rundir import Claim, RunDir
 
 log = logging.getLogger(__name__)
 
 
-def save_png(image: Any, path: Path, record: dict) -> None:
-    """Encode `image` with its metadata chunks and write it atomically."""
+def save_png(image: Any, path: Path, record: dict, overwrite: bool = False) -> None:
+    """Encode `image` with its metadata chunks and write it atomically; an existing file is replaced only with
+    `overwrite` (an image regenerated in place, same key)."""
     import io
 
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=pnginfo(record))
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
+
+
+def manifest_line(record: dict, claim: Claim) -> dict:
+    """The manifest line of a written image: its record plus where and when it was written."""
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {**record, "file": claim.file, "index": claim.number, "created": created}
 
 
 class ImageWriter:
     """Encodes and writes PNGs in background threads (bounded queue), then appends their manifest lines."""
 
-    def __init__(self, run_dir: Path, manifest: Manifest, threads: int = 2, depth: int = 16, on_done=None) -> None:
-        self.run_dir = Path(run_dir)
-        self.manifest = manifest
+    def __init__(self, run_dir: RunDir, threads: int = 2, depth: int = 16, on_done=None) -> None:
+        self.run_dir = run_dir
         self.on_done = on_done
         self.error: BaseException | None = None
         self._closed = False
@@ -45,11 +52,12 @@ class ImageWriter:
             if item is None:
                 self._q.task_done()
                 return
-            image, entry = item
+            image, record, claim = item
             try:
                 if self.error is None:
-                    save_png(image, self.run_dir / entry["file"], entry)
-                    self.manifest.append(entry)
+                    save_png(image, self.run_dir.path / claim.file, record, overwrite=claim.replaces)
+                    entry = manifest_line(record, claim)
+                    self.run_dir.commit(entry, replaces=claim.replaces)
                     if self.on_done is not None:
                         self.on_done(entry)
             except BaseException as exc:  # noqa: BLE001 - reported to the generating thread
@@ -57,11 +65,11 @@ class ImageWriter:
             finally:
                 self._q.task_done()
 
-    def submit(self, image: Any, entry: dict) -> None:
+    def submit(self, image: Any, record: dict, claim: Claim) -> None:
         """Queue one image (blocks while the queue is full); raises a writer error promptly."""
         if self.error is not None:
             raise self.error
-        self._q.put((image, entry))
+        self._q.put((image, record, claim))
 
     def close(self) -> None:
         """Wait for every queued image, stop the threads, and raise the first write error if any (once)."""

@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..common.paths import slug
 from ..config import LoraSpec, RunSpec, lora_name
 
+KEY_VERSION = 2
+RANDOM_SEED = -1  # in `seeds`: draw one from the run seed
 AXES = ("prompt", "seed", "lora_set", "lora_scale", "steps", "guidance_scale", "scheduler", "width", "height",
         "clip_skip", "schedule")
 
@@ -35,6 +38,7 @@ class ImageJob:
     model_key: str = ""
     clip_skip: int | None = None  # A1111 semantics: 2 = the penultimate CLIP layer; None = the last
     schedule: str | None = None  # A1111 "Schedule type" (config/schedulers.py); None = the scheduler's own
+    lora_ids: tuple[str, ...] = ()  # sha256 of each adapter's file (the key holds them, not the paths)
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:
@@ -42,15 +46,21 @@ class ImageJob:
         mult = 1.0 if self.lora_scale is None else self.lora_scale
         return tuple(s.scale * mult for s in self.loras)
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """A stable id of the image's content, used by resume and sharding."""
+        """The image's identity: a hash of everything its pixels depend on (resume, claims and dedupe use it).
+
+        It covers the model's content (`model_key`: weights and pixel-changing configs, dtype, variant), each
+        adapter's file content (`lora_ids`: sha256) with its effective weight, and every generation setting. It
+        leaves out how the image is computed (device, library versions, batch size, fast-path flags): those are
+        recorded with the image. Version 2; keys of version 1 (file paths instead of hashes) never equal these."""
+        ids = self.lora_ids or tuple(f"{s.source}|{s.weight_name}" for s in self.loras)
         blob = json.dumps(
-            [self.model_key, self.prompt, self.negative_prompt, self.seed, self.steps, self.guidance_scale,
-             self.width, self.height, self.scheduler,
-             [[s.source, s.weight_name, w] for s, w in zip(self.loras, self.adapter_weights, strict=True)]]
-            + ([self.clip_skip] if self.clip_skip else [])  # absent when off: keys of older runs stay valid
-            + ([{"schedule": self.schedule}] if self.schedule else []),
+            {"v": KEY_VERSION, "model": self.model_key, "prompt": self.prompt, "negative": self.negative_prompt,
+             "seed": self.seed, "steps": self.steps, "cfg": self.guidance_scale, "width": self.width,
+             "height": self.height, "scheduler": self.scheduler, "clip_skip": self.clip_skip,
+             "schedule": self.schedule,
+             "loras": [[i, w] for i, w in zip(ids, self.adapter_weights, strict=True)]},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -62,30 +72,65 @@ class ImageJob:
                 self.width or 0, self.height or 0, self.clip_skip or 0, self.schedule or "")
 
     @property
+    def set_label(self) -> str:
+        """The LoRA set by adapter names, each with its own scale when not 1 (`A+B@0`), without the multiplier."""
+        if not self.loras:
+            return "nolora"
+        return "+".join(lora_name(s) + ("" if s.scale == 1.0 else f"@{s.scale:g}") for s in self.loras)
+
+    @property
     def lora_label(self) -> str:
         if not self.loras:
             return "nolora"
         label = "+".join(slug(lora_name(s), 20) for s in self.loras)
         return label if self.lora_scale in (None, 1.0) else f"{label}@{self.lora_scale:g}"
 
+    def filename(self, number: int) -> str:
+        """The file name of this image as number `number` of its run dir (numbers are never reused)."""
+        return f"{number:05d}_{self.stem}.png"
+
     @property
-    def filename(self) -> str:
-        return f"{self.index:05d}_{slug(self.prompt)}_s{self.seed}_{slug(self.lora_label, 48)}.png"
+    def stem(self) -> str:
+        """Prompt, seed and LoRA set as a file-name-safe text (what the file name says after its number)."""
+        return f"{slug(self.prompt)}_s{self.seed}_{slug(self.lora_label, 48)}"
 
     def axis_value(self, axis: str) -> object:
         """The value of a sweep axis for this image (for grids)."""
         if axis == "prompt":
             return self.prompt
         if axis == "lora_set":
-            return self.lora_label.split("@")[0]
+            return self.set_label
         return getattr(self, axis)
 
 
-def expand(spec: RunSpec, model_key: str = "") -> list[ImageJob]:
-    """Every combination of the run's axes, in a stable order (index = position in the plan)."""
+def draw_seeds(seeds: Sequence[int], run_seed: int) -> tuple[int, ...]:
+    """`seeds` with each -1 replaced by a seed drawn from `run_seed`: the k-th -1 always gets the same seed, so
+    shards, resumes and extended sweeps (`[-1]` then `[-1,-1]`) agree on it."""
+    out, k = [], 0
+    for seed in seeds:
+        if seed == RANDOM_SEED:
+            digest = hashlib.sha256(f"t2i-seed:{run_seed}:{k}".encode()).digest()
+            out.append(int.from_bytes(digest[:4], "big"))
+            k += 1
+        else:
+            out.append(seed)
+    return tuple(out)
+
+
+def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]] | None = None,
+           run_seed: int | None = None) -> list[ImageJob]:
+    """Every combination of the run's axes, in a stable order (`index` = position in the plan).
+
+    `lora_ids[i]` are the sha256 of set i's adapter files (the key holds them; without them, the source paths
+    stand in); `run_seed` draws the seeds given as -1 (required when there are any)."""
+    seeds = spec.seeds
+    if RANDOM_SEED in seeds:
+        if run_seed is None:
+            raise ValueError("seeds hold -1: give the run_seed to draw them from")
+        seeds = draw_seeds(seeds, run_seed)
     jobs: list[ImageJob] = []
     combos = itertools.product(
-        enumerate(spec.prompts), spec.seeds, enumerate(spec.lora_sets), spec.lora_scales, spec.steps,
+        enumerate(spec.prompts), seeds, enumerate(spec.lora_sets), spec.lora_scales, spec.steps,
         spec.guidance_scale, spec.scheduler, spec.width, spec.height, spec.clip_skip, spec.schedule,
     )
     seen: set[tuple] = set()
@@ -95,16 +140,31 @@ def expand(spec: RunSpec, model_key: str = "") -> list[ImageJob]:
         if ident in seen:  # the no-LoRA set is generated once, whatever the multipliers
             continue
         seen.add(ident)
+        ids = tuple(lora_ids[li]) if lora_ids is not None else ()
         jobs.append(ImageJob(len(jobs), pi, p.prompt, p.negative_prompt, seed, steps, cfg, w, h, sched, li,
-                             loras, scale, model_key, skip, schedule))
+                             loras, scale, model_key, skip, schedule, ids))
     return jobs
 
 
 def shard(jobs: list[ImageJob], index: int, count: int) -> list[ImageJob]:
-    """Shard `index` of `count`: a deterministic, disjoint slice; all shards together are the plan."""
+    """Shard `index` of `count`: a contiguous part of the plan in batch order (so a shard switches LoRA sets as
+    rarely as the whole run would). Sizes differ by at most 1; shards are disjoint, deterministic, and together
+    the plan."""
     if count == 1:
         return list(jobs)
-    return [j for j in jobs if int(j.key, 16) % count == index]
+    ordered = sorted(jobs, key=_batch_order)
+    size, extra = divmod(len(ordered), count)
+    start = index * size + min(index, extra)
+    return ordered[start : start + size + (1 if index < extra else 0)]
+
+
+def _group_order(key: tuple) -> tuple:
+    """Batch groups by LoRA set first (each set is activated once), then multiplier and settings."""
+    return (key[0], -1.0 if key[1] is None else key[1], *key[2:])
+
+
+def _batch_order(job: ImageJob) -> tuple:
+    return (*_group_order(job.group_key), job.index)
 
 
 def batches(jobs: Iterable[ImageJob], batch_size: int) -> Iterator[list[ImageJob]]:
@@ -112,7 +172,7 @@ def batches(jobs: Iterable[ImageJob], batch_size: int) -> Iterator[list[ImageJob
     groups: dict[tuple, list[ImageJob]] = {}
     for job in jobs:
         groups.setdefault(job.group_key, []).append(job)
-    for key in sorted(groups, key=lambda k: (k[0], -1.0 if k[1] is None else k[1], *k[2:])):
+    for key in sorted(groups, key=_group_order):
         group = groups[key]
         for start in range(0, len(group), batch_size):
             yield group[start : start + batch_size]

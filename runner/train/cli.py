@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 from ..common.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError
 from ..config.overrides import CONF_DIR
-from ..entry import remove_fresh_dir, run_app
+from ..entry import run_app
+from ..outputs.rundir import remove_created
 from .config import TrainRunConfig, register_configs
 
 register_configs()
@@ -33,7 +34,7 @@ def hydra_main(cfg: DictConfig) -> Any:
     try:
         result = train(cfg, out)
     except ConfigError as exc:
-        remove_fresh_dir(out)
+        remove_created(out)
         _error(str(exc))
         sys.exit(EXIT_CONFIG)
     except KeyboardInterrupt:
@@ -47,7 +48,7 @@ def hydra_main(cfg: DictConfig) -> Any:
         _error(f"{type(exc).__name__}: {exc} (run with verbose=true for the traceback)")
         sys.exit(EXIT_FAILED)
     if result.run_dir.resolve() != out.resolve():
-        remove_fresh_dir(out)  # resume=PATH wrote into that run's folder
+        remove_created(out)  # resume=PATH wrote into that run's folder
     print(result.summary())
     return {"run_dir": str(result.run_dir), "lora": str(result.lora_file)}
 

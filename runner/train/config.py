@@ -90,6 +90,9 @@ class TrainRunConfig:
 
 def register_configs() -> None:
     """Register the schema so `conf/train.yaml` can list it first in its defaults."""
+    from ..config.schema import register_resolvers
+
+    register_resolvers()
     ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
 
 
