@@ -163,10 +163,10 @@ class SubmitTimer:
 
         original = ImageWriter.submit
 
-        def timed(writer, image, entry):
+        def timed(writer, *args, **kwargs):
             t = time.perf_counter()
             try:
-                return original(writer, image, entry)
+                return original(writer, *args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - t
                 self.calls += 1

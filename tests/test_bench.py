@@ -146,3 +146,15 @@ def test_full_mode_path_with_a_prebuilt_small_model(tiny_dir: Path, tmp_path: Pa
     assert "EXTRAPOLATED from 2 of 8 images" in proc.stdout
     assert re.search(r"LoRA-set switches \[default\]: 3 switches over 4 sets", proc.stdout)
     assert "| (c) runner [default]" in md.read_text()
+
+
+def test_bench_resume_prints_ms_per_entry_for_resume_decode_and_grids(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_resume.py"), "--entries", "60", "--size", "64",
+         "--decode-sample", "5", "--dir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^resume: \d+\.\d+ ms/entry", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^decode \(the check resume did before\): \d+\.\d+ ms/entry", proc.stdout, re.M)
+    assert re.search(r"^grids: \d+ pages for 60 images", proc.stdout, re.M), proc.stdout

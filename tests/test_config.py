@@ -73,6 +73,11 @@ def test_bad_values(over: dict, needle: str) -> None:
     assert "\n" not in msg
 
 
-def test_random_seed_minus_one_is_drawn_and_recorded() -> None:
-    s = spec(seeds=[-1, 5])
-    assert s.seeds[1] == 5 and 0 <= s.seeds[0] < 2**32
+def test_random_seed_minus_one_is_drawn_from_the_run_seed() -> None:
+    from runner.plan import draw_seeds
+
+    s = spec(seeds=[-1, 5, -1])
+    assert s.seeds == (-1, 5, -1)  # drawn later, from the run seed (plan.draw_seeds)
+    drawn = draw_seeds(s.seeds, 7)
+    assert drawn[1] == 5 and all(0 <= d < 2**32 for d in drawn) and drawn[0] != drawn[2]
+    assert draw_seeds([-1], 7) == drawn[:1] and draw_seeds(s.seeds, 8) != drawn

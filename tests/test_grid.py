@@ -113,3 +113,83 @@ def test_grid_disabled_writes_none(tmp_path: Path) -> None:
     out = tmp_path / "run"
     run(_cfg(seeds=[1, 2], grid={"enabled": False}), out, progress=False)
     assert len(list(out.glob("*.png"))) == 2 and not (out / "grids").exists()
+
+
+def _synthetic(folder: Path, rows: list[dict]) -> list[dict]:
+    """Manifest entries (and tiny PNGs) for grid tests that need no generation."""
+    entries = []
+    for i, row in enumerate(rows):
+        name = f"{i:05d}_x.png"
+        Image.new("RGB", (32, 32), (i * 7 % 256, 0, 0)).save(folder / name)
+        entries.append({"file": name, "key": f"k{i}", "index": i, "width": 32, "height": 32, "seed": 1,
+                        "prompt": "a fox", **row})
+    return entries
+
+
+def _labels(paths: list[Path]) -> dict[str, tuple]:
+    """file -> (page title values, column label, row label) over every grid page."""
+    out: dict[str, tuple] = {}
+    for p in paths:
+        info = read_grid_info(p)
+        for r, row in enumerate(info["cells"]):
+            for c, f in enumerate(row):
+                if f:
+                    assert f not in out, f"{f} is in two cells"
+                    xs, ys = info["x_labels"] or [""], info["y_labels"] or [""]
+                    out[f] = (json.dumps(info["fixed"], sort_keys=True), xs[c], ys[r])
+    return out
+
+
+@pytest.mark.parametrize("rows", [
+    # the same prompt with two negative prompts, two seeds
+    [{"negative_prompt": n, "seed": s} for n in ("ugly", "blurry") for s in (1, 2)],
+    # one adapter at two per-adapter scales (same names, multiplier 1)
+    [{"lora_set_name": n, "lora_scale": 1.0, "loras": [{"name": "B", "scale": w, "sha256": "b" * 64}]}
+     for n, w in (("B@0.5", 0.5), ("B", 1.0))],
+    # a weight-0 member
+    [{"lora_set_name": n, "lora_scale": 1.0, "loras": [{"name": "A", "scale": 1.0, "sha256": "a" * 64},
+                                                      {"name": "B", "scale": w, "sha256": "b" * 64}]}
+     for n, w in (("A+B@0", 0.0), ("A+B", 1.0))],
+    # records written before lora_set_name existed: the per-adapter scale comes from the weights
+    [{"lora_scale": m, "loras": [{"name": "A", "scale": w, "sha256": "a" * 64}]} for m, w in ((1.0, 0.5),
+                                                                                            (0.5, 0.5))],
+    # nothing tells them apart but their files (e.g. made again by an older version)
+    [{}, {}],
+])
+def test_images_sharing_every_axis_value_each_get_a_cell_and_a_label_of_their_own(tmp_path: Path,
+                                                                                    rows: list[dict]) -> None:
+    entries = _synthetic(tmp_path, rows)
+    labels = _labels(write_grids(tmp_path, GridConfig(), entries))
+    assert sorted(labels) == sorted(e["file"] for e in entries)  # every image in a grid, once
+    assert len(set(labels.values())) == len(entries)  # each under labels no other image has
+
+
+def test_negative_prompts_of_one_prompt_are_all_in_the_grids(tmp_path: Path) -> None:
+    prompts = [{"prompt": "a fox", "negative_prompt": "ugly"}, {"prompt": "a fox", "negative_prompt": "blurry"}]
+    run(_cfg(prompts=prompts, seeds=[1, 2], width=32, height=32), tmp_path, progress=False)
+    labels = _labels(sorted((tmp_path / "grids").glob("*.png")))
+    assert len(labels) == 4 and len(set(labels.values())) == 4
+    assert {json.loads(v[0]).get("negative_prompt") for v in labels.values()} == {"ugly", "blurry"}
+
+
+def test_labels_name_the_defaults_and_file_names_keep_whole_words(tmp_path: Path) -> None:
+    from runner.outputs.grid import _name, value_label
+
+    assert value_label("clip_skip", None) == "clip_skip: 1"  # A1111's Clip skip 1: the last layer
+    assert value_label("clip_skip", 2) == "clip_skip: 2"
+    prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed, trending on artstation"
+    name = _name({"prompt": prompt, "negative_prompt": "blurry lowres watermark", "steps": 30}, (2, 3))
+    assert len(name) <= 110 and name.endswith("_p2")
+    words = set(prompt.replace(",", "").split()) | {"blurry", "lowres", "watermark", "30"}
+    for part in name.split("_")[1:-1]:
+        value = next((part[len(a):] for a in ("negative-prompt-", "prompt-", "steps-") if part.startswith(a)), part)
+        if len(value) == 8 and all(ch in "0123456789abcdef" for ch in value):
+            continue  # the hash that keeps a long name unique
+        assert all(w in words for w in value.split("-")), part
+
+
+def test_unchanged_pages_are_not_drawn_again(run_2x3: Path) -> None:
+    (first,) = write_grids(run_2x3, GridConfig())
+    stamp = first.stat().st_mtime_ns
+    (again,) = write_grids(run_2x3, GridConfig())
+    assert again == first and again.stat().st_mtime_ns == stamp

@@ -142,6 +142,8 @@ def test_an_edited_scheduler_config_gives_new_images_made_with_it(tmp_path: Path
     alone = run(cfg(model={"id": str(model)}, prompts=["a"], seeds=[1]), tmp_path / "alone", progress=False)
     with Image.open(d / b["file"]) as x, Image.open(tmp_path / "alone" / alone.entries[0]["file"]) as y:
         assert x.tobytes() == y.tobytes()
+    r = run_cli(f"from_image={d / a['file']}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert r.returncode == 2 and "scheduler_config.json, ...) changed since" in r.stderr, r.stderr
 
 
 def test_keys_hold_file_hashes_not_paths(tiny_dir: Path) -> None:

@@ -64,6 +64,20 @@ class Tail:
         self._ino: int | None = None
         self._offset = 0
 
+    def skip(self) -> None:
+        """Treat everything in the file now as read."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._ino, self._offset = None, 0
+            return
+        with open(self.path, "rb") as f:  # up to the last whole line, like read()
+            f.seek(max(0, st.st_size - 1))
+            whole = st.st_size if f.read(1) == b"\n" else None
+        if whole is None:
+            whole = self.path.read_bytes().rfind(b"\n") + 1
+        self._ino, self._offset = st.st_ino, whole
+
     def read(self) -> tuple[list[dict], bool]:
         """(new lines, whether the file was rewritten and these are all of its lines)."""
         try:

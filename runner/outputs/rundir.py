@@ -204,7 +204,7 @@ class RunDir:
             listed = {e["file"] for e in entries}
             entries += self._adopt(sorted(n for n in names - listed - busy if n.endswith(".png")))
             self._absorb(entries)
-            self._tail.read()  # from here on, only what others append is new
+            self._tail.skip()  # from here on, only what others append is new
             top = max([_number(n) for n in names] + [int(e.get("index", -1)) for e in entries], default=-1)
             self._write_next(max(top + 1, self._read_next()))
             self._claims.touch()
@@ -339,6 +339,9 @@ class RunDir:
             seen.add(wid)
         for wid in set(self._peers) - seen:  # closed cleanly, or reaped above
             del self._peers[wid]
+        for lock in (self.state / CLAIMS).glob("*.lock"):  # a writer killed before its claims file existed
+            if lock.stem != self.id and not lock.with_suffix(".jsonl").exists() and _gone(lock):
+                lock.unlink(missing_ok=True)
 
     def _reap(self, peer: _Peer) -> None:
         """A writer died: keep files it placed without a line, remove its temp files and its claims."""
@@ -399,8 +402,9 @@ class RunDir:
 
 
 def _alive(lock_path: Path) -> bool:
-    """True while the writer holding `lock_path` lives (the kernel frees a dead process's lock)."""
-    if not lock_path.exists():
+    """True while the writer holding `lock_path` (`claims/<host>-<pid>-<token>.lock`) lives: the kernel frees a
+    dead process's lock; on this host a process that is gone is dead even where locks are emulated by files."""
+    if not lock_path.exists() or _gone(lock_path):
         return False
     probe = FileLock(lock_path, thread_local=False)
     try:
@@ -408,6 +412,20 @@ def _alive(lock_path: Path) -> bool:
     except Timeout:
         return True
     probe.release()
+    return False
+
+
+def _gone(lock_path: Path) -> bool:
+    """True if the writer named by `lock_path` ran on this host and its process no longer exists."""
+    host, pid, _ = (lock_path.stem.rsplit("-", 2) + ["", ""])[:3]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
     return False
 
 

@@ -104,7 +104,7 @@ def _complain(msg: str, strict: bool) -> None:
 
 
 def _check_model(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
-    from ..common.hashing import model_sha256
+    from ..common.hashing import config_sha256, model_sha256
     from ..models.source import resolve_source
     from ..models.tiny import ensure_tiny
 
@@ -117,6 +117,11 @@ def _check_model(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
     weights = {"builtin": ensure_tiny, "hub": lambda: None}.get(source.kind, lambda: Path(source.location))()
     if m.get("hash") and weights is not None and model_sha256(weights) != m["hash"]:
         _complain(f"model {source.location} is not the one {img} was made with (sha256 {m['hash'][:12]}…)",
+                  strict)
+    configs = Path(spec.model.config) if source.kind == "file" and spec.model.config else weights
+    if m.get("config_hash") and configs is not None and configs.is_dir() and config_sha256(configs) != m[
+            "config_hash"]:
+        _complain(f"the configs of model {configs} (scheduler_config.json, ...) changed since {img} was made",
                   strict)
 
 
