@@ -37,7 +37,9 @@ def dumps(entry: dict) -> str:
 def parse_lines(data: bytes) -> list[dict]:
     """The valid manifest lines of `data` (a torn or foreign line is skipped)."""
     out = []
-    for line in data.splitlines():
+    for line in data.decode("utf-8", errors="replace").split("\n"):  # JSON strings hold no raw newline
+        if not line:
+            continue
         try:
             entry = json.loads(line)
         except ValueError:
