@@ -17,7 +17,7 @@ def test_product_of_axes() -> None:
     jobs = plan(prompts=["a", "b"], seeds=[1, 2, 3], steps=[2, 4], lora_sets=[[], ["x"]])
     assert len(jobs) == 2 * 3 * 2 * 2
     assert [j.index for j in jobs] == list(range(len(jobs)))
-    assert len({j.filename for j in jobs}) == len(jobs)
+    assert len({j.filename(j.index) for j in jobs}) == len(jobs)
     assert len({j.key for j in jobs}) == len(jobs)
 
 

@@ -81,7 +81,8 @@ def axis_value(entry: dict, axis: str) -> Any:
 def value_label(axis: str, value: Any) -> str:
     """Readable `axis: value` text (A1111's terms for the defaults: Clip skip 1 is the last layer)."""
     if value is None:
-        text = {"scheduler": "default", "clip_skip": "1", "width": "native", "height": "native"}.get(axis, "-")
+        text = {"scheduler": "default", "schedule": "default", "clip_skip": "1", "width": "native",
+                "height": "native"}.get(axis, "-")
     elif axis == "negative_prompt" and value == "":
         text = "(none)"
     elif isinstance(value, float):

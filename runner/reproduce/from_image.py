@@ -205,6 +205,8 @@ class Original:
                 [(lo["sha256"], lo["scale"]) for lo in b.get("loras") or []]:
             out.append("loras")
         out += [f"model.{k}" for k in ("hash", "dtype") if a["model"].get(k) != b["model"].get(k)]
+        if a["model"].get("config_hash") and a["model"]["config_hash"] != b["model"].get("config_hash"):
+            out.append("model.config_hash")  # an edited scheduler_config.json etc. (older records lack it)
         if str(a.get("device")).split(":")[0] != str(b.get("device")).split(":")[0]:
             out.append("device")
         elif str(a.get("device")).startswith("cpu") and a.get("threads") and a.get("threads") != b.get("threads"):
