@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,16 @@ class RunResult:
                 f"({self.images_per_second:.2f} images/s) -> {self.output_dir}"
                 + (" (interrupted; re-run the same command to finish)" if self.interrupted else "")
                 + summary_note(self.entries))
+
+
+def _viewer(spec: RunSpec, out: Path, done: Iterable[dict], planned: int, skipped: int):
+    """The run dir's live viewer and the writer threads' thumbnail hook (both None with viewer.enabled=false)."""
+    if not spec.viewer.enabled:
+        return None, None
+    from .outputs.thumbs import ThumbWriter
+    from .outputs.viewer import LiveViewer
+
+    return LiveViewer(out, done, planned, skipped, spec.viewer.thumb_size), ThumbWriter(out, spec.viewer.thumb_size)
 
 
 def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True,
@@ -97,19 +107,24 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     result = RunResult(out, len(jobs), 0, len(jobs) - len(todo), 0.0)
     bar = tqdm(total=len(jobs), initial=result.skipped, unit="img", disable=not progress, dynamic_ncols=True)
 
+    viewer, thumbs = _viewer(spec, out, done.values(), len(jobs), result.skipped)
+
     def finished(entry: dict) -> None:
         result.generated += 1
         result.entries.append(entry)
         bar.update(1)
+        if viewer is not None:
+            viewer.add(entry)
         if on_image is not None:
             on_image(entry)
 
     start = time.perf_counter()
-    writer = ImageWriter(out, manifest, threads=spec.perf.writer_threads, on_done=finished)
+    writer = ImageWriter(out, manifest, threads=spec.perf.writer_threads, on_done=finished, after_save=thumbs)
     handler = faults.FaultHandler(pipe, spec.nan_retry_fp32_vae)
     sizer = BatchSizer(spec.batch_size, loaded.device, cap=lambda: handler.cap, probe=not perf.compile,
                        shape_of=lambda j: (model_key, j.width or dw, j.height or dh, j.guidance_scale > 1))
     embeds = prompt_embeds(loaded)
+    state = "failed"
     try:
         with faults.InterruptGuard() as stop:
             for batch in sizer.batches(todo):
@@ -133,12 +148,18 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
                     writer.submit(made.image, faults.annotate(rec, made))
         writer.close()
         result.interrupted = stop.requested and result.generated + result.skipped < result.planned
+        state = "interrupted" if result.interrupted else "done"
     except OSError as exc:
         raise faults.output_error(exc, out, result.generated) from exc
+    except KeyboardInterrupt:
+        state = "interrupted"
+        raise
     finally:
         faults.close_quietly(writer)
         bar.close()
         result.seconds = time.perf_counter() - start
+        if viewer is not None:
+            viewer.close(state)
     if spec.grid.enabled:  # grids cover the whole run dir's manifest, not only this run's images
         from .outputs.grid import write_grids
 

@@ -48,3 +48,37 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def viewer_run(tmp_path_factory: pytest.TempPathFactory):
+    """A run dir for the viewer tests: 2 prompts (one with HTML in it) x 2 seeds x {no LoRA, kohya at 0.5 and
+    1.0} = 12 images of 32x32; `.thumb_threads` names the threads that encoded the thumbnails."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from omegaconf import OmegaConf
+
+    from runner.config import RunConfig
+    from runner.outputs import thumbs
+    from runner.run import run
+
+    out = tmp_path_factory.mktemp("viewer") / "run"
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
+        "model": {"id": "builtin:tiny"}, "device": "cpu", "steps": 1, "width": 32, "height": 32,
+        "prompts": ["a red fox", 'a <img src=x onerror="window.pwned=1"> car'], "seeds": [1, 2],
+        "lora_sets": [[], [{"source": "builtin:tiny/loras/tiny_kohya.safetensors", "name": "kohya"}]],
+        "lora_scales": [0.5, 1.0]})
+    names: list[str] = []
+    real = thumbs.encode_thumb
+
+    def spy(image, size=thumbs.THUMB_SIZE):
+        import threading
+
+        names.append(threading.current_thread().name)
+        return real(image, size)
+
+    with mock.patch.object(thumbs, "encode_thumb", spy):
+        result = run(cfg, out, progress=False)
+    assert result.generated == 12
+    return SimpleNamespace(dir=out, cfg=cfg, thumb_threads=names)

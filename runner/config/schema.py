@@ -31,6 +31,14 @@ class GridConfig:
 
 
 @dataclass
+class ViewerConfig:
+    """RUN_DIR/index.html, the interactive viewer (runner/outputs/viewer.py), and its thumbnails."""
+
+    enabled: bool = True
+    thumb_size: int = 256  # longest side of the JPEG thumbnails in RUN_DIR/thumbs/
+
+
+@dataclass
 class PerfConfig:
     """Fast-path options applied to the loaded pipeline (generate/fastpath.py); `auto` = what measured faster on
     this device (BENCHMARKS.md), resolved per run and recorded per image."""
@@ -63,6 +71,7 @@ class ServerConfig:
     queue_size: int = 32
     merge_max_images: int = 16  # queued compatible requests are merged into one run up to this many images
     output_dir: str | None = None  # null = outputs/server/<date>/<time>
+    run_dirs: list[str] = field(default_factory=list)  # more folders whose run dirs /runs lists and serves
 
 
 @dataclass
@@ -90,6 +99,7 @@ class RunConfig:
     resume: bool = True
     output_dir: str | None = None
     grid: GridConfig = field(default_factory=GridConfig)
+    viewer: ViewerConfig = field(default_factory=ViewerConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     server: ServerConfig = field(default_factory=ServerConfig)

@@ -27,10 +27,12 @@ def save_png(image: Any, path: Path, record: dict) -> None:
 class ImageWriter:
     """Encodes and writes PNGs in background threads (bounded queue), then appends their manifest lines."""
 
-    def __init__(self, run_dir: Path, manifest: Manifest, threads: int = 2, depth: int = 16, on_done=None) -> None:
+    def __init__(self, run_dir: Path, manifest: Manifest, threads: int = 2, depth: int = 16, on_done=None,
+                 after_save=None) -> None:
         self.run_dir = Path(run_dir)
         self.manifest = manifest
         self.on_done = on_done
+        self.after_save = after_save  # (image, entry) in the writer thread once the PNG is in place: thumbnails
         self.error: BaseException | None = None
         self._closed = False
         self._q: queue.Queue = queue.Queue(maxsize=depth)
@@ -49,6 +51,8 @@ class ImageWriter:
             try:
                 if self.error is None:
                     save_png(image, self.run_dir / entry["file"], entry)
+                    if self.after_save is not None:
+                        self.after_save(image, entry)
                     self.manifest.append(entry)
                     if self.on_done is not None:
                         self.on_done(entry)
