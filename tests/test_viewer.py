@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
@@ -38,12 +39,13 @@ def test_a_run_leaves_a_viewer_and_writer_threads_made_its_thumbnails(viewer_run
     assert "http://" not in html and "https://" not in html and "//" not in html.split("<script", 1)[0].replace(
         "<!doctype", "")  # no URL to anywhere: the page is self-contained
     assert '<script src="viewer-data.js"></script>' in html
-    thumbs = sorted((run_dir / THUMB_DIR).iterdir())
-    assert [t.name for t in thumbs] == [p.replace(".png", ".jpg") for p in pngs]
-    for t in thumbs:
-        with Image.open(t) as im:
-            assert im.format == "JPEG" and im.size == (32, 32)
-    assert len(viewer_run.thumb_threads) == 12
+    for folder in (run_dir / THUMB_DIR, run_dir / THUMB_DIR / "small"):
+        thumbs = sorted(p for p in folder.iterdir() if p.is_file())
+        assert [t.name for t in thumbs] == [p.replace(".png", ".jpg") for p in pngs]
+        for t in thumbs:
+            with Image.open(t) as im:
+                assert im.format == "JPEG" and im.size == (32, 32)  # never enlarged
+    assert len(viewer_run.thumb_threads) == 24  # two sizes per image
     assert all(name.startswith("png-writer-") for name in viewer_run.thumb_threads), viewer_run.thumb_threads
     status = viewer.read_status(run_dir)
     assert status["progress"]["state"] == "done" and status["progress"]["done"] == 12
@@ -79,27 +81,29 @@ def _entry(i: int, **kw) -> dict:
 
 
 def test_axes_come_from_any_record_field_and_one_per_way_of_splitting_the_images() -> None:
-    other = {"name": "other", "id": "x/other", "dtype": "float32"}
-    fp16 = {"name": "tiny", "id": "builtin:tiny", "dtype": "float16"}
-    entries = [
-        _entry(0, steps=8, scheduler=None, sampler="Euler", block_preset="ALL"),
-        _entry(1, steps=4, scheduler="ddim", sampler="DDIM", block_preset="ALL"),
-        _entry(2, steps=8, scheduler="ddim", sampler="DDIM", block_preset="INS", model=fp16),
-        _entry(3, steps=4, scheduler=None, sampler="Euler", block_preset="INS", model=other,
-               overrides=["perf.fuse_qkv=true"]),
-        _entry(4, steps=8, scheduler=None, sampler="Euler", block_preset="INS", overrides=["perf.fuse_qkv=true"]),
-    ]
+    import itertools
+
+    entries = []
+    for steps, sched, block, (name, mid), dtype, fuse in itertools.product(
+            [8, 4], [None, "ddim"], ["ALL", "INS"], [("tiny", "builtin:tiny"), ("other", "x/other")],
+            ["float32", "float16"], ["false", "true"]):
+        entries.append(_entry(len(entries), steps=steps, scheduler=sched, sampler="DDIM" if sched else "Euler",
+                              block_preset=block, model={"name": name, "id": mid, "dtype": dtype},
+                              negative_prompt=f"not {steps}", overrides=[f"perf.fuse_qkv={fuse}", "model=x"]))
     axes, index = viewer.viewer_axes(entries)
     by_name = {a["name"]: a for a in axes}
-    # sampler splits exactly like scheduler, model.id like model: each appears once, under the grid's name;
-    # a field nobody told the viewer about (block_preset), a nested one and a multirun override are axes too
+    # sampler is decided by scheduler, model.id by model, the negative prompt by steps: no axes of their
+    # own; a field nobody told the viewer about (block_preset), a nested one and a multirun override are axes
     assert [a["name"] for a in axes] == ["steps", "scheduler", "model", "block_preset", "model.dtype",
                                          "perf.fuse_qkv"]
     assert by_name["steps"]["values"] == [4, 8]  # numbers ascending, like the grids
     assert by_name["scheduler"]["labels"] == ["scheduler: default", "scheduler: ddim"]
     assert by_name["model"]["values"] == ["tiny", "other"]
-    assert by_name["perf.fuse_qkv"]["values"] == [None, "true"]
-    assert index[3] == [0, 0, 1, 1, 0, 1]
+    assert by_name["perf.fuse_qkv"]["values"] == ["false", "true"]
+    for e, idx in zip(entries, index, strict=True):
+        got = [a["values"][k] for a, k in zip(axes, idx, strict=True)]
+        assert got == [e["steps"], e["scheduler"], e["model"]["name"], e["block_preset"], e["model"]["dtype"],
+                       e["overrides"][0].split("=")[1]]
 
 
 def test_integers_javascript_cannot_hold_are_written_as_text(tmp_path: Path) -> None:
@@ -189,7 +193,7 @@ def test_resume_makes_the_thumbnails_an_earlier_run_lacks(viewer_run, tmp_path: 
         (copy / name).unlink()
     result = run(viewer_run.cfg, copy, progress=False)
     assert result.generated == 0 and result.skipped == 12
-    assert len(list((copy / THUMB_DIR).glob("*.jpg"))) == 12
+    assert len(list((copy / THUMB_DIR).glob("*.jpg"))) == len(list((copy / THUMB_DIR / "small").glob("*.jpg"))) == 12
     assert len(viewer.read_data(copy)["images"]) == 12
 
 
@@ -378,3 +382,16 @@ def test_a_finished_job_links_to_its_runs_viewer(served) -> None:
     gallery = client.get(job["gallery"]).text
     assert f'href="{job["viewer"]}"' in gallery
     assert any(r["url"] == job["viewer"] for r in client.get("/api/runs").json()["runs"])
+
+
+def test_thumbnails_are_small_jpegs_in_two_sizes(tmp_path: Path) -> None:
+    from runner.outputs.thumbs import save_thumb
+
+    Image.new("RGB", (1024, 512), (10, 200, 30)).save(tmp_path / "big.png")
+    with Image.open(tmp_path / "big.png") as im:
+        save_thumb(im, tmp_path, "big.png")
+    with Image.open(tmp_path / thumb_rel("big.png")) as big, Image.open(tmp_path / thumb_rel("big.png", True)) as small:
+        assert (big.format, big.size, small.format, small.size) == ("JPEG", (256, 128), "JPEG", (64, 32))
+        assert abs(np.asarray(big).astype(int) - (10, 200, 30)).max() <= 3
+    assert thumb_rel("0/00001_a.png") == "0/thumbs/00001_a.jpg"
+    assert thumb_rel("../s0/x.png", small=True) == "../s0/thumbs/small/x.jpg"

@@ -8,8 +8,9 @@ beside it, but may load scripts from them; the page re-loads `viewer-status.js` 
   format, kind ("run" | "sweep"), title, dir (absolute, for reproduce commands), rev (changes on every write),
   progress {state: running|done|interrupted|failed, planned, done, images, started, updated, jobs, failed_jobs},
   axes [{name, values, labels, baseline, wildcard}]  -- swept axes only, derived from the records
-  common {record fields equal in every image}, images [{f: file, t: thumbnail, a: [value index per axis],
-  r: {the record's other fields}}]  -- an image's record is {...common, ...r, file: f}.
+  default {x, y}  -- the axes of the first view (the PNG grids' choice)
+  common {record fields equal in every image}, images [{f: file, t: thumbnail (256 px), s: small thumbnail
+  (64 px), a: [value index per axis], r: {the record's other fields}}]  -- a record is {...common, ...r, file: f}.
 Integers beyond 2**53 (seeds) are written as strings so that JavaScript keeps every digit.
 """
 
@@ -27,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ..common.io import atomic_write_bytes
-from .grid import GRID_AXES, _ordered, axis_value, value_label
-from .thumbs import THUMB_SIZE, ensure_thumbs, thumb_rel
+from .grid import GRID_AXES, _ordered, axis_value, pick_axes, value_label
+from .thumbs import THUMB_SIZE, ensure_thumbs, has_thumbs, thumb_rel
 
 log = logging.getLogger(__name__)
 VIEWER_HTML = "index.html"
@@ -58,21 +59,25 @@ def page_html() -> bytes:
     return html.replace("/*VIEWER_CSS*/", css).replace("/*VIEWER_JS*/", js).encode("utf-8")
 
 
+_PLAIN = frozenset({str, float, bool, type(None)})
+
+
 def _js_safe(value: Any) -> Any:
     """`value` with integers JavaScript cannot hold exactly turned into strings."""
-    if isinstance(value, bool) or value is None:
+    kind = type(value)
+    if kind in _PLAIN:
         return value
-    if isinstance(value, int):
+    if kind is int:
         return str(value) if abs(value) > MAX_JS_INT else value
-    if isinstance(value, dict):
-        return {k: _js_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_js_safe(v) for v in value]
+    if kind is dict:
+        return {k: v if type(v) in _PLAIN else _js_safe(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return [v if type(v) in _PLAIN else _js_safe(v) for v in value]
     return value
 
 
 def _js(name: str, obj: Any) -> bytes:
-    text = json.dumps(_js_safe(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return f"window.{name} = {text};\n".encode()
 
 
@@ -101,28 +106,37 @@ def _scalar(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
 
+def _constant(col: list) -> bool:
+    """True when every value is the same (and of the same type); an empty column too."""
+    return not col or col.count(col[0]) == len(col) and all(type(v) is type(col[0]) for v in col)
+
+
 def _columns(entries: list[dict]) -> dict[str, list]:
     """Candidate axes and each entry's value: the grid's axes first (same values and labels as the PNG
-    grids), then any other scalar record field, then one level into dict fields, then multirun overrides."""
+    grids), then any other scalar record field that varies, then one level into dict fields, then multirun
+    overrides. (Fields that do not vary are dropped early: a run dir may hold 10,000 records.)"""
     cols: dict[str, list] = {a: [axis_value(e, a) for e in entries] for a in GRID_AXES}
-    cols["loras"] = [json.dumps([{k: v for k, v in lo.items() if k not in ("scale", "file")}
-                                 for lo in e.get("loras") or []], sort_keys=True) for e in entries]
-    top: dict[str, None] = {}
-    nested: dict[str, None] = {}
-    for e in entries:
-        for k, v in e.items():
-            if k in NOT_AXES:
-                continue
-            if _scalar(v):
-                if k not in cols:
-                    top.setdefault(k)
-            elif isinstance(v, dict):
-                nested.update((f"{k}.{k2}", None) for k2, v2 in v.items() if _scalar(v2))
-    for k in top:
-        cols[k] = [e.get(k) for e in entries]
-    for name in nested:
-        k, k2 = name.split(".", 1)
-        cols.setdefault(name, [(e.get(k) or {}).get(k2) if isinstance(e.get(k), dict) else None for e in entries])
+    loras = [e.get("loras") or [] for e in entries]
+    if not _constant(loras):  # finer than lora_set when sets share adapter names (it is dropped otherwise)
+        cols["loras"] = [json.dumps([{k: v for k, v in lo.items() if k not in ("scale", "file")} for lo in x],
+                                    sort_keys=True) for x in loras]
+    nested: list[tuple[str, list]] = []
+    for key in dict.fromkeys(k for e in entries for k in e):
+        if key in NOT_AXES:
+            continue
+        col = [e.get(key) for e in entries]
+        if _constant(col):
+            continue
+        if all(_scalar(v) for v in col):
+            cols.setdefault(key, col)
+        else:
+            nested.append((key, col))
+    for key, col in nested:
+        for sub in dict.fromkeys(k for v in col if isinstance(v, dict) for k in v):
+            name = f"{key}.{sub}"
+            values = [v.get(sub) if isinstance(v, dict) else None for v in col]
+            if name not in cols and all(_scalar(x) for x in values):
+                cols[name] = values
     overrides: dict[str, list] = {}
     for n, e in enumerate(entries):
         for text in e.get("overrides") or []:
@@ -133,10 +147,10 @@ def _columns(entries: list[dict]) -> dict[str, list]:
     return cols
 
 
-def _same_partition(a: list, b: list) -> bool:
-    """True when two axes split the images the same way (one's value decides the other's and back)."""
-    pairs = set(zip(map(_hashable, a), map(_hashable, b), strict=True))
-    return len(pairs) == len({p[0] for p in pairs}) == len({p[1] for p in pairs})
+def _determined(col: list, combo: list[tuple]) -> bool:
+    """True when the axes kept so far (`combo`: each entry's values on them) decide `col`'s value, so that it
+    offers no new way to pick images (sampler vs scheduler, model.id vs model, negative prompt vs prompt)."""
+    return len(set(zip(combo, map(_hashable, col), strict=True))) == len(set(combo))
 
 
 def _hashable(value: Any) -> Any:
@@ -145,13 +159,17 @@ def _hashable(value: Any) -> Any:
 
 def viewer_axes(entries: list[dict]) -> tuple[list[dict], list[list[int]]]:
     """The swept axes of `entries` ({name, values, labels, baseline, wildcard}) and each entry's value
-    indices. An axis that splits the images exactly like an earlier one (sampler vs scheduler) is left out."""
+    indices. A field that the axes before it decide (sampler vs scheduler) is not an axis of its own."""
     cols = _columns(entries)
     kept: list[str] = []
+    combo: list[tuple] = [() for _ in entries]
     for name, col in cols.items():
+        if _constant(col):
+            continue
         distinct = {_hashable(v) for v in col if (name, v) != WILDCARD}
-        if len(distinct) > 1 and not any(_same_partition(col, cols[k]) for k in kept):
+        if len(distinct) > 1 and not _determined(col, combo):
             kept.append(name)
+            combo = [(*c, _hashable(v)) for c, v in zip(combo, col, strict=True)]
     axes, index = [], [[] for _ in entries]
     for name in kept:
         values = _ordered(cols[name])
@@ -176,9 +194,12 @@ def _common(entries: list[dict]) -> dict:
     """Fields with the same value (and type) in every entry."""
     if not entries:
         return {}
-    first = entries[0]
-    return {k: v for k, v in first.items() if k != "file" and all(
-        k in e and type(e[k]) is type(v) and e[k] == v for e in entries)}
+    missing = object()
+    out = {}
+    for k, v in entries[0].items():
+        if k != "file" and _constant([e.get(k, missing) for e in entries]):
+            out[k] = v
+    return out
 
 
 def build_data(entries: list[dict], folder: Path, progress: dict, kind: str = "run",
@@ -187,12 +208,16 @@ def build_data(entries: list[dict], folder: Path, progress: dict, kind: str = "r
     folder = Path(folder).resolve()
     axes, index = viewer_axes(entries)
     common = _common(entries)
-    images = [{"f": e["file"], "t": thumb_rel(e["file"]), "a": a,
-               "r": {k: v for k, v in e.items() if k not in common and k != "file"}}
+    varying = [k for k in dict.fromkeys(k for e in entries for k in e) if k not in common and k != "file"]
+    images = [{"f": e["file"], "t": thumb_rel(e["file"]), "s": thumb_rel(e["file"], small=True), "a": a,
+               "r": {k: _js_safe(e[k]) for k in varying if k in e}}
               for e, a in zip(entries, index, strict=True)]
+    for a in axes:
+        a["values"] = _js_safe(a["values"])
+    x, y = pick_axes(entries, None, None)  # the PNG grids' choice is the page's first view
     return {"format": DATA_FORMAT, "kind": kind, "title": title or _title(folder), "dir": str(folder),
             "rev": time.time_ns() // 1000 if rev is None else rev, "progress": {**progress, "images": len(entries)},
-            "axes": axes, "common": common, "images": images}
+            "axes": axes, "default": {"x": x, "y": y}, "common": _js_safe(common), "images": images}
 
 
 def _title(folder: Path) -> str:
@@ -298,7 +323,7 @@ class LiveViewer:
 
     def _thumbs(self) -> None:
         """Thumbnails of images from earlier runs (made before thumbnails existed, or lost)."""
-        missing = [e for e in self._old if not (self.run_dir / thumb_rel(e["file"])).is_file()]
+        missing = [e for e in self._old if not has_thumbs(self.run_dir, e["file"])]
         try:
             ensure_thumbs(self.run_dir, (e for e in missing if not self._stopping), self.thumb_size)
         except Exception as exc:  # noqa: BLE001 - the viewer falls back to the PNGs

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from ..common.errors import ConfigError
 from ..outputs.manifest import MANIFEST
 from ..outputs.sweep import PARTS_DIR, SWEEP_MANIFEST
-from ..outputs.viewer import read_status
+from ..outputs.viewer import STATUS_JS, read_status
 
 SKIP = frozenset({"thumbs", "grids"})  # folders inside a run dir that never hold run dirs
 MAX_DEPTH = 6  # below a root
@@ -54,8 +54,8 @@ def run_roots(cfg: DictConfig) -> list[Root]:
 
 
 def kind_of(folder: Path) -> str | None:
-    """`run` (a manifest), `sweep` (a multirun sweep dir) or None."""
-    if (folder / MANIFEST).is_file():
+    """`run` (a manifest, or a live viewer before the first image), `sweep` (a multirun sweep dir) or None."""
+    if (folder / MANIFEST).is_file() or (folder / STATUS_JS).is_file() and not (folder / PARTS_DIR).is_dir():
         return "run"
     if (folder / SWEEP_MANIFEST).is_file() or (folder / PARTS_DIR).is_dir():
         return "sweep"
@@ -101,11 +101,14 @@ def _info(root: Root, folder: Path, kind: str) -> dict[str, Any]:
 def find_runs(roots: list[Root]) -> list[dict[str, Any]]:
     """Every run dir under the roots (a sweep's job dirs under its entry), newest first."""
     found: list[dict[str, Any]] = []
-    count = 0
+    count, seen = 0, set()
     for root in roots:
         stack: list[tuple[Path, int, dict | None]] = [(root.path, 0, None)]
         while stack and count < MAX_RUNS:
             folder, depth, sweep = stack.pop()
+            if folder in seen:  # roots may nest (server.run_dirs=[outputs] holds outputs/server)
+                continue
+            seen.add(folder)
             kind = kind_of(folder)
             here = sweep
             if kind is not None:

@@ -6,10 +6,12 @@
   const $ = (id) => document.getElementById(id);
   const J = (v) => JSON.stringify(v);
   const MAX_SHOWN = 64; // images drawn in one cell; the rest are a "+N" badge (the image view pages through all)
+  const MIN_TILE = 32; // smallest tile (CSS px) of an image in a cell: a bigger cell size shows more of them
+  const SMALL_PX = 64; // tiles up to this many device pixels use the small thumbnails
   const POLL_RUNNING = 2000, POLL_IDLE = 15000, STALE_S = 60;
 
   let D = null; // the data
-  let axes = [], images = [], byFile = new Map();
+  let axes = [], images = [], byFile = new Map(), byAxes = null;
   const S = {
     x: null, y: null, filters: {}, hidden: {}, size: 160,
     focus: {r: 0, c: 0, k: 0}, A: null, B: null, detail: null, mode: "side", ref: "baseline", gain: 1, pos: 50,
@@ -25,6 +27,7 @@
     axes = data.axes || [];
     images = data.images || [];
     byFile = new Map(images.map((im, i) => [im.f, i]));
+    byAxes = null;
   }
 
   function record(i) {
@@ -70,9 +73,10 @@
 
   function settle() { // make the state fit the data: valid axes, a filter value for every other axis
     const names = axes.map((a) => a.name);
-    if (!S.chosen && S.x === null && S.y === null) {
-      S.x = names.length ? names[names.length - 1] : null; // like the PNG grids: the last swept axes
-      S.y = names.length > 1 ? names[names.length - 2] : null;
+    if (!S.chosen && S.x === null && S.y === null) { // the PNG grids' choice, else the last swept axes
+      const d = D.default || {};
+      S.x = names.includes(d.x) ? d.x : names.length ? names[names.length - 1] : null;
+      S.y = names.includes(d.y) && d.y !== S.x ? d.y : names.filter((n) => n !== S.x).pop() || null;
     }
     if (S.x !== null && !names.includes(S.x)) S.x = null;
     if (S.y !== null && !names.includes(S.y)) S.y = null;
@@ -81,6 +85,7 @@
       if (a.name === S.x || a.name === S.y) continue;
       const cur = S.filters[a.name];
       if (cur === "*" || (cur !== undefined && a.values.some((v) => J(v) === cur))) continue;
+      if (a.name === "seed") { S.filters[a.name] = "*"; continue; } // seeds are the batch: all of them, side by side
       const k = a.values.findIndex((_, n) => n !== a.wildcard);
       S.filters[a.name] = J(a.values[k]);
     }
@@ -122,15 +127,18 @@
         cells.get(key).push(i);
       }
     });
+    const inner = S.size - 6;
+    const fit = Math.max(1, Math.floor((inner + 2) / (MIN_TILE + 2))); // tiles per side that stay >= MIN_TILE
     let maxK = 1;
-    for (const list of cells.values()) maxK = Math.max(maxK, Math.min(list.length, MAX_SHOWN));
+    for (const list of cells.values()) maxK = Math.max(maxK, Math.min(list.length, MAX_SHOWN, fit * fit));
     const kc = Math.ceil(Math.sqrt(maxK)), kr = Math.ceil(maxK / kc);
     const ratio = aspect();
-    const inner = S.size - 6;
     const tw = Math.max(8, Math.floor((inner - 2 * (kc - 1)) / kc));
     const th = Math.max(8, Math.round(tw * ratio));
     const cap = mode === "table" ? 0 : 16;
-    const g = {xa, ya, xs, ys, mode, cells, shown, kc, kr, tw, th, cw: S.size, ch: kr * th + 2 * (kr - 1) + 6 + cap};
+    const small = tw * (window.devicePixelRatio || 1) <= SMALL_PX; // many tiny tiles: the 64 px thumbnails
+    const g = {xa, ya, xs, ys, mode, cells, shown, kc, kr, tw, th, limit: maxK, small,
+      cw: S.size, ch: kr * th + 2 * (kr - 1) + 6 + cap};
     g.count = mode === "flat" ? cells.size : xs.length * (mode === "table" ? ys.length : 1);
     reflow(g);
     return g;
@@ -276,7 +284,7 @@
       el.classList.add("empty");
       if (D.progress && D.progress.state === "running") el.classList.add("pending");
     }
-    list.slice(0, MAX_SHOWN).forEach((i, k) => {
+    list.slice(0, G.limit).forEach((i, k) => {
       const im = images[i];
       const t = document.createElement("div");
       t.className = "thumb";
@@ -286,15 +294,17 @@
       img.decoding = "async";
       img.draggable = false;
       img.alt = im.f;
-      img.src = url(im.t || im.f);
-      img.onerror = () => { if (!img.dataset.full) { img.dataset.full = "1"; img.src = url(im.f); } };
+      const tries = [G.small && im.s, im.t, im.f].filter(Boolean); // a missing thumbnail falls back to the PNG
+      img.src = url(tries.shift());
+      img.onerror = () => { if (tries.length) img.src = url(tries.shift()); };
       t.appendChild(img);
       el.appendChild(t);
     });
-    if (list.length > MAX_SHOWN) {
+    if (list.length > G.limit) {
       const more = document.createElement("span");
       more.className = "more";
-      more.textContent = "+" + (list.length - MAX_SHOWN);
+      more.textContent = "+" + (list.length - G.limit);
+      more.title = "more images in this cell: a bigger Size shows more; [ ] in the image view steps through all";
       el.appendChild(more);
     }
     const text = cellLabel(n);
@@ -781,9 +791,9 @@
     if (want[la] === axes[la].baseline) return -1;
     want[la] = axes[la].baseline;
     axes.forEach((a, k) => { if (a.wildcard !== null) want[k] = a.wildcard; });
-    const key = J(want);
-    for (let n = 0; n < images.length; n++) if (J(images[n].a) === key) return n;
-    return -1;
+    if (!byAxes) { byAxes = new Map(); images.forEach((im, n) => { if (!byAxes.has(J(im.a))) byAxes.set(J(im.a), n); }); }
+    const n = byAxes.get(J(want));
+    return n === undefined ? -1 : n;
   }
 
   function setMode(mode) {
