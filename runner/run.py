@@ -31,6 +31,7 @@ class RunResult:
     entries: list[dict] = field(default_factory=list)
     interrupted: bool = False  # stopped early by Ctrl-C (the finished images are kept)
     grids: list[Path] = field(default_factory=list)  # comparison grids written (outputs/grid.py)
+    viewer: Path | None = None  # RUN_DIR/index.html (outputs/viewer.py), when viewer.enabled
 
     @property
     def images_per_second(self) -> float:
@@ -160,6 +161,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
         result.seconds = time.perf_counter() - start
         if viewer is not None:
             viewer.close(state)
+            result.viewer = out / "index.html" if (out / "index.html").is_file() else None
     if spec.grid.enabled:  # grids cover the whole run dir's manifest, not only this run's images
         from .outputs.grid import write_grids
 

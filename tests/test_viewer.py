@@ -197,7 +197,7 @@ def test_resume_makes_the_thumbnails_an_earlier_run_lacks(viewer_run, tmp_path: 
     assert len(viewer.read_data(copy)["images"]) == 12
 
 
-def test_multirun_writes_one_live_viewer_for_the_whole_sweep(tmp_path: Path, monkeypatch) -> None:
+def test_multirun_writes_one_live_viewer_for_the_whole_sweep(tmp_path: Path, monkeypatch, capsys) -> None:
     from runner import cli
 
     sweep = tmp_path / "sweep"
@@ -213,6 +213,8 @@ def test_multirun_writes_one_live_viewer_for_the_whole_sweep(tmp_path: Path, mon
     monkeypatch.setattr(sys, "argv", ["t2i", "-m", "model=tiny", "device=cpu", "steps=1", "width=32", "height=32",
                                       "prompts=[a]", "seeds=[1],[2]", f"hydra.sweep.dir={sweep}"])
     cli.main()
+    out = capsys.readouterr().out
+    assert f"t2i: viewer: {(sweep / '1' / 'index.html').resolve().as_uri()} (or t2i-serve's /runs)" in out
     data = viewer.read_data(sweep)
     assert data["kind"] == "sweep" and [a["name"] for a in data["axes"]] == ["seed"]
     assert sorted(im["f"] for im in data["images"]) == sorted(

@@ -284,6 +284,7 @@ def test_phone_width_has_no_sideways_page_and_every_view_fits(viewer_run, open_p
     assert page.evaluate(fits)
     assert page.is_visible("#x-axis") and page.is_visible("#filters select >> nth=0")
     shot(page, tmp_path, "phone-grid")
+    first = page.get_attribute(".thumb >> nth=0", "data-file")
     page.click(".thumb >> nth=0")
     assert page.is_visible("#detail-img") and page.evaluate(fits)
     panel = page.locator("#detail .panel").bounding_box()
@@ -291,12 +292,15 @@ def test_phone_width_has_no_sideways_page_and_every_view_fits(viewer_run, open_p
     shot(page, tmp_path, "phone-detail")
     page.click("#detail-a")
     page.keyboard.press("Escape")
-    page.click(".thumb >> nth=2")
+    page.click(f'.thumb:not([data-file="{first}"]) >> nth=0')
     page.click("#detail-b")
     page.keyboard.press("Escape")
     page.click("#compare-open")
+    assert page.get_attribute("#side-a", "src") != page.get_attribute("#side-b", "src")
     a, b = page.locator("#side-a").bounding_box(), page.locator("#side-b").bounding_box()
     assert b["y"] >= a["y"] + a["height"] - 1 and max(a["x"] + a["width"], b["x"] + b["width"]) <= 390
+    assert a["width"] >= 160  # small images are enlarged to fill the phone (by whole pixels)
+    assert page.evaluate(fits)
     shot(page, tmp_path, "phone-compare")
 
 

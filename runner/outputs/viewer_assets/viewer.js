@@ -206,11 +206,20 @@
     $("rowhead-inner").style.height = G.nrows * G.ch + "px";
   }
 
-  let painting = false;
+  let painting = false, flinging = false, lastTop = 0, settle_ = 0;
   function schedule() {
+    if (Math.abs(scroller.scrollTop - lastTop) > G.ch / 2) flinging = true; // half a row or more per event
+    lastTop = scroller.scrollTop;
+    clearTimeout(settle_);
+    settle_ = setTimeout(sharpen, 150);
     if (painting) return;
     painting = true;
     requestAnimationFrame(() => { painting = false; paint(); });
+  }
+
+  function sharpen() { // the scrolling stopped: the cells in view get their sharp thumbnails
+    flinging = false;
+    for (const img of space.querySelectorAll("img[data-sharp]")) { img.src = img.dataset.sharp; delete img.dataset.sharp; }
   }
 
   function paint() {
@@ -294,8 +303,11 @@
       img.decoding = "async";
       img.draggable = false;
       img.alt = im.f;
-      const tries = [G.small && im.s, im.t, im.f].filter(Boolean); // a missing thumbnail falls back to the PNG
+      // while the grid scrolls fast, the 64 px thumbnails (sharp ones replace them when it stops); a missing
+      // thumbnail falls back to the next, then to the PNG
+      const tries = [(G.small || flinging) && im.s, im.t, im.f].filter(Boolean);
       img.src = url(tries.shift());
+      if (flinging && !G.small && im.s) img.dataset.sharp = url(im.t);
       img.onerror = () => { if (tries.length) img.src = url(tries.shift()); };
       t.appendChild(img);
       el.appendChild(t);
@@ -829,6 +841,23 @@
     el.classList.toggle("pixelated", s > 1);
   }
 
+  function sideBySide(pair) { // both at one scale: whole pixels when enlarged, side by side (stacked on a phone)
+    const shown = pair.filter((i) => i >= 0);
+    if (!shown.length) return;
+    const narrow = window.innerWidth <= 640;
+    const w = Math.max(...shown.map((i) => record(i).width || 64)), h = Math.max(...shown.map((i) => record(i).height || 64));
+    const room = $("compare-body").clientWidth - 24;
+    const maxW = Math.max(32, narrow ? room : room / 2 - 10), maxH = Math.max(32, (window.innerHeight - 230) / (narrow ? 2 : 1));
+    const fit = Math.min(maxW / w, maxH / h), s = fit >= 2 ? Math.floor(fit) : Math.min(1, fit);
+    pair.forEach((i, n) => {
+      const img = $(n ? "side-b" : "side-a");
+      const r = i >= 0 ? record(i) : {width: w, height: h};
+      img.style.width = Math.round((r.width || w) * s) + "px";
+      img.style.height = Math.round((r.height || h) * s) + "px";
+    });
+    $("side").classList.toggle("pixelated", s > 1);
+  }
+
   function drawCompare() {
     const a = S.A ? byFile.get(S.A) : undefined, b = S.B ? byFile.get(S.B) : undefined;
     const ia = a === undefined ? -1 : a, ib = b === undefined ? -1 : b;
@@ -842,6 +871,7 @@
       $("cap-b").textContent = ib >= 0 ? "B: " + diffLabel(ib, ia) : "B: none";
       $("slider-cap").textContent = $("cap-a").textContent + "  |  " + $("cap-b").textContent;
       if (S.mode === "slider" && ia >= 0 && ib >= 0) { stage($("slider-stage"), [ia, ib]); setPos(S.pos); }
+      if (S.mode === "side") sideBySide([ia, ib]);
       return;
     }
     const ref = S.ref === "b" ? ib : (ia >= 0 ? baselineOf(ia) : -1);
