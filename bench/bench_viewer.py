@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Chromium {version} headless, 1280x800, file://; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, load average {load:.1f}. Synthetic run dir built in {made:.0f} s; "
         f"viewer data for {len(entries)} records: {size_mb:.1f} MB, built and written in {write_s * 1000:.0f} ms "
-        "(a live run rewrites it at most every max(1 s, 10x that)).",
+        f"(a live run rewrites it at most every max(1 s, {viewer.STRETCH}x that)).",
         "",
         "| view | first screen drawn (ms) | load event (ms) | viewer script done (ms) | DOM nodes | "
         f"scroll at {args.px} px/frame: median / p95 / max frame (ms) | frames > 50 ms | blank frames |",

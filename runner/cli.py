@@ -58,9 +58,9 @@ def hydra_main(cfg: DictConfig) -> Any:
         if multirun:
             raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
         sys.exit(EXIT_FAILED)
-    print(result.summary())
     if result.viewer is not None:
         print(f"t2i: viewer: {result.viewer.resolve().as_uri()} (or t2i-serve's /runs)")
+    print(result.summary())  # the last line, as scripts expect
     if result.interrupted:
         sys.exit(EXIT_INTERRUPTED)
     return {"output_dir": str(result.output_dir), "generated": result.generated, "skipped": result.skipped}

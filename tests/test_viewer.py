@@ -235,12 +235,12 @@ def test_sweep_progress_lists_failed_jobs_and_reads_running_jobs_live(viewer_run
     shutil.copytree(viewer_run.dir, job0)
     from runner.outputs.sweep import job_lines
 
+    viewer.start_sweep(sweep, 3)
     record_job(sweep, 0, job_lines(sweep, job0, 0, ["seeds=[1]"], None))
     record_job(sweep, 1, [{"job": 1, "job_dir": "1", "overrides": ["scheduler=bogus"], "status": "failed",
                            "error": "scheduler='bogus' is not valid"}])
     job2 = sweep / "2"
     job2.mkdir()
-    viewer.start_sweep(sweep, 3)
     watcher = viewer.SweepWatcher(sweep, 2, job2, ["seeds=[3]"])
     prog = viewer.read_data(sweep)["progress"]
     assert prog["jobs"] == {"total": 3, "finished": 2, "failed": 1, "running": [2]} and prog["state"] == "running"
@@ -253,6 +253,12 @@ def test_sweep_progress_lists_failed_jobs_and_reads_running_jobs_live(viewer_run
     _wait(lambda: len(viewer.read_data(sweep)["images"]) == 13)
     watcher.close()
     assert not (sweep / PARTS_DIR / "running-000002.json").exists()
+    # the same sweep run again (resume): earlier jobs' images stay on the page but do not count as done now
+    for part in (sweep / PARTS_DIR).glob("job-*.jsonl"):
+        os.utime(part, (time.time() - 60, time.time() - 60))
+    viewer.start_sweep(sweep, 3)
+    prog = viewer.read_data(sweep)["progress"]
+    assert prog["jobs"]["finished"] == 0 and prog["failed_jobs"] == [] and prog["images"] == 12
 
 
 def test_merge_writes_a_viewer_over_the_merged_dirs(viewer_run, tmp_path: Path, capsys) -> None:
@@ -349,7 +355,7 @@ def _raw_get(app, path: str) -> tuple[int, bytes]:
     "/runs/2/..%2f..%2fetc%2fpasswd", "/runs/2/etc-link/passwd", "/runs/2/old-run/leak.txt",
     "/runs/2/old-run/.hydra/config.yaml", "/runs/2/old-run/.hydra/", "/runs/9/x", "/runs/-1/etc/passwd",
     "/runs/x/etc/passwd", "/runs/2/old-run\\..\\..\\outside.txt", "/runs/2/old-run/%00", "/runs/2/",
-    "/runs/0/../../../etc/passwd",
+    "/runs/0/../../../etc/passwd", "/runs/\u00b2/x", "/runs/\u0663/x", "/runs/2/" + "a" * 5000,
 ])
 def test_a_path_outside_the_allowed_folders_is_refused(served, path: str) -> None:
     client, app, _ = served

@@ -45,6 +45,7 @@ NOT_AXES = frozenset({"file", "key", "index", "created", "record_version", "batc
 BASELINE = ("lora_set", "nolora")  # the no-LoRA baseline: its axis and value (outputs/grid.py's label)
 WILDCARD = ("lora_scale", None)  # a no-LoRA image has no LoRA scale: it belongs to every scale's column
 MAX_JS_INT = 2**53 - 1
+STRETCH = 50  # a live rewrite that takes t seconds waits at least STRETCH * t before the next one
 
 
 # 1. The page and the data files
@@ -255,8 +256,9 @@ def progress(state: str, planned: int | None, done: int, started: float, **extra
 
 class Throttle:
     """Calls `fn` in its own thread when it is due: after `poke()` (or when `changed()` says so), at most once
-    per `interval` seconds, stretched to 10x the last call's duration so that a big run dir is rebuilt less
-    often; and every `heartbeat` seconds anyway, so that the page can tell a live run from a dead one."""
+    per `interval` seconds, stretched to STRETCH x the last call's duration so that rebuilding a big run dir
+    never takes more than 2% of the time (it holds the GIL the generating thread needs); and every `heartbeat`
+    seconds anyway, so that the page can tell a live run from a dead one."""
 
     def __init__(self, fn: Callable[[], None], name: str, interval: float = 1.0, heartbeat: float = 10.0,
                  changed: Callable[[], bool] | None = None) -> None:
@@ -290,7 +292,7 @@ class Throttle:
                 except Exception as exc:  # noqa: BLE001 - the viewer never stops a run
                     log.warning("viewer: update failed (%s)", exc)
                 last = time.monotonic()
-                wait = max(self.interval, 10 * (last - start))
+                wait = max(self.interval, STRETCH * (last - start))
 
     def close(self) -> None:
         """Stop the thread (the owner writes the final state itself)."""
@@ -365,25 +367,28 @@ def sweep_source(sweep_dir: Path) -> tuple[list[dict], dict]:
 
     parts = Path(sweep_dir) / PARTS_DIR
     plan = _read_json(parts / "plan.json") or {}
+    markers = [m for m in (_read_json(p) for p in sorted(parts.glob("running-*.json"))) if m and "job" in m]
+    running = [m["job"] for m in markers]
     entries: list[dict] = []
     failed, finished = [], set()
     for part in sorted(parts.glob("job-*.jsonl")):
+        # a part from before this sweep started (a re-run of it) still shows its images, but is not news
+        fresh = part.stat().st_mtime >= (plan.get("started") or 0) - 1
         for line in part.read_text(encoding="utf-8").splitlines():
             try:
                 item = json.loads(line)
             except ValueError:
                 continue
-            finished.add(item.get("job"))
-            if item.get("status") == "failed":
+            if item.get("job") in running:
+                continue
+            if fresh:
+                finished.add(item.get("job"))
+            if item.get("status") == "failed" and fresh:
                 failed.append({k: item.get(k) for k in ("job", "overrides", "error")})
             elif "file" in item:
                 entries.append(item)
-    running, planned, done = [], 0, 0
-    for marker in sorted(parts.glob("running-*.json")):
-        job = _read_json(marker)
-        if not job or job.get("job") in finished:
-            continue
-        running.append(job["job"])
+    planned, done = 0, 0
+    for job in markers:
         job_dir = Path(sweep_dir) / job["job_dir"]
         entries += job_lines(Path(sweep_dir), job_dir, job["job"], job.get("overrides") or [], None)
         status = (read_status(job_dir) or {}).get("progress") or {}

@@ -244,6 +244,12 @@ def create_app(cfg: DictConfig) -> FastAPI:
         return await run_in_threadpool(serve_run_file, request, root, rel)
 
     def serve_run_file(request: Request, root: str, rel: str) -> Response:
+        try:
+            return run_file_response(request, root, rel)
+        except OSError:  # a name too long, a folder we may not read: not there, as far as the client knows
+            return error(request, 404, f"no file {rel!r} in the run dirs this server shows (see /runs)")
+
+    def run_file_response(request: Request, root: str, rel: str) -> Response:
         path = resolve(roots, root, rel)
         if path is not None and path.is_dir():
             if not request.url.path.endswith("/"):

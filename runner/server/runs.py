@@ -65,7 +65,7 @@ def kind_of(folder: Path) -> str | None:
 def resolve(roots: list[Root], root: str, rel: str) -> Path | None:
     """The real path of `rel` inside root number `root`, or None when it is not allowed: an unknown root,
     `..`, a hidden part (.hydra, .t2i-sweep, dotfiles), an absolute or odd path, or a symlink leading out."""
-    if not root.isdigit() or int(root) >= len(roots):
+    if not (root.isascii() and root.isdigit()) or int(root) >= len(roots):
         return None
     base = roots[int(root)].path
     parts = [p for p in rel.split("/") if p != ""] if rel else []
