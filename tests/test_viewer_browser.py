@@ -384,3 +384,18 @@ def test_live_run_shows_new_images_as_they_land_from_file_and_from_the_server(vi
         shown = {f for files in cells(page).values() for f in files}
         assert shown and shown <= {e["file"] for e in entries}
     shot(pages[1], tmp_path, "live-done")
+
+
+def test_the_viewer_benchmark_runs(tmp_path: Path) -> None:
+    """bench/bench_viewer.py end to end on 300 images (what it measures is recorded in BENCHMARKS.md)."""
+    import subprocess
+    import sys
+
+    md = tmp_path / "B.md"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "bench_viewer.py"),
+                           "--images", "300", "--trials", "1", "--frames", "20", "--dir", str(tmp_path / "b"),
+                           "--benchmarks", str(md)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| viewer") or line.startswith("| naive")]
+    assert len(rows) == 4 and "300 images" in md.read_text() and "Ratio, first screen" in proc.stdout
+    assert len(Manifest(tmp_path / "b" / "run").entries()) == 300
