@@ -29,6 +29,7 @@ from typing import Any
 
 from ..common.io import atomic_write_bytes
 from .grid import GRID_AXES, _ordered, axis_value, pick_axes, value_label
+from .record import PROVENANCE
 from .thumbs import THUMB_SIZE, ensure_thumbs, has_thumbs, thumb_rel
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,10 @@ DATA_FORMAT = 1
 ASSETS = Path(__file__).with_name("viewer_assets")
 DATA_GLOBAL = "T2I_VIEWER_DATA"
 STATUS_GLOBAL = "T2I_VIEWER_STATUS"
-# record fields that are never a sweep axis: identity, bookkeeping, or folded into a derived axis
-NOT_AXES = frozenset({"file", "key", "index", "created", "record_version", "batch_size", "job", "job_dir",
-                      "run_dir", "status", "error", "overrides", "reproduced", "loras", "faults", "versions"})
+# record fields that are never a sweep axis: provenance (outputs/record.py), identity and bookkeeping, or
+# folded into a derived axis (loras -> lora_set, lora_scale; overrides -> one axis per overridden key)
+NOT_AXES = frozenset({"file", "key", "index", "batch_size", "job", "job_dir", "run_dir", "status", "error",
+                      "overrides", "loras", *PROVENANCE})
 BASELINE = ("lora_set", "nolora")  # the no-LoRA baseline: its axis and value (outputs/grid.py's label)
 WILDCARD = ("lora_scale", None)  # a no-LoRA image has no LoRA scale: it belongs to every scale's column
 MAX_JS_INT = 2**53 - 1

@@ -662,9 +662,10 @@
     row(t, "Steps", use("steps"));
     row(t, "CFG scale", use("guidance_scale"));
     row(t, "Size", rec.width + "×" + rec.height); SHOWN.add("width"); SHOWN.add("height");
-    row(t, "Sampler", (use("sampler") || "") + (rec.scheduler ? "  (scheduler=" + rec.scheduler + ")" : "  (the model's own)")
-      + (rec.scheduler_class ? ", " + rec.scheduler_class : ""));
-    SHOWN.add("scheduler"); SHOWN.add("scheduler_class");
+    row(t, "Sampler", (use("sampler") || "") + (rec.schedule_type ? " / " + rec.schedule_type : "") +
+      (rec.scheduler ? "  (scheduler=" + rec.scheduler + (rec.schedule ? ", schedule=" + rec.schedule : "") + ")"
+        : "  (the model's own)") + (rec.scheduler_class ? ", " + rec.scheduler_class : ""));
+    for (const k of ["scheduler", "scheduler_class", "schedule", "schedule_type"]) SHOWN.add(k);
     row(t, "Clip skip", use("clip_skip") || 1);
     const loras = use("loras") || [];
     row(t, "LoRAs", loras.length ? small(["name", "scale", "sha256", "source"], loras.map((lo) => [
@@ -760,6 +761,8 @@
       if (rec[k] !== null && rec[k] !== undefined) out.push([k, rec[k]]);
     }
     out.push(["scheduler", rec.scheduler === undefined ? null : rec.scheduler]);
+    out.push(["schedule", rec.schedule === undefined ? null : rec.schedule]);
+    if (rec.threads && String(rec.device).startsWith("cpu")) out.push(["threads", rec.threads]); // CPU rounding
     const loras = rec.loras || [];
     const [scales, mult] = unscale(loras.map((lo) => lo.scale), rec.lora_scale === null || rec.lora_scale === undefined ? 1.0 : rec.lora_scale);
     out.push(["lora_sets", [loras.map((lo, k) => ({source: lo.source, weight_name: lo.weight_name === undefined ? null : lo.weight_name, scale: scales[k], name: lo.name}))]]);
