@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's chromium, driven by Playwright (never `playwright install`)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 _SESSION_CACHE = Path(os.environ.get("T2I_TEST_CACHE", "")) if os.environ.get("T2I_TEST_CACHE") else None
 
 
@@ -42,6 +44,17 @@ def lora_a(tiny_dir: Path) -> dict:
 def lora_b(tiny_dir: Path) -> dict:
     """The kohya-format example LoRA."""
     return {"source": str(tiny_dir / "loras" / "tiny_kohya.safetensors"), "name": "B"}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium launched once per test module (the browser tests skip when /usr/bin/chromium is missing)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
 
 
 @contextlib.contextmanager

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from conftest import uvicorn_thread
+from conftest import CHROMIUM, uvicorn_thread
 
 from runner.server.app import compose_config, create_app
 
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium)"),
 ]
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +20,6 @@ def live_server(tmp_path_factory: pytest.TempPathFactory):
     app = create_app(compose_config(["model=tiny", f"server.output_dir={out}", "server.max_steps=20"]))
     with uvicorn_thread(app) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
 def fill(page, prompt: str, images: str = "1") -> None:

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-from conftest import uvicorn_thread
+from conftest import CHROMIUM, uvicorn_thread
 from PIL import Image
 
 from runner.outputs import viewer
@@ -20,23 +20,11 @@ from runner.outputs.manifest import Manifest
 from runner.outputs.thumbs import THUMB_DIR, thumb_rel
 from runner.server.app import compose_config, create_app
 
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium)"),
 ]
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 FOX, HTML_PROMPT = "a red fox", 'a <img src=x onerror="window.pwned=1"> car'
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
 def _local(url: str) -> bool:
