@@ -63,7 +63,9 @@ def hydra_main(cfg: DictConfig) -> Any:
         if multirun:
             raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
         sys.exit(EXIT_FAILED)
-    print(result.summary(), flush=True)
+    if result.viewer is not None:
+        print(f"t2i: viewer: {result.viewer.resolve().as_uri()} (or t2i-serve's /runs)")
+    print(result.summary(), flush=True)  # the last line, as scripts expect
     if result.hand_over is not None:
         result.hand_over()  # submitit: checkpoint and requeue this job; the requeued job resumes
     if result.interrupted:

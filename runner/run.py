@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ class RunResult:
     by_others: int = 0  # images of this plan that other writers of the same run dir made meanwhile
     signal: int | None = None  # the signal that stopped the run
     hand_over: Callable[[], None] | None = None  # passes a preemption signal on to submitit (requeue)
+    viewer: Path | None = None  # RUN_DIR/index.html (outputs/viewer.py), when viewer.enabled
 
     @property
     def images_per_second(self) -> float:
@@ -87,6 +88,16 @@ def load_current(spec: RunSpec) -> tuple[Any, str, str]:
         key, config_hash = model_identity(loaded)
     loaded.identity = key
     return loaded, key, config_hash
+
+
+def _viewer(spec: RunSpec, out: Path, done: Iterable[dict], planned: int, skipped: int):
+    """The run dir's live viewer and the writer threads' thumbnail hook (both None with viewer.enabled=false)."""
+    if not spec.viewer.enabled:
+        return None, None
+    from .outputs.thumbs import ThumbWriter
+    from .outputs.viewer import LiveViewer
+
+    return LiveViewer(out, done, planned, skipped, spec.viewer.thumb_size), ThumbWriter(out, spec.viewer.thumb_size)
 
 
 def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True,
@@ -171,20 +182,24 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
         perf = resolve_perf(spec.perf, loaded.device, image_steps(todo, (dw, dh)))
         apply_perf(loaded, perf, uses_loras=any(lora_sets))
         bar = tqdm(total=len(jobs), initial=result.skipped, unit="img", disable=not progress, dynamic_ncols=True)
+        viewer, thumbs = _viewer(spec, out, run_dir.done.values(), len(jobs), result.skipped)
 
         def finished(entry: dict) -> None:
             result.generated += 1
             result.entries.append(entry)
             bar.update(1)
+            if viewer is not None:
+                viewer.add(entry)
             if on_image is not None:
                 on_image(entry)
 
         # 4. Generate: claim a batch at a time (other writers claim theirs), write PNGs in background threads
-        writer = ImageWriter(run_dir, threads=spec.perf.writer_threads, on_done=finished)
+        writer = ImageWriter(run_dir, threads=spec.perf.writer_threads, on_done=finished, after_save=thumbs)
         handler = faults.FaultHandler(pipe, spec.nan_retry_fp32_vae)
         sizer = BatchSizer(spec.batch_size, loaded.device, cap=lambda: handler.cap, probe=not perf.compile,
                            shape_of=lambda j: (model_key, j.width or dw, j.height or dh, j.guidance_scale > 1))
         embeds = prompt_embeds(loaded)
+        state = "failed"  # the viewer's last word on this run
         try:
             while not stop.requested:
                 claimed = 0
@@ -221,11 +236,18 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
                 done = run_dir.refresh()  # a killed writer's images are free again: take them in the next pass
                 todo = [j for j in todo if j.key not in done or (j.key in replace and j.key not in run_dir.mine)]
             writer.close()
+            state = "interrupted" if stop.requested and result.generated < len(todo) else "done"
         except OSError as exc:
             raise faults.output_error(exc, out, result.generated) from exc
+        except KeyboardInterrupt:
+            state = "interrupted"
+            raise
         finally:
             faults.close_quietly(writer)
             bar.close()
+            if viewer is not None:
+                viewer.close(state)
+                result.viewer = out / "index.html" if (out / "index.html").is_file() else None
     finally:
         last = run_dir.close()
         result.seconds = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's chromium, driven by Playwright (never `playwright install`)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 _SESSION_CACHE = Path(os.environ.get("T2I_TEST_CACHE", "")) if os.environ.get("T2I_TEST_CACHE") else None
 
 
@@ -43,6 +46,45 @@ def lora_b(tiny_dir: Path) -> dict:
     return {"source": str(tiny_dir / "loras" / "tiny_kohya.safetensors"), "name": "B"}
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium launched once per test module (the browser tests skip when /usr/bin/chromium is missing)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@contextlib.contextmanager
+def uvicorn_thread(app):
+    """Serve `app` with uvicorn on a free 127.0.0.1 port, in a thread of this process; yields the base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(600):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
     """Run `python -m runner ARGS` in a subprocess; return the CompletedProcess (text mode)."""
     full_env = {**os.environ, **(env or {})}
@@ -69,3 +111,37 @@ def start_slow(args: list[str], cwd: Path, delay: float = 0.5) -> subprocess.Pop
     env = {**os.environ, "PYTHONPATH": str(REPO), "T2I_TEST_BATCH_DELAY": str(delay)}
     return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="session")
+def viewer_run(tmp_path_factory: pytest.TempPathFactory):
+    """A run dir for the viewer tests: 2 prompts (one with HTML in it) x 2 seeds x {no LoRA, kohya at 0.5 and
+    1.0} = 12 images of 32x32; `.thumb_threads` names the threads that encoded the thumbnails."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from omegaconf import OmegaConf
+
+    from runner.config import RunConfig
+    from runner.outputs import thumbs
+    from runner.run import run
+
+    out = tmp_path_factory.mktemp("viewer") / "run"
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
+        "model": {"id": "builtin:tiny"}, "device": "cpu", "steps": 1, "width": 32, "height": 32,
+        "prompts": ["a red fox", 'a <img src=x onerror="window.pwned=1"> car'], "seeds": [1, 2],
+        "lora_sets": [[], [{"source": "builtin:tiny/loras/tiny_kohya.safetensors", "name": "kohya"}]],
+        "lora_scales": [0.5, 1.0]})
+    names: list[str] = []
+    real = thumbs.encode_thumb
+
+    def spy(image, size=thumbs.THUMB_SIZE):
+        import threading
+
+        names.append(threading.current_thread().name)
+        return real(image, size)
+
+    with mock.patch.object(thumbs, "encode_thumb", spy):
+        result = run(cfg, out, progress=False)
+    assert result.generated == 12
+    return SimpleNamespace(dir=out, cfg=cfg, thumb_threads=names)

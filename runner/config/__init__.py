@@ -2,7 +2,16 @@
 command-line override pre-check (overrides.py)."""
 
 from ..common.errors import ConfigError
-from .schema import GridConfig, ModelConfig, PerfConfig, RunConfig, ServerConfig, ShardConfig, register_configs
+from .schema import (
+    GridConfig,
+    ModelConfig,
+    PerfConfig,
+    RunConfig,
+    ServerConfig,
+    ShardConfig,
+    ViewerConfig,
+    register_configs,
+)
 from .validate import (
     DEVICES,
     DTYPES,
@@ -17,7 +26,7 @@ from .validate import (
 
 __all__ = [
     "DEVICES", "DTYPES", "MAX_SEED", "PIPELINES", "ConfigError", "GridConfig", "LoraSpec", "ModelConfig",
-    "PerfConfig", "PromptSpec", "RunConfig", "RunSpec", "ServerConfig", "ShardConfig", "lora_name",
+    "PerfConfig", "PromptSpec", "RunConfig", "RunSpec", "ServerConfig", "ShardConfig", "ViewerConfig", "lora_name",
     "register_configs", "validate",
 ]
 

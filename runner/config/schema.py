@@ -32,6 +32,14 @@ class GridConfig:
 
 
 @dataclass
+class ViewerConfig:
+    """RUN_DIR/index.html, the interactive viewer (runner/outputs/viewer.py), and its thumbnails."""
+
+    enabled: bool = True
+    thumb_size: int = 256  # longest side of the JPEG thumbnails in RUN_DIR/thumbs/
+
+
+@dataclass
 class PerfConfig:
     """Fast-path options applied to the loaded pipeline (generate/fastpath.py); `auto` = what measured faster on
     this device (BENCHMARKS.md), resolved per run and recorded per image."""
@@ -64,6 +72,7 @@ class ServerConfig:
     queue_size: int = 32
     merge_max_images: int = 16  # queued compatible requests are merged into one run up to this many images
     output_dir: str | None = None  # null = outputs/server/<date>/<time>
+    run_dirs: list[str] = field(default_factory=list)  # more folders whose run dirs /runs lists and serves
 
 
 @dataclass
@@ -92,6 +101,7 @@ class RunConfig:
     run_seed: int | None = None  # seeds given as -1 are drawn from it; null = the run dir's (or the sweep's)
     output_dir: str | None = None
     grid: GridConfig = field(default_factory=GridConfig)
+    viewer: ViewerConfig = field(default_factory=ViewerConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     server: ServerConfig = field(default_factory=ServerConfig)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ..common.errors import ConfigError, did_you_mean, first_line
 from ..common.paths import strip_weight_ext
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
-from .schema import GridConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig
+from .schema import GridConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig, ViewerConfig
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -71,6 +71,7 @@ class RunSpec:
     nan_retry_fp32_vae: bool = False
     perf: PerfConfig = field(default_factory=PerfConfig)
     run_seed: int | None = None  # seeds given as -1 are drawn from it (None: the run dir's, see outputs/rundir)
+    viewer: ViewerConfig = field(default_factory=ViewerConfig)
     extra: dict = field(default_factory=dict)
     schedule: tuple[str | None, ...] = (None,)  # A1111 "Schedule type" axis (config/schedulers.py)
     threads: int | None = None  # None = auto (runner.generate.threads)
@@ -313,4 +314,12 @@ def _validate(cfg: DictConfig) -> RunSpec:
         schedule=tuple(schedules),
         threads=threads,
         run_seed=run_seed,
+        viewer=_viewer(cfg.get("viewer")),
     )
+
+
+def _viewer(v: Any) -> ViewerConfig:
+    if v is None:
+        return ViewerConfig()
+    size = _number("viewer.thumb_size", v.thumb_size, int, 32, 2048)
+    return ViewerConfig(enabled=bool(v.enabled), thumb_size=size)

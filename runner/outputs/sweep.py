@@ -15,7 +15,7 @@ from hydra.core.utils import JobStatus
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..common.errors import ConfigError, first_line
 from ..common.io import atomic_write_bytes
@@ -77,8 +77,48 @@ def _sweep_dir(config: DictConfig) -> Path:
     return Path(config.hydra.runtime.cwd, str(config.hydra.sweep.dir)).resolve()
 
 
+def _job_count(config: DictConfig) -> int | None:
+    """How many jobs Hydra's basic sweeper will launch (None for other sweepers or sweeps it cannot count)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    try:
+        parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+    except Exception:  # noqa: BLE001 - e.g. glob() sweeps need Hydra's config loader: count unknown
+        return None
+
+
+def _viewer_on(config: DictConfig) -> bool:
+    return config.hydra.mode == RunMode.MULTIRUN and bool(OmegaConf.select(config, "viewer.enabled", default=True))
+
+
 class SweepManifest(Callback):
-    """Hydra callback: after each multirun job (where it ran), add its images or failure to the sweep dir."""
+    """Hydra callback: after each multirun job (where it ran), add its images or failure to the sweep dir;
+    keeps the sweep dir's viewer (index.html, outputs/viewer.py) current while jobs run."""
+
+    def __init__(self) -> None:
+        self._watchers: dict[int, Any] = {}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _viewer_on(config):
+            from .viewer import start_sweep
+
+            _quietly(start_sweep, _sweep_dir(config), _job_count(config))
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _viewer_on(config):
+            return
+        from .viewer import SweepWatcher
+
+        job_dir = Path(config.get("output_dir") or config.hydra.runtime.output_dir).resolve()
+        num = int(config.hydra.job.num)
+        watcher = _quietly(SweepWatcher, _sweep_dir(config), num, job_dir, list(config.hydra.overrides.task))
+        if watcher is not None:
+            self._watchers[num] = watcher
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
@@ -94,9 +134,25 @@ class SweepManifest(Callback):
         path = record_job(_sweep_dir(config), int(config.hydra.job.num), job_lines(
             _sweep_dir(config), job_dir.resolve(), int(config.hydra.job.num), overrides, error))
         log.info("sweep summary: %s", path)
+        watcher = self._watchers.pop(int(config.hydra.job.num), None)
+        if watcher is not None:
+            _quietly(watcher.close)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         rebuild(_sweep_dir(config))
+        if _viewer_on(config):
+            from .viewer import end_sweep
+
+            _quietly(end_sweep, _sweep_dir(config))
+
+
+def _quietly(fn: Any, *args: Any) -> Any:
+    """Run a viewer update; a failure is a warning (the viewer never fails a sweep)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("viewer: %s", first_line(exc))
+        return None
 
 
 def run_dirs_of(paths: list[Path]) -> list[Path]:
@@ -140,6 +196,17 @@ def merge(run_dirs: list[Path], out: Path) -> tuple[list[dict], int]:
     return entries, duplicates
 
 
+def _merged_viewer(out: Path, entries: list[dict]) -> None:
+    """The merged dir's viewer (thumbnails stay beside each run dir's PNGs; missing ones are made now)."""
+    import time
+
+    from .thumbs import ensure_thumbs
+    from .viewer import progress, write_viewer
+
+    ensure_thumbs(out, entries)
+    write_viewer(out, entries, progress("done", len(entries), len(entries), time.time()))
+
+
 def merge_main(argv: list[str] | None = None) -> int:
     """`t2i-merge`: gather shard (or multirun job) run dirs into one manifest and grid."""
     from ..config import GridConfig
@@ -170,12 +237,13 @@ def merge_main(argv: list[str] | None = None) -> int:
             check_axes(grid)
         entries, dups = merge(dirs, out)
         grids = write_grids(out, grid, entries) if grid.enabled else []
+        _merged_viewer(out, entries)
     except ConfigError as exc:
         print(f"t2i-merge: error: {exc}", file=sys.stderr)
         return 2
     extra = f" ({dups} duplicate keys skipped)" if dups else ""
     print(f"t2i-merge: {len(entries)} images from {len(dirs)} run dirs{extra} -> {out / MANIFEST}"
-          + (f", {len(grids)} grid(s) in {out / 'grids'}" if grids else ""))
+          + (f", {len(grids)} grid(s) in {out / 'grids'}" if grids else "") + f", viewer {out / 'index.html'}")
     return 0
 
 

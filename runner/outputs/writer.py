@@ -35,9 +35,10 @@ def manifest_line(record: dict, claim: Claim) -> dict:
 class ImageWriter:
     """Encodes and writes PNGs in background threads (bounded queue), then appends their manifest lines."""
 
-    def __init__(self, run_dir: RunDir, threads: int = 2, depth: int = 16, on_done=None) -> None:
+    def __init__(self, run_dir: RunDir, threads: int = 2, depth: int = 16, on_done=None, after_save=None) -> None:
         self.run_dir = run_dir
         self.on_done = on_done
+        self.after_save = after_save  # (image, entry) in the writer thread once the PNG is in place: thumbnails
         self.error: BaseException | None = None
         self._closed = False
         self._q: queue.Queue = queue.Queue(maxsize=depth)
@@ -57,6 +58,8 @@ class ImageWriter:
                 if self.error is None:
                     save_png(image, self.run_dir.path / claim.file, record, overwrite=claim.replaces)
                     entry = manifest_line(record, claim)
+                    if self.after_save is not None:
+                        self.after_save(image, entry)
                     self.run_dir.commit(entry, replaces=claim.replaces)
                     if self.on_done is not None:
                         self.on_done(entry)

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from fastapi_offline import FastAPIOffline
@@ -30,8 +30,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..common.errors import ConfigError, first_line
 from ..config import lora_name, validate
 from ..config.validate import string_list
+from ..outputs.viewer import DATA_JS, STATUS_JS, VIEWER_HTML, data_js, page_html, status_js
 from .forms import FormError, JobRequest, SubmitForm, error_line, parse_form, to_spec
 from .jobs import Job, JobQueue, QueueFull
+from .runs import Root, find_runs, kind_of, resolve, run_roots, viewer_url
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("runner.server")
@@ -71,8 +73,20 @@ def job_loras(job: Job) -> list[dict[str, Any]]:
             for lo in loras]
 
 
-def job_json(queue: JobQueue, job: Job) -> dict[str, Any]:
+VIEWER_FILES = (VIEWER_HTML, DATA_JS, STATUS_JS)
+
+
+def viewer_file(folder: Path, name: str) -> Response:
+    """A viewer file built on request, for a run dir written before viewers existed."""
+    if name == VIEWER_HTML:
+        return HTMLResponse(page_html())
+    body = data_js(folder) if name == DATA_JS else status_js(folder)
+    return Response(body, media_type="text/javascript", headers={"Cache-Control": "no-store"})
+
+
+def job_json(queue: JobQueue, job: Job, roots: list[Root] | None = None) -> dict[str, Any]:
     total = len(job.files)
+    viewer = viewer_url(roots or [], job.run_dir) if job.finished or job.done else None
     return {
         "id": job.id, "status": job.status, "done": job.done, "total": total,
         "progress": f"{job.done}/{total}",
@@ -80,6 +94,7 @@ def job_json(queue: JobQueue, job: Job) -> dict[str, Any]:
         "images": [f"/api/jobs/{job.id}/images/{k}.png" for k, f in enumerate(job.files) if f is not None],
         "seeds": list(job.spec.seeds), "prompt": job.spec.prompts[0].prompt, "gallery": f"/jobs/{job.id}",
         "loras": job_loras(job),
+        "viewer": viewer,
     }
 
 
@@ -96,6 +111,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
     from ..models.loading import load_model
 
     base = validate(cfg)  # a broken server config fails now, not on the first request
+    roots = run_roots(cfg)  # so does a server.run_dirs entry that is not a folder
     load_model(base.model, base.device)  # so does a model that does not load (the one line `t2i` prints)
     out = server_dir(cfg)
     queue = JobQueue(out, int(cfg.server.queue_size), int(cfg.server.merge_max_images))
@@ -113,7 +129,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
                   description="Text-to-image with LoRA adapters. `POST /submit` is the original form's "
                               "endpoint; `/api/jobs` queues a job and reports its progress. `strength` is "
                               "accepted and ignored (text-to-image).")
-    app.state.queue, app.state.cfg, app.state.output_dir = queue, cfg, out
+    app.state.queue, app.state.cfg, app.state.output_dir, app.state.roots = queue, cfg, out, roots
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def error(request: Request, status: int, message: str, headers: dict | None = None) -> Response:
@@ -179,7 +195,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
     def gallery_page(request: Request, job: Job) -> Response:
         items = [{"url": f"/api/jobs/{job.id}/images/{k}.png", "seed": s}
                  for k, (_, _, s) in enumerate(job.wanted) if job.files[k] is not None]
-        ctx = {"job": job_json(queue, job), "items": items, "negative": job.spec.prompts[0].negative_prompt,
+        ctx = {"job": job_json(queue, job, roots), "items": items, "negative": job.spec.prompts[0].negative_prompt,
                "loras": job_loras(job)}
         return templates.TemplateResponse(request, "gallery.html", ctx)
 
@@ -191,11 +207,11 @@ def create_app(cfg: DictConfig) -> FastAPI:
     async def create_job(req: Annotated[JobRequest, Body()]) -> JSONResponse:
         job = await run_in_threadpool(enqueue, req)
         headers = {"Location": f"/api/jobs/{job.id}"}
-        return JSONResponse(job_json(queue, job), status_code=202, headers=headers)
+        return JSONResponse(job_json(queue, job, roots), status_code=202, headers=headers)
 
-    @app.get("/api/jobs/{job_id}", summary="A job's status, progress i/N and image URLs")
+    @app.get("/api/jobs/{job_id}", summary="A job's status, progress i/N, image URLs and its run's viewer")
     async def get_job(job_id: str) -> dict[str, Any]:
-        return job_json(queue, find(job_id))
+        return job_json(queue, find(job_id), roots)
 
     @app.get("/api/jobs/{job_id}/images/{name}", response_class=FileResponse, summary="Image k of a job",
              responses={200: {"content": {"image/png": {}}}})
@@ -207,6 +223,45 @@ def create_app(cfg: DictConfig) -> FastAPI:
         if path is None or not os.path.realpath(path).startswith(root + os.sep) or not path.is_file():
             raise FormError(404, f"no image {name!r} in job {job_id} (yet)")
         return FileResponse(path, media_type="image/png")
+
+    @app.get("/runs", response_class=HTMLResponse, summary="The run dirs this server may show, each with its viewer")
+    async def runs_page(request: Request) -> Response:
+        runs = await run_in_threadpool(find_runs, roots)
+        return templates.TemplateResponse(request, "runs.html", {"runs": runs, "roots": roots})
+
+    @app.get("/api/runs", summary="The run dirs this server may show (JSON)")
+    async def runs_json() -> dict[str, Any]:
+        runs = await run_in_threadpool(find_runs, roots)
+        return {"roots": [{"index": r.index, "path": r.label} for r in roots], "runs": runs}
+
+    @app.get("/runs/{root}", include_in_schema=False)
+    async def run_root(root: str) -> Response:
+        return RedirectResponse(f"/runs/{root}/")
+
+    @app.get("/runs/{root}/{rel:path}", summary="A file of a run dir (its viewer at .../index.html)",
+             responses={200: {"content": {"text/html": {}, "image/png": {}, "text/javascript": {}}}})
+    async def run_file(request: Request, root: str, rel: str) -> Response:
+        return await run_in_threadpool(serve_run_file, request, root, rel)
+
+    def serve_run_file(request: Request, root: str, rel: str) -> Response:
+        try:
+            return run_file_response(request, root, rel)
+        except OSError:  # a name too long, a folder we may not read: not there, as far as the client knows
+            return error(request, 404, f"no file {rel!r} in the run dirs this server shows (see /runs)")
+
+    def run_file_response(request: Request, root: str, rel: str) -> Response:
+        path = resolve(roots, root, rel)
+        if path is not None and path.is_dir():
+            if not request.url.path.endswith("/"):
+                return RedirectResponse(request.url.path + "/")
+            if kind_of(path) is None:
+                return error(request, 404, f"{rel or 'this folder'} is not a run dir (see /runs)")
+            path = path / VIEWER_HTML
+        if path is not None and path.is_file():
+            return FileResponse(path, headers={"Cache-Control": "no-store"} if path.name in VIEWER_FILES else None)
+        if path is not None and path.name in VIEWER_FILES and kind_of(path.parent):
+            return viewer_file(path.parent, path.name)  # an older run dir: built now, nothing written
+        return error(request, 404, f"no file {rel!r} in the run dirs this server shows (see /runs)")
 
     @app.get("/api/health", summary="Liveness and queue length")
     async def health() -> dict[str, Any]:

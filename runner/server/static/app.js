@@ -41,6 +41,19 @@
       fig.append(link, cap);
       result.appendChild(fig);
     });
+    if (job.viewer) {
+      const p = document.createElement("p");
+      const a = document.createElement("a");
+      a.id = "viewer-link";
+      a.href = job.viewer;
+      a.textContent = "Open the run in the viewer";
+      p.append(a, " · ");
+      const all = document.createElement("a");
+      all.href = "/runs";
+      all.textContent = "all runs";
+      p.appendChild(all);
+      result.appendChild(p);
+    }
   }
 
   async function detail(resp) {
