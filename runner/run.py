@@ -44,8 +44,9 @@ class RunResult:
 
 
 def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True,
-        on_image: Callable[[dict], None] | None = None) -> RunResult:
-    """Generate every image of `cfg` that `output_dir`'s manifest does not already hold."""
+        on_image: Callable[[dict], None] | None = None, stop: faults.InterruptGuard | None = None) -> RunResult:
+    """Generate every image of `cfg` that `output_dir`'s manifest does not already hold; `stop` (default: a new
+    guard for Ctrl-C) ends the run after the batch in flight once requested."""
     from tqdm import tqdm
 
     from .generate.batch import default_size, generate, prompt_tokens
@@ -111,7 +112,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
                        shape_of=lambda j: (model_key, j.width or dw, j.height or dh, j.guidance_scale > 1))
     embeds = prompt_embeds(loaded)
     try:
-        with faults.InterruptGuard() as stop:
+        with (stop or faults.InterruptGuard()) as stop:
             for batch in sizer.batches(todo):
                 if stop.requested:
                     break

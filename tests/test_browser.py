@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from conftest import live_server as serve
 
 from runner.server.app import compose_config, create_app
 
@@ -22,25 +20,10 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory):
     """uvicorn serving `t2i-serve model=tiny` on a free localhost port, in a thread of this process."""
-    import uvicorn
-
     out = tmp_path_factory.mktemp("browser") / "out"
     app = create_app(compose_config(["model=tiny", f"server.output_dir={out}", "server.max_steps=20"]))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(600):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(60)
-    sock.close()
+    with serve(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

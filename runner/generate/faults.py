@@ -196,6 +196,11 @@ class InterruptGuard:
         self._old: Any = None
         self._installed = False
 
+    def request(self) -> None:
+        """Stop after the batch in flight, as a first Ctrl-C does; for a caller in another thread (the server's
+        interrupt), where no signal handler is installed."""
+        self.requested = True
+
     def _handle(self, _signum: int, _frame: Any) -> None:
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
