@@ -156,8 +156,10 @@ def test_webuiapi_lists_models_samplers_schedulers_loras_and_switches_options(se
     api.util_set_model("builtin:tiny")  # webuiapi's model switch: POST /options
     api.set_options({"CLIP_stop_at_last_layers": 2})
     try:
-        r = api.txt2img(prompt="clip two", seed=1, steps=2, width=32, height=32)
+        # <lora:…> tags reach the core unchanged (the prompt language parses them there)
+        r = api.txt2img(prompt="clip two <lora:tiny_kohya:0.5>", seed=1, steps=2, width=32, height=32)
         assert r.info["clip_skip"] == 2 and "Clip skip: 2" in r.info["infotexts"][0]
+        assert json.loads(r.image.info["t2i-runner"])["prompt"] == "clip two <lora:tiny_kohya:0.5>"
     finally:
         api.set_options({"CLIP_stop_at_last_layers": 1})
     refused = api.session.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "/etc/passwd"})
@@ -375,3 +377,21 @@ def test_png_info_of_foreign_and_broken_images(server) -> None:
     assert api.png_info(Image.new("RGB", (8, 8))).info == ""
     bad = api.session.post(f"{url}/sdapi/v1/png-info", json={"image": base64.b64encode(b"not a png").decode()})
     assert bad.status_code == 422 and "not an image" in bad.json()["detail"]
+
+
+def test_readme_client_examples_run(server, tmp_path: Path) -> None:
+    url, _ = server
+    port = url.rsplit(":", 1)[1]
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "t2i-serve" in b or "/v1" in b]
+    assert len(blocks) == 2 and "webuiapi" in blocks[0] and "OpenAI(" in blocks[1]
+    printed = []
+    for block in blocks:
+        (tmp_path / "fox.png").unlink(missing_ok=True)
+        code = block.replace("8000", port)
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert Image.open(tmp_path / "fox.png").size == (64, 64)
+        printed.append(r.stdout)
+    assert printed[0].startswith("a red fox\nSteps: 4, Sampler: Euler a") and "Seed: 5" in printed[0]  # webuiapi
+    assert json.loads(Image.open(tmp_path / "fox.png").info["t2i-runner"])["prompt"] == "a red fox"  # OpenAI's PNG

@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig
 from starlette.responses import JSONResponse, Response
 
-from ..common.errors import ConfigError
+from ..common.errors import ConfigError, first_line
 from ..config.validate import string_list
 from .openai_api import FILES_PREFIX, OPENAI_PREFIX, error_response
 
@@ -36,7 +36,12 @@ def is_open(path: str) -> bool:
 
 def api_keys(cfg: DictConfig) -> tuple[str, ...]:
     """`server.api_keys` as a tuple; an empty key is a config error (it would let an empty password in)."""
-    keys = string_list("server.api_keys", cfg.server.get("api_keys"))
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        keys = string_list("server.api_keys", cfg.server.get("api_keys"))
+    except OmegaConfBaseException as exc:  # e.g. ${oc.env:T2I_API_KEY} while that variable is not set
+        raise ConfigError(f"server.api_keys: {first_line(exc)}") from exc
     for i, key in enumerate(keys):
         if not key.strip():
             raise ConfigError(f"server.api_keys[{i}] is empty; give a secret string (e.g. from "
