@@ -101,9 +101,10 @@ def _viewer(spec: RunSpec, out: Path, done: Iterable[dict], planned: int, skippe
 
 
 def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True,
-        on_image: Callable[[dict], None] | None = None) -> RunResult:
+        on_image: Callable[[dict], None] | None = None, stop: faults.InterruptGuard | None = None) -> RunResult:
     """Generate every image of `cfg` that `output_dir` does not hold yet; other processes may write the same run
-    dir at the same time (each image is made by one of them)."""
+    dir at the same time (each image is made by one of them). `stop` (default: a new guard for Ctrl-C and SIGTERM)
+    ends the run after the batch in flight once requested (the server's interrupt)."""
     from .outputs.rundir import check_writable, remove_created
 
     # 1. Check inputs before anything loads: the config, the grid axes, random seeds, a writable run dir
@@ -119,7 +120,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     out = Path(output_dir)
     check_writable(out)
     try:
-        with faults.InterruptGuard() as stop:
+        with (stop or faults.InterruptGuard()) as stop:
             return _run(spec, out, stop, progress, on_image)
     except ConfigError:
         remove_created(out)  # nothing was written: leave no trace but what was there before

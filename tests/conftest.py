@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -60,9 +63,7 @@ def browser():
 @contextlib.contextmanager
 def uvicorn_thread(app):
     """Serve `app` with uvicorn on a free 127.0.0.1 port, in a thread of this process; yields the base URL."""
-    import socket
     import threading
-    import time
 
     import uvicorn
 
@@ -136,7 +137,6 @@ def viewer_run(tmp_path_factory: pytest.TempPathFactory):
     real = thumbs.encode_thumb
 
     def spy(image, size=thumbs.THUMB_SIZE):
-        import threading
 
         names.append(threading.current_thread().name)
         return real(image, size)

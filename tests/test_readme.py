@@ -32,10 +32,22 @@ def readme_commands() -> list[list[str]]:
         for line in block.replace("\\\n", " ").splitlines():
             argv = shlex.split(line, comments=True)
             if argv and "model=tiny" in argv:
-                argv[0] = Path(argv[0]).name  # `.venv/bin/t2i` is `t2i`
+                n = len(env_of(argv))  # `VAR=value t2i-serve …`: the program follows the assignments
+                argv[n] = Path(argv[n]).name  # `.venv/bin/t2i` is `t2i`
                 if argv not in out:
                     out.append(argv)
     return out
+
+
+def env_of(argv: list[str]) -> dict[str, str]:
+    """The `VAR=value` assignments a command line starts with."""
+    env = {}
+    for arg in argv:
+        if not re.match(r"^[A-Z_][A-Z0-9_]*=", arg):
+            break
+        key, _, value = arg.partition("=")
+        env[key] = value
+    return env
 
 
 def _free_port() -> int:
@@ -46,6 +58,10 @@ def _free_port() -> int:
 
 def _serve(argv: list[str], cwd: Path, env: dict) -> None:
     port = _free_port()
+    # a server started with API keys (from T2I_API_KEY, as the README shows) answers only with one
+    key = env.get("T2I_API_KEY") if any(a.startswith("server.api_keys=") for a in argv) else None
+    health = urllib.request.Request(f"http://127.0.0.1:{port}/api/health",
+                                    headers={"Authorization": f"Bearer {key}"} if key else {})
     proc = subprocess.Popen([sys.executable, *PROGRAMS["t2i-serve"], *argv[1:], "--port", str(port)], cwd=cwd,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -53,7 +69,7 @@ def _serve(argv: list[str], cwd: Path, env: dict) -> None:
             if proc.poll() is not None:
                 pytest.fail(f"{shlex.join(argv)} exited {proc.returncode}: {proc.stdout.read()}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as resp:
+                with urllib.request.urlopen(health, timeout=2) as resp:
                     assert resp.status == 200
                     return
             except OSError:
@@ -65,17 +81,18 @@ def _serve(argv: list[str], cwd: Path, env: dict) -> None:
 
 
 def test_readme_lists_tiny_commands_of_every_program() -> None:
-    progs = {argv[0] for argv in readme_commands()}
+    progs = {argv[len(env_of(argv))] for argv in readme_commands()}
     assert progs == set(PROGRAMS), progs  # a command of another program would need a way to run it here
 
 
 def test_every_readme_tiny_command_runs(tmp_path: Path, tiny_dir: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     images = tmp_path / "my_images"
     images.mkdir()
     for i, color in enumerate(("red", "blue")):
         Image.new("RGB", (64, 64), color).save(images / f"{i}.png")
-    for argv in readme_commands():
+    for line in readme_commands():
+        argv = line[len(env_of(line)):]
+        env = {**os.environ, "PYTHONPATH": str(REPO), **env_of(line)}
         args = [a.replace("/path/to/loras", str(tiny_dir / "loras")) for a in argv]
         runs = sorted((tmp_path / "outputs" / "train").glob("*/*"))
         if runs:

@@ -30,6 +30,9 @@ class Scheduler:
     kdiffusion: bool = True  # A1111 runs it on k-diffusion sigmas ("Uniform" when no Schedule type is given)
     schedule: str | None = None  # a schedule the name itself fixes (the older combined names)
     requires: tuple[str, ...] = ()  # Python modules diffusers needs for this class
+    # A1111's `eta` that samples as this class does (ancestral and SDE samplers add noise at eta 1, DDIM at 0);
+    # None: A1111's sampler takes no eta, so any value means the same
+    eta: float | None = None
 
     def __post_init__(self) -> None:
         assert self.schedule is None or self.schedule in self.schedules
@@ -46,23 +49,24 @@ class Schedule:
 
 SCHEDULER_TABLE: dict[str, Scheduler] = {
     "euler": Scheduler("EulerDiscreteScheduler", "Euler"),
-    "euler_a": Scheduler("EulerAncestralDiscreteScheduler", "Euler a", schedules=SPACING_SCHEDULES),
+    "euler_a": Scheduler("EulerAncestralDiscreteScheduler", "Euler a", schedules=SPACING_SCHEDULES, eta=1.0),
     "heun": Scheduler("HeunDiscreteScheduler", "Heun"),
     "lms": Scheduler("LMSDiscreteScheduler", "LMS", requires=("scipy",)),
     "dpm2": Scheduler("KDPM2DiscreteScheduler", "DPM2", auto_schedule="karras"),
-    "dpm2_a": Scheduler("KDPM2AncestralDiscreteScheduler", "DPM2 a", auto_schedule="karras"),
+    "dpm2_a": Scheduler("KDPM2AncestralDiscreteScheduler", "DPM2 a", auto_schedule="karras", eta=1.0),
     "dpmpp_2m": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M", auto_schedule="karras"),
     # the older combined name, kept with its old sigmas (Karras over the model's own timestep spacing) so its
     # images stay reproducible; scheduler=dpmpp_2m schedule=karras is A1111's Karras (the model's whole range)
     "dpmpp_2m_karras": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M", {"use_karras_sigmas": True},
                                  auto_schedule="karras", schedule="karras"),
     "dpmpp_2m_sde": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M SDE", {"algorithm_type": "sde-dpmsolver++"},
-                              auto_schedule="exponential"),
+                              auto_schedule="exponential", eta=1.0),
     "dpmpp_2m_sde_heun": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M SDE Heun",
                                    {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
-                                   auto_schedule="exponential"),
-    "dpmpp_sde": Scheduler("DPMSolverSDEScheduler", "DPM++ SDE", auto_schedule="karras", requires=("torchsde",)),
-    "ddim": Scheduler("DDIMScheduler", "DDIM", schedules=SPACING_SCHEDULES, kdiffusion=False),
+                                   auto_schedule="exponential", eta=1.0),
+    "dpmpp_sde": Scheduler("DPMSolverSDEScheduler", "DPM++ SDE", auto_schedule="karras", requires=("torchsde",),
+                           eta=1.0),
+    "ddim": Scheduler("DDIMScheduler", "DDIM", schedules=SPACING_SCHEDULES, kdiffusion=False, eta=0.0),
     "pndm": Scheduler("PNDMScheduler", "PLMS", {"skip_prk_steps": True}, schedules=SPACING_SCHEDULES, kdiffusion=False),
     "unipc": Scheduler("UniPCMultistepScheduler", "UniPC", kdiffusion=False),
     "lcm": Scheduler("LCMScheduler", "LCM", schedules=SPACING_SCHEDULES),
@@ -85,6 +89,7 @@ SIGMA_OPTIONS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "u
 
 # A1111 names read from infotext that mean one of ours (A1111's aliases and same-sigma labels)
 A1111_SCHEDULE_ALIASES = {"Normal": "uniform", "SGMUniform": "sgm_uniform", "Simple": "sgm_uniform"}
+A1111_AUTOMATIC = "Automatic"  # A1111's Schedule type "the sampler's own default" (its `auto_schedule`)
 # ComfyUI sampler names (as A1111-style savers write them)
 COMFY_SAMPLERS = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun", "lms": "lms", "dpm_2": "dpm2",
                   "dpm_2_ancestral": "dpm2_a", "dpmpp_2m": "dpmpp_2m", "dpmpp_2m_sde": "dpmpp_2m_sde",
@@ -144,14 +149,16 @@ def from_a1111(sampler: str, schedule_type: str | None) -> tuple[str | None, str
     sched_label = (schedule_type or "").strip() or None
     for label in sorted(labels, key=len, reverse=True):  # "DPM++ 2M SDE Karras": the suffix is the schedule
         if name.endswith(" " + label) and name[: -len(label) - 1] in {s.a1111 for s in SCHEDULER_TABLE.values()}:
-            name, sched_label = name[: -len(label) - 1], sched_label or label
+            # as in A1111, the name's schedule wins over "Automatic" (its API's default Schedule type)
+            name = name[: -len(label) - 1]
+            sched_label = label if sched_label in (None, A1111_AUTOMATIC) else sched_label
             break
     lost: list[str] = []
     rows = [k for k, s in SCHEDULER_TABLE.items() if s.a1111 == name and s.schedule is None]
     scheduler = rows[0] if rows else COMFY_SAMPLERS.get(name.lower().replace(" karras", ""))
     if scheduler is None:
         lost.append(f"Sampler: {sampler}")
-    if sched_label == "Automatic":
+    if sched_label == A1111_AUTOMATIC:
         auto = SCHEDULER_TABLE[scheduler].auto_schedule if scheduler else None
         sched_label = SCHEDULE_TABLE[auto].a1111 if auto else None
     if sched_label is None and name.lower().endswith(" karras"):  # ComfyUI's "dpmpp_2m karras"
@@ -168,3 +175,10 @@ def from_a1111(sampler: str, schedule_type: str | None) -> tuple[str | None, str
         lost.append(f"Schedule type: {sched_label} with {SCHEDULER_TABLE[scheduler].a1111}")
         schedule = None
     return scheduler, schedule, lost
+
+
+def a1111_schedule_types() -> dict[str, str]:
+    """A1111's Schedule types this runner can run, as its API names them (`karras`, `sgm_uniform`, `automatic`)
+    -> its labels (`Karras`, `SGM Uniform`, `Automatic`): what `from_a1111` reads."""
+    labels = [A1111_AUTOMATIC, *(s.a1111 for s in SCHEDULE_TABLE.values()), *A1111_SCHEDULE_ALIASES]
+    return {label.lower().replace(" ", "_"): label for label in labels if label != "SGMUniform"}

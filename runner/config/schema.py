@@ -73,6 +73,8 @@ class ServerConfig:
     merge_max_images: int = 16  # queued compatible requests are merged into one run up to this many images
     output_dir: str | None = None  # null = outputs/server/<date>/<time>
     run_dirs: list[str] = field(default_factory=list)  # more folders whose run dirs /runs lists and serves
+    api_keys: Any = field(default_factory=list)  # bearer tokens every request must carry (none: no auth, loopback only)
+    image_url_ttl: int = 3600  # seconds an OpenAI-API image URL (response_format=url) stays valid
 
 
 @dataclass

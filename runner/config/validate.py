@@ -283,7 +283,7 @@ def _validate(cfg: DictConfig) -> RunSpec:
                           "an integer from 1 to 1024")
     threads = None if threads in ("auto", None) else int(threads)
     if cfg.get("server") is not None:
-        for key in ("allowed_models", "allowed_lora_dirs"):
+        for key in ("allowed_models", "allowed_lora_dirs", "api_keys"):
             string_list(f"server.{key}", cfg.server.get(key))
     return RunSpec(
         model=ModelConfig(**OmegaConf.to_container(m, resolve=True)) if isinstance(m, DictConfig) else m,

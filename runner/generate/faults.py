@@ -233,6 +233,11 @@ class InterruptGuard:
         self._old: dict[int, Any] = {}
         self._preempt = preemption_signal()
 
+    def request(self) -> None:
+        """Stop after the batch in flight, as a first Ctrl-C does; for a caller in another thread (the server's
+        interrupt), where no signal handler is installed."""
+        self.requested = True
+
     @property
     def preempted(self) -> bool:
         return self.signum == self._preempt

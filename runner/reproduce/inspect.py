@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..common.errors import EXIT_CONFIG, ConfigError
 from ..outputs.metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
@@ -30,26 +30,29 @@ def _user_comment(raw: Any) -> str | None:
     return body.decode("utf-8" if head.startswith(b"UTF") else "latin-1", errors="replace").rstrip("\x00")
 
 
-def image_text(path: str | Path) -> dict[str, str]:
-    """The text metadata of an image (PNG text chunks, `info` entries, EXIF UserComment as `parameters`)."""
+def image_text(path: str | Path | BinaryIO) -> dict[str, str]:
+    """The text metadata of an image file or stream (PNG text chunks, `info` entries, EXIF UserComment as
+    `parameters`)."""
     from PIL import Image, UnidentifiedImageError
 
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{path} does not exist")
-    if not p.is_file():
-        raise ConfigError(f"{path} is not a file")
+    if isinstance(path, str | Path):
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{path} does not exist")
+        if not p.is_file():
+            raise ConfigError(f"{path} is not a file")
+    what = path if isinstance(path, str | Path) else "the image"
     try:
-        with Image.open(p) as im:
+        with Image.open(path) as im:
             text = {k: v for k, v in (getattr(im, "text", None) or im.info).items() if isinstance(v, str)}
             if INFOTEXT_KEY not in text:
                 comment = _user_comment(im.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT))
                 if comment:
                     text[INFOTEXT_KEY] = comment
     except UnidentifiedImageError as exc:
-        raise ConfigError(f"{path} is not an image (PNG, JPEG or WebP with generation metadata)") from exc
+        raise ConfigError(f"{what} is not an image (PNG, JPEG or WebP with generation metadata)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ConfigError(f"{path} could not be read as an image ({exc})") from exc
+        raise ConfigError(f"{what} could not be read as an image ({exc})") from exc
     return text
 
 

@@ -7,7 +7,6 @@ only validate, queue and wait, so generation never runs in the event loop.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import re
@@ -29,10 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..common.errors import ConfigError, first_line
 from ..config import lora_name, validate
-from ..config.validate import string_list
 from ..outputs.viewer import DATA_JS, STATUS_JS, VIEWER_HTML, data_js, page_html, status_js
-from .forms import FormError, JobRequest, SubmitForm, error_line, parse_form, to_spec
-from .jobs import Job, JobQueue, QueueFull
+from . import a1111, openai_api
+from .auth import ApiKeyMiddleware, api_keys, check_bind
+from .forms import FormError, JobRequest, SubmitForm, allowed_models, error_line, parse_form, to_spec
+from .jobs import Job, JobQueue, QueueFull, wait_for
 from .runs import Root, find_runs, kind_of, resolve, run_roots, viewer_url
 
 HERE = Path(__file__).resolve().parent
@@ -98,21 +98,14 @@ def job_json(queue: JobQueue, job: Job, roots: list[Root] | None = None) -> dict
     }
 
 
-async def wait_for(queue: JobQueue, job: Job) -> None:
-    """Await the end of `job` without blocking the event loop (the worker wakes us)."""
-    loop = asyncio.get_running_loop()
-    event = asyncio.Event()
-    queue.add_waiter(job, lambda: loop.call_soon_threadsafe(event.set))
-    await event.wait()
-
-
 def create_app(cfg: DictConfig) -> FastAPI:
     """The FastAPI app for a composed run config (its `server` section sets limits and the output dir)."""
     from ..models.loading import load_model
 
     base = validate(cfg)  # a broken server config fails now, not on the first request
     roots = run_roots(cfg)  # so does a server.run_dirs entry that is not a folder
-    load_model(base.model, base.device)  # so does a model that does not load (the one line `t2i` prints)
+    keys = api_keys(cfg)
+    loaded = load_model(base.model, base.device)  # so does a model that does not load (the one line `t2i` prints)
     out = server_dir(cfg)
     queue = JobQueue(out, int(cfg.server.queue_size), int(cfg.server.merge_max_images))
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -131,10 +124,17 @@ def create_app(cfg: DictConfig) -> FastAPI:
                               "accepted and ignored (text-to-image).")
     app.state.queue, app.state.cfg, app.state.output_dir, app.state.roots = queue, cfg, out, roots
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
 
-    def error(request: Request, status: int, message: str, headers: dict | None = None) -> Response:
-        """An HTML page for a browser (it accepts text/html) outside the JSON API, else one JSON line."""
-        if "text/html" in request.headers.get("accept", "") and not request.url.path.startswith("/api/"):
+    def error(request: Request, status: int, message: str, headers: dict | None = None,
+              exc: Exception | None = None) -> Response:
+        """An HTML page for a browser (it accepts text/html) outside the APIs, OpenAI's error body on its routes,
+        else one JSON line (`{"detail": …}`, also A1111's shape)."""
+        path = request.url.path
+        if path.startswith(openai_api.OPENAI_PREFIX):
+            return openai_api.error_for(status, message, headers, exc)
+        if "text/html" in request.headers.get("accept", "") and not path.startswith(("/api/", a1111.PREFIX)):
             page = templates.TemplateResponse(request, "error.html", {"status": status, "message": message},
                                               status_code=status)
             page.headers.update(headers or {})
@@ -143,7 +143,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
 
     @app.exception_handler(FormError)
     async def _form_error(request: Request, exc: FormError) -> Response:
-        return error(request, exc.status, exc.message)
+        return error(request, exc.status, exc.message, exc=exc)
 
     @app.exception_handler(QueueFull)
     async def _busy(request: Request, exc: QueueFull) -> Response:
@@ -151,7 +151,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error(request, 422, error_line(list(exc.errors())))
+        return error(request, 422, error_line(list(exc.errors())), exc=exc)
 
     @app.exception_handler(StarletteHTTPException)  # 404, 405 (a reloaded /submit is a GET): pages too
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -174,8 +174,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, summary="The generation form (the original design's fields)")
     async def index(request: Request) -> Response:
         s = cfg.server
-        ctx = {"model_id": base.model.id, "models": [base.model.id, *string_list("server.allowed_models",
-                                                                                 s.allowed_models)],
+        ctx = {"model_id": base.model.id, "models": allowed_models(cfg),
                "steps": min(30, int(s.max_steps)), "max_steps": s.max_steps, "max_images": s.max_images,
                "max_side": s.max_side}
         return templates.TemplateResponse(request, "index.html", ctx)
@@ -186,7 +185,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
         req = parse_form(form)
         job = await run_in_threadpool(enqueue, req)
         await wait_for(queue, job)
-        if job.status == "error":
+        if job.status != "done":
             return error(request, job.error_status, job.error or "generation failed")
         if len(job.files) == 1:
             return FileResponse(job.files[0], media_type="image/png", headers={"X-Job-Id": job.id})
@@ -267,6 +266,8 @@ def create_app(cfg: DictConfig) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "queued": queue.pending(), "model": base.model.id, "output_dir": str(out)}
 
+    app.include_router(a1111.a1111_router(cfg, queue, loaded.sha256))
+    app.include_router(openai_api.openai_router(cfg, queue, out, started=datetime.now().timestamp()))
     return app
 
 
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = compose_config(args.overrides)
+        check_bind(args.host or cfg.server.host, api_keys(cfg))
         app = create_app(cfg)
     except ConfigError as exc:
         print(f"t2i-serve: error: {exc}", file=sys.stderr)

@@ -187,17 +187,31 @@ def _loras(req: JobRequest, server: DictConfig) -> list[dict]:
     return items
 
 
+def allowed_models(cfg: DictConfig) -> list[str]:
+    """The model ids a request may pick: the server's model (the default) first, then `server.allowed_models`."""
+    return [cfg.model.id, *string_list("server.allowed_models", cfg.server.allowed_models)]
+
+
+def check_model(mid: str, cfg: DictConfig) -> None:
+    """Refuse (403) a model id the server does not allow."""
+    valid = allowed_models(cfg)
+    if mid not in valid:
+        raise FormError(403, f"modelid={mid!r} is not allowed on this server; valid: {', '.join(valid)}")
+
+
 def _model(req: JobRequest, cfg: DictConfig) -> dict:
     default = cfg.model.id
     mid = (req.modelid or default).strip()
     if mid == default:
         return OmegaConf.to_container(cfg.model, resolve=True)
-    allowed = string_list("server.allowed_models", cfg.server.allowed_models)
-    if mid not in allowed:
-        valid = ", ".join([default, *allowed])
-        raise FormError(403, f"modelid={mid!r} is not allowed on this server; valid: {valid}")
+    check_model(mid, cfg)
     return {"id": mid, "revision": None, "pipeline": "auto", "variant": None, "config": None,
             "allow_pickle": False, "dtype": cfg.model.dtype}
+
+
+def first_value(value: Any) -> Any:
+    """A server default for one request: a request is one image per seed, so a swept default gives its first."""
+    return value[0] if OmegaConf.is_list(value) else value
 
 
 def _limit(name: str, value: int, hi: int, key: str, what: str = "") -> None:
@@ -205,8 +219,28 @@ def _limit(name: str, value: int, hi: int, key: str, what: str = "") -> None:
         raise FormError(422, f"{name}={value} is {what or 'out of range'}; valid: 1 to {hi} (server.{key})")
 
 
-def to_spec(req: JobRequest, cfg: DictConfig) -> RunSpec:
-    """The RunSpec of a request on this server's config; FormError 422 (bad value) or 403 (not allowed)."""
+def renamed(message: str, names: dict[str, str]) -> str:
+    """`message` with the field it starts with (`key=…`) called by the client's name for it."""
+    for ours, theirs in names.items():
+        if message.startswith((f"{ours}=", f"{ours}[")):
+            return theirs + message[len(ours):]
+    return message
+
+
+def to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any] | None = None,
+            names: dict[str, str] | None = None) -> RunSpec:
+    """The RunSpec of a request on this server's config; FormError 422 (bad value) or 403 (not allowed).
+
+    `extra` sets more run-config keys (the client APIs' scheduler, clip skip, batch size, prompts); `names` maps
+    our field and config-key names to the client's (`inference_steps` -> `steps`) in error messages."""
+    names = names or {}
+    try:
+        return _to_spec(req, cfg, extra or {})
+    except FormError as exc:
+        raise FormError(exc.status, renamed(exc.message, names)) from exc
+
+
+def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec:
     server = cfg.server
     n = req.total_nm_img_prompt
     _limit("total_nm_img_prompt", n, server.max_images, "max_images", "too many images" if n > 1 else "")
@@ -220,9 +254,6 @@ def to_spec(req: JobRequest, cfg: DictConfig) -> RunSpec:
     if not 0 <= seed <= MAX_SEED - n + 1:
         raise FormError(422, f"manual_seed={seed} is out of range; valid: 0 to {MAX_SEED - n + 1}")
     neg = req.negative_prompt
-    def first(value: Any) -> Any:  # a request is one image per seed: a swept server default takes its first value
-        return value[0] if OmegaConf.is_list(value) else value
-
     overrides = {
         "model": _model(req, cfg),
         "prompts": [{"prompt": req.text_prompt, "negative_prompt": neg}] if neg else [req.text_prompt],
@@ -231,14 +262,15 @@ def to_spec(req: JobRequest, cfg: DictConfig) -> RunSpec:
         "guidance_scale": req.guidance_scale,
         "width": req.width,
         "height": req.height,
-        "scheduler": first(cfg.scheduler),
-        "schedule": first(cfg.get("schedule")),
-        "clip_skip": first(cfg.get("clip_skip")),
+        "scheduler": first_value(cfg.scheduler),
+        "schedule": first_value(cfg.get("schedule")),
+        "clip_skip": first_value(cfg.get("clip_skip")),
         "lora_sets": [_loras(req, server)],
         "lora_scales": None,
         "shard": {"index": 0, "count": 1},
         "resume": False,
         "grid": {"enabled": False},  # a merged run mixes requests; a grid of it would mean nothing
+        **extra,
     }
     merged = OmegaConf.merge(cfg, overrides)
     try:

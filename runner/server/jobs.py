@@ -11,6 +11,7 @@ them per process.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from ..common.errors import ConfigError
 from ..config import RunSpec
+from ..generate.faults import InterruptGuard
 from ..run import run
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ class Job:
 
     spec: RunSpec
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
-    status: str = "queued"  # queued | running | done | error
+    status: str = "queued"  # queued | running | done | error | interrupted (stopped early: its images so far)
     error: str | None = None
     error_status: int = 500  # HTTP status for the error: 422 for a user error found while running
     files: list[Path | None] = dataclasses.field(default_factory=list)
@@ -65,7 +67,18 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return self.status in ("done", "error")
+        return self.status in ("done", "error", "interrupted")
+
+
+@dataclasses.dataclass(frozen=True)
+class Running:
+    """What the worker runs now: its jobs (one run), when it started, and how far it got."""
+
+    jobs: tuple[Job, ...]
+    started: float  # time.time()
+    done: int
+    total: int
+    interrupted: bool  # asked to stop after the batch in flight
 
 
 def _shape(spec: RunSpec) -> RunSpec:
@@ -102,6 +115,7 @@ class JobQueue:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._seconds = 5.0  # moving average of a run's duration, for Retry-After
+        self._running: tuple[list[Job], float, InterruptGuard] | None = None
 
     def start(self) -> None:
         with self._cond:
@@ -146,6 +160,24 @@ class JobQueue:
     def pending(self) -> int:
         with self._cond:
             return len(self._pending)
+
+    def running(self) -> Running | None:
+        """The run in progress (None when the worker is idle)."""
+        with self._cond:
+            if self._running is None:
+                return None
+            group, started, guard = self._running
+            return Running(tuple(group), started, sum(j.done for j in group), sum(len(j.files) for j in group),
+                           guard.requested)
+
+    def interrupt(self) -> bool:
+        """Stop the run in progress after its batch in flight (the core's Ctrl-C path); its jobs end as
+        `interrupted` with the images made so far. False when nothing runs."""
+        with self._cond:
+            if self._running is None:
+                return False
+            self._running[2].request()
+            return True
 
     def add_waiter(self, job: Job, fn: Callable[[], None]) -> None:
         """Call `fn` (from the worker thread) when `job` finishes; at once if it already has."""
@@ -200,25 +232,37 @@ class JobQueue:
 
         start = time.perf_counter()
         error, status = None, 500
+        guard = InterruptGuard()
+        with self._cond:
+            self._running = (group, time.time(), guard)
         try:
-            run(spec, run_dir, progress=False, on_image=on_image)
+            run(spec, run_dir, progress=False, on_image=on_image, stop=guard)
         except ConfigError as exc:
             error, status = str(exc), 422
         except Exception as exc:  # noqa: BLE001 - reported on the job; the worker keeps serving
             log.exception("run %d failed", self.runs)
             error = f"generation failed: {type(exc).__name__}: {exc}"
+        finally:
+            with self._cond:
+                self._running = None
         self._seconds = 0.7 * self._seconds + 0.3 * (time.perf_counter() - start)
-        self._finish(group, error, status)
+        self._finish(group, error, status, guard.requested)
 
-    def _finish(self, group: list[Job], error: str | None, status: int) -> None:
+    def _finish(self, group: list[Job], error: str | None, status: int, interrupted: bool = False) -> None:
         waiters: list[Callable[[], None]] = []
         with self._cond:
             for job in group:
-                if error is None and job.done < len(job.files):
-                    job.error = f"{len(job.files) - job.done} image(s) were not produced"
-                elif error is not None:
+                missing = len(job.files) - job.done
+                job.status = "error"
+                if error is not None:
                     job.error, job.error_status = error, status
-                job.status = "error" if job.error else "done"
+                elif missing and interrupted:  # stopped on request: the images made so far are its result
+                    job.status, job.error_status = "interrupted", 409
+                    job.error = f"interrupted after {job.done} of {len(job.files)} image(s)"
+                elif missing:
+                    job.error = f"{missing} image(s) were not produced"
+                else:
+                    job.status = "done"
                 waiters += job._waiters
                 job._waiters = []
         for fn in waiters:
@@ -226,3 +270,11 @@ class JobQueue:
                 fn()
             except Exception:  # noqa: BLE001 - a waiter's event loop may be gone
                 log.debug("job waiter failed", exc_info=True)
+
+
+async def wait_for(queue: JobQueue, job: Job) -> None:
+    """Await the end of `job` without blocking the event loop (the worker wakes us)."""
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+    queue.add_waiter(job, lambda: loop.call_soon_threadsafe(event.set))
+    await event.wait()

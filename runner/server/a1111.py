@@ -1,0 +1,486 @@
+"""AUTOMATIC1111's web API (`/sdapi/v1/*`) on `t2i-serve`: the routes its clients (the `webuiapi` package, editor
+plugins, bots) call, on the same queue, limits, allowed folders and core as the form and the JSON job API.
+
+`txt2img` takes A1111's whole request model, as clients send it on every call. Fields at their off/default values
+(hires. fix off, no face restoration, no scripts, …) are accepted; a field that asks for something this server cannot
+do is refused (422) by name, never silently changed. Sampler and Schedule type go through the one sampler table
+(runner/config/schedulers.py), so `Euler a` + `Automatic` here is `scheduler=euler_a schedule=uniform` in `t2i`, and
+the image is the same. Seeds follow A1111: -1 draws one, image i of `batch_size x n_iter` has seed + i.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Body
+from fastapi.concurrency import run_in_threadpool
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..common.errors import ConfigError, did_you_mean
+from ..common.paths import PICKLE_EXT, SAFE_EXT, strip_weight_ext
+from ..config import validate
+from ..config.schedulers import (
+    A1111_AUTOMATIC,
+    SCHEDULE_TABLE,
+    SCHEDULER_TABLE,
+    a1111_schedule_types,
+    from_a1111,
+)
+from ..config.validate import string_list
+from ..outputs.metadata import INFOTEXT_KEY, parse_infotext, read_png_record, versions
+from ..reproduce.inspect import image_text
+from .forms import FormError, JobRequest, allowed_models, check_model, first_value, renamed, to_spec
+from .jobs import Job, JobQueue, wait_for
+
+PREFIX = "/sdapi/v1"
+# our field names and config keys -> A1111's, in error messages
+NAMES = {"total_nm_img_prompt": "batch_size*n_iter", "inference_steps": "steps", "manual_seed": "seed",
+         "guidance_scale": "cfg_scale", "modelid": "override_settings.sd_model_checkpoint",
+         "clip_skip": "override_settings.CLIP_stop_at_last_layers", "batch_size": "batch_size"}
+CLIP_SKIP = "CLIP_stop_at_last_layers"
+CHECKPOINT = "sd_model_checkpoint"
+# A1111's /sdapi/v1/schedulers details of the schedule types this server runs (its sd_schedulers.py)
+_SCHEDULE_INFO = {"automatic": (-1.0, False), "uniform": (-1.0, True), "karras": (7.0, False),
+                  "exponential": (-1.0, False), "sgm_uniform": (-1.0, True), "beta": (-1.0, True)}
+
+
+class Txt2ImgRequest(BaseModel):
+    """A1111's StableDiffusionTxt2ImgProcessingAPI (v1.10): every field, with A1111's defaults. `null` means the
+    default, as in A1111, whose fields are all optional."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    force_task_id: str | None = None
+    sampler_index: str | None = "Euler"
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    infotext: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+def _is(*values: Any):
+    return lambda v: v in values
+
+
+# What a request may leave at A1111's off/default values and this server does not do otherwise:
+# field -> (is it off?, what another value asks for, the value to send instead)
+UNSUPPORTED: dict[str, tuple[Any, str, Any]] = {
+    "enable_hr": (_is(False), "hires. fix", False),
+    "firstphase_width": (_is(0), "a first-pass size (old hires. fix)", 0),
+    "firstphase_height": (_is(0), "a first-pass size (old hires. fix)", 0),
+    "restore_faces": (_is(None, False), "face restoration", False),
+    "tiling": (_is(None, False), "tiling", False),
+    "styles": (lambda v: not v, "prompt styles", []),
+    "subseed_strength": (_is(0), "a variation seed", 0),
+    "seed_resize_from_w": (lambda v: v <= 0, "resizing the seed", -1),
+    "seed_resize_from_h": (lambda v: v <= 0, "resizing the seed", -1),
+    "s_churn": (_is(None, 0), "stochastic churn (k-diffusion's s_churn)", 0),
+    "s_noise": (_is(None, 1), "a noise multiplier (s_noise)", 1),
+    "s_min_uncond": (_is(None, 0), "negative guidance minimum sigma (NGMS)", 0),
+    "refiner_checkpoint": (_is(None, "", "None", "none"), "a refiner model", None),
+    "disable_extra_networks": (_is(False), "prompts without extra networks", False),
+    "firstpass_image": (_is(None, ""), "a first-pass image", None),
+    "script_name": (_is(None, ""), "a script", None),
+    "alwayson_scripts": (lambda v: all(not (s or {}).get("args") for s in v.values()), "always-on scripts", {}),
+    "infotext": (_is(None, ""), "settings from infotext (send the fields instead)", None),
+}
+
+
+def check_supported(req: Txt2ImgRequest) -> None:
+    """422 naming the first field that asks for something this server cannot do."""
+    for name, (off, what, instead) in UNSUPPORTED.items():
+        value = getattr(req, name)
+        if not off(value):
+            raise FormError(422, f"{name}={json.dumps(value)} asks for {what}, which this server cannot do; send "
+                                 f"{name}={json.dumps(instead)} or leave it out")
+
+
+def schedule_label(value: str | None) -> str:
+    """A1111's Schedule type label for its API's `scheduler` (a name like `karras` or a label like `Karras`)."""
+    types = a1111_schedule_types()
+    if value is None or not value.strip():
+        return A1111_AUTOMATIC
+    if value in types.values():
+        return value
+    if value.strip().lower() in types:
+        return types[value.strip().lower()]
+    raise FormError(422, f"scheduler={value!r} is not available on this server{did_you_mean(value, types)}; "
+                         f"valid: {', '.join(types)}")
+
+
+def sampler_names() -> dict[str, str]:
+    """A1111's sampler names this server runs, and our `scheduler=` names as aliases -> A1111's name."""
+    out: dict[str, str] = {}
+    for key, row in SCHEDULER_TABLE.items():
+        if row.a1111 is not None and row.schedule is None:
+            out[row.a1111] = out[key] = row.a1111
+    return out
+
+
+def sampler_pair(req: Txt2ImgRequest) -> tuple[str, str | None]:
+    """(scheduler, schedule) for the request's sampler and Schedule type; 422 for what has no equivalent."""
+    given = req.sampler_name or req.sampler_index or "Euler"
+    names = sampler_names()
+    lower = {k.lower(): v for k, v in names.items()}
+    sampler = names.get(given) or lower.get(given.strip().lower()) or given
+    label = schedule_label(req.scheduler)
+    scheduler, schedule, lost = from_a1111(sampler, label)
+    if scheduler is None:
+        valid = sorted(set(names.values()))
+        raise FormError(422, f"sampler_name={given!r} is not available on this server{did_you_mean(given, valid)}; "
+                             f"valid: {', '.join(valid)}")
+    if lost:
+        row = SCHEDULER_TABLE[scheduler]
+        valid = ["automatic", *(s for s in row.schedules)]
+        raise FormError(422, f"scheduler={req.scheduler!r} is not available with sampler {row.a1111!r}; valid: "
+                             f"{', '.join(valid)}")
+    row = SCHEDULER_TABLE[scheduler]
+    if req.eta is not None and row.eta is not None and req.eta != row.eta:
+        raise FormError(422, f"eta={req.eta:g} with {row.a1111}: this server samples {row.a1111} as A1111 does at "
+                             f"eta={row.eta:g}; send eta={row.eta:g} or leave it out")
+    return scheduler, schedule
+
+
+@dataclass
+class A1111State:
+    """What A1111 keeps in its options and this server honours: the checkpoint and Clip skip of later requests."""
+
+    checkpoint: str
+    clip_skip: int
+
+
+def model_name(mid: str) -> str:
+    """A short name for a model id (a folder's or file's name, a hub repo's name)."""
+    return "tiny" if mid.startswith("builtin:") else strip_weight_ext(mid.rstrip("/").split("/")[-1])
+
+
+def lora_files(cfg: DictConfig) -> list[Path]:
+    """LoRA files in the folders a request may use (`server.allowed_lora_dirs`; `lora_dirs` inside them), sorted;
+    a link that leads outside them is left out."""
+    roots = [os.path.realpath(os.path.expanduser(d)) for d in
+             string_list("server.allowed_lora_dirs", cfg.server.allowed_lora_dirs)]
+    extra = [os.path.realpath(os.path.expanduser(d)) for d in string_list("lora_dirs", cfg.get("lora_dirs"))]
+    exts = SAFE_EXT + (PICKLE_EXT if cfg.get("allow_pickle_lora") else ())
+
+    def inside(path: str) -> bool:
+        return any(path == r or path.startswith(r + os.sep) for r in roots)
+
+    found: dict[str, Path] = {}
+    for top in roots + [d for d in extra if inside(d)]:
+        for folder, _, files in os.walk(top):
+            for f in files:
+                path = os.path.join(folder, f)
+                if f.endswith(exts) and inside(os.path.realpath(path)):
+                    found.setdefault(os.path.realpath(path), Path(path))
+    return sorted(found.values())
+
+
+def lora_entry(path: Path) -> dict[str, Any]:
+    """A1111's /sdapi/v1/loras item: name (the file's stem, what `<lora:name:w>` names), alias, path, metadata."""
+    metadata: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                metadata = dict(f.metadata() or {})
+        except (SafetensorError, OSError):
+            metadata = {}
+    name = strip_weight_ext(path.name)
+    return {"name": name, "alias": metadata.get("ss_output_name") or name, "path": str(path), "metadata": metadata}
+
+
+def decode_image(data: str) -> io.BytesIO:
+    """A1111's base64 image field (optionally a data: URL) as bytes."""
+    text = data.strip()
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return io.BytesIO(base64.b64decode(text, validate=False))
+    except (binascii.Error, ValueError) as exc:
+        raise FormError(422, f"image is not base64 ({exc})") from exc
+
+
+def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRouter:
+    """The `/sdapi/v1/*` routes for the server whose config is `cfg` (its model's sha256 for `sd-models`)."""
+    router = APIRouter(prefix=PREFIX, tags=["A1111 API"])
+    default_clip = first_value(cfg.get("clip_skip")) or 1
+    state = A1111State(cfg.model.id, int(default_clip))
+
+    def checkpoint_id(name: str, field: str = CHECKPOINT) -> str:
+        """A model id for an A1111 checkpoint name (its title, id or model name); 403 when not allowed."""
+        valid = allowed_models(cfg)
+        by_name = {model_name(m): m for m in valid}
+        mid = name if name in valid else by_name.get(name.strip(), name.strip())
+        try:
+            check_model(mid, cfg)
+        except FormError as exc:
+            raise FormError(exc.status, f"{field}={name!r} is not allowed on this server; valid: "
+                                        f"{', '.join(valid)}") from exc
+        return mid
+
+    def check_clip_skip(value: Any, field: str) -> int:
+        try:
+            spec = validate(OmegaConf.merge(cfg, {"clip_skip": value}))
+        except ConfigError as exc:
+            raise FormError(422, renamed(str(exc), {"clip_skip": field})) from exc
+        return spec.clip_skip[0] or 1
+
+    def settings(req: Txt2ImgRequest) -> tuple[str, int]:
+        """The request's checkpoint and Clip skip (override_settings, else the options)."""
+        over = dict(req.override_settings)
+        mid = checkpoint_id(str(over.pop(CHECKPOINT)), f"override_settings.{CHECKPOINT}") if over.get(CHECKPOINT) \
+            else state.checkpoint
+        clip = over.pop(CLIP_SKIP, None)
+        clip = state.clip_skip if clip is None else check_clip_skip(clip, f"override_settings.{CLIP_SKIP}")
+        current = options()
+        for key, value in over.items():
+            if key not in current or current[key] != value:
+                raise FormError(422, f"override_settings.{key}={json.dumps(value)} cannot be set on this server; "
+                                     f"valid keys: {CHECKPOINT}, {CLIP_SKIP}, or another option at its current "
+                                     "value (GET /sdapi/v1/options)")
+        return mid, clip
+
+    def spec_of(req: Txt2ImgRequest) -> Any:
+        # 1. Refuse what this server cannot do, by name
+        check_supported(req)
+        if not req.prompt.strip():
+            raise FormError(422, "prompt is empty; give some text")
+        scheduler, schedule = sampler_pair(req)
+        mid, clip = settings(req)
+        # 2. The shared rules: limits, allowed models, validation (error messages in A1111's field names)
+        job = JobRequest(modelid=mid, text_prompt=req.prompt, total_nm_img_prompt=req.batch_size * req.n_iter,
+                         inference_steps=req.steps, guidance_scale=req.cfg_scale,
+                         manual_seed=None if req.seed == -1 else req.seed, width=req.width, height=req.height)
+        # the prompt goes to the core unchanged (with any <lora:…> tags); an explicit empty negative prompt stays
+        extra = {"scheduler": scheduler, "schedule": schedule, "clip_skip": clip, "batch_size": req.batch_size,
+                 "prompts": [{"prompt": req.prompt, "negative_prompt": req.negative_prompt}]}
+        return to_spec(job, cfg, extra, NAMES)
+
+    def info(req: Txt2ImgRequest, job: Job, started: datetime) -> dict[str, Any]:
+        """A1111's `info` (Processed.js()) for a finished job, from the saved images' records and infotexts."""
+        files = [f for f in job.files if f is not None]
+        records = [read_png_record(str(f)) for f in files]
+        infotexts = [text or "" for _, text in records]
+        rec = records[0][0] if records and records[0][0] else {}
+        extra = {k: v for k, v in parse_infotext(infotexts[0]).items()
+                 if k in ("Schedule type", "Lora hashes", "Lora weights")} if infotexts else {}
+        seeds = list(job.spec.seeds)
+        n = len(seeds)
+        prompt, negative = job.spec.prompts[0].prompt, job.spec.prompts[0].negative_prompt
+        return {
+            "prompt": prompt, "all_prompts": [prompt] * n, "negative_prompt": negative,
+            "all_negative_prompts": [negative] * n, "seed": seeds[0], "all_seeds": seeds, "subseed": -1,
+            "all_subseeds": [-1] * n, "subseed_strength": 0, "width": rec.get("width", req.width),
+            "height": rec.get("height", req.height), "sampler_name": rec.get("sampler"),
+            "cfg_scale": req.cfg_scale, "steps": req.steps, "batch_size": req.batch_size, "restore_faces": False,
+            "face_restoration_model": None, "sd_model_name": (rec.get("model") or {}).get("name"),
+            "sd_model_hash": ((rec.get("model") or {}).get("hash") or "")[:10] or None, "sd_vae_name": None,
+            "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": req.denoising_strength, "extra_generation_params": extra,
+            "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+            "job_timestamp": started.strftime("%Y%m%d%H%M%S"), "clip_skip": rec.get("clip_skip") or 1,
+            "is_using_inpainting_conditioning": False, "version": f"t2i-runner {versions().get('t2i-runner')}",
+        }
+
+    @router.post("/txt2img", summary="Generate (A1111's txt2img: images as base64 PNG, parameters, info)")
+    async def txt2img(req: Txt2ImgRequest) -> dict[str, Any]:
+        spec = await run_in_threadpool(spec_of, req)
+        started = datetime.now()
+        job = await run_in_threadpool(queue.submit, spec)
+        await wait_for(queue, job)
+        if job.status == "error":
+            raise FormError(job.error_status, job.error or "generation failed")
+        # an interrupted job answers with the images it made, as A1111 does
+        images = [base64.b64encode(f.read_bytes()).decode() for f in job.files if f is not None]
+        return {"images": images if req.send_images else [], "parameters": req.model_dump(),
+                "info": json.dumps(await run_in_threadpool(info, req, job, started))}
+
+    @router.post("/img2img", status_code=501, summary="Not available: this server generates text-to-image")
+    async def img2img() -> dict[str, Any]:
+        raise FormError(501, "img2img is not available: t2i-serve does text-to-image only (POST /sdapi/v1/txt2img)")
+
+    @router.get("/progress", summary="Progress of the run in progress (0 when idle)")
+    async def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        now = queue.running()
+        if now is None:
+            state_ = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                      "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state_, "current_image": None, "textinfo": None}
+        # per image: the core reports finished images (0.01 so a started run never reads as idle, as in A1111)
+        fraction = min(1.0, 0.01 + now.done / max(1, now.total))
+        elapsed = time.time() - now.started
+        first = now.jobs[0]
+        state_ = {"skipped": False, "interrupted": now.interrupted, "stopping_generation": now.interrupted,
+                  "job": f"t2i {first.id[:8]}", "job_count": now.total, "job_no": now.done,
+                  "job_timestamp": datetime.fromtimestamp(now.started).strftime("%Y%m%d%H%M%S"),
+                  "sampling_step": 0, "sampling_steps": first.spec.steps[0]}
+        return {"progress": fraction, "eta_relative": max(0.0, elapsed / fraction - elapsed), "state": state_,
+                "current_image": None, "textinfo": f"{now.done} of {now.total} images"}
+
+    @router.post("/interrupt", summary="Stop the run in progress after its batch in flight")
+    async def interrupt() -> dict[str, Any]:
+        queue.interrupt()
+        return {}
+
+    def options() -> dict[str, Any]:
+        return {CHECKPOINT: state.checkpoint, "sd_checkpoint_hash":
+                (model_sha256 or None) if state.checkpoint == cfg.model.id else None,
+                CLIP_SKIP: state.clip_skip, "sd_vae": "Automatic", "samples_format": "png",
+                "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0, "s_churn": 0.0, "s_noise": 1.0,
+                "s_min_uncond": 0.0, "enable_pnginfo": True, "sd_lora": "None"}
+
+    @router.get("/options", summary="The options this server has (checkpoint, Clip skip, fixed sampler options)")
+    async def get_options() -> dict[str, Any]:
+        return options()
+
+    @router.post("/options", summary=f"Set {CHECKPOINT} (an allowed model) and {CLIP_SKIP} for later requests")
+    async def set_options(body: dict[str, Any] = Body(...)) -> None:
+        current = options()
+        new = A1111State(state.checkpoint, state.clip_skip)
+        for key, value in body.items():
+            if key == CHECKPOINT:
+                new.checkpoint = checkpoint_id(str(value))
+            elif key == CLIP_SKIP:
+                new.clip_skip = check_clip_skip(value, CLIP_SKIP)
+            elif key not in current or current[key] != value:
+                raise FormError(422, f"option {key}={json.dumps(value)} cannot be set on this server; settable: "
+                                     f"{CHECKPOINT}, {CLIP_SKIP} (others only at their current value)")
+        state.checkpoint, state.clip_skip = new.checkpoint, new.clip_skip
+
+    @router.get("/sd-models", summary="The models a request may use (the server's and server.allowed_models)")
+    async def sd_models() -> list[dict[str, Any]]:
+        def item(mid: str) -> dict[str, Any]:
+            sha = model_sha256 if mid == cfg.model.id and model_sha256 else None
+            return {"title": mid, "model_name": model_name(mid), "hash": sha[:10] if sha else None, "sha256": sha,
+                    "filename": mid, "config": None}
+
+        return [item(m) for m in allowed_models(cfg)]
+
+    @router.get("/samplers", summary="Samplers (A1111 names; aliases: t2i's scheduler names)")
+    async def samplers() -> list[dict[str, Any]]:
+        return [{"name": row.a1111, "aliases": [key],
+                 "options": {"scheduler": row.auto_schedule} if row.auto_schedule else {}}
+                for key, row in SCHEDULER_TABLE.items() if row.a1111 is not None and row.schedule is None]
+
+    @router.get("/schedulers", summary="Schedule types")
+    async def schedulers() -> list[dict[str, Any]]:
+        labels = {"automatic": A1111_AUTOMATIC} | {k: s.a1111 for k, s in SCHEDULE_TABLE.items()}
+        return [{"name": name, "label": label, "aliases": ["SGMUniform"] if name == "sgm_uniform" else None,
+                 "default_rho": _SCHEDULE_INFO[name][0], "need_inner_model": _SCHEDULE_INFO[name][1]}
+                for name, label in labels.items()]
+
+    @router.get("/loras", summary="LoRA files in the allowed folders (name: what <lora:name:weight> names)")
+    async def loras() -> list[dict[str, Any]]:
+        return await run_in_threadpool(lambda: [lora_entry(p) for p in lora_files(cfg)])
+
+    @router.post("/refresh-loras", summary="Re-read the LoRA folders (they are read on every /loras)")
+    async def refresh_loras() -> None:
+        return None
+
+    @router.post("/refresh-checkpoints", summary="Re-read the models (they come from the server's config)")
+    async def refresh_checkpoints() -> None:
+        return None
+
+    @router.post("/png-info", summary="The generation parameters in an image (A1111 infotext, other text chunks)")
+    async def png_info(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        if not isinstance(body.get("image"), str) or not body["image"].strip():
+            raise FormError(422, "image: give the image as a base64 string")
+        try:
+            items = image_text(decode_image(body["image"]))
+        except ConfigError as exc:
+            raise FormError(422, str(exc)) from exc
+        geninfo = items.pop(INFOTEXT_KEY, "")
+        return {"info": geninfo, "items": items, "parameters": parse_infotext(geninfo) if geninfo else {}}
+
+    # what this server has none of (no scripts, VAEs, styles, embeddings, upscalers): A1111 clients ask on start
+    @router.get("/scripts", summary="Scripts (none)")
+    async def scripts() -> dict[str, list]:
+        return {"txt2img": [], "img2img": []}
+
+    @router.get("/script-info", summary="Scripts (none)")
+    async def script_info() -> list:
+        return []
+
+    @router.get("/sd-vae", summary="VAEs besides each model's own (none)")
+    async def sd_vae() -> list:
+        return []
+
+    @router.get("/prompt-styles", summary="Prompt styles (none)")
+    async def prompt_styles() -> list:
+        return []
+
+    @router.get("/upscalers", summary="Upscalers (none: no hires. fix)")
+    async def upscalers() -> list:
+        return []
+
+    @router.get("/embeddings", summary="Textual-inversion embeddings (none)")
+    async def embeddings() -> dict[str, dict]:
+        return {"loaded": {}, "skipped": {}}
+
+    return router
