@@ -2,7 +2,16 @@
 command-line override pre-check (overrides.py)."""
 
 from ..common.errors import ConfigError
-from .schema import GridConfig, ModelConfig, PerfConfig, RunConfig, ServerConfig, ShardConfig, register_configs
+from .schema import (
+    GridConfig,
+    MemoryConfig,
+    ModelConfig,
+    PerfConfig,
+    RunConfig,
+    ServerConfig,
+    ShardConfig,
+    register_configs,
+)
 from .validate import (
     DEVICES,
     DTYPES,
@@ -16,8 +25,8 @@ from .validate import (
 )
 
 __all__ = [
-    "DEVICES", "DTYPES", "MAX_SEED", "PIPELINES", "ConfigError", "GridConfig", "LoraSpec", "ModelConfig",
-    "PerfConfig", "PromptSpec", "RunConfig", "RunSpec", "ServerConfig", "ShardConfig", "lora_name",
+    "DEVICES", "DTYPES", "MAX_SEED", "PIPELINES", "ConfigError", "GridConfig", "MemoryConfig", "LoraSpec",
+    "ModelConfig", "PerfConfig", "PromptSpec", "RunConfig", "RunSpec", "ServerConfig", "ShardConfig", "lora_name",
     "register_configs", "validate",
 ]
 

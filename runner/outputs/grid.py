@@ -72,6 +72,14 @@ def _swept(entries: list[dict]) -> list[str]:
     return [a for a in GRID_AXES if distinct(a) > 1]
 
 
+def _follows_model(entries: list[dict], axis: str) -> bool:
+    """True if every model of `entries` has one value of `axis` (a per-model setting, not a swept axis)."""
+    values: dict[str, set] = {}
+    for e in entries:
+        values.setdefault(json.dumps(axis_value(e, "model")), set()).add(json.dumps(axis_value(e, axis)))
+    return all(len(v) == 1 for v in values.values())
+
+
 def pick_axes(entries: list[dict], x: str | None, y: str | None) -> tuple[str | None, str | None]:
     """`grid.x`/`grid.y`, filling a null one with the last swept axes (those with more than one value)."""
     free = [a for a in _swept(entries) if a not in (x, y)]
@@ -249,6 +257,8 @@ def write_grids(run_dir: str | Path, grid: GridConfig, entries: list[dict] | Non
     if not entries or (x is None and y is None):
         return []
     others = [a for a in _swept(entries) if a not in (x, y)]
+    if "model" in (x, y):  # a model's own settings (steps, size … of its group) travel with it: no split
+        others = [a for a in others if not _follows_model(entries, a)]
     x_values = _ordered([axis_value(e, x) for e in entries]) if x else [None]
     y_values = _ordered([axis_value(e, y) for e in entries]) if y else [None]
     groups: dict[str, list[dict]] = {}

@@ -12,12 +12,12 @@ from ..common.paths import slug
 from ..config import LoraSpec, RunSpec, lora_name
 
 AXES = ("prompt", "seed", "lora_set", "lora_scale", "steps", "guidance_scale", "scheduler", "width", "height",
-        "clip_skip", "schedule")
+        "clip_skip", "schedule", "true_cfg_scale", "max_sequence_length")
 
 
 @dataclass(frozen=True)
 class ImageJob:
-    """Everything that decides the pixels of one image (the model is shared by the run)."""
+    """Everything that decides the pixels of one image (with the model of its `model_key`)."""
 
     index: int
     prompt_index: int
@@ -35,6 +35,9 @@ class ImageJob:
     model_key: str = ""
     clip_skip: int | None = None  # A1111 semantics: 2 = the penultimate CLIP layer; None = the last
     schedule: str | None = None  # A1111 "Schedule type" (config/schedulers.py); None = the scheduler's own
+    true_cfg_scale: float | None = None  # families with true CFG (Flux.1, Qwen-Image); None = not used
+    max_sequence_length: int | None = None  # None = the pipeline's own
+    model_index: int = 0  # position in the run's model axis (the outermost loop)
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:
@@ -50,7 +53,9 @@ class ImageJob:
              self.width, self.height, self.scheduler,
              [[s.source, s.weight_name, w] for s, w in zip(self.loras, self.adapter_weights, strict=True)]]
             + ([self.clip_skip] if self.clip_skip else [])  # absent when off: keys of older runs stay valid
-            + ([{"schedule": self.schedule}] if self.schedule else []),
+            + ([{"schedule": self.schedule}] if self.schedule else [])
+            + ([["true_cfg", self.true_cfg_scale]] if self.true_cfg_scale is not None else [])
+            + ([["max_seq", self.max_sequence_length]] if self.max_sequence_length is not None else []),
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -58,8 +63,9 @@ class ImageJob:
     @property
     def group_key(self) -> tuple:
         """Images with equal group keys can share one pipeline call."""
-        return (self.lora_set, self.lora_scale, self.scheduler or "", self.steps, self.guidance_scale,
-                self.width or 0, self.height or 0, self.clip_skip or 0, self.schedule or "")
+        return (self.model_index, self.lora_set, self.lora_scale, self.scheduler or "", self.steps,
+                -1.0 if self.guidance_scale is None else self.guidance_scale, self.width or 0, self.height or 0,
+                self.clip_skip or 0, self.schedule or "", self.true_cfg_scale or 0.0, self.max_sequence_length or 0)
 
     @property
     def lora_label(self) -> str:
@@ -81,22 +87,23 @@ class ImageJob:
         return getattr(self, axis)
 
 
-def expand(spec: RunSpec, model_key: str = "") -> list[ImageJob]:
-    """Every combination of the run's axes, in a stable order (index = position in the plan)."""
+def expand(spec: RunSpec, model_key: str = "", model_index: int = 0, start: int = 0) -> list[ImageJob]:
+    """Every combination of the run's axes for one model, in a stable order (index = start + position)."""
     jobs: list[ImageJob] = []
     combos = itertools.product(
         enumerate(spec.prompts), spec.seeds, enumerate(spec.lora_sets), spec.lora_scales, spec.steps,
         spec.guidance_scale, spec.scheduler, spec.width, spec.height, spec.clip_skip, spec.schedule,
+        spec.true_cfg_scale, spec.max_sequence_length,
     )
     seen: set[tuple] = set()
-    for (pi, p), seed, (li, loras), mult, steps, cfg, sched, w, h, skip, schedule in combos:
+    for (pi, p), seed, (li, loras), mult, steps, cfg, sched, w, h, skip, schedule, tcfg, seq in combos:
         scale = mult if loras else None
-        ident = (pi, seed, li, scale, steps, cfg, sched, w, h, skip, schedule)
+        ident = (pi, seed, li, scale, steps, cfg, sched, w, h, skip, schedule, tcfg, seq)
         if ident in seen:  # the no-LoRA set is generated once, whatever the multipliers
             continue
         seen.add(ident)
-        jobs.append(ImageJob(len(jobs), pi, p.prompt, p.negative_prompt, seed, steps, cfg, w, h, sched, li,
-                             loras, scale, model_key, skip, schedule))
+        jobs.append(ImageJob(start + len(jobs), pi, p.prompt, p.negative_prompt, seed, steps, cfg, w, h, sched, li,
+                             loras, scale, model_key, skip, schedule, tcfg, seq, model_index))
     return jobs
 
 
@@ -108,11 +115,12 @@ def shard(jobs: list[ImageJob], index: int, count: int) -> list[ImageJob]:
 
 
 def batches(jobs: Iterable[ImageJob], batch_size: int) -> Iterator[list[ImageJob]]:
-    """Group jobs that can share a pipeline call, ordered so LoRA sets switch as rarely as possible."""
+    """Group jobs that can share a pipeline call: the model first (each loaded once), then LoRA sets (switched
+    as rarely as possible)."""
     groups: dict[tuple, list[ImageJob]] = {}
     for job in jobs:
         groups.setdefault(job.group_key, []).append(job)
-    for key in sorted(groups, key=lambda k: (k[0], -1.0 if k[1] is None else k[1], *k[2:])):
+    for key in sorted(groups, key=lambda k: (k[0], k[1], -1.0 if k[2] is None else k[2], *k[3:])):
         group = groups[key]
         for start in range(0, len(group), batch_size):
             yield group[start : start + batch_size]
