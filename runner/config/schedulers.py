@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 # takes the option (tests/test_schedulers.py checks each row against diffusers' signatures).
 SIGMA_SCHEDULES = ("uniform", "karras", "exponential", "beta", "sgm_uniform")
 SPACING_SCHEDULES = ("uniform", "sgm_uniform")
-FLOW_SCHEDULES = ("karras", "exponential", "beta")  # FlowMatch schedulers' sigma options (no timestep spacing)
 
 
 @dataclass(frozen=True)
@@ -71,8 +70,8 @@ SCHEDULER_TABLE: dict[str, Scheduler] = {
     # flow-matching models (Flux, SD3, Qwen-Image, Z-Image, Flux.2): their pipelines pass custom sigmas and a
     # resolution shift, which only the FlowMatch schedulers take (runner/models/families.py picks the kind);
     # A1111 labels come after the SD rows', so an A1111 "Euler" image imports as euler
-    "flow_euler": Scheduler("FlowMatchEulerDiscreteScheduler", "Euler", schedules=FLOW_SCHEDULES, kdiffusion=False),
-    "flow_lcm": Scheduler("FlowMatchLCMScheduler", "LCM", schedules=FLOW_SCHEDULES, kdiffusion=False),
+    "flow_euler": Scheduler("FlowMatchEulerDiscreteScheduler", "Euler", schedules=(), kdiffusion=False),
+    "flow_lcm": Scheduler("FlowMatchLCMScheduler", "LCM", schedules=(), kdiffusion=False),
 }
 SCHEDULERS = tuple(SCHEDULER_TABLE)
 
