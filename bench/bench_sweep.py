@@ -94,6 +94,8 @@ def make_setup(args: argparse.Namespace, work: Path) -> Setup:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     prompts, seeds = PROMPTS[: args.prompts], list(range(args.seeds))
+    if args.family != "sd15":
+        return _family_setup(args, device, prompts, seeds)
     if args.full:
         from models import ensure_sd15
 
@@ -113,6 +115,31 @@ def make_setup(args: argparse.Namespace, work: Path) -> Setup:
     return Setup("builtin:tiny", tiny, sets, prompts, seeds, args.steps or 4, 7.5, args.size or 64, device)
 
 
+# per family: (guidance, --quick steps, --quick size, --full steps, --full size) of its published settings
+FAMILY_RUNS = {"sdxl": (5.0, 4, 64, 30, 1024), "flux1": (3.5, 4, 64, 28, 1024), "sd3": (4.5, 4, 64, 28, 1024),
+               "qwenimage": (0.0, 4, 64, 50, 1328), "zimage": (0.0, 4, 64, 9, 1024), "flux2": (4.0, 4, 64, 4, 1024)}
+
+
+def _family_setup(args: argparse.Namespace, device: str, prompts: list, seeds: list) -> Setup:
+    """--family F: the tiny F pipeline and its two example LoRAs (--quick), or F's published full-size
+    architecture with random weights and two random LoRAs (--full, bench/family_models.py)."""
+    guidance, q_steps, q_size, f_steps, f_size = FAMILY_RUNS[args.family]
+    if args.full:
+        from family_models import ensure_family
+
+        model_dir, loras = ensure_family(args.family, Path(args.cache), device=device)
+        sets = [[], *[[{"source": str(lo), "name": f"L{i}"}] for i, lo in enumerate(loras)]]
+        return Setup(str(model_dir), model_dir, sets[: args.lora_sets], prompts, seeds, args.steps or f_steps,
+                     guidance, args.size or f_size, device, args.family)
+    from runner.models.tiny import ensure_tiny
+
+    tiny = ensure_tiny(args.family)
+    files = sorted((tiny / "loras").rglob("*.safetensors"))
+    sets = [[], *[[{"source": str(f), "name": f.stem}] for f in files]]
+    return Setup(str(tiny), tiny, sets[: args.lora_sets], prompts, seeds, args.steps or q_steps, guidance,
+                 args.size or q_size, device, args.family)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
@@ -122,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument(
         "--full", action="store_true", help="SD1.5 architecture, 512px, 30 Euler steps, 256 images"
     )
+    p.add_argument("--family", default="sd15", choices=("sd15", *FAMILY_RUNS),
+                   help="model family (default sd15); --quick: its tiny model, --full: its published architecture")
     p.add_argument("--prompts", type=int, help="number of prompts (max 4)")
     p.add_argument("--seeds", type=int, help="seeds per prompt")
     p.add_argument("--lora-sets", type=int, help="LoRA sets incl. none (max 4)")
@@ -166,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         n = len(jobs)
         print(machine(setup.device))
         sweep_line = (
-            f"sweep: {len(setup.prompts)} prompts x {len(setup.seeds)} seeds x {len(setup.lora_sets)} "
+            f"sweep: family {setup.family}, {len(setup.prompts)} prompts x {len(setup.seeds)} seeds x "
+            f"{len(setup.lora_sets)} "
             f"LoRA sets = {n} images, {setup.size}px, {setup.steps} Euler steps, CFG {setup.guidance}, "
             f"device {setup.device}"
         )

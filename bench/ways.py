@@ -49,6 +49,7 @@ class Setup:
     guidance: float
     size: int
     device: str
+    family: str = "sd15"  # the model family (runner/models/families.py) of model_dir
 
     def jobs(self) -> list[tuple[str, int, int]]:
         return [(p, s, i) for i in range(len(self.lora_sets)) for p in self.prompts for s in self.seeds]
@@ -72,15 +73,10 @@ def quiet() -> None:
 
 
 def _load(setup: Setup, dtype):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(setup.model_dir),
-        use_safetensors=True,
-        dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+    extra = {"safety_checker": None, "requires_safety_checker": False} if setup.family == "sd15" else {}
+    pipe = DiffusionPipeline.from_pretrained(str(setup.model_dir), use_safetensors=True, dtype=dtype, **extra)
     pipe = pipe.to(setup.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -90,15 +86,13 @@ def _image(pipe, setup: Setup, prompt: str, seed: int):
     import torch
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return pipe(
-        prompt,
-        negative_prompt="",
-        num_inference_steps=setup.steps,
-        guidance_scale=setup.guidance,
-        width=setup.size,
-        height=setup.size,
-        generator=gen,
-    ).images[0]
+    # what a plain diffusers user passes: an empty negative prompt (Qwen-Image: with its default true CFG 4.0, as
+    # its model card does), no guidance_scale on Qwen-Image; Flux.2's first argument is an image: keywords only
+    extra = {"negative_prompt": ""} if setup.family in ("sd15", "sdxl", "sd3", "zimage", "qwenimage") else {}
+    if setup.family != "qwenimage":
+        extra["guidance_scale"] = setup.guidance
+    return pipe(prompt=prompt, num_inference_steps=setup.steps, width=setup.size, height=setup.size, generator=gen,
+                **extra).images[0]
 
 
 def _set_loras(pipe, specs: list[dict], names: list[str]) -> None:
@@ -235,7 +229,7 @@ def runner_cfg(setup: Setup, variant: str) -> dict:
         "prompts": setup.prompts,
         "seeds": setup.seeds,
         "steps": setup.steps,
-        "guidance_scale": setup.guidance,
+        "guidance_scale": None if setup.family == "qwenimage" else setup.guidance,
         "width": setup.size,
         "height": setup.size,
         "device": setup.device,

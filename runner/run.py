@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -14,6 +13,7 @@ from omegaconf import DictConfig
 
 from .common.errors import ConfigError
 from .config import RunSpec, validate
+from .config.validate import SETTING_KEYS
 from .generate import faults
 from .generate.sizing import BatchSizer
 from .outputs.record import build_record, perf_record, summary_note
@@ -56,38 +56,81 @@ class RunResult:
                 + summary_note(self.entries))
 
 
-def model_identity(loaded: Any) -> tuple[str, str]:
-    """(the model part of every image key, the hash of its pixel-changing configs), from the files as they are now:
-    what the weights and configs contain (not where they are), dtype, variant and pipeline class."""
-    from .common.hashing import config_sha256, model_sha256
-    from .models.tiny import ensure_tiny
+@dataclass
+class ModelPlan:
+    """One model of the run's model axis: what it is (read before loading), the run as this model sees it, and
+    its identity in image keys (from the files' contents, outputs/rundir's content keys)."""
 
-    src, pipe = loaded.source, loaded.pipe
-    folder = {"dir": lambda: Path(src.location), "builtin": ensure_tiny,
-              "hub": lambda: Path(pipe.config._name_or_path)}.get(src.kind, lambda: None)()
-    weights_at = Path(src.location) if src.kind == "file" else folder
-    weights = model_sha256(weights_at) if weights_at is not None and weights_at.exists() else loaded.sha256
-    if src.kind == "file" and loaded.config.config:  # a single file's configs come from model.config
-        folder = Path(loaded.config.config)
-    config_hash = config_sha256(folder) if folder is not None and folder.is_dir() else str(loaded.config.config or "")
-    weights = weights or f"{src.location}@{src.revision}"
-    return f"{weights}|{config_hash}|{loaded.config.variant}|{loaded.dtype_name}|{type(pipe).__name__}", config_hash
+    info: Any  # runner.models.info.ModelInfo
+    spec: RunSpec  # the run with this model's resolved settings
+    key: str = ""  # the model part of every image key
+    config_hash: str = ""  # the hash of its pixel-changing configs (recorded)
 
 
-def load_current(spec: RunSpec) -> tuple[Any, str, str]:
-    """The model (from the per-process cache when its files did not change since it was loaded, else loaded
-    again: a retrained or edited model is never served by a stale pipeline), its key part and config hash."""
+def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
+    """Resolve and check every model of the run before the first loads: its family, its settings (user keys,
+    group settings, pipeline defaults), the keys its family cannot honour, memory modes and LoRA families."""
+    from .lora.family_keys import check_lora_family
+    from .models.info import check_model, check_transformer_file, model_infos, spec_for
+    from .models.memory import check_memory
+    from .models.source import resolve_device
+
+    device = resolve_device(spec.device)
+    plans = []
+    for i, info in enumerate(model_infos(spec)):
+        where = f"models[{i}] ({info.config.id}): " if spec.models else ""
+        mspec = spec_for(spec, info)
+        check_model(spec, info, {k: getattr(mspec, k) for k in SETTING_KEYS}, where)
+        check_memory(spec.memory, device, info.family, where)
+        check_transformer_file(info, where)
+        for s, loras in enumerate(lora_sets):
+            for r in loras:
+                check_lora_family(r.file, info.family, info.config.id, f"{where}lora_sets[{s}]: ")
+        plans.append(ModelPlan(info, mspec, *info.identity(spec.device)))
+    return plans
+
+
+def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, jobs: list) -> Any:
+    """Load one model of the axis (again if its files changed since this process loaded it: a retrained or edited
+    model is never served by a stale pipeline) with its LoRA adapters (checked against it), check its scheduler x
+    steps pairs, and set its memory switches."""
+    from .generate.prompt_embeds import clip_skip_applies
+    from .lora.adapters import AdapterManager
     from .models.loading import clear_cache, load_model
+    from .models.memory import apply_memory
+    from .models.schedulers import preflight
 
-    loaded = load_model(spec.model, spec.device)
-    key, config_hash = model_identity(loaded)
-    if getattr(loaded, "identity", key) != key:
+    loaded = load_model(plan.info.config, spec.device, plan.info, spec.memory.offload)
+    if getattr(loaded, "identity", plan.key) != plan.key:
         log.info("%s changed on disk since it was loaded; loading it again", loaded.source.location)
         clear_cache()
-        loaded = load_model(spec.model, spec.device)
-        key, config_hash = model_identity(loaded)
-    loaded.identity = key
-    return loaded, key, config_hash
+        loaded = load_model(plan.info.config, spec.device, plan.info, spec.memory.offload)
+    loaded.identity = plan.key
+    loaded.threads = threads
+    if loaded.adapters is None:
+        loaded.adapters = AdapterManager(loaded.pipe, spec.max_loaded_loras)
+    loaded.adapters.max_loaded = spec.max_loaded_loras
+    loaded.adapters.preload(lora_sets)  # a LoRA that does not fit the model fails before any write
+    preflight(loaded.base_scheduler, {(j.scheduler, j.schedule, j.steps) for j in jobs})  # before its images
+    if loaded.family.is_sd and any((s or 1) > 1 for s in spec.clip_skip) and not clip_skip_applies(loaded.pipe):
+        log.warning("clip_skip has no effect on %s: as in A1111, Clip skip applies to SD 1.x only (SDXL and SD 2.x "
+                    "keep their own text-encoder layer); recorded with clip_skip_applied=false",
+                    type(loaded.pipe).__name__)
+    apply_memory(loaded, spec.memory)
+    _warn_long_prompts(loaded, spec)
+    return loaded
+
+
+def _warn_long_prompts(loaded: Any, spec: RunSpec) -> None:
+    from .generate.batch import prompt_tokens
+
+    if loaded.family is None or loaded.family.max_sequence is not None:
+        return  # T5/Qwen text encoders read max_sequence_length tokens, not CLIP's 77
+    for i, p in enumerate(spec.prompts):
+        for text in (p.prompt, p.negative_prompt):
+            n = prompt_tokens(loaded.pipe, text) if text else 0
+            if n > 77:
+                log.warning("prompts[%d] is %d tokens; CLIP reads only the first 77, the rest is ignored", i, n)
 
 
 def _viewer(spec: RunSpec, out: Path, done: Iterable[dict], planned: int, skipped: int):
@@ -131,57 +174,40 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
          on_image: Callable[[dict], None] | None) -> RunResult:
     from tqdm import tqdm
 
-    from .generate.batch import default_size, generate, prompt_tokens
-    from .generate.fastpath import apply_perf, image_steps, resolve_perf
-    from .generate.prompt_embeds import clip_skip_applies, prompt_embeds
     from .generate.threads import use_threads
-    from .lora.adapters import AdapterManager
-    from .lora.files import resolve_loras, touches_text_encoder
-    from .models.schedulers import preflight
+    from .lora.files import resolve_loras
+    from .models.loading import release
     from .outputs.rundir import RunDir, forget_created
     from .outputs.writer import ImageWriter
 
-    # 2. Load: LoRA files (resolved and hashed), the model (again if its files changed), its adapters
+    # 2. Check every model of the axis and the LoRA files against it (read, hashed; nothing loads yet)
     lora_sets = resolve_loras(spec)
+    plans = plan_models(spec, lora_sets)
     threads = use_threads(spec.threads)
-    loaded, model_key, config_hash = load_current(spec)
-    loaded.threads = threads
-    pipe = loaded.pipe
-    if loaded.adapters is None:
-        loaded.adapters = AdapterManager(pipe, spec.max_loaded_loras)
-    loaded.adapters.max_loaded = spec.max_loaded_loras
-    loaded.adapters.preload(lora_sets)  # a LoRA that does not fit the model fails before any write
-    if any((s or 1) > 1 for s in spec.clip_skip) and not clip_skip_applies(pipe):
-        log.warning("clip_skip has no effect on %s: as in A1111, Clip skip applies to SD 1.x only (SDXL and SD 2.x "
-                    "keep their own text-encoder layer); recorded with clip_skip_applied=false",
-                    type(pipe).__name__)
-    for i, p in enumerate(spec.prompts):
-        for text in (p.prompt, p.negative_prompt):
-            n = prompt_tokens(pipe, text) if text else 0
-            if n > 77:
-                log.warning("prompts[%d] is %d tokens; CLIP reads only the first 77, the rest is ignored", i, n)
-    dw, dh = default_size(pipe)
-    spec = dataclasses.replace(spec, width=tuple(w or dw for w in spec.width),
-                               height=tuple(h or dh for h in spec.height))  # a key names the real size
 
-    # 3. Plan against the run dir: keys from file contents, seeds drawn from the run seed, what is done
+    # 3. Plan against the run dir: the model outermost, keys from file contents, seeds drawn from the run seed
     run_dir = RunDir(out).open()
     result = RunResult(out, 0, 0, 0, 0.0)
     start = time.perf_counter()
     try:
         drawn = RANDOM_SEED in spec.seeds
         run_seed = spec.run_seed if spec.run_seed is not None or not drawn else run_dir.run_seed()
-        jobs = shard(expand(spec, model_key, [[r.sha256 for r in s] for s in lora_sets], run_seed),
-                     spec.shard.index, spec.shard.count)
-        preflight(loaded.base_scheduler, {(j.scheduler, j.schedule, j.steps) for j in jobs})  # before any image
-        forget_created(out)  # the run has started: what it made is the run's
+        ids = [[r.sha256 for r in s] for s in lora_sets]
+        jobs: list = []
+        for i, plan in enumerate(plans):
+            jobs += expand(plan.spec, plan.key, ids, run_seed, model_index=i, start=len(jobs))
+        jobs = shard(jobs, spec.shard.index, spec.shard.count)
         done_before = {j.key for j in jobs if j.key in run_dir.done}
         replace = set() if spec.resume else done_before  # resume=false: make them again, each into its own file
         result.planned, result.skipped = len(jobs), len(done_before) if spec.resume else 0
         todo = [j for j in jobs if j.key in replace or j.key not in done_before]
+        todo_models = sorted({j.model_index for j in todo}) or [0]
+
+        # 4. Load the first model that has work (LoRAs and schedulers checked against it) before any image
+        loaded = _load(plans[todo_models[0]], spec, lora_sets, threads,
+                       [j for j in todo if j.model_index == todo_models[0]])
+        forget_created(out)  # the run has started: what it made is the run's
         invariant = loaded.device == "cpu" if spec.batch_invariant is None else spec.batch_invariant
-        perf = resolve_perf(spec.perf, loaded.device, image_steps(todo, (dw, dh)))
-        apply_perf(loaded, perf, uses_loras=any(lora_sets))
         bar = tqdm(total=len(jobs), initial=result.skipped, unit="img", disable=not progress, dynamic_ncols=True)
         viewer, thumbs = _viewer(spec, out, run_dir.done.values(), len(jobs), result.skipped)
 
@@ -194,48 +220,20 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
             if on_image is not None:
                 on_image(entry)
 
-        # 4. Generate: claim a batch at a time (other writers claim theirs), write PNGs in background threads
+        # 5. Generate model by model (each loaded once, the previous one released), a claimed batch at a time
         writer = ImageWriter(run_dir, threads=spec.perf.writer_threads, on_done=finished, after_save=thumbs)
-        handler = faults.FaultHandler(pipe, spec.nan_retry_fp32_vae)
-        sizer = BatchSizer(spec.batch_size, loaded.device, cap=lambda: handler.cap, probe=not perf.compile,
-                           shape_of=lambda j: (model_key, j.width or dw, j.height or dh, j.guidance_scale > 1))
-        embeds = prompt_embeds(loaded)
+        made_by = _Batches(run_dir, replace, lora_sets, spec, invariant, writer, stop,
+                           run_seed if drawn else None)
         state = "failed"  # the viewer's last word on this run
         try:
-            while not stop.requested:
-                claimed = 0
-                for batch in sizer.batches(todo):
-                    if stop.requested:
-                        break
-                    # another writer may hold some of the batch: this one makes the rest (a smaller batch)
-                    claims = {c.job.key: c for c in run_dir.claim(batch, replace)}
-                    if not claims:
-                        continue
-                    claimed += len(claims)
-                    handler.names = {k: c.file for k, c in claims.items()}
-                    mine = [j for j in batch if j.key in claims]
-                    first = mine[0]
-                    loaded.use_scheduler(first.scheduler, first.schedule)
-                    loras = lora_sets[first.lora_set]
-                    loaded.adapters.activate(loras, first.adapter_weights)
-                    # what the text encoder computes with (the cache key): its LoRAs at their weights, and how
-                    # they are applied (peft layers or merged weights round differently)
-                    te_state = (tuple(sorted(perf_record(loaded).items())),
-                                *((r.sha256, w) for r, w in zip(loras, first.adapter_weights, strict=True)
-                                  if touches_text_encoder(r)))
-                    for made in handler.generate(
-                            lambda jobs_, te=te_state: generate(pipe, jobs_, invariant, embeds, te), mine):
-                        rec = build_record(made.job, loaded, lora_sets[made.job.lora_set], made.image.width,
-                                           made.image.height, made.batch_size, invariant, config_hash)
-                        if drawn:
-                            rec["run_seed"] = run_seed
-                        if "compare" in spec.extra:  # from_image: compare with the original (reproduce/)
-                            rec["reproduced"] = spec.extra["compare"](made.image, rec)
-                        writer.submit(made.image, faults.annotate(rec, made), claims[made.job.key])
-                if not claimed:  # the rest is done, or claimed by writers that are alive
+            for n, m in enumerate(todo_models):
+                if stop.requested:
                     break
-                done = run_dir.refresh()  # a killed writer's images are free again: take them in the next pass
-                todo = [j for j in todo if j.key not in done or (j.key in replace and j.key not in run_dir.mine)]
+                mine = [j for j in todo if j.model_index == m]
+                if n > 0:  # the next model of the axis: the previous one is released first
+                    release(loaded)
+                    loaded = _load(plans[m], spec, lora_sets, threads, mine)
+                made_by.model(loaded, plans[m], mine)
             writer.close()
             state = "interrupted" if stop.requested and result.generated < len(todo) else "done"
         except OSError as exc:
@@ -260,7 +258,7 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
     result.signal = stop.signum
     result.hand_over = stop.hand_over if stop.preempted and result.interrupted else None
 
-    # 5. Grids over the whole run dir, by the last writer, unless a time limit is near (SIGTERM, preemption)
+    # 6. Grids over the whole run dir, by the last writer, unless a time limit is near (SIGTERM, preemption)
     if spec.grid.enabled and last and stop.time_limited:
         log.warning("grids not written (a kill may follow %s); re-run the same command to write them",
                     faults.signal_name(stop.signum))
@@ -270,3 +268,78 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
         with run_dir.grids_lock():
             result.grids = write_grids(out, spec.grid)
     return result
+
+
+def _cfg(job: Any) -> bool:
+    """Whether a job runs the denoiser twice per step (CFG or true CFG): a batch-size shape component."""
+    return (job.guidance_scale or 0) > 1 or (job.true_cfg_scale or 0) > 1
+
+
+@dataclass
+class _Batches:
+    """Makes the images of one model at a time: claims each batch in the run dir (other writers claim theirs),
+    switches LoRA sets and schedulers, generates, records and queues the images for writing."""
+
+    run_dir: Any  # outputs.rundir.RunDir
+    replace: set  # keys made again in place (resume=false)
+    lora_sets: list[tuple]
+    spec: RunSpec
+    invariant: bool
+    writer: Any  # outputs.writer.ImageWriter
+    stop: faults.InterruptGuard
+    run_seed: int | None  # recorded when seeds were drawn from it
+
+    def model(self, loaded: Any, plan: ModelPlan, todo: list) -> None:
+        """Every image of `todo` (all of one model); a killed writer's claims are taken over in a later pass."""
+        from .generate.batch import default_size
+        from .generate.fastpath import apply_perf, image_steps, resolve_perf
+        from .generate.prompt_embeds import prompt_embeds
+
+        dw, dh = default_size(loaded.pipe)
+        perf = resolve_perf(self.spec.perf, loaded.device, image_steps(todo, (dw, dh)))
+        apply_perf(loaded, perf, uses_loras=any(self.lora_sets))
+        handler = faults.FaultHandler(loaded.pipe, self.spec.nan_retry_fp32_vae)
+        sizer = BatchSizer(self.spec.batch_size, loaded.device, cap=lambda: handler.cap, probe=not perf.compile,
+                           shape_of=lambda j: (j.model_key, j.width or dw, j.height or dh, _cfg(j)))
+        embeds = prompt_embeds(loaded)
+        while not self.stop.requested:
+            claimed = 0
+            for batch in sizer.batches(todo):
+                if self.stop.requested:
+                    break
+                claimed += self._batch(loaded, plan, handler, embeds, batch)
+            if not claimed:  # the rest is done, or claimed by writers that are alive
+                break
+            done = self.run_dir.refresh()  # a killed writer's images are free again: take them in the next pass
+            todo = [j for j in todo if j.key not in done or (j.key in self.replace and j.key not in self.run_dir.mine)]
+
+    def _batch(self, loaded: Any, plan: ModelPlan, handler: Any, embeds: Any, batch: list) -> int:
+        """One batch: the part of it no other writer holds. Returns how many images this writer claimed."""
+        from .generate.batch import generate
+        from .lora.files import touches_text_encoder
+
+        # another writer may hold some of the batch: this one makes the rest (a smaller batch)
+        claims = {c.job.key: c for c in self.run_dir.claim(batch, self.replace)}
+        if not claims:
+            return 0
+        handler.names = {k: c.file for k, c in claims.items()}
+        mine = [j for j in batch if j.key in claims]
+        first = mine[0]
+        loaded.use_scheduler(first.scheduler, first.schedule)
+        loras = self.lora_sets[first.lora_set]
+        loaded.adapters.activate(loras, first.adapter_weights)
+        # what the text encoder computes with (the cache key): its LoRAs at their weights, and how they are
+        # applied (peft layers or merged weights round differently)
+        te_state = (tuple(sorted(perf_record(loaded).items())),
+                    *((r.sha256, w) for r, w in zip(loras, first.adapter_weights, strict=True)
+                      if touches_text_encoder(r)))
+        pipe = loaded.pipe
+        for made in handler.generate(lambda js, te=te_state: generate(pipe, js, self.invariant, embeds, te), mine):
+            rec = build_record(made.job, loaded, self.lora_sets[made.job.lora_set], made.image.width,
+                               made.image.height, made.batch_size, self.invariant, plan.config_hash)
+            if self.run_seed is not None:
+                rec["run_seed"] = self.run_seed
+            if "compare" in self.spec.extra:  # from_image: compare with the original (reproduce/)
+                rec["reproduced"] = self.spec.extra["compare"](made.image, rec)
+            self.writer.submit(made.image, faults.annotate(rec, made), claims[made.job.key])
+        return len(claims)

@@ -33,7 +33,7 @@ def fill(page, prompt: str, images: str = "1") -> None:
 def test_form_submits_shows_progress_and_the_images(live_server: str, browser) -> None:
     page = browser.new_page()
     page.goto(live_server + "/")
-    assert page.input_value("input[name=modelid]") == "builtin:tiny"
+    assert page.input_value("select[name=modelid]") == "builtin:tiny"  # the form offers the allowed models
     assert page.input_value("input[name=inference_steps]") == "20"  # 30, capped by server.max_steps
     fill(page, "a green <b>tree</b>", images="2")
     page.click("#submit")

@@ -14,7 +14,7 @@ def spec(**over):
 
 def test_defaults_validate() -> None:
     s = spec()
-    assert s.steps == (30,) and s.guidance_scale == (7.5,) and s.lora_sets == ((),)
+    assert s.steps == (None,) and s.guidance_scale == (None,) and s.lora_sets == ((),)  # None = the model's default
     assert s.batch_size is None and s.device == "auto"
 
 

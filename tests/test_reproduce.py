@@ -212,7 +212,7 @@ def test_record_config_restores_per_lora_scales_and_multiplier() -> None:
     assert cfg["lora_scales"] == [0.3]
     assert [lo["scale"] * 0.3 for lo in cfg["lora_sets"][0]] == [lo["scale"] for lo in rec["loras"]]
     assert cfg["model"] == {"id": "org/m", "revision": "abc", "pipeline": "sdxl", "dtype": "fp16",
-                            "variant": "fp16", "config": None}
+                            "variant": "fp16", "config": None, "transformer": None, "family": None, "settings": {}}
     assert cfg["device"] == "cuda" and cfg["batch_invariant"] is False and cfg["prompts"] == ["cost \\${x}"]
     rec["lora_scale"] = 0.0
     rec["loras"] = [{"name": "A", "source": "a", "scale": 0.0}]

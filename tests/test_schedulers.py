@@ -23,6 +23,7 @@ from runner.config.schedulers import (
     a1111_names,
     check_pair,
     from_a1111,
+    is_flow,
 )
 from runner.models.schedulers import build_scheduler, dry_run
 from runner.outputs.metadata import parse_infotext, read_png_record
@@ -43,11 +44,14 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def base_scheduler():
+def base_scheduler(flow: bool = False):
+    """The tiny SD model's scheduler (the tiny Flux.1 model's for the flow-matching rows)."""
     import diffusers
 
     from runner.models.tiny import ensure_tiny
 
+    if flow:
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(ensure_tiny("flux1"), subfolder="scheduler")
     return diffusers.EulerDiscreteScheduler.from_pretrained(ensure_tiny(), subfolder="scheduler")
 
 
@@ -74,12 +78,12 @@ def test_every_module_a_scheduler_needs_is_a_declared_dependency() -> None:
 
 
 def test_every_scheduler_and_schedule_pair_runs_its_loop_at_1_2_4_steps() -> None:
-    base = base_scheduler()
+    bases = {False: base_scheduler(), True: base_scheduler(flow=True)}
     for name, row in SCHEDULER_TABLE.items():
         for schedule in (None, *row.schedules):
             if check_pair(name, schedule):
                 continue
-            sched = build_scheduler(base, name, schedule)
+            sched = build_scheduler(bases[is_flow(name)], name, schedule)
             for key, value in {**row.options, **(SCHEDULE_TABLE[schedule].options if schedule else {})}.items():
                 assert sched.config[key] == value, (name, schedule, key)
             for steps in (1, 4):  # (1, 2, 4 with the real pipeline below, for every scheduler)
@@ -87,9 +91,12 @@ def test_every_scheduler_and_schedule_pair_runs_its_loop_at_1_2_4_steps() -> Non
 
 
 def test_every_scheduler_makes_images_at_1_2_4_steps(tiny_dir: Path, tmp_path: Path) -> None:
-    names = list(SCHEDULER_TABLE)
+    names = [n for n in SCHEDULER_TABLE if not is_flow(n)]  # the flow rows on a flow model, below
     res = run(cfg(tiny_dir, scheduler=names, steps=[1, 2, 4]), tmp_path / "r", progress=False)
     assert res.generated == len(names) * 3
+    flow = [n for n in SCHEDULER_TABLE if is_flow(n)]
+    res_flow = run(cfg("builtin:tiny-flux1", scheduler=flow, steps=[1, 2, 4]), tmp_path / "f", progress=False)
+    assert {(e["scheduler"], e["steps"]) for e in res_flow.entries} == {(n, s) for n in flow for s in (1, 2, 4)}
     by = {(e["scheduler"], e["steps"]): e for e in res.entries}
     assert set(by) == {(n, s) for n in names for s in (1, 2, 4)}
     for e in res.entries:
@@ -204,6 +211,9 @@ def test_from_image_warns_in_one_line_for_what_has_no_equivalent(tiny_dir: Path,
 def test_a1111_names_round_trip() -> None:
     for name, row in SCHEDULER_TABLE.items():
         if row.a1111 is None or row.schedule:  # a combined name reads back as its scheduler + schedule
+            continue
+        if is_flow(name):  # A1111/Forge label flow samplers as the SD ones ("Euler"): they read back as those
+            assert from_a1111(row.a1111, None)[0] == next(k for k, r in SCHEDULER_TABLE.items() if r.a1111 == row.a1111)
             continue
         for schedule in (None, *row.schedules):
             sampler, label = a1111_names(name, schedule)

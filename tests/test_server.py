@@ -69,10 +69,18 @@ class _Inputs(html.parser.HTMLParser):
         super().__init__()
         self.fields: dict[str, str | None] = {}
 
+        self._select: str | None = None
+        self.disabled: set[str] = set()
+
     def handle_starttag(self, tag: str, attrs: list) -> None:
         a = dict(attrs)
-        if tag in ("input", "textarea") and "name" in a:
+        if tag in ("input", "textarea", "select") and "name" in a:
             self.fields[a["name"]] = a.get("value")
+            if "disabled" in a:
+                self.disabled.add(a["name"])
+        self._select = a.get("name") if tag == "select" else self._select
+        if tag == "option" and self._select and "selected" in a:  # a select's value: its selected option
+            self.fields[self._select] = a.get("value")
 
 
 def test_form_has_every_seed_field_with_its_default(client: TestClient) -> None:
@@ -86,6 +94,30 @@ def test_form_has_every_seed_field_with_its_default(client: TestClient) -> None:
     assert (f["total_nm_img_prompt"], f["inference_steps"], f["guidance_scale"]) == ("1", "30", "7.5")
     assert (f["strength"], f["cross_attention_kwargs"]) == ("1.0", "1.0")
     assert 'action="/submit"' in resp.text and 'method="post"' in resp.text
+    assert "Stable Diffusion" in resp.text and parser.disabled == {"true_cfg_scale"}  # SD has no true CFG
+
+
+def test_form_offers_allowed_models_and_disables_unused_fields(tiny_dir: Path, tmp_path: Path) -> None:
+    """Per family: the fields it does not use are disabled with a hint; the API reports the family."""
+    from runner.server.app import compose_config, create_app
+
+    cfg = compose_config(["model=tiny-qwenimage", "server.allowed_models=[tiny,tiny-flux2]",
+                          f"server.output_dir={tmp_path / 'srv'}"])
+    with TestClient(create_app(cfg)) as c:
+        parser = _Inputs()
+        parser.feed(c.get("/").text)
+        assert parser.fields["modelid"] == "builtin:tiny-qwenimage"
+        assert "guidance_scale" in parser.disabled and "true_cfg_scale" not in parser.disabled
+        models = {m["id"]: m for m in c.get("/api/models").json()}
+        assert set(models) == {"builtin:tiny-qwenimage", "tiny", "tiny-flux2"}
+        assert models["tiny-flux2"]["family"] == "flux2" and "negative_prompt" in models["tiny-flux2"]["unused"]
+        assert models["tiny"]["unused"].keys() >= {"true_cfg_scale"} and models["tiny"]["defaults"]["steps"] == 30
+        assert c.get("/api/health").json()["family"] == "qwenimage"
+        job = c.post("/api/jobs", json={"modelid": "tiny-flux2", "text_prompt": "x", "inference_steps": 2,
+                                        "width": 32, "height": 32}).json()
+        assert job["family"] == "flux2"
+        bad = c.post("/api/jobs", json={"modelid": "tiny-flux2", "text_prompt": "x", "negative_prompt": "ugly"})
+        assert bad.status_code == 422 and "Flux.2" in bad.json()["detail"]
 
 
 def test_submit_returns_the_png_with_matching_metadata(client: TestClient) -> None:

@@ -4,6 +4,7 @@ command-line override pre-check (overrides.py)."""
 from ..common.errors import ConfigError
 from .schema import (
     GridConfig,
+    MemoryConfig,
     ModelConfig,
     PerfConfig,
     RunConfig,
@@ -25,8 +26,9 @@ from .validate import (
 )
 
 __all__ = [
-    "DEVICES", "DTYPES", "MAX_SEED", "PIPELINES", "ConfigError", "GridConfig", "LoraSpec", "ModelConfig",
-    "PerfConfig", "PromptSpec", "RunConfig", "RunSpec", "ServerConfig", "ShardConfig", "ViewerConfig", "lora_name",
+    "DEVICES", "DTYPES", "MAX_SEED", "PIPELINES", "ConfigError", "GridConfig", "LoraSpec", "MemoryConfig",
+    "ModelConfig", "PerfConfig", "PromptSpec", "RunConfig", "RunSpec", "ServerConfig", "ShardConfig", "ViewerConfig",
+    "lora_name",
     "register_configs", "validate",
 ]
 

@@ -71,8 +71,18 @@ SCHEDULER_TABLE: dict[str, Scheduler] = {
     "unipc": Scheduler("UniPCMultistepScheduler", "UniPC", kdiffusion=False),
     "lcm": Scheduler("LCMScheduler", "LCM", schedules=SPACING_SCHEDULES),
     "ddpm": Scheduler("DDPMScheduler", None, schedules=SPACING_SCHEDULES, kdiffusion=False),
+    # flow-matching models (Flux, SD3, Qwen-Image, Z-Image, Flux.2): their pipelines pass custom sigmas and a
+    # resolution shift, which only the FlowMatch schedulers take (runner/models/families.py picks the kind);
+    # A1111 labels come after the SD rows', so an A1111 "Euler" image imports as euler
+    "flow_euler": Scheduler("FlowMatchEulerDiscreteScheduler", "Euler", schedules=(), kdiffusion=False),
+    "flow_lcm": Scheduler("FlowMatchLCMScheduler", "LCM", schedules=(), kdiffusion=False),
 }
 SCHEDULERS = tuple(SCHEDULER_TABLE)
+
+
+def is_flow(name: str) -> bool:
+    """True for the schedulers of flow-matching models (the FlowMatch* classes)."""
+    return SCHEDULER_TABLE[name].cls.startswith("FlowMatch")
 
 # A1111's sigma schedules span the model's whole noise range (its first and last training timestep); diffusers
 # derives the range from the spaced timesteps, so they come with "linspace" spacing (t = 999 … 0).

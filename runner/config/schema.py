@@ -19,6 +19,19 @@ class ModelConfig:
     variant: str | None = None
     config: str | None = None  # diffusers config (dir or hub id) for single-file checkpoints
     allow_pickle: bool = False
+    family: str | None = None  # the family a group's settings are for (runner/models/families.py); null = any
+    settings: dict[str, Any] = field(default_factory=dict)  # the group's published defaults (steps, size, …)
+    transformer: str | None = None  # a transformer checkpoint replacing the model's own (.gguf or .safetensors)
+
+
+@dataclass
+class MemoryConfig:
+    """diffusers' memory switches for big models on small machines (recorded per image)."""
+
+    offload: str = "none"  # none | model (enable_model_cpu_offload) | sequential (enable_sequential_cpu_offload)
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    attention_slicing: Any = False  # false | true (= auto) | auto | max | an int slice size
 
 
 @dataclass
@@ -84,8 +97,11 @@ class RunConfig:
     prompts: Any = field(default_factory=lambda: ["a photograph of an astronaut riding a horse"])
     negative_prompt: str = ""
     seeds: Any = field(default_factory=lambda: [0])
-    steps: Any = 30
-    guidance_scale: Any = 7.5
+    models: Any = field(default_factory=list)  # a model axis: group names, ids or {group, id, …}; [] = model
+    steps: Any = None  # null = the model's default (its group's settings, else the pipeline's own)
+    guidance_scale: Any = None
+    true_cfg_scale: Any = None  # Flux.1 / Qwen-Image: real CFG with the negative prompt when > 1
+    max_sequence_length: Any = None  # T5/Qwen text encoders: tokens read from the prompt
     width: Any = None
     height: Any = None
     scheduler: Any = None
@@ -106,6 +122,7 @@ class RunConfig:
     viewer: ViewerConfig = field(default_factory=ViewerConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     from_image: str | None = None
     strict: bool = True

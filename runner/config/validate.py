@@ -11,11 +11,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ..common.errors import ConfigError, did_you_mean, first_line
 from ..common.paths import strip_weight_ext
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
-from .schema import GridConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig, ViewerConfig
+from .schema import GridConfig, MemoryConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig, ViewerConfig
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PIPELINES = ("auto", "sd", "sdxl")
+PIPELINES = ("auto", "sd", "sdxl")  # or a diffusers pipeline class name (checked against diffusers when loading)
+OFFLOAD = ("none", "model", "sequential")
+# keys a model group's `settings` may give (each also a top-level key; a value the user sets wins)
+SETTING_KEYS = ("steps", "guidance_scale", "true_cfg_scale", "max_sequence_length", "width", "height", "scheduler")
+MAX_SEQUENCE = 4096
 MAX_STEPS = 1000
 MAX_SIDE = 8192
 MAX_SEED = 2**64 - 1
@@ -75,6 +79,15 @@ class RunSpec:
     extra: dict = field(default_factory=dict)
     schedule: tuple[str | None, ...] = (None,)  # A1111 "Schedule type" axis (config/schedulers.py)
     threads: int | None = None  # None = auto (runner.generate.threads)
+    # model families (runner/models/families.py): (None,) = unset, the model's settings decide
+    true_cfg_scale: tuple[float | None, ...] = (None,)
+    max_sequence_length: tuple[int | None, ...] = (None,)
+    models: tuple[ModelConfig, ...] = ()  # the model axis, outermost loop; () = (model,)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    @property
+    def model_list(self) -> tuple[ModelConfig, ...]:
+        return self.models or (self.model,)
 
 
 def _plain(value: Any) -> Any:
@@ -122,6 +135,130 @@ def _choice(key: str, value: Any, valid: tuple[str, ...]) -> str:
     if value not in valid:
         raise ConfigError(f"{key}={value!r} is not valid{did_you_mean(value, valid)}; valid: {', '.join(valid)}")
     return value
+
+
+def _steps(v: Any) -> int | None:
+    return None if v is None else _number("steps", v, int, 1, MAX_STEPS)
+
+
+def _guidance(key: str) -> Any:
+    return lambda v: None if v is None else _number(key, v, float, 0.0, 100.0)
+
+
+def _sequence(v: Any) -> int | None:
+    return None if v is None else _number("max_sequence_length", v, int, 1, MAX_SEQUENCE)
+
+
+def _scheduler(v: Any) -> str | None:
+    return None if v in (None, "null", "default") else _choice("scheduler", v, SCHEDULERS)
+
+
+SETTING_CHECKS = {"steps": _steps, "guidance_scale": _guidance("guidance_scale"),
+                  "true_cfg_scale": _guidance("true_cfg_scale"), "max_sequence_length": _sequence,
+                  "width": lambda v: _side("width", v), "height": lambda v: _side("height", v),
+                  "scheduler": _scheduler}
+
+
+def setting(key: str, value: Any, where: str = "") -> tuple:
+    """A sweepable setting (scalar or list) checked and normalised to a tuple; `where` prefixes messages."""
+    try:
+        return tuple(SETTING_CHECKS[key](v) for v in _as_list(key, value))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") if where else exc from exc
+
+
+def _model_settings(where: str, settings: Any) -> dict[str, Any]:
+    settings = _plain(settings) or {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}.settings={settings!r} is not a mapping of {', '.join(SETTING_KEYS)}")
+    for key, value in settings.items():
+        if key not in SETTING_KEYS:
+            raise ConfigError(f"{where}.settings has unknown key {key!r}{did_you_mean(key, SETTING_KEYS)}; valid: "
+                              f"{', '.join(SETTING_KEYS)}")
+        setting(key, value, f"{where}.settings.")
+    return settings
+
+
+def model_group(name: str) -> dict | None:
+    """The `conf/model/<name>.yaml` group as a plain dict, or None when there is no such group."""
+    from .overrides import CONF_DIR
+
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if "/" in name or not path.is_file():
+        return None
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def model_groups() -> list[str]:
+    from .overrides import CONF_DIR
+
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def _model(where: str, raw: Any) -> ModelConfig:
+    """One model config: a ModelConfig node, a group name, a model id/path, or {group: NAME, …keys}."""
+    raw = _plain(raw)
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    if isinstance(raw, str):
+        group = model_group(raw.strip())
+        if group is None and "/" not in raw and not raw.startswith((".", "~", "builtin:")) and \
+                not raw.endswith((".safetensors", ".ckpt")):
+            import os
+
+            if not os.path.exists(os.path.expanduser(raw)):
+                groups = model_groups()
+                raise ConfigError(f"{where}={raw!r} is not a model group{did_you_mean(raw, groups)}, a folder, a file "
+                                  f"or a hub id owner/name; groups: {', '.join(groups)}")
+        raw = group if group is not None else {"id": raw}
+    elif isinstance(raw, dict) and "group" in raw:
+        name = raw["group"]
+        group = model_group(str(name))
+        if group is None:
+            groups = model_groups()
+            raise ConfigError(f"{where}.group={name!r} is not a model group{did_you_mean(str(name), groups)}; "
+                              f"valid: {', '.join(groups)}")
+        raw = {**group, **{k: v for k, v in raw.items() if k != "group"},
+               "settings": {**(group.get("settings") or {}), **(raw.get("settings") or {})}}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}={raw!r} is not valid; use a group name, a model id or {{group: NAME, id: …}}")
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(f"{where} has unknown key {unknown[0]!r}{did_you_mean(unknown[0], fields)}; valid: "
+                          f"group, {', '.join(fields)}")
+    m = ModelConfig(**{**dataclasses.asdict(ModelConfig()), **raw})
+    if not isinstance(m.id, str) or not m.id.strip():
+        raise ConfigError(f"{where}.id is empty; give a hub id, a diffusers folder, a .safetensors file or use "
+                          "model=tiny")
+    _choice(f"{where}.dtype", m.dtype, DTYPES)
+    if not isinstance(m.pipeline, str) or not m.pipeline.strip():
+        raise ConfigError(f"{where}.pipeline={m.pipeline!r} is not valid; valid: auto, sd, sdxl or a diffusers "
+                          "pipeline class name (e.g. FluxPipeline)")
+    _model_settings(where, m.settings)
+    return m
+
+
+def _models(cfg: DictConfig) -> tuple[ModelConfig, ...]:
+    raw = _plain(cfg.get("models")) or []
+    if not isinstance(raw, list):
+        raw = [raw]
+    models = tuple(_model(f"models[{i}]", item) for i, item in enumerate(raw))
+    keys = [(m.id, m.revision, m.variant, m.dtype, m.transformer) for m in models]
+    dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if dup:
+        raise ConfigError(f"models lists {dup[0]!r} twice; each model may appear once")
+    return models
+
+
+def _memory(mem: Any) -> MemoryConfig:
+    if mem is None:
+        return MemoryConfig()
+    mem = _plain(mem)
+    _choice("memory.offload", mem["offload"], OFFLOAD)
+    sl = mem["attention_slicing"]
+    if not (isinstance(sl, bool) or sl in ("auto", "max") or (isinstance(sl, int) and sl > 0)):
+        raise ConfigError(f"memory.attention_slicing={sl!r} is not valid; valid: false, true, auto, max or a "
+                          "positive slice size")
+    return MemoryConfig(mem["offload"], bool(mem["vae_tiling"]), bool(mem["vae_slicing"]), sl)
 
 
 def _prompts(cfg: DictConfig) -> tuple[PromptSpec, ...]:
@@ -238,11 +375,8 @@ def validate(cfg: DictConfig | dict) -> RunSpec:
 
 
 def _validate(cfg: DictConfig) -> RunSpec:
-    m = cfg.model
-    if not isinstance(m.id, str) or not m.id.strip():
-        raise ConfigError("model.id is empty; give a hub id, a diffusers folder, a .safetensors file or use model=tiny")
-    _choice("model.pipeline", m.pipeline, PIPELINES)
-    _choice("model.dtype", m.dtype, DTYPES)
+    model = _model("model", cfg.model)
+    models = _models(cfg)
     _choice("device", cfg.device, DEVICES)
     seeds = []
     for s in _as_list("seeds", cfg.seeds):
@@ -286,16 +420,17 @@ def _validate(cfg: DictConfig) -> RunSpec:
         for key in ("allowed_models", "allowed_lora_dirs", "api_keys"):
             string_list(f"server.{key}", cfg.server.get(key))
     return RunSpec(
-        model=ModelConfig(**OmegaConf.to_container(m, resolve=True)) if isinstance(m, DictConfig) else m,
+        model=model,
+        models=models,
         prompts=_prompts(cfg),
         seeds=tuple(seeds),
-        steps=tuple(_number("steps", v, int, 1, MAX_STEPS) for v in _as_list("steps", cfg.steps)),
-        guidance_scale=tuple(
-            _number("guidance_scale", v, float, 0.0, 100.0) for v in _as_list("guidance_scale", cfg.guidance_scale)
-        ),
-        width=tuple(_side("width", v) for v in _as_list("width", cfg.width)),
-        height=tuple(_side("height", v) for v in _as_list("height", cfg.height)),
-        scheduler=tuple(scheds),
+        steps=setting("steps", cfg.steps),
+        guidance_scale=setting("guidance_scale", cfg.guidance_scale),
+        true_cfg_scale=setting("true_cfg_scale", cfg.get("true_cfg_scale")),
+        max_sequence_length=setting("max_sequence_length", cfg.get("max_sequence_length")),
+        width=setting("width", cfg.width),
+        height=setting("height", cfg.height),
+        scheduler=setting("scheduler", cfg.scheduler),
         clip_skip=tuple(None if v in (None, 1) else _number("clip_skip", v, int, 1, 12)
                         for v in _as_list("clip_skip", cfg.clip_skip)),
         lora_sets=_lora_sets(cfg),
@@ -310,6 +445,7 @@ def _validate(cfg: DictConfig) -> RunSpec:
         shard=ShardConfig(int(shard.index), int(shard.count)),
         verbose=bool(cfg.verbose),
         perf=_perf(cfg.get("perf")),
+        memory=_memory(cfg.get("memory")),
         nan_retry_fp32_vae=bool(cfg.get("nan_retry_fp32_vae", False)),
         schedule=tuple(schedules),
         threads=threads,

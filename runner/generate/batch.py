@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from ..models.families import Traits, call_kwargs, traits_of
 from ..plan import ImageJob
 from .prompt_embeds import PromptEmbeds
 
@@ -82,8 +83,13 @@ def batch_invariant(pipe: Any, enabled: bool) -> Iterator[None]:
 
 
 def default_size(pipe: Any) -> tuple[int, int]:
-    """The pipeline's native (width, height)."""
-    side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    """The pipeline's native (width, height) (what it makes when width/height are not given)."""
+    unet = getattr(pipe, "unet", None)
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    if unet is not None:
+        side = int(unet.config.sample_size or 64) * scale
+    else:  # transformer pipelines: default_sample_size latents (Flux, SD3, Qwen-Image, Flux.2), else 1024 px
+        side = int(getattr(pipe, "default_sample_size", 1024 // scale)) * scale
     return side, side
 
 
@@ -93,34 +99,56 @@ def prompt_tokens(pipe: Any, prompt: str) -> int:
     return len(tok(prompt, truncation=False).input_ids) if tok is not None else 0
 
 
-def generate(pipe: Any, jobs: Sequence[ImageJob], invariant: bool, embeds: PromptEmbeds | None = None,
-             te_state: tuple = ()) -> list[Any]:
-    """Run one pipeline call for `jobs` (same group) and return their PIL images, in order.
+def batch_kwargs(traits: Traits, jobs: Sequence[ImageJob]) -> dict[str, Any]:
+    """The pipeline-call keywords of one batch (same settings, one image per job), mapped for its family."""
+    first = jobs[0]
+    return call_kwargs(traits, [j.prompt for j in jobs], [j.negative_prompt for j in jobs], first.steps,
+                       first.guidance_scale, first.true_cfg_scale, first.max_sequence_length, first.clip_skip,
+                       first.width, first.height)
 
-    `embeds` caches prompt embeddings across calls; `te_state` identifies what the text encoder carries now."""
+
+def _sd_text(pipe: Any, jobs: Sequence[ImageJob], embeds: PromptEmbeds | None, te_state: tuple) -> dict[str, Any]:
+    """SD-class pipelines: the prompts as (cached) embeddings, with A1111's Clip skip (prompt_embeds.py)."""
+    first = jobs[0]
+    # the pipelines' own rule for classifier-free guidance (negative prompts are encoded only when it is on)
+    cfg = first.guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    return (embeds or PromptEmbeds(0)).call_kwargs(
+        pipe, [(j.prompt, j.negative_prompt) for j in jobs], first.clip_skip, cfg, te_state)
+
+
+def _call(pipe: Any, traits: Traits, jobs: Sequence[ImageJob], invariant: bool, embeds: PromptEmbeds | None,
+          te_state: tuple) -> list[Any]:
     import torch
 
     from ..models.schedulers import quiet_schedulers, seed_noise
 
-    first = jobs[0]
-    width, height = first.width, first.height
-    if width is None or height is None:
-        dw, dh = default_size(pipe)
-        width, height = width or dw, height or dh
+    kwargs = batch_kwargs(traits, jobs)
+    if traits.family.is_sd:
+        width, height = default_size(pipe)
+        kwargs.update(width=jobs[0].width or width, height=jobs[0].height or height)
     generators = [torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs]
-    # the pipelines' own rule for classifier-free guidance (negative prompts are encoded only when it is on)
-    cfg = first.guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
     seed_noise(pipe.scheduler, [j.seed for j in jobs])
     with batch_invariant(pipe, invariant), torch.inference_mode(), quiet_schedulers():
-        text = (embeds or PromptEmbeds(0)).call_kwargs(
-            pipe, [(j.prompt, j.negative_prompt) for j in jobs], first.clip_skip, cfg, te_state)
-        out = pipe(
-            **text,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance_scale,
-            width=width,
-            height=height,
-            generator=generators,
-            output_type="pil",
-        )
+        if traits.family.is_sd:  # text as embeddings; clip_skip is applied while encoding
+            for key in ("prompt", "negative_prompt", "clip_skip"):
+                kwargs.pop(key, None)
+            kwargs.update(_sd_text(pipe, jobs, embeds, te_state))
+        out = pipe(**kwargs, generator=generators, output_type="pil")
     return list(out.images)
+
+
+def generate(pipe: Any, jobs: Sequence[ImageJob], invariant: bool, embeds: PromptEmbeds | None = None,
+             te_state: tuple = (), traits: Traits | None = None) -> list[Any]:
+    """Run one pipeline call for `jobs` (same group) and return their PIL images, in order.
+
+    `embeds` caches prompt embeddings across calls (SD-class pipelines); `te_state` identifies what the text
+    encoder carries now. Batch invariance: SD-class pipelines split the batch inside their UNet/encoders/VAE
+    (batch_invariant); the other families run one call per image, which is exactly "the image generated alone".
+    """
+    if traits is None:  # read once per pipeline from its live configs (its family, guidance, true CFG …)
+        traits = getattr(pipe, "_t2i_traits", None) or traits_of(pipe)
+        pipe._t2i_traits = traits
+    split = traits.family.invariant_split
+    if invariant and not split and len(jobs) > 1:
+        return [image for job in jobs for image in _call(pipe, traits, [job], False, embeds, te_state)]
+    return _call(pipe, traits, jobs, invariant and split, embeds, te_state)

@@ -40,7 +40,7 @@ def _memory_format(pipe: Any, channels_last: bool) -> None:
     import torch
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for name in ("unet", "vae"):
+    for name in ("unet", "transformer", "vae"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.to(memory_format=fmt)

@@ -93,8 +93,10 @@ class AdapterManager:
         """The LoRA layers the file holds per component, after diffusers' own format conversion."""
         unet = getattr(self.pipe, "unet", None)
         try:
-            config = getattr(unet, "config", None)
-            converted, _ = type(self.pipe).lora_state_dict(dict(state), unet_config=config)
+            # SD-class loaders map SGM block names with the UNet config; transformer families take none
+            kw = {"unet_config": unet.config} if unet is not None else {}
+            converted = type(self.pipe).lora_state_dict(dict(state), **kw)
+            converted = converted[0] if isinstance(converted, tuple) else converted
         except Exception as exc:  # noqa: BLE001 - diffusers' converters raise ValueError/KeyError/...
             raise ConfigError(f"{r.file} is not a LoRA diffusers can read ({first_line(exc, 200)})") from exc
         layers: dict[str, list[str]] = {}

@@ -11,7 +11,7 @@ from ..common.errors import ConfigError, first_line
 from ..common.hashing import file_sha256
 from ..common.paths import PICKLE_EXT, hub_offline, hub_unreachable, is_hub_id
 from ..config import LoraSpec, RunSpec, lora_name
-from ..models.tiny import TINY_ID, ensure_tiny
+from ..models.tiny import builtin_path
 
 DEFAULT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")  # the seed's two defaults
 
@@ -107,10 +107,7 @@ def _hub_file(spec: LoraSpec) -> Path:
 def resolve_lora(spec: LoraSpec, allow_pickle: bool = False) -> ResolvedLora:
     """Find the file a spec names (local file, folder + weight_name, or hub repo) and hash it."""
     source = spec.source
-    if source.startswith(TINY_ID):
-        path = ensure_tiny() / source[len(TINY_ID):].lstrip("/")
-    else:
-        path = Path(os.path.expanduser(source))
+    path = builtin_path(source) or Path(os.path.expanduser(source))
     if path.is_dir():
         file = _pick_in_dir(spec, path)
     elif path.is_file():

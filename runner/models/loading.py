@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -10,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConfigError, first_line
-from ..common.hashing import model_sha256
+from ..common.hashing import file_sha256, model_sha256
 from ..common.paths import hub_offline
 from ..config import ModelConfig
-from .source import ModelSource, resolve_device, resolve_dtype, resolve_source
-from .tiny import ensure_tiny
+from .info import ModelInfo, model_info
+from .source import ModelSource, resolve_device, resolve_dtype
+from .tiny import builtin_path
 
 log = logging.getLogger(__name__)
 LOADS: Counter = Counter()  # base-model loads per process, keyed by model id (tests assert on it)
@@ -33,6 +35,13 @@ class LoadedModel:
     base_scheduler: Any
     schedulers: dict[tuple, Any] = field(default_factory=dict)  # (name, schedule) -> scheduler
     adapters: Any = None  # runner.lora.adapters.AdapterManager, created on first use
+    info: ModelInfo | None = None  # pipeline class, family and traits (models/info.py)
+    offload: str = "none"
+    memory: Any = None  # the memory switches applied now (MemoryConfig), see models/memory.py
+
+    @property
+    def family(self) -> Any:
+        return self.info.family if self.info else None
 
     @property
     def dtype_name(self) -> str:
@@ -59,35 +68,53 @@ class LoadedModel:
         return sampler or name or type(self.base_scheduler).__name__, schedule_type
 
 
-def _pipeline_class(kind: str, source: ModelSource, model: ModelConfig):
+def _pipeline_class(info: ModelInfo) -> Any:
     import diffusers
 
-    if model.pipeline == "sd":
-        return diffusers.StableDiffusionPipeline
-    if model.pipeline == "sdxl":
-        return diffusers.StableDiffusionXLPipeline
-    if kind == "file":
-        from safetensors import SafetensorError, safe_open
-
-        if source.location.endswith(".safetensors"):
-            try:
-                with safe_open(source.location, "pt") as f:
-                    keys = list(f.keys())
-            except SafetensorError as exc:
-                raise ValueError(f"not a readable .safetensors file ({exc})") from exc
-            if any(k.startswith("conditioner.embedders.1") for k in keys):
-                return diffusers.StableDiffusionXLPipeline
-        return diffusers.StableDiffusionPipeline
-    return diffusers.DiffusionPipeline
+    cls = getattr(diffusers, info.pipeline, None)
+    if cls is None:
+        raise ConfigError(f"model.pipeline={info.pipeline!r} is not a diffusers pipeline class")
+    return cls
 
 
-def _from_pretrained(source: ModelSource, model: ModelConfig, dtype: Any):
+def _transformer(info: ModelInfo, dtype: Any) -> Any:
+    """The replacement transformer of `model.transformer` (a GGUF file quantized through diffusers' GGUF
+    support, or a .safetensors transformer checkpoint), built on the model's own transformer config."""
+    import diffusers
+
+    path = info.config.transformer
+    cls_name = (info.configs.get("model_index") or {}).get("transformer", [None, None])[1]
+    cls = getattr(diffusers, cls_name or "", None)
+    if cls is None or not hasattr(cls, "from_single_file"):
+        raise ConfigError(f"model.transformer={path!r}: {info.family.label} ({info.pipeline}) has no transformer "
+                          "that loads from a single file; remove model.transformer")
+    kw: dict[str, Any] = {"config": info.folder, "subfolder": "transformer", "torch_dtype": dtype,
+                          "local_files_only": hub_offline()}
+    if path.endswith(".gguf"):
+        from diffusers import GGUFQuantizationConfig
+
+        kw["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
+    try:
+        return cls.from_single_file(path, **kw)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ConfigError(f"model.transformer={path!r} is not a {cls_name} for {info.config.id} "
+                          f"({first_line(exc, 200)})") from exc
+
+
+def _from_pretrained(info: ModelInfo, dtype: Any):
+    source, model = info.source, info.config
     kind, location = source.kind, source.location
     if kind == "builtin":
-        kind, location = "dir", str(ensure_tiny())
-    cls = _pipeline_class(kind, source, model)
+        kind, location = "dir", str(builtin_path(location))
+    cls = _pipeline_class(info)
     common: dict[str, Any] = {"dtype": dtype}
+    if model.transformer:
+        common["transformer"] = _transformer(info, dtype)
     if kind == "file":
+        if not hasattr(cls, "from_single_file"):
+            raise ConfigError(f"model.id={location!r}: {info.family.label} ({cls.__name__}) has no single-file "
+                              "loader in diffusers; give a diffusers folder (or keep the folder and set "
+                              "model.transformer=FILE for a transformer checkpoint)")
         if model.config:
             common["config"] = model.config
         return cls.from_single_file(location, local_files_only=hub_offline(), **common)
@@ -144,41 +171,79 @@ def load_error(source: ModelSource, model: ModelConfig, exc: BaseException) -> C
     return ConfigError(f"could not load model.id={source.location!r}: {msg}")
 
 
-def load_model(model: ModelConfig, device: str) -> LoadedModel:
-    """Load (or reuse from the process cache) the pipeline for `model` on `device`."""
+def load_model(model: ModelConfig, device: str, info: ModelInfo | None = None, offload: str = "none") -> LoadedModel:
+    """Load (or reuse from the process cache) the pipeline for `model` on `device` (`offload`: none | model |
+    sequential, diffusers' CPU offload switches, set at load because they replace moving the pipeline)."""
     import torch
 
-    source = resolve_source(model)
+    info = info or model_info(model)
+    source = info.source
     dev = resolve_device(device)
     dtype = resolve_dtype(model.dtype, dev)
-    key = (source.kind, source.location, source.revision, model.variant, model.pipeline, model.config, str(dtype), dev)
+    key = (source.kind, source.location, source.revision, model.variant, model.pipeline, model.config,
+           model.transformer, str(dtype), dev, offload)
     if key in _CACHE:
         return _CACHE[key]
-    log.info("loading %s (%s) on %s as %s", source.location, source.kind, dev, dtype)
+    log.info("loading %s (%s, %s) on %s as %s", source.location, source.kind, info.pipeline, dev, dtype)
     _quiet_libraries()
     try:
-        pipe = _from_pretrained(source, model, dtype)
+        pipe = _from_pretrained(info, dtype)
     except ConfigError:
         raise
     except (OSError, ValueError) as exc:
         raise load_error(source, model, exc) from exc
     LOADS[source.location] += 1
-    pipe = pipe.to(dev)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=dev)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=dev)
+    else:
+        pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "safety_checker", None) is not None:
         log.info("safety checker present: it may blank images it flags")
     torch.set_grad_enabled(False)
     weights = Path(source.location) if source.kind in ("dir", "file") else None
     if source.kind == "builtin":
-        weights = ensure_tiny()
+        weights = builtin_path(source.location)
     elif source.kind == "hub":
         weights = Path(pipe.config._name_or_path) if Path(pipe.config._name_or_path).exists() else None
     sha = model_sha256(weights) if weights is not None else ""
     if source.kind == "hub" and weights is not None:
         source = ModelSource("hub", source.location, source.display, revision=weights.name)
-    loaded = LoadedModel(pipe, source, model, dev, dtype, sha, pipe.scheduler)
+    if model.transformer:  # the replacement transformer is part of what makes the pixels
+        sha = hashlib.sha256(f"{sha}|{file_sha256(model.transformer)}".encode()).hexdigest()
+    loaded = LoadedModel(pipe, source, model, dev, dtype, sha, pipe.scheduler, info=info, offload=offload)
     _CACHE[key] = loaded
     return loaded
+
+
+def release(loaded: LoadedModel) -> None:
+    """Drop a loaded pipeline from the process cache and give its memory back (the model axis moves on)."""
+    import gc
+
+    import torch
+
+    for key in [k for k, v in _CACHE.items() if v is loaded]:
+        del _CACHE[key]
+    loaded.adapters = None
+    loaded.pipe = None
+    loaded.schedulers.clear()
+    loaded.base_scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise, and RSS would not fall)."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def clear_cache() -> None:

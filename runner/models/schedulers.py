@@ -84,12 +84,15 @@ def dry_run(scheduler: Any, steps: int) -> None:
 
     sched = type(scheduler).from_config(scheduler.config)
     seed_noise(sched, [0])
-    sched.set_timesteps(steps, device="cpu")
-    x = torch.zeros(1, 4, 8, 8) * sched.init_noise_sigma
+    # flow-matching schedulers with a resolution-dependent shift need the pipeline's `mu` (any value checks the loop)
+    shift = {"mu": 0.5} if getattr(sched.config, "use_dynamic_shifting", False) else {}
+    sched.set_timesteps(steps, device="cpu", **shift)
+    x = torch.zeros(1, 4, 8, 8) * getattr(sched, "init_noise_sigma", 1.0)
     extra = {"generator": torch.Generator().manual_seed(0)} if "generator" in \
         inspect.signature(sched.step).parameters else {}
     for t in sched.timesteps:
-        sched.scale_model_input(x, t)
+        if hasattr(sched, "scale_model_input"):  # FlowMatch schedulers scale nothing
+            sched.scale_model_input(x, t)
         x = sched.step(torch.zeros_like(x), t, x, **extra).prev_sample
     if not torch.isfinite(x).all():
         raise ValueError("the sampling loop produced NaN")

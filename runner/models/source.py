@@ -9,7 +9,7 @@ from pathlib import Path
 from ..common.errors import ConfigError
 from ..common.paths import PICKLE_EXT, hub_offline, hub_unreachable, is_hub_id
 from ..config import ModelConfig
-from .tiny import TINY_ID
+from .tiny import TINY_ID, tiny_family
 
 
 def resolve_device(name: str) -> str:
@@ -49,8 +49,10 @@ class ModelSource:
 def resolve_source(model: ModelConfig) -> ModelSource:
     """Classify `model.id` and check it exists (locally, or in the hub cache when offline)."""
     mid = model.id.strip()
-    if mid in (TINY_ID, "tiny"):
-        return ModelSource("builtin", TINY_ID, "tiny")
+    family = tiny_family(mid)
+    if family is not None:  # builtin:tiny (SD1.5) or builtin:tiny-<family>
+        name = "tiny" if family == "sd15" else f"tiny-{family}"
+        return ModelSource("builtin", TINY_ID if family == "sd15" else f"{TINY_ID}-{family}", name)
     path = Path(os.path.expanduser(mid))
     if not is_hub_id(mid, owner_required=False):
         if not path.exists():

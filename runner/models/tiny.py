@@ -1,7 +1,9 @@
-"""A tiny Stable Diffusion pipeline with random weights, built locally (no network), for tests and demos.
+"""Tiny pipelines with random weights, built locally (no network), for tests and demos.
 
-`t2i-tiny DIR` writes it as a normal diffusers folder plus two example LoRAs in `DIR/loras/`:
-a diffusers-format file with a non-default weight name and a kohya/A1111-format file.
+`t2i-tiny DIR` writes the tiny Stable Diffusion 1.5 pipeline as a normal diffusers folder plus two example LoRAs in
+`DIR/loras/`: a diffusers-format file with a non-default weight name and a kohya/A1111-format file.
+`t2i-tiny DIR --family F` writes a tiny pipeline of family F (tiny_families.py) and its example LoRAs: one in
+diffusers format and one in the family's commonest foreign format (tiny_loras.py).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 
 from ..common.paths import cache_root
 
-TINY_ID = "builtin:tiny"
+TINY_ID = "builtin:tiny"  # the SD1.5 tiny model; `builtin:tiny-<family>` for the others
 TINY_VERSION = "1"
+TINY_FAMILIES = ("sd15", "sdxl", "flux1", "sd3", "qwenimage", "zimage", "flux2")
 TINY_SIZE = 64  # default image side in pixels
 DIFFUSERS_LORA = ("tiny_style", "tiny_style.safetensors")  # (directory, non-default weight_name)
 KOHYA_LORA = "tiny_kohya.safetensors"
@@ -127,39 +130,79 @@ def _random_lora_layers(pipe, rank: int, seed: int, text_encoder: bool):
     return unet_state, te_state
 
 
+def _te2_state(pipe, seed: int):
+    """SDXL: a random LoRA on the second text encoder too."""
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe.text_encoder_2.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                               target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    gen = torch.Generator().manual_seed(seed + 100)
+    for name, p in pipe.text_encoder_2.named_parameters():
+        if "lora_" in name:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return get_peft_model_state_dict(pipe.text_encoder_2)
+
+
 def write_example_loras(model_dir: Path, out: Path) -> None:
-    """Write the two example LoRAs for the tiny model into `out` (a `loras/` folder)."""
-    from diffusers import StableDiffusionPipeline
+    """Write the two example LoRAs for a tiny SD1.5/SDXL model into `out` (a `loras/` folder)."""
+    from diffusers import DiffusionPipeline
     from safetensors.torch import save_file
 
     from ..lora.kohya import to_kohya  # the one home of the kohya key layout (a fixture may borrow it)
 
     out.mkdir(parents=True, exist_ok=True)
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))
-    unet_state, te_state = _random_lora_layers(pipe, rank=4, seed=1, text_encoder=True)
-    StableDiffusionPipeline.save_lora_weights(
-        out / DIFFUSERS_LORA[0], unet_lora_layers=unet_state, text_encoder_lora_layers=te_state,
-        weight_name=DIFFUSERS_LORA[1],
-    )
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))
-    unet_state, te_state = _random_lora_layers(pipe, rank=4, seed=2, text_encoder=True)
-    save_file(to_kohya(unet_state, te_state, alpha=4), str(out / KOHYA_LORA), metadata={"ss_network_dim": "4"})
+    for seed in (1, 2):
+        pipe = DiffusionPipeline.from_pretrained(str(model_dir))
+        unet_state, te_state = _random_lora_layers(pipe, rank=4, seed=seed, text_encoder=True)
+        te2_state = _te2_state(pipe, seed) if getattr(pipe, "text_encoder_2", None) is not None else None
+        if seed == 1:
+            extra = {"text_encoder_2_lora_layers": te2_state} if te2_state is not None else {}
+            type(pipe).save_lora_weights(out / DIFFUSERS_LORA[0], unet_lora_layers=unet_state,
+                                         text_encoder_lora_layers=te_state, weight_name=DIFFUSERS_LORA[1], **extra)
+        else:
+            save_file(to_kohya(unet_state, te_state, alpha=4, te2_state=te2_state), str(out / KOHYA_LORA),
+                      metadata={"ss_network_dim": "4"})
 
 
-def write_tiny(dest: Path, loras: bool = True) -> Path:
-    """Write the tiny pipeline (and example LoRAs) to `dest` atomically; return `dest`."""
+def _quiet() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def build_family(family: str, tmp: Path):
+    """The tiny pipeline of `family` (one of TINY_FAMILIES)."""
+    if family == "sd15":
+        return build_tiny_pipeline(tmp)
+    from .tiny_families import BUILDERS
+
+    return BUILDERS[family](tmp)
+
+
+def write_tiny(dest: Path, loras: bool = True, family: str = "sd15") -> Path:
+    """Write the tiny pipeline of `family` (and example LoRAs) to `dest` atomically; return `dest`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=dest.parent))
+    _quiet()  # no progress bars: the model may be built on first use inside a run
     try:
-        pipe = build_tiny_pipeline(tmp)
+        pipe = build_family(family, tmp)
         pipe.save_pretrained(tmp / "model", safe_serialization=True)
-        shutil.rmtree(tmp / "tok")
+        for scratch in ("tok", "clip-tok"):
+            shutil.rmtree(tmp / scratch, ignore_errors=True)
         for item in (tmp / "model").iterdir():
             item.rename(tmp / item.name)
         (tmp / "model").rmdir()
-        if loras:
+        if loras and family in ("sd15", "sdxl"):
             write_example_loras(tmp, tmp / "loras")
+        elif loras:
+            from .tiny_loras import write_family_loras
+
+            write_family_loras(family, pipe, tmp / "loras")
         (tmp / "TINY_VERSION").write_text(TINY_VERSION)
         if dest.exists() and any(dest.iterdir()):
             raise FileExistsError(f"{dest} exists and is not empty")
@@ -173,13 +216,34 @@ def write_tiny(dest: Path, loras: bool = True) -> Path:
     return dest
 
 
-def ensure_tiny() -> Path:
-    """Return the cached tiny model directory, building it on first use."""
-    dest = cache_root() / f"tiny-v{TINY_VERSION}"
+def tiny_family(model_id: str) -> str | None:
+    """The family of a built-in tiny id (`builtin:tiny` = sd15, `builtin:tiny-flux1` …), else None."""
+    if model_id in (TINY_ID, "tiny"):
+        return "sd15"
+    for prefix in (f"{TINY_ID}-", "tiny-"):
+        if model_id.startswith(prefix) and model_id[len(prefix):] in TINY_FAMILIES:
+            return model_id[len(prefix):]
+    return None
+
+
+def builtin_path(source: str) -> Path | None:
+    """The local path of a `builtin:tiny[-family][/sub/path]` source (building the model on first use), else None."""
+    if not source.startswith(TINY_ID):
+        return None
+    head, _, rest = source.partition("/")
+    family = tiny_family(head)
+    if family is None:
+        return None
+    return ensure_tiny(family) / rest if rest else ensure_tiny(family)
+
+
+def ensure_tiny(family: str = "sd15") -> Path:
+    """Return the cached tiny model directory of `family`, building it on first use."""
+    dest = cache_root() / (f"tiny-v{TINY_VERSION}" if family == "sd15" else f"tiny-{family}-v{TINY_VERSION}")
     if (dest / "TINY_VERSION").is_file():
         return dest
     try:
-        return write_tiny(dest)
+        return write_tiny(dest, family=family)
     except FileExistsError:  # another process built it concurrently
         if (dest / "TINY_VERSION").is_file():
             return dest
@@ -190,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry: `t2i-tiny DIR`."""
     parser = argparse.ArgumentParser(prog="t2i-tiny", description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="destination folder (must not exist or be empty)")
+    parser.add_argument("--family", default="sd15", choices=TINY_FAMILIES,
+                        help="model family of the tiny pipeline (default: sd15)")
     parser.add_argument("--no-loras", action="store_true", help="skip the example LoRAs")
     parser.add_argument("--single-file", action="store_true",
                         help=f"also write DIR/{SINGLE_FILE}: the same weights as one LDM-layout checkpoint")
@@ -198,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         print(f"t2i-tiny: error: {dest} exists and is not an empty folder; choose a new path", file=sys.stderr)
         return 2
-    write_tiny(dest, loras=not args.no_loras)
-    print(f"tiny model written to {dest} (load with model.id={dest})")
+    if args.single_file and args.family != "sd15":
+        print(f"t2i-tiny: error: --single-file writes an SD1.5 (LDM) checkpoint; it does not apply to "
+              f"--family {args.family}", file=sys.stderr)
+        return 2
+    write_tiny(dest, loras=not args.no_loras, family=args.family)
+    print(f"tiny {args.family} model written to {dest} (load with model.id={dest})")
     if args.single_file:
         from .single_file import export_single_file
 
@@ -207,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"single-file checkpoint: {dest / SINGLE_FILE} (load with model.id={dest / SINGLE_FILE} "
               f"model.config={dest})")
     if not args.no_loras:
-        print(f"example LoRAs: {dest / 'loras' / DIFFUSERS_LORA[0] / DIFFUSERS_LORA[1]}, {dest / 'loras' / KOHYA_LORA}")
+        files = sorted(str(p) for p in (dest / "loras").rglob("*.safetensors"))
+        print(f"example LoRAs: {', '.join(files)}")
     return 0
 
 

@@ -110,6 +110,14 @@ def _swept(entries: list[dict], axes: tuple[str, ...] = GRID_AXES) -> list[str]:
     return [a for a in axes if _distinct(entries, a) > 1]
 
 
+def _follows_model(entries: list[dict], axis: str) -> bool:
+    """True if every model of `entries` has one value of `axis` (a per-model setting, not a swept axis)."""
+    values: dict[str, set] = {}
+    for e in entries:
+        values.setdefault(json.dumps(axis_value(e, "model")), set()).add(json.dumps(axis_value(e, axis)))
+    return all(len(v) == 1 for v in values.values())
+
+
 def pick_axes(entries: list[dict], x: str | None, y: str | None) -> tuple[str | None, str | None]:
     """`grid.x`/`grid.y`, filling a null one with the last swept axes (those with more than one value)."""
     free = [a for a in _swept(entries, AUTO_AXES) if a not in (x, y)]
@@ -345,6 +353,8 @@ def plan_pages(entries: list[dict], grid: GridConfig) -> list[Page]:
     """Every grid page of `entries` (each entry in exactly one cell of one page)."""
     x, y = pick_axes(entries, grid.x, grid.y)
     others = [a for a in _swept(entries, AUTO_AXES) if a not in (x, y)]
+    if "model" in (x, y):  # a model's own settings (steps, size … of its group) travel with it: no split
+        others = [a for a in others if not _follows_model(entries, a)]
     others += tell_apart(entries, [a for a in (x, y) if a] + others)
     x_values = _ordered([axis_value(e, x) for e in entries]) if x else [None]
     y_values = _ordered([axis_value(e, y) for e in entries]) if y else [None]

@@ -45,13 +45,21 @@ def unquote(text: str) -> str:
         return text
 
 
+def _cfg(value: float | None) -> str | None:
+    return None if value is None else f"{value:g}"
+
+
 def infotext(rec: dict[str, Any]) -> str:
     """A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value, …`."""
     fields: dict[str, Any] = {
         "Steps": rec["steps"],
         "Sampler": rec["sampler"],
         "Schedule type": rec.get("schedule_type"),
-        "CFG scale": f"{rec['guidance_scale']:g}",
+        # Forge's convention for guidance-distilled models: CFG scale = the real (true) CFG, the distilled
+        # guidance apart; Qwen-Image's CFG is its true_cfg_scale
+        "CFG scale": _cfg(rec.get("true_cfg_scale") if rec.get("true_cfg_scale") is not None
+                          else rec.get("guidance_scale")),
+        "Distilled CFG Scale": _cfg(rec.get("guidance_scale")) if rec.get("true_cfg_scale") is not None else None,
         "Seed": rec["seed"],
         "Size": f"{rec['width']}x{rec['height']}",
         "Model hash": rec["model"]["hash"][:10] if rec["model"].get("hash") else None,

@@ -15,7 +15,7 @@ from ..plan import ImageJob
 # cannot be left out of the comparison unnoticed. loras, model, device, threads and batch are compared by rules of
 # their own (reproduce/from_image.py: Original.differences).
 SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler",
-            "schedule", "clip_skip", "perf")
+            "schedule", "clip_skip", "perf", "true_cfg_scale", "max_sequence_length", "memory")
 SPECIAL = ("loras", "model", "device", "threads", "batch_size", "batch_invariant")
 DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_set_name",
            "lora_scale", "key", "file", "index")
@@ -36,6 +36,7 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
     """The full per-image record: every knob that changes pixels, plus provenance. `config_hash`: the model's
     pixel-changing configs (common.hashing.config_sha256)."""
     from ..generate.prompt_embeds import clip_skip_applies
+    from ..models.memory import record as memory_record
     from .metadata import RECORD_VERSION, versions
 
     src = loaded.source
@@ -55,6 +56,8 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         "clip_skip": job.clip_skip,
         # A1111 applies Clip skip per family (SD 1.x only); False: the model's normal conditioning was used
         "clip_skip_applied": bool(job.clip_skip and job.clip_skip > 1 and clip_skip_applies(loaded.pipe)),
+        "true_cfg_scale": job.true_cfg_scale,
+        "max_sequence_length": job.max_sequence_length,
         "sampler": sampler,
         "schedule_type": schedule_type,
         "scheduler_class": type(loaded.pipe.scheduler).__name__,
@@ -65,8 +68,11 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         "model": {"id": loaded.config.id, "name": src.display, "kind": src.kind, "location": src.location,
                   "revision": src.revision, "hash": loaded.sha256, "config_hash": config_hash,
                   "pipeline": type(loaded.pipe).__name__,
-                  "dtype": loaded.dtype_name, "variant": loaded.config.variant, "config": loaded.config.config},
+                  "dtype": loaded.dtype_name, "variant": loaded.config.variant, "config": loaded.config.config,
+                  "family": loaded.family.name if loaded.family else None,
+                  "transformer": loaded.config.transformer},
         "perf": perf_record(loaded),
+        "memory": {**memory_record(loaded.memory), "offload": loaded.offload},
         "device": loaded.device,
         "threads": getattr(loaded, "threads", None),  # torch CPU threads: they change float rounding on CPU
         "generator": "cpu",

@@ -15,12 +15,12 @@ from ..config import LoraSpec, RunSpec, lora_name
 KEY_VERSION = 2
 RANDOM_SEED = -1  # in `seeds`: draw one from the run seed
 AXES = ("prompt", "seed", "lora_set", "lora_scale", "steps", "guidance_scale", "scheduler", "width", "height",
-        "clip_skip", "schedule")
+        "clip_skip", "schedule", "true_cfg_scale", "max_sequence_length")
 
 
 @dataclass(frozen=True)
 class ImageJob:
-    """Everything that decides the pixels of one image (the model is shared by the run)."""
+    """Everything that decides the pixels of one image (with the model of its `model_key`)."""
 
     index: int
     prompt_index: int
@@ -39,6 +39,9 @@ class ImageJob:
     clip_skip: int | None = None  # A1111 semantics: 2 = the penultimate CLIP layer; None = the last
     schedule: str | None = None  # A1111 "Schedule type" (config/schedulers.py); None = the scheduler's own
     lora_ids: tuple[str, ...] = ()  # sha256 of each adapter's file (the key holds them, not the paths)
+    true_cfg_scale: float | None = None  # families with true CFG (Flux.1, Qwen-Image); None = not used
+    max_sequence_length: int | None = None  # None = the pipeline's own
+    model_index: int = 0  # position in the run's model axis (the outermost loop)
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:
@@ -60,6 +63,9 @@ class ImageJob:
              "seed": self.seed, "steps": self.steps, "cfg": self.guidance_scale, "width": self.width,
              "height": self.height, "scheduler": self.scheduler, "clip_skip": self.clip_skip,
              "schedule": self.schedule,
+             # families with true CFG / a sequence length only: absent otherwise, so SD keys stay as they were
+             **({"true_cfg": self.true_cfg_scale} if self.true_cfg_scale is not None else {}),
+             **({"max_seq": self.max_sequence_length} if self.max_sequence_length is not None else {}),
              "loras": [[i, w] for i, w in zip(ids, self.adapter_weights, strict=True)]},
             sort_keys=True,
         )
@@ -68,8 +74,9 @@ class ImageJob:
     @property
     def group_key(self) -> tuple:
         """Images with equal group keys can share one pipeline call."""
-        return (self.lora_set, self.lora_scale, self.scheduler or "", self.steps, self.guidance_scale,
-                self.width or 0, self.height or 0, self.clip_skip or 0, self.schedule or "")
+        return (self.model_index, self.lora_set, self.lora_scale, self.scheduler or "", self.steps,
+                -1.0 if self.guidance_scale is None else self.guidance_scale, self.width or 0, self.height or 0,
+                self.clip_skip or 0, self.schedule or "", self.true_cfg_scale or 0.0, self.max_sequence_length or 0)
 
     @property
     def set_label(self) -> str:
@@ -118,8 +125,8 @@ def draw_seeds(seeds: Sequence[int], run_seed: int) -> tuple[int, ...]:
 
 
 def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]] | None = None,
-           run_seed: int | None = None) -> list[ImageJob]:
-    """Every combination of the run's axes, in a stable order (`index` = position in the plan).
+           run_seed: int | None = None, model_index: int = 0, start: int = 0) -> list[ImageJob]:
+    """Every combination of the run's axes for one model, in a stable order (`index` = start + position).
 
     `lora_ids[i]` are the sha256 of set i's adapter files (the key holds them; without them, the source paths
     stand in); `run_seed` draws the seeds given as -1 (required when there are any)."""
@@ -132,17 +139,18 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
     combos = itertools.product(
         enumerate(spec.prompts), seeds, enumerate(spec.lora_sets), spec.lora_scales, spec.steps,
         spec.guidance_scale, spec.scheduler, spec.width, spec.height, spec.clip_skip, spec.schedule,
+        spec.true_cfg_scale, spec.max_sequence_length,
     )
     seen: set[tuple] = set()
-    for (pi, p), seed, (li, loras), mult, steps, cfg, sched, w, h, skip, schedule in combos:
+    for (pi, p), seed, (li, loras), mult, steps, cfg, sched, w, h, skip, schedule, tcfg, seq in combos:
         scale = mult if loras else None
-        ident = (pi, seed, li, scale, steps, cfg, sched, w, h, skip, schedule)
+        ident = (pi, seed, li, scale, steps, cfg, sched, w, h, skip, schedule, tcfg, seq)
         if ident in seen:  # the no-LoRA set is generated once, whatever the multipliers
             continue
         seen.add(ident)
         ids = tuple(lora_ids[li]) if lora_ids is not None else ()
-        jobs.append(ImageJob(len(jobs), pi, p.prompt, p.negative_prompt, seed, steps, cfg, w, h, sched, li,
-                             loras, scale, model_key, skip, schedule, ids))
+        jobs.append(ImageJob(start + len(jobs), pi, p.prompt, p.negative_prompt, seed, steps, cfg, w, h, sched, li,
+                             loras, scale, model_key, skip, schedule, ids, tcfg, seq, model_index))
     return jobs
 
 
@@ -159,8 +167,8 @@ def shard(jobs: list[ImageJob], index: int, count: int) -> list[ImageJob]:
 
 
 def _group_order(key: tuple) -> tuple:
-    """Batch groups by LoRA set first (each set is activated once), then multiplier and settings."""
-    return (key[0], -1.0 if key[1] is None else key[1], *key[2:])
+    """Batch groups by model (each loaded once), then LoRA set (each activated once), multiplier and settings."""
+    return (key[0], key[1], -1.0 if key[2] is None else key[2], *key[3:])
 
 
 def _batch_order(job: ImageJob) -> tuple:
@@ -168,7 +176,8 @@ def _batch_order(job: ImageJob) -> tuple:
 
 
 def batches(jobs: Iterable[ImageJob], batch_size: int) -> Iterator[list[ImageJob]]:
-    """Group jobs that can share a pipeline call, ordered so LoRA sets switch as rarely as possible."""
+    """Group jobs that can share a pipeline call: the model first (each loaded once), then LoRA sets (switched
+    as rarely as possible)."""
     groups: dict[tuple, list[ImageJob]] = {}
     for job in jobs:
         groups.setdefault(job.group_key, []).append(job)

@@ -40,10 +40,11 @@ def model_config(m: dict) -> dict:
     """The `model` config that loads the same weights as a record's `model` entry."""
     kind = m.get("kind")
     mid = m.get("location") if kind in ("dir", "file") else m.get("id")
-    mid = "builtin:tiny" if kind == "builtin" else mid
+    mid = (m.get("location") or "builtin:tiny") if kind == "builtin" else mid
     return {"id": mid, "revision": m.get("revision") if kind == "hub" else None,
             "pipeline": PIPELINES.get(m.get("pipeline"), "auto"), "dtype": DTYPES.get(m.get("dtype"), "auto"),
-            "variant": m.get("variant"), "config": m.get("config")}
+            "variant": m.get("variant"), "config": m.get("config"), "transformer": m.get("transformer"),
+            "family": None, "settings": {}}
 
 
 def record_config(rec: dict) -> dict:
@@ -52,7 +53,7 @@ def record_config(rec: dict) -> dict:
                            "negative_prompt": _text(rec.get("negative_prompt") or "")}
     if rec.get("seed") is not None:
         out["seeds"] = [rec["seed"]]
-    for key in ("steps", "guidance_scale", "width", "height", "clip_skip"):
+    for key in ("steps", "guidance_scale", "width", "height", "clip_skip", "true_cfg_scale", "max_sequence_length"):
         if rec.get(key) is not None:
             out[key] = rec[key]
     if rec.get("source_format") == FOREIGN:
@@ -73,6 +74,10 @@ def record_config(rec: dict) -> dict:
     out["lora_scales"] = [mult]
     out["device"] = str(rec.get("device") or "auto").split(":")[0]
     out["batch_invariant"] = bool(rec.get("batch_invariant"))
+    if rec.get("memory"):  # VAE tiling and attention slicing change pixels slightly: reuse them
+        out["memory"] = {k: rec["memory"][k] for k in ("offload", "vae_tiling", "vae_slicing", "attention_slicing")
+                         if k in rec["memory"]}
+    out["models"] = []  # the image's own model, not a model axis
     if rec.get("perf"):  # fast-path options change pixels by float rounding: reuse them
         out["perf"] = {k: bool(rec["perf"].get(k)) for k in ("channels_last", "fuse_qkv", "fuse_lora", "compile")}
     return out
@@ -106,7 +111,7 @@ def _complain(msg: str, strict: bool) -> None:
 def _check_model(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
     from ..common.hashing import config_sha256, model_sha256
     from ..models.source import resolve_source
-    from ..models.tiny import ensure_tiny
+    from ..models.tiny import builtin_path
 
     m = rec["model"]
     try:
@@ -114,7 +119,8 @@ def _check_model(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
     except ConfigError as exc:
         raise ConfigError(f"{img} was made with model {spec.model.id!r}, which is not available here "
                           f"({exc}); give model.id=... to use another") from exc
-    weights = {"builtin": ensure_tiny, "hub": lambda: None}.get(source.kind, lambda: Path(source.location))()
+    weights = {"builtin": lambda: builtin_path(source.location),
+               "hub": lambda: None}.get(source.kind, lambda: Path(source.location))()
     if m.get("hash") and weights is not None and model_sha256(weights) != m["hash"]:
         _complain(f"model {source.location} is not the one {img} was made with (sha256 {m['hash'][:12]}…)",
                   strict)

@@ -71,6 +71,34 @@ def job_loras(job: Job) -> list[dict[str, Any]]:
     (loras,) = job.spec.lora_sets
     return [{"name": lora_name(lo), "scale": lo.scale, "source": lo.source, "weight_name": lo.weight_name}
             for lo in loras]
+def model_choice(mid: str, model: dict) -> dict[str, Any]:
+    """One model the form offers: its family, its default settings and the fields it does not use (with hints)."""
+    from ..config import ModelConfig
+    from ..config.validate import SETTING_KEYS
+    from ..models.families import pipeline_defaults, unused_keys
+    from ..models.info import model_info
+
+    try:
+        info = model_info(ModelConfig(**model))
+    except ConfigError as exc:  # e.g. a hub model not in the cache: offered, but it will fail with this line
+        return {"id": mid, "family": None, "label": "unknown", "unused": {}, "defaults": {}, "error": str(exc)}
+    settings = model.get("settings") or {}
+    defaults = {**pipeline_defaults(info.pipeline), **{k: v for k, v in settings.items() if k in SETTING_KEYS}}
+    return {"id": mid, "family": info.family.name, "label": info.family.label, "pipeline": info.pipeline,
+            "unused": unused_keys(info.traits), "defaults": defaults}
+
+
+def model_choices(cfg: DictConfig) -> list[dict[str, Any]]:
+    """The default model and the server's allowed models (group names or ids), as the form offers them."""
+    from omegaconf import OmegaConf
+
+    from ..config.validate import model_group
+
+    out = [model_choice(cfg.model.id, OmegaConf.to_container(cfg.model, resolve=True))]
+    for mid in allowed_models(cfg)[1:]:
+        group = model_group(mid) or {"id": mid, "dtype": cfg.model.dtype}
+        out.append(model_choice(mid, group))
+    return out
 
 
 VIEWER_FILES = (VIEWER_HTML, DATA_JS, STATUS_JS)
@@ -88,7 +116,8 @@ def job_json(queue: JobQueue, job: Job, roots: list[Root] | None = None) -> dict
     total = len(job.files)
     viewer = viewer_url(roots or [], job.run_dir) if job.finished or job.done else None
     return {
-        "id": job.id, "status": job.status, "done": job.done, "total": total,
+        "id": job.id, "status": job.status, "done": job.done, "total": total, "model": job.spec.model.id,
+        "family": job.family,
         "progress": f"{job.done}/{total}",
         "queue_position": queue.position(job), "error": job.error,
         "images": [f"/api/jobs/{job.id}/images/{k}.png" for k, f in enumerate(job.files) if f is not None],
@@ -161,9 +190,13 @@ def create_app(cfg: DictConfig) -> FastAPI:
     async def _crash(request: Request, exc: Exception) -> Response:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return error(request, 500, f"the server failed: {type(exc).__name__}: {first_line(exc, 300)}")
+    choices = model_choices(cfg)
 
     def enqueue(req: JobRequest) -> Job:
-        return queue.submit(to_spec(req, cfg))
+        spec = to_spec(req, cfg)
+        from ..models.info import model_info
+
+        return queue.submit(spec, family=model_info(spec.model).family.name)
 
     def find(job_id: str) -> Job:
         job = queue.get(job_id)
@@ -174,9 +207,11 @@ def create_app(cfg: DictConfig) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, summary="The generation form (the original design's fields)")
     async def index(request: Request) -> Response:
         s = cfg.server
-        ctx = {"model_id": base.model.id, "models": allowed_models(cfg),
-               "steps": min(30, int(s.max_steps)), "max_steps": s.max_steps, "max_images": s.max_images,
-               "max_side": s.max_side}
+        first = choices[0]
+        steps = min(int(first["defaults"].get("steps") or 30), int(s.max_steps))
+        ctx = {"model_id": base.model.id, "models": choices, "first": first, "steps": steps,
+               "guidance": first["defaults"].get("guidance_scale"), "true_cfg": first["defaults"].get("true_cfg_scale"),
+               "max_steps": s.max_steps, "max_images": s.max_images, "max_side": s.max_side}
         return templates.TemplateResponse(request, "index.html", ctx)
 
     @app.post("/submit", response_class=FileResponse, summary="Generate: 1 image = the PNG, N = a gallery",
@@ -264,7 +299,12 @@ def create_app(cfg: DictConfig) -> FastAPI:
 
     @app.get("/api/health", summary="Liveness and queue length")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "queued": queue.pending(), "model": base.model.id, "output_dir": str(out)}
+        return {"status": "ok", "queued": queue.pending(), "model": base.model.id, "family": choices[0]["family"],
+                "output_dir": str(out)}
+
+    @app.get("/api/models", summary="The models this server offers: family, defaults and unused fields")
+    async def models() -> list[dict[str, Any]]:
+        return choices
 
     app.include_router(a1111.a1111_router(cfg, queue, loaded.sha256))
     app.include_router(openai_api.openai_router(cfg, queue, out, started=datetime.now().timestamp()))

@@ -20,10 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..common.errors import ConfigError
 from ..common.paths import is_hub_id
-from ..config import MAX_SEED, LoraSpec, RunSpec, lora_name, validate
-from ..config.validate import string_list
+from ..config import MAX_SEED, LoraSpec, ModelConfig, RunSpec, lora_name, validate
+from ..config.validate import model_group, string_list
 from ..lora.files import resolve_loras
 from ..models.tiny import TINY_ID
+from ..run import plan_models
 
 NOT_GIVEN = ("", "null", "none")
 _HF_URL = re.compile(r"^https?://(www\.)?huggingface\.co/([^/]+/[^/]+)(?:/(?:blob|resolve)/[^/]+/(.+))?/?$")
@@ -60,8 +61,10 @@ class JobRequest(BaseModel):
     text_prompt: str = Field(min_length=1)
     negative_prompt: str | None = None
     total_nm_img_prompt: int = Field(1, description="number of images; seeds manual_seed … manual_seed+N-1")
-    inference_steps: int = 30
-    guidance_scale: float = 7.5
+    inference_steps: int | None = Field(None, description="default: the model's (its group's settings)")
+    guidance_scale: float | None = Field(None, description="default: the model's; the distilled guidance on Flux.1")
+    true_cfg_scale: float | None = Field(None, ge=0.0, le=100.0,
+                                         description="Flux.1 / Qwen-Image: real CFG with the negative prompt")
     strength: float = Field(1.0, ge=0.0, le=1.0, description="accepted; text-to-image ignores it")
     manual_seed: int | None = Field(None, description="first seed; not given = a random one")
     lora_hugging_face_1: str | None = None
@@ -96,8 +99,9 @@ class SubmitForm(BaseModel):
     text_prompt: str | None = None
     negative_prompt: str | None = None
     total_nm_img_prompt: str | None = "1"
-    inference_steps: str | None = "30"
-    guidance_scale: str | None = "7.5"
+    inference_steps: str | None = None
+    guidance_scale: str | None = None
+    true_cfg_scale: str | None = None
     strength: str | None = "1.0"
     manual_seed: str | None = None
     lora_hugging_face_1: str | None = "null"
@@ -205,6 +209,9 @@ def _model(req: JobRequest, cfg: DictConfig) -> dict:
     if mid == default:
         return OmegaConf.to_container(cfg.model, resolve=True)
     check_model(mid, cfg)
+    group = model_group(mid)  # an allowed model may be a model group (with its settings)
+    if group is not None:
+        return group
     return {"id": mid, "revision": None, "pipeline": "auto", "variant": None, "config": None,
             "allow_pickle": False, "dtype": cfg.model.dtype}
 
@@ -244,8 +251,9 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
     server = cfg.server
     n = req.total_nm_img_prompt
     _limit("total_nm_img_prompt", n, server.max_images, "max_images", "too many images" if n > 1 else "")
-    _limit("inference_steps", req.inference_steps, server.max_steps, "max_steps",
-           "above this server's limit" if req.inference_steps > 1 else "")
+    if req.inference_steps is not None:
+        _limit("inference_steps", req.inference_steps, server.max_steps, "max_steps",
+               "above this server's limit" if req.inference_steps > 1 else "")
     for side, v in (("width", req.width), ("height", req.height)):
         if v is not None and v > server.max_side:
             raise FormError(422, f"{side}={v} is too large; valid: 8 to {server.max_side}, a multiple of 8 "
@@ -260,6 +268,7 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
         "seeds": list(range(seed, seed + n)),
         "steps": req.inference_steps,
         "guidance_scale": req.guidance_scale,
+        "true_cfg_scale": req.true_cfg_scale,
         "width": req.width,
         "height": req.height,
         "scheduler": first_value(cfg.scheduler),
@@ -272,10 +281,18 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
         "grid": {"enabled": False},  # a merged run mixes requests; a grid of it would mean nothing
         **extra,
     }
+    model = overrides.pop("model")
     merged = OmegaConf.merge(cfg, overrides)
+    # the request's model replaces the server's (a merge would mix two groups' settings)
+    merged.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model)
     try:
         spec = validate(merged)
-        resolve_loras(spec)  # missing LoRA files are a 422 now, not a failed job later
+        # missing LoRA files and keys the model's family cannot honour are a 422 now, not a failed job later
+        plans = plan_models(spec, resolve_loras(spec))
     except ConfigError as exc:
         raise FormError(422, str(exc)) from exc
+    steps = max(s for p in plans for s in p.spec.steps if s is not None)
+    if req.inference_steps is None and steps > server.max_steps:
+        raise FormError(422, f"inference_steps={steps} (the model's default) is above this server's limit; "
+                             f"valid: 1 to {server.max_steps} (server.max_steps)")
     return spec

@@ -50,6 +50,7 @@ class Job:
     error_status: int = 500  # HTTP status for the error: 422 for a user error found while running
     files: list[Path | None] = dataclasses.field(default_factory=list)
     run_dir: Path | None = None
+    family: str | None = None  # the model's family (runner/models/families.py), reported by the API
     created: float = dataclasses.field(default_factory=time.time)
     _waiters: list[Callable[[], None]] = dataclasses.field(default_factory=list, repr=False)
 
@@ -132,9 +133,9 @@ class JobQueue:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, spec: RunSpec) -> Job:
+    def submit(self, spec: RunSpec, family: str | None = None) -> Job:
         """Queue a job for `spec`; raises QueueFull when `size` jobs are already waiting."""
-        job = Job(spec)
+        job = Job(spec, family=family)
         with self._cond:
             if len(self._pending) >= self.size:
                 raise QueueFull(max(1, math.ceil(self._seconds * max(1, len(self._pending)) / 4)))

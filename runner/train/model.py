@@ -26,17 +26,20 @@ def load_pipe(spec: TrainSpec):
     """A fresh (uncached) SD 1.x/2.x pipeline for `spec.model`, fp32 on the CPU."""
     import torch
 
+    from ..models.info import model_info
     from ..models.loading import _from_pretrained, _quiet_libraries, load_error
-    from ..models.source import resolve_source
 
-    source = resolve_source(spec.model)
+    info = model_info(spec.model)
+    if info.family.name != "sd15":  # found before loading: the model's family from its model_index.json
+        raise ConfigError(f"model.id={spec.model.id!r} is a {info.pipeline} ({info.family.label}); t2i-train "
+                          "trains LoRAs for Stable Diffusion 1.x/2.x pipelines only")
     _quiet_libraries()
     try:
-        pipe = _from_pretrained(source, spec.model, torch.float32)
+        pipe = _from_pretrained(info, torch.float32)
     except ConfigError:
         raise
     except (OSError, ValueError) as exc:  # the same one line `t2i` prints for this model
-        raise load_error(source, spec.model, exc) from exc
+        raise load_error(info.source, spec.model, exc) from exc
     if getattr(pipe, "text_encoder_2", None) is not None or not hasattr(pipe, "unet"):
         raise ConfigError(
             f"model.id={spec.model.id!r} is a {type(pipe).__name__}; t2i-train trains LoRAs for "

@@ -75,6 +75,31 @@
     }
   }
 
+  // Per model: disable the fields its family does not use (with the hint) and show its default settings
+  const model = document.getElementById("modelid");
+  const familyNote = document.getElementById("family-note");
+  function applyModel() {
+    const opt = model.options[model.selectedIndex];
+    if (!opt) return;
+    const unused = JSON.parse(opt.dataset.unused || "{}");
+    const defaults = JSON.parse(opt.dataset.defaults || "{}");
+    ["negative_prompt", "guidance_scale", "true_cfg_scale"].forEach(function (name) {
+      const field = form.elements[name];
+      if (!field) return;
+      field.disabled = name in unused;
+      field.title = unused[name] || "";
+      const hint = form.querySelector('[data-hint-for="' + name + '"]');
+      if (hint) hint.textContent = unused[name] || "";
+    });
+    const fields = {inference_steps: "steps", guidance_scale: "guidance_scale", true_cfg_scale: "true_cfg_scale"};
+    Object.keys(fields).forEach(function (name) {
+      const value = defaults[fields[name]];
+      if (form.elements[name]) form.elements[name].value = value === undefined || value === null ? "" : value;
+    });
+    familyNote.textContent = "Family: " + opt.textContent.replace(/^.*\(|\)$/g, "");
+  }
+  if (model) model.addEventListener("change", applyModel);
+
   form.addEventListener("submit", async function (event) {
     event.preventDefault();
     const body = Object.fromEntries(new FormData(form).entries());

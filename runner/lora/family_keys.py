@@ -1,0 +1,82 @@
+"""Which model family a LoRA file is for, from its key names alone (read before any model loads).
+
+The key table of the model-families work; it moves into `lora/detect.py` (issue 16: format + target family +
+base model of a LoRA file, the one home of that rule) when that lands. A result is a family name, or a group of
+families the keys cannot tell apart ("sd" = SD1.5 or SDXL, "flux" = Flux.1 or Flux.2, None = unknown); the
+loader's layer/shape checks decide within a group.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from ..common.errors import ConfigError
+
+# (family or group, pattern over a key), first match wins. Only denoiser keys decide (text-encoder keys are
+# shared: Flux and SD3 LoRAs may carry `lora_te1_`/`text_encoder` parts too). Patterns cover diffusers/peft names
+# and the foreign layouts diffusers converts (kohya `lora_unet_`, BFL/ai-toolkit `diffusion_model.`, XLabs).
+_RULES: tuple[tuple[str, re.Pattern], ...] = tuple((fam, re.compile(p)) for fam, p in (
+    ("sd", r"^(lora_unet_(down|up|mid|input|output|middle)_block|unet\.|base_model\.model\.(down|up|mid)_block|"
+           r"(down|up)_blocks\.\d+\.(attentions|resnets)\.|mid_block\.|"
+           r"model\.diffusion_model\.(input|middle|output)_blocks)"),
+    ("zimage", r"(^|[._])(layers[._]\d+[._]attention[._]|noise_refiner|context_refiner|"
+               r"layers[._]\d+[._]feed_forward)"),
+    ("flux2", r"(to_qkv_mlp_proj|double_stream_modulation|single_stream_modulation|ff(_context)?\.linear_(in|out))"),
+    ("qwenimage", r"(^|[._])(img_mlp|txt_mlp|img_mod[._]1|txt_mod[._]1)([._]|$)"),
+    ("sd3", r"(joint_blocks|transformer_blocks\.\d+\.attn2\.|context_block|^pos_embed\.proj)"),
+    ("flux1", r"(proj_lora\d|single_transformer_blocks\.\d+\.(proj_mlp|norm\.linear|attn\.to_[qkv]\.)|"
+              r"double_blocks[._]\d+[._](img|txt)_mod|single_blocks[._]\d+[._]modulation)"),
+    ("flux", r"(double_blocks|single_blocks)"),
+))
+_SDXL = re.compile(r"^(lora_te2_|text_encoder_2\.|lora_unet_(input|output)_blocks_[478]_1_transformer_blocks_[1-9])")
+GROUPS = {"sd": ("sd15", "sdxl"), "flux": ("flux1", "flux2")}
+
+
+def lora_family(keys: Iterable[str]) -> str | None:
+    """The family (or group, see GROUPS) a LoRA's keys belong to, or None when they do not tell."""
+    keys = list(keys)
+    for fam, pattern in _RULES:
+        if any(pattern.search(k) for k in keys):
+            if fam == "sd" and any(_SDXL.search(k) for k in keys):
+                return "sdxl"  # a second CLIP text encoder or SDXL's deeper transformer stacks
+            return fam
+    return None
+
+
+keys_family = lora_family  # the same module names decide for a transformer checkpoint (GGUF, single file)
+
+
+def fits(found: str | None, family: str) -> bool:
+    """True unless the keys clearly belong to another family than `family`."""
+    if found is None or family.startswith("other:"):
+        return True
+    return family == found or family in GROUPS.get(found, ())
+
+
+def label(found: str) -> str:
+    from ..models.families import FAMILIES
+
+    return {"sd": "Stable Diffusion 1.x/XL", "flux": "Flux"}.get(found) or FAMILIES[found].label
+
+
+def file_keys(path: str) -> list[str]:
+    """The tensor names of a LoRA file (safetensors: from its header only; pickle files: not read here)."""
+    if not path.endswith(".safetensors"):
+        return []
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return list(f.keys())
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader with its own message
+        return []
+
+
+def check_lora_family(file: str, family: Any, model: str, where: str = "") -> None:
+    """ConfigError (one line naming both families) when a LoRA file is clearly for another family than the model."""
+    found = lora_family(file_keys(file))
+    if not fits(found, family.name):
+        raise ConfigError(f"{where}{file} is a LoRA for {label(found)}, but the model {model!r} is "
+                          f"{family.label}; use a {family.label} LoRA or another model")
