@@ -317,7 +317,8 @@ def test_block_tables_are_lbws_for_sd15_and_sdxl() -> None:
 def test_block_specs_bad_input_is_one_line() -> None:
     from test_single_file import SD15_UNET
 
-    from runner.lora.blocks import model_blocks, parse_spec
+    from runner.config.blocks import parse_spec
+    from runner.lora.blocks import model_blocks
 
     assert parse_spec("b", "outs") == "OUTS" and parse_spec("b", "1, 0,0.5") == (1.0, 0.0, 0.5)
     assert parse_spec("b", [1, 0]) == (1.0, 0.0) and parse_spec("b", None) is None
