@@ -51,12 +51,13 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     from .generate.batch import default_size, generate, prompt_tokens
     from .generate.fastpath import apply_perf, image_steps, resolve_perf
     from .lora.adapters import AdapterManager
-    from .lora.files import resolve_loras
+    from .lora.blocks import block_resolver
+    from .lora.files import expand_checkpoints, resolve_loras
     from .models.loading import load_model
     from .outputs.manifest import Manifest
     from .outputs.writer import ImageWriter
 
-    spec = cfg if isinstance(cfg, RunSpec) else validate(cfg)
+    spec = expand_checkpoints(cfg if isinstance(cfg, RunSpec) else validate(cfg))  # a glob: one set per file
     if spec.grid.enabled:
         from .outputs.grid import check_axes
 
@@ -68,6 +69,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
         loaded.adapters = AdapterManager(pipe, spec.max_loaded_loras)
     loaded.adapters.max_loaded = spec.max_loaded_loras
     loaded.adapters.preload(lora_sets)  # a LoRA that does not fit the model fails before any write
+    blocks_of = block_resolver(pipe, spec)  # so does a block-weight list of the wrong length
     model_key = f"{loaded.source.location}@{loaded.source.revision}|{loaded.config.variant}|{loaded.dtype_name}"
     jobs = shard(expand(spec, model_key), spec.shard.index, spec.shard.count)
     for i, p in enumerate(spec.prompts):
@@ -106,7 +108,8 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
                     break
                 first = batch[0]
                 loaded.use_scheduler(first.scheduler)
-                loaded.adapters.activate(lora_sets[first.lora_set], first.adapter_weights)
+                loaded.adapters.activate(lora_sets[first.lora_set], first.adapter_weights,
+                                         blocks_of(first.adapter_blocks))
                 for made in handler.generate(lambda jobs: generate(pipe, jobs, invariant), batch):
                     rec = build_record(made.job, loaded, lora_sets[made.job.lora_set], made.image.width,
                                        made.image.height, made.batch_size, invariant)

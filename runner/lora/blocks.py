@@ -179,3 +179,17 @@ def check_specs(table: BlockTable, specs: Sequence[tuple[str, BlockSpec]]) -> No
     for where, spec in specs:
         table.weights(spec, where)
 
+
+
+def block_resolver(pipe: Any, spec: Any) -> Callable[[tuple[BlockSpec | None, ...]], tuple[Any, ...] | None]:
+    """Check every block-weight spec of a run (`lora_sets[..].blocks`, `lora_blocks`) against the model now,
+    before anything is written; return job.adapter_blocks -> the merge engine's per-adapter multipliers."""
+    used = [(f"lora_sets[{i}][{j}].blocks", s.blocks) for i, specs in enumerate(spec.lora_sets)
+            for j, s in enumerate(specs) if s.blocks is not None]
+    if any(spec.lora_sets):
+        used += [(f"lora_blocks[{i}]", b) for i, b in enumerate(spec.lora_blocks) if b is not None]
+    if not used:
+        return lambda specs: None
+    table = model_blocks(pipe)
+    functions = {b: table.function(b, where) for where, b in used}
+    return lambda specs: tuple(None if b is None else functions[b] for b in specs)

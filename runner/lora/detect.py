@@ -554,19 +554,20 @@ def model_family(pipe: Any) -> tuple[str | None, int | None]:
 
 
 def _model_name(pipe: Any, family: str | None, width: int | None) -> str:
-    base = FAMILY_NAMES.get(family or "", type(pipe).__name__)
-    if family in _SD_UNET and width is not None and CONTEXT_DIMS.get(width) != family:
-        return f"an SD-style UNet (cross-attention width {width}, {type(pipe).__name__})"
-    return f"{base} ({type(pipe).__name__})"
+    """`SD 1.x (StableDiffusionPipeline)`; a UNet of no known SD size is `an SD-style UNet (…)`."""
+    known = family and (family not in _SD_UNET or width is None or CONTEXT_DIMS.get(width) == family)
+    return f"{FAMILY_NAMES[family] if known else 'an SD-style UNet'} ({type(pipe).__name__})"
 
 
 def check_base(info: LoraInfo, pipe: Any, file: str) -> None:
     """One line naming both when a LoRA was made for another family or base model than `pipe`'s."""
     fam, width = model_family(pipe)
-    what = f"{file} is a LoRA for {info.family_name()}"
+    head = f"{file} is not a LoRA for this model: it was made for"
+    lora = info.family_name()
     if info.context_dim and width and info.context_dim != width:
-        raise ConfigError(f"{what}, but the loaded model is {_model_name(pipe, fam, width)}; use it with a "
-                          f"{info.family_name()} model or pick a LoRA made for this one")
+        lora = lora if info.family else "an SD-style UNet"
+        raise ConfigError(f"{head} {lora} (cross-attention width {info.context_dim}), the loaded model is "
+                          f"{_model_name(pipe, fam, width)} with width {width}; use a LoRA made for this model")
     if fam is None:
         return
     lora_fams = (info.family,) if info.family else info.family_candidates
@@ -578,8 +579,9 @@ def check_base(info: LoraInfo, pipe: Any, file: str) -> None:
             return
         if fam in ("sd15", "sd2") and width not in CONTEXT_DIMS:
             return  # a test-size UNet: its shapes decide (the loader's shape check)
-    raise ConfigError(f"{what}, but the loaded model is {_model_name(pipe, fam, width)}; use it with a "
-                      f"{info.family_name()} model or pick a LoRA made for this one")
+    model = _model_name(pipe, fam, width)
+    raise ConfigError(f"{head} {lora}, the loaded model is {model}; load a {lora} model or use a LoRA made for "
+                      f"{model.split(' (')[0]}")
 
 
 # 5. Kohya training metadata (`ss_*`) for `t2i-inspect`.
