@@ -16,8 +16,15 @@ TE_LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
 KINDS = ("lora", "locon", "locon_tucker", "loha", "loha_tucker", "lokr", "lokr_full", "full")
 
 
-def targets(pipe, conv: bool, te: bool = True) -> dict[str, tuple[str, torch.Tensor]]:
-    """kohya module name -> (module path, base weight) for the modules a LyCORIS file would adapt."""
+def targets(pipe, conv: bool, te: bool = True, sdxl: bool = False) -> dict[str, tuple[str, torch.Tensor]]:
+    """kohya module name -> (module path, base weight) for the modules a LyCORIS file would adapt.
+
+    `sdxl`: kohya's SDXL names: UNet modules by their LDM path (`lora_unet_input_blocks_4_1_…`), `lora_te1_`
+    and `lora_te2_` for the two text encoders.
+    """
+    from runner.models.single_file import ldm_module_name, unet_rules
+
+    rules = unet_rules(dict(pipe.unet.config)) if sdxl else None
     out = {}
     for name, module in pipe.unet.named_modules():
         w = getattr(module, "weight", None)
@@ -26,12 +33,16 @@ def targets(pipe, conv: bool, te: bool = True) -> dict[str, tuple[str, torch.Ten
         linear = name.endswith(UNET_LINEAR) or name.endswith(("proj_in", "proj_out"))
         is_conv = conv and w.dim() == 4 and (name.endswith(("conv1", "conv2", "conv_shortcut", "conv")))
         if linear or is_conv:
-            out["lora_unet_" + name.replace(".", "_")] = (f"unet.{name}", w)
-    if te:
-        for name, module in pipe.text_encoder.named_modules():
+            flat = ldm_module_name(name, rules) if rules else name
+            out["lora_unet_" + flat.replace(".", "_")] = (f"unet.{name}", w)
+    encoders = [("text_encoder", "lora_te1_" if sdxl else "lora_te_")] if te else []
+    if te and sdxl:
+        encoders.append(("text_encoder_2", "lora_te2_"))
+    for comp, prefix in encoders:
+        for name, module in getattr(pipe, comp).named_modules():
             if name.endswith(TE_LINEAR):
                 flat = name if name.startswith("text_model.") else "text_model." + name
-                out["lora_te_" + flat.replace(".", "_")] = (f"text_encoder.{name}", module.weight)
+                out[prefix + flat.replace(".", "_")] = (f"{comp}.{name}", module.weight)
     return out
 
 
@@ -78,12 +89,12 @@ def module_tensors(kind: str, w: torch.Tensor, rank: int, gen: torch.Generator, 
 
 
 def lycoris_state(pipe, kind: str, rank: int = 2, alpha: float = 1.0, seed: int = 0, dora: bool = False,
-                  std: float = 0.3, te: bool = True) -> dict[str, torch.Tensor]:
+                  std: float = 0.3, te: bool = True, sdxl: bool = False) -> dict[str, torch.Tensor]:
     """A whole LyCORIS-style file for `pipe` (tiny SD): UNet attention/FF (+ conv layers except for `lora`),
     text-encoder attention; `dora` adds A1111-style per-input `dora_scale`s."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for key, (_, w) in targets(pipe, conv=kind != "lora", te=te).items():
+    for key, (_, w) in targets(pipe, conv=kind != "lora", te=te, sdxl=sdxl).items():
         for name, t in module_tensors(kind, w, rank, gen, std).items():
             state[f"{key}.{name}"] = t.contiguous()
         if kind != "full":

@@ -328,3 +328,83 @@ def test_a_lora_for_another_family_names_both(tiny_dir: Path, tmp_path: Path) ->
          r"width 2048\), the loaded model is an SD-style UNet \(StableDiffusionPipeline\) with width 32",
          lora_sets=[[{"source": str(xl)}]])
     assert re  # used above
+
+
+def test_inspect_describes_each_file_kind(zoo: dict, tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    import json
+
+    from runner.models.single_file import export_single_file
+    from runner.reproduce.inspect import main
+
+    labels = {"loha": "LyCORIS LoHa", "loha_tucker": "LyCORIS LoHa", "lokr": "LyCORIS LoKr",
+              "lokr_full": "LyCORIS LoKr", "locon": "kohya LoCon", "locon_tucker": "kohya LoCon (Tucker)",
+              "full": "LyCORIS full (diff)", "dora": "kohya LoRA + DoRA", "lora": "kohya LoRA"}
+    for kind, label in labels.items():
+        assert main([str(zoo[kind])]) == 0
+        text = capsys.readouterr().out
+        sha = hashlib.sha256(zoo[kind].read_bytes()).hexdigest()
+        assert f"adapter: {label} (kohya key names)" in text, text
+        assert f"AutoV2 {sha[:10]}  AutoV3 {_autov3(zoo[kind])}  sha256 {sha}" in text
+        assert re.search(r"layers:\s+\d+ \(text_encoder 8, unet \d+\)", text)
+    assert "ranks:           full (no low-rank factor)" in (main([str(zoo["lokr_full"])]), capsys.readouterr().out)[1]
+    assert main(["--json", str(zoo["lora"])]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["kind"] == "adapter" and rec["ranks"] == [2] and rec["alphas"] == [1.0] and rec["dora"] is False
+    assert rec["components"]["text_encoder"] == 8 and rec["layers"] == sum(rec["components"].values())
+    assert rec["training"]["top tags"] == ["sks cat", "red"] and rec["training"]["epochs"] == "4"
+    assert main([str(tiny_dir / "loras" / "tiny_style" / "tiny_style.safetensors")]) == 0
+    assert "adapter: diffusers LoRA (diffusers key names)" in capsys.readouterr().out
+    single = export_single_file(tiny_dir, tmp_path / "tiny.safetensors")
+    assert main([str(single)]) == 0
+    text = capsys.readouterr().out
+    assert "model checkpoint (LDM single file)" in text and "family:          SD 1.x" in text
+    torch.save({"x": torch.zeros(1)}, tmp_path / "old.pt")
+    assert main([str(tmp_path / "old.pt")]) == 0 and "does not unpickle it" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_xl(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Path:
+    """A tiny SDXL pipeline (two CLIP text encoders, text_time embedding, depth-2 transformer) as a folder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from runner.models.tiny import TINY_UNET
+
+    sd = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    torch.manual_seed(0)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**sd.text_encoder.config.to_dict(), "projection_dim": 32}))
+    unet = UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": 64, "addition_embed_type": "text_time",
+                                   "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 8 * 6 + 32,
+                                   "transformer_layers_per_block": (1, 2)})
+    pipe = StableDiffusionXLPipeline(vae=sd.vae, text_encoder=sd.text_encoder, text_encoder_2=te2,
+                                     tokenizer=sd.tokenizer, tokenizer_2=sd.tokenizer, unet=unet,
+                                     scheduler=sd.scheduler)
+    d = tmp_path_factory.mktemp("tiny-xl") / "model"
+    pipe.save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def test_sdxl_lycoris_with_kohya_sdxl_names(tiny_xl: Path, zoo: dict, tmp_path: Path) -> None:
+    """A LoHa + DoRA in kohya's SDXL layout (LDM UNet names, lora_te1_/lora_te2_) on an SDXL pipeline: loads,
+    changes the output, scale 0 is the baseline, SDXL block presets apply; an SD LoRA names both models."""
+    pipe = loading.load_model(ModelConfig(id=str(tiny_xl)), "cpu").pipe
+    state = lycoris_state(pipe, "loha", sdxl=True, dora=True, std=0.5)
+    assert any(k.startswith("lora_unet_input_blocks_3_1_transformer_blocks_1_") for k in state)  # depth 2
+    assert any(k.startswith("lora_te2_text_model_") for k in state)
+    xl = write(state, tmp_path / "xl_loha.safetensors")
+    out = tmp_path / "r"
+    result = run(cfg(tiny_xl, lora_sets=[[], [{"source": str(xl), "name": "xl"}]], lora_scales=[0.0, 1.0],
+                     lora_blocks=["ALL", "INS"], grid={"enabled": False}), out, progress=False)
+    img = by(result, out, "lora_set", "lora_scale", "lora_blocks")
+    base = img[(0, None, None)]
+    assert np.array_equal(img[(1, 0.0, "ALL")], base) and np.array_equal(img[(1, 0.0, "INS")], base)
+    assert np.abs(img[(1, 1.0, "ALL")] - base).max() > 10
+    assert not np.array_equal(img[(1, 1.0, "INS")], img[(1, 1.0, "ALL")])
+    mgr = loading.load_model(ModelConfig(id=str(tiny_xl)), "cpu").adapters
+    touched = {p.split(".")[0] for deltas in mgr.engine.adapters.values() for p in deltas}
+    assert touched == {"unet", "text_encoder", "text_encoder_2"}
+    _bad(tiny_xl, tmp_path, r"loha.safetensors is not a LoRA for this model: it was made for an SD-style UNet "
+         r"\(cross-attention width 32\), the loaded model is an SD-style UNet \(StableDiffusionXLPipeline\) with "
+         "width 64", lora_sets=[[{"source": str(zoo["loha"])}]])

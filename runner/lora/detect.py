@@ -368,8 +368,8 @@ def parse_modules(shapes: Mapping[str, Iterable[int]], scalars: Mapping[str, flo
             mod.unknown = f"a mix of {mod.kind} and {kind} tensors"
         mod.kind = kind if mod.kind != "locon" or kind != "lora" else "locon"
         mod.roles[role] = tuple(int(d) for d in shape)
-    for mod in modules.values():
-        if mod.kind == "lora" and any(len(s) == 4 for s in mod.roles.values()):
+    for mod in modules.values():  # kohya's "LoCon": a LoRA on k×k conv layers (1×1 proj_in/out is plain LoRA)
+        if mod.kind == "lora" and any(len(s) == 4 and s[2:] != (1, 1) for s in mod.roles.values()):
             mod.kind = "locon"
     # A checkpoint that happens to hold `….bias`/`….alpha`-like keys is no adapter: keep only modules with
     # adapter weights (or a named unknown algorithm) unless nothing else is there.
@@ -614,3 +614,31 @@ def training_summary(meta: Mapping[str, str], top: int = 10) -> dict[str, Any]:
     if tags:
         out["top tags"] = [t for t, _ in tags.most_common(top)]
     return out
+
+
+# 6. Files that are no adapter: a short guess of what model checkpoint it is (for `t2i-inspect`).
+_CHECKPOINT_MARKERS = (  # (key prefix or fragment, family, layout)
+    ("conditioner.embedders.1.", "sdxl", "LDM single file"),
+    ("cond_stage_model.model.transformer.", "sd2", "LDM single file"),
+    ("cond_stage_model.transformer.", "sd15", "LDM single file"),
+    ("model.diffusion_model.joint_blocks.", "sd3", "SAI single file"),
+    ("model.diffusion_model.input_blocks.", "sd15", "LDM single file (UNet only)"),
+    ("double_blocks.", "flux1", "BFL transformer"),
+    ("joint_blocks.", "sd3", "SAI transformer"),
+    ("down_blocks.", None, "diffusers UNet/VAE component"),
+    ("transformer_blocks.", None, "diffusers transformer component"),
+    ("text_model.encoder.", None, "CLIP text encoder"),
+    ("encoder.block.", None, "T5 encoder"),
+)
+
+
+def checkpoint_kind(shapes: Mapping[str, Iterable[int]]) -> tuple[str | None, str]:
+    """(family id or None, layout) of a model checkpoint from its key names."""
+    keys = list(shapes)
+    for marker, family, layout in _CHECKPOINT_MARKERS:
+        if any(k.startswith(marker) or f".{marker}" in k for k in keys):
+            if family == "flux1" and any(k.endswith("stream_modulation.lin.weight") or "stream_modulation" in k
+                                         for k in keys):
+                return "flux2", layout
+            return family, layout
+    return None, "unknown layout"

@@ -180,13 +180,18 @@ def describe(rec: dict[str, Any], path: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: print each image's record (human-readable, or JSON with --json)."""
-    parser = argparse.ArgumentParser(prog="t2i-inspect", description="Show how an image was generated.")
-    parser.add_argument("images", nargs="+", metavar="IMG", help="PNG (or A1111 JPEG/WebP) file")
+    """Console entry point: print each image's record, or what a weights file is (human-readable or --json)."""
+    from ..common.paths import WEIGHT_EXT
+    from .weights import describe_weights, weights_record
+
+    parser = argparse.ArgumentParser(prog="t2i-inspect", description="Show how an image was generated, or what a "
+                                     "LoRA / LyCORIS / checkpoint file is.")
+    parser.add_argument("images", nargs="+", metavar="FILE", help="PNG (or A1111 JPEG/WebP) image, or a "
+                        ".safetensors LoRA/LyCORIS/checkpoint file")
     parser.add_argument("--json", action="store_true", help="print the full JSON record")
     args = parser.parse_args(argv)
     try:
-        records = [read_record(p) for p in args.images]
+        records = [weights_record(p) if p.endswith(WEIGHT_EXT) else read_record(p) for p in args.images]
     except ConfigError as exc:
         print(f"t2i-inspect: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -194,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         data = records[0] if len(records) == 1 else records
         print(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True))
     else:
-        print("\n\n".join(describe(r, p) for r, p in zip(records, args.images, strict=True)))
+        print("\n\n".join(describe_weights(r) if p.endswith(WEIGHT_EXT) else describe(r, p)
+                           for r, p in zip(records, args.images, strict=True)))
     return 0
 
 
