@@ -335,3 +335,63 @@ def test_block_specs_bad_input_is_one_line() -> None:
     assert ins("unet.conv_out") == 1.0  # outside every block: kept, as the extension does
     short = table.function(tuple([1.0] * 17), "b")  # a short list leaves conv-only blocks at 0 (the extension)
     assert short("unet.down_blocks.0.downsamplers.0.conv") == 0.0 and short("unet.mid_block.attentions.0.proj_in") == 1
+
+
+class _FluxPipe:
+    """A pipeline stand-in holding a full-size Flux.1 transformer on the meta device (shapes only)."""
+
+    def __init__(self) -> None:
+        from diffusers import FluxTransformer2DModel
+
+        with torch.device("meta"):
+            self.transformer = FluxTransformer2DModel(guidance_embeds=True)
+
+
+def _kohya_flux_lora(g: torch.Generator) -> dict:
+    state = {}
+    for name, (out, inp) in {"double_blocks_0_img_attn_qkv": (9216, 3072), "double_blocks_1_txt_attn_qkv": (9216, 3072),
+                             "single_blocks_3_linear1": (21504, 3072), "double_blocks_0_img_mlp_0": (12288, 3072),
+                             "single_blocks_0_linear2": (3072, 15360)}.items():
+        state[f"lora_unet_{name}.lora_down.weight"] = torch.randn(2, inp, generator=g)
+        state[f"lora_unet_{name}.lora_up.weight"] = torch.randn(out, 2, generator=g) * 0.01
+        state[f"lora_unet_{name}.alpha"] = torch.tensor(1.0)
+    return state
+
+
+def test_flux_kohya_names_split_fused_modules_as_diffusers_does() -> None:
+    """Flux.1 kohya/BFL modules (fused qkv, linear1) land on diffusers' separate projections with the rows
+    diffusers' own converter gives them (`_convert_kohya_flux_lora_to_diffusers`, an independent mapping)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    from runner.lora.lycoris import file_deltas
+
+    pipe = _FluxPipe()
+    state = _kohya_flux_lora(torch.Generator().manual_seed(0))
+    info = detect_state(state)
+    assert info.family == "flux1" and info.format == "kohya LoRA"
+    ours = file_deltas(pipe, state, info, "flux.safetensors")
+    theirs = _convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in state.items()})
+    paths = sorted({k.rsplit(".lora_", 1)[0] for k in theirs})
+    assert sorted(ours) == paths and len(paths) == 3 + 3 + 4 + 1 + 1
+    for path in paths:
+        shape = tuple(pipe.transformer.get_submodule(path.partition(".")[2]).weight.shape)
+        expected = theirs[f"{path}.lora_B.weight"] @ theirs[f"{path}.lora_A.weight"]
+        torch.testing.assert_close(ours[path](torch.zeros(shape)), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_flux_lokr_on_a_fused_qkv_is_the_kronecker_product_split_by_rows() -> None:
+    from runner.lora.lycoris import file_deltas
+
+    w1, w2 = torch.randn(3, 1), torch.randn(3072, 3072) * 0.01
+    state = {"lora_unet_double_blocks_2_img_attn_qkv.lokr_w1": w1,
+             "lora_unet_double_blocks_2_img_attn_qkv.lokr_w2": w2}
+    info = detect_state(state)
+    assert info.family == "flux1" and info.needs_merge
+    deltas = file_deltas(_FluxPipe(), state, info, "lokr.safetensors")
+    full = torch.kron(w1, w2)
+    for i, name in enumerate(("to_q", "to_k", "to_v")):
+        got = deltas[f"transformer.transformer_blocks.2.attn.{name}"](torch.zeros(3072, 3072))
+        torch.testing.assert_close(got, full[i * 3072:(i + 1) * 3072])
+    lokr_z = detect({"diffusion_model.layers.0.attention.to_q.lokr_w1": (4, 4),
+                     "diffusion_model.layers.0.attention.to_q.lokr_w2": (960, 960)})
+    assert lokr_z.family == "zimage" and not lokr_z.needs_merge  # diffusers loads Z-Image LoKr itself

@@ -111,6 +111,7 @@ SHARED_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
 DIT_WIDTHS = {1536: ("sd3",), 2432: ("sd3",), 3072: ("flux1", "qwenimage", "flux2"), 6144: ("flux2",)}
 FAMILY_NAMES = {f.id: f.name for f in FAMILIES}
 _SD_UNET = ("sd15", "sd2", "sdxl")
+DIFFUSERS_LOKR = ("flux2", "zimage")  # families whose LoKr files diffusers 0.42 converts and loads itself
 CONTEXT_DIMS = {768: "sd15", 1024: "sd2", 2048: "sdxl"}  # the UNet's cross-attention width per SD family
 _BLOCKS_XL = re.compile(r"^(input_blocks_[78]_1|output_blocks_[0-2]_1|(down|up)_blocks_[12]_attentions_\d)"
                         r"_transformer_blocks_[1-9]")  # transformer depth > 1: only SDXL has it
@@ -254,8 +255,12 @@ class LoraInfo:
 
     @property
     def needs_merge(self) -> bool:
-        """True when diffusers cannot load the file faithfully: LoHa, LoKr, full, Tucker LoCon or DoRA."""
-        return any(m.kind in ("loha", "lokr", "full") or m.dora or "mid" in m.roles for m in self.modules.values())
+        """True when diffusers cannot load the file faithfully: LoHa, LoKr, full, Tucker LoCon or DoRA — except
+        the LoKr files diffusers loads itself (Flux.2 and Z-Image, into peft's LoKr layers)."""
+        mods = self.modules.values()
+        if self.family in DIFFUSERS_LOKR and all(m.kind == "lokr" and not m.dora for m in mods):
+            return False
+        return any(m.kind in ("loha", "lokr", "full") or m.dora or "mid" in m.roles for m in mods)
 
     @property
     def format(self) -> str:

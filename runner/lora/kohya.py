@@ -8,6 +8,7 @@ the model's own modules under every name a file may use for them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from .detect import component_of
@@ -60,20 +61,82 @@ def _flat_names(comp: str, model: Any) -> dict[str, str]:
     return names
 
 
-def module_index(pipe: Any) -> dict[str, dict[str, str]]:
-    """Per component (`denoiser`, `text_encoder`, …): flat module name -> module path in the pipeline."""
-    index: dict[str, dict[str, str]] = {}
+@dataclass(frozen=True)
+class Rows:
+    """A file module whose weight stacks several model modules by rows (BFL's fused `qkv`, `linear1`): each part
+    is a module path and the row ranges of the file's weight it takes, in order."""
+
+    rows: int  # rows of the file's (fused) weight
+    parts: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
+
+
+Target = str | Rows
+
+
+def _flux_bfl_names(transformer: Any) -> dict[str, Target]:
+    """Flux.1's original (BFL / kohya) module names -> diffusers modules, as diffusers' own kohya/BFL converters
+    map them (`_convert_kohya_flux_lora_to_diffusers`), from the model's real widths."""
+    t = "transformer."
+    inner = int(transformer.inner_dim) if hasattr(transformer, "inner_dim") else int(
+        transformer.config.num_attention_heads * transformer.config.attention_head_dim)
+    out: dict[str, Target] = {}
+
+    def split(path: str, names: list[str], widths: list[int]) -> Rows:
+        parts, start = [], 0
+        for name, width in zip(names, widths, strict=True):
+            parts.append((f"{path}.{name}", ((start, start + width),)))
+            start += width
+        return Rows(start, tuple(parts))
+
+    for i, _ in enumerate(transformer.transformer_blocks):
+        b, db = f"{t}transformer_blocks.{i}", f"double_blocks_{i}_"
+        out[db + "img_attn_qkv"] = split(f"{b}.attn", ["to_q", "to_k", "to_v"], [inner] * 3)
+        out[db + "txt_attn_qkv"] = split(f"{b}.attn", ["add_q_proj", "add_k_proj", "add_v_proj"], [inner] * 3)
+        for bfl, diffusers in (("img_attn_proj", "attn.to_out.0"), ("txt_attn_proj", "attn.to_add_out"),
+                               ("img_mlp_0", "ff.net.0.proj"), ("img_mlp_2", "ff.net.2"),
+                               ("txt_mlp_0", "ff_context.net.0.proj"), ("txt_mlp_2", "ff_context.net.2"),
+                               ("img_mod_lin", "norm1.linear"), ("txt_mod_lin", "norm1_context.linear")):
+            out[db + bfl] = f"{b}.{diffusers}"
+    for i, block in enumerate(transformer.single_transformer_blocks):
+        b, sb = f"{t}single_transformer_blocks.{i}", f"single_blocks_{i}_"
+        mlp = int(block.proj_mlp.out_features)
+        out[sb + "linear1"] = split(b, ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], [inner] * 3 + [mlp])
+        out[sb + "linear2"] = f"{b}.proj_out"
+        out[sb + "modulation_lin"] = f"{b}.norm.linear"
+    for bfl, diffusers in (("img_in", "x_embedder"), ("txt_in", "context_embedder"),
+                           ("time_in_in_layer", "time_text_embed.timestep_embedder.linear_1"),
+                           ("time_in_out_layer", "time_text_embed.timestep_embedder.linear_2"),
+                           ("vector_in_in_layer", "time_text_embed.text_embedder.linear_1"),
+                           ("vector_in_out_layer", "time_text_embed.text_embedder.linear_2"),
+                           ("guidance_in_in_layer", "time_text_embed.guidance_embedder.linear_1"),
+                           ("guidance_in_out_layer", "time_text_embed.guidance_embedder.linear_2"),
+                           ("final_layer_linear", "proj_out")):
+        out[bfl] = t + diffusers
+    # BFL's final modulation is (shift, scale), diffusers' norm_out (scale, shift): the halves swap
+    out["final_layer_adaLN_modulation_1"] = Rows(2 * inner, ((f"{t}norm_out.linear",
+                                                              ((inner, 2 * inner), (0, inner))),))
+    return out
+
+
+def module_index(pipe: Any) -> dict[str, dict[str, Target]]:
+    """Per component (`denoiser`, `text_encoder`, …): flat module name -> module path in the pipeline (or the
+    `Rows` of a fused original-layout module)."""
+    index: dict[str, dict[str, Target]] = {}
     for comp in (*DENOISERS, "text_encoder", "text_encoder_2", "text_encoder_3"):
         model = getattr(pipe, comp, None)
         if model is None or not hasattr(model, "named_modules"):
             continue
         key = "denoiser" if comp in DENOISERS else comp
         if key not in index:
-            index[key] = _flat_names(comp, model)
+            index[key] = dict(_flat_names(comp, model))
+        name = type(model).__name__
+        if comp == "transformer" and name.startswith("Flux") and not name.startswith("Flux2"):
+            index[key].update(_flux_bfl_names(model))
     return index
 
 
-def module_path(index: dict[str, dict[str, str]], module_key: str) -> str | None:
-    """The pipeline module path of a file's module key (kohya, LDM, diffusers or peft naming); None if absent."""
+def module_path(index: dict[str, dict[str, Target]], module_key: str) -> Target | None:
+    """The pipeline module path (or fused `Rows`) of a file's module key (kohya, LDM, BFL, diffusers or peft
+    naming); None if absent."""
     comp, flat = component_of(module_key)
     return index.get(comp, {}).get(flat)

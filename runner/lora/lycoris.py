@@ -18,7 +18,7 @@ from typing import Any
 
 from ..common.errors import ConfigError
 from .detect import LoraInfo, Module, _split_key
-from .kohya import module_index, module_path
+from .kohya import Rows, module_index, module_path
 
 
 def _f32(t: Any, base: Any) -> Any:
@@ -147,6 +147,22 @@ class DoraDelta:
         return merged * (magnitude / norm) - w0
 
 
+@dataclass(frozen=True, eq=False)
+class RowsDelta:
+    """The rows of a fused original-layout module's change that belong to one model module (BFL's fused `qkv`
+    is diffusers' to_q, to_k, to_v): `inner` computed at the fused shape, then these row ranges."""
+
+    inner: Any
+    rows: int
+    pieces: tuple[tuple[int, int], ...]
+
+    def __call__(self, base: Any) -> Any:
+        import torch
+
+        full = self.inner(base.new_empty((self.rows, *base.shape[1:])))
+        return torch.cat([full[a:b] for a, b in self.pieces]).reshape(base.shape)
+
+
 def dora_per_output(magnitude_shape: tuple[int, ...], weight_shape: tuple[int, ...], peft: bool) -> bool:
     """Whether a DoRA magnitude is per output row (else per input column), from its shape.
 
@@ -243,17 +259,30 @@ def file_deltas(pipe: Any, state: Mapping[str, Any], info: LoraInfo, file: str) 
     missing: list[str] = []
     wrong: list[tuple[str, tuple, tuple]] = []
     for mkey, mod in info.modules.items():
-        path = module_path(index, mkey)
-        if path is None:
+        target = module_path(index, mkey)
+        if target is None:
             missing.append(mkey)
             continue
-        comp, _, rest = path.partition(".")
-        weight = getattr(pipe, comp).get_submodule(rest).weight
-        have, need = mod.weight_shape(), tuple(weight.shape)
-        if have is None or _numel(have) != _numel(need) or have[0] != need[0]:
-            wrong.append((path, have or (), need))
+        have = mod.weight_shape() or ()
+        if isinstance(target, Rows):  # one fused module of the file -> row ranges of several model modules
+            if mod.dora:
+                raise ConfigError(f"{file} cannot be applied: module {mkey} is DoRA on a fused projection, which "
+                                  "cannot be split into the model's separate projections")
+            for path, pieces in target.parts:
+                need = tuple(_weight(pipe, path).shape)
+                rows = sum(b - a for a, b in pieces)
+                if not have or have[0] != target.rows or _numel(have) != target.rows * _numel(need[1:]) or \
+                        rows != need[0]:
+                    wrong.append((path, have, (target.rows, *need[1:])))
+                    break
+                deltas[path] = RowsDelta(module_delta(mod, tensors[mkey], (target.rows, *need[1:])), target.rows,
+                                         pieces)
             continue
-        deltas[path] = module_delta(mod, tensors[mkey], need)
+        need = tuple(_weight(pipe, target).shape)
+        if not have or _numel(have) != _numel(need) or have[0] != need[0]:
+            wrong.append((target, have, need))
+            continue
+        deltas[target] = module_delta(mod, tensors[mkey], need)
     # 3. One line for what does not fit.
     total = len(info.modules)
     if wrong:
@@ -269,6 +298,11 @@ def file_deltas(pipe: Any, state: Mapping[str, Any], info: LoraInfo, file: str) 
         raise ConfigError(f"{file} is not a LoRA for this model: {len(missing)} of its {total} layers match no "
                           f"layer of the model (e.g. {missing[0]}); is it for another base model?")
     return deltas
+
+
+def _weight(pipe: Any, path: str) -> Any:
+    comp, _, rest = path.partition(".")
+    return getattr(pipe, comp).get_submodule(rest).weight
 
 
 def _numel(shape: tuple[int, ...]) -> int:
