@@ -100,7 +100,7 @@ def lycoris_state(pipe, kind: str, rank: int = 2, alpha: float = 1.0, seed: int 
         if kind != "full":
             state[f"{key}.alpha"] = torch.tensor(float(alpha))
         if dora:
-            w0 = w.detach().float()
+            w0 = w.detach().float().cpu()
             norm = w0.transpose(0, 1).reshape(w0.shape[1], -1).norm(dim=1, keepdim=True)
             scale = norm.reshape(w0.shape[1], *[1] * (w0.dim() - 1)).transpose(0, 1)
             state[f"{key}.dora_scale"] = scale * (1 + 0.2 * torch.rand(scale.shape, generator=gen))

@@ -408,3 +408,34 @@ def test_sdxl_lycoris_with_kohya_sdxl_names(tiny_xl: Path, zoo: dict, tmp_path: 
     _bad(tiny_xl, tmp_path, r"loha.safetensors is not a LoRA for this model: it was made for an SD-style UNet "
          r"\(cross-attention width 32\), the loaded model is an SD-style UNet \(StableDiffusionXLPipeline\) with "
          "width 64", lora_sets=[[{"source": str(zoo["loha"])}]])
+
+
+def test_readme_lora_examples_run(tmp_path: Path) -> None:
+    """The README's LoRA-format, block-weight and epoch-axis commands, as written (files made for the tiny model)."""
+    import shlex
+    import subprocess
+    import sys
+
+    from runner.models.tiny import ensure_tiny
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("#### LoRA file formats"):readme.index("#### Hashes")]
+    commands = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()
+                if line.startswith(("t2i ", "t2i-inspect "))]
+    assert len(commands) == 4
+    pipe = pipe_of(ensure_tiny())
+    write(lycoris_state(pipe, "loha"), tmp_path / "my_loha.safetensors")
+    write(lycoris_state(pipe, "lora", seed=5), tmp_path / "my_lora.safetensors")
+    for epoch in (1, 2):
+        write(lycoris_state(pipe, "lokr", seed=epoch), tmp_path / "runs" / "mylora" / f"e{epoch}.safetensors")
+    for i, command in enumerate(commands):
+        tool, *args = shlex.split(command)
+        module = "runner.reproduce.inspect" if tool == "t2i-inspect" else "runner"
+        extra = [] if tool == "t2i-inspect" else ["device=cpu", "width=32", "height=32", f"hydra.run.dir=run{i}"]
+        proc = subprocess.run([sys.executable, "-m", module, *args, *extra], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, (command, proc.stderr[-2000:])
+        assert tool != "t2i-inspect" or "adapter: LyCORIS LoHa (kohya key names)" in proc.stdout
+    assert len(list((tmp_path / "run1").glob("*.png"))) == 3
+    assert read_grid_info(tmp_path / "run2" / "grids" / "grid.png")["x_values"] == ["ALL", "INS", "OUTS"]
+    assert read_grid_info(tmp_path / "run3" / "grids" / "grid.png")["x_values"] == ["nolora", "e1", "e2"]
