@@ -395,3 +395,37 @@ def test_flux_lokr_on_a_fused_qkv_is_the_kronecker_product_split_by_rows() -> No
     lokr_z = detect({"diffusion_model.layers.0.attention.to_q.lokr_w1": (4, 4),
                      "diffusion_model.layers.0.attention.to_q.lokr_w2": (960, 960)})
     assert lokr_z.family == "zimage" and not lokr_z.needs_merge  # diffusers loads Z-Image LoKr itself
+
+
+def test_flux_block_table_is_lbws_61() -> None:
+    from runner.lora.blocks import model_blocks
+
+    pipe = _FluxPipe()
+    table = model_blocks(pipe)
+    assert len(table.short) == len(table.full) == 61 and table.short[:4] == ("CLIP", "T5", "IN", "D00")
+    assert table.short[-2:] == ("S37", "OUT")
+    assert table.block_of("transformer.transformer_blocks.18.attn.to_q") == "D18"
+    assert table.block_of("transformer.single_transformer_blocks.7.proj_mlp") == "S07"
+    assert table.block_of("transformer.x_embedder") == "IN" and table.block_of("transformer.proj_out") == "OUT"
+    assert table.block_of("text_encoder_2.encoder.block.0.layer.0.SelfAttention.q") == "T5"
+    with pytest.raises(ConfigError, match="'INS' is a preset for SD UNets; for this model use ALL, NONE, ALL0.5 or "
+                                          "a list of 61 weights"):
+        table.weights("INS", "blocks")
+    only_double = table.function(tuple([1.0] * 22 + [0.0] * 39), "blocks")
+    assert only_double("transformer.transformer_blocks.3.ff.net.2") == 1.0
+    assert only_double("transformer.single_transformer_blocks.3.proj_out") == 0.0
+
+
+def test_from_image_keeps_each_adapters_block_weights() -> None:
+    from runner.reproduce.from_image import record_config
+
+    rec = {"prompt": "p", "seed": 1, "steps": 2, "guidance_scale": 7.0, "width": 32, "height": 32,
+           "scheduler": None, "lora_scale": 1.0, "device": "cpu", "batch_invariant": True,
+           "model": {"kind": "builtin", "id": "builtin:tiny"},
+           "loras": [{"name": "a", "source": "a.safetensors", "weight_name": None, "scale": 1.0, "sha256": "0" * 64,
+                      "blocks": "INS"},
+                     {"name": "b", "source": "b.safetensors", "weight_name": None, "scale": 0.5, "sha256": "1" * 64,
+                      "blocks": "1,0,0.5,0,0"},
+                     {"name": "c", "source": "c.safetensors", "weight_name": None, "scale": 1.0, "sha256": "2" * 64}]}
+    sets = record_config(rec)["lora_sets"]
+    assert [lo.get("blocks") for lo in sets[0]] == ["INS", "1,0,0.5,0,0", None]
