@@ -453,6 +453,8 @@ def _family(info: LoraInfo) -> None:
 def _sd_family_without_cross_attention(info: LoraInfo, denoiser: list[Module]) -> str | None:
     """SD 1.x / 2.x / XL from the weaker hints: text encoders, transformer depth, block layout, metadata."""
     meta, te = info.metadata, info.text_widths.get("text_encoder")
+    if not denoiser:  # text encoders only: CLIP-L is in SD 1.x, SDXL and Flux alike; only OpenCLIP-bigG is telling
+        return "sdxl" if info.text_widths.get("text_encoder_2") == 1280 else None
     xl = ("text_encoder_2" in info.text_widths or any(m.component == "text_encoder_2" for m in info.modules.values())
           or any(_BLOCKS_XL.match(m.flat) for m in denoiser)
           or str(meta.get("ss_base_model_version", "")).startswith("sdxl")
