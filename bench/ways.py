@@ -197,9 +197,9 @@ class SetTimer:
             self.batches.append(len(jobs))
             return out
 
-        def timed_activate(manager, loras, weights):
+        def timed_activate(manager, loras, weights, *blocks):
             t = time.perf_counter()
-            act(manager, loras, weights)
+            act(manager, loras, weights, *blocks)
             _sync(self.device)
             self.seconds[bool(loras) and any(w != 0 for w in weights)] += time.perf_counter() - t
 

@@ -96,6 +96,7 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
     steps pairs, and set its memory switches."""
     from .generate.prompt_embeds import clip_skip_applies
     from .lora.adapters import AdapterManager
+    from .lora.blocks import block_resolver
     from .models.loading import clear_cache, load_model
     from .models.memory import apply_memory
     from .models.schedulers import preflight
@@ -112,6 +113,7 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
     loaded.adapters.max_loaded = spec.max_loaded_loras
     loaded.adapters.preload(lora_sets)  # a LoRA that does not fit the model fails before any write
     preflight(loaded.base_scheduler, {(j.scheduler, j.schedule, j.steps) for j in jobs})  # before its images
+    loaded.blocks_of = block_resolver(loaded.pipe, spec)  # so does a block-weight list of the wrong length
     if loaded.family.is_sd and any((s or 1) > 1 for s in spec.clip_skip) and not clip_skip_applies(loaded.pipe):
         log.warning("clip_skip has no effect on %s: as in A1111, Clip skip applies to SD 1.x only (SDXL and SD 2.x "
                     "keep their own text-encoder layer); recorded with clip_skip_applied=false",
@@ -148,10 +150,11 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     """Generate every image of `cfg` that `output_dir` does not hold yet; other processes may write the same run
     dir at the same time (each image is made by one of them). `stop` (default: a new guard for Ctrl-C and SIGTERM)
     ends the run after the batch in flight once requested (the server's interrupt)."""
+    from .lora.files import expand_checkpoints
     from .outputs.rundir import check_writable, remove_created
 
     # 1. Check inputs before anything loads: the config, the grid axes, random seeds, a writable run dir
-    spec = cfg if isinstance(cfg, RunSpec) else validate(cfg)
+    spec = expand_checkpoints(cfg if isinstance(cfg, RunSpec) else validate(cfg))  # a glob: one set per file
     if spec.grid.enabled:
         from .outputs.grid import check_axes
 
@@ -315,6 +318,7 @@ class _Batches:
 
     def _batch(self, loaded: Any, plan: ModelPlan, handler: Any, embeds: Any, batch: list) -> int:
         """One batch: the part of it no other writer holds. Returns how many images this writer claimed."""
+        from .config.blocks import spec_label
         from .generate.batch import generate
         from .lora.files import touches_text_encoder
 
@@ -327,11 +331,12 @@ class _Batches:
         first = mine[0]
         loaded.use_scheduler(first.scheduler, first.schedule)
         loras = self.lora_sets[first.lora_set]
-        loaded.adapters.activate(loras, first.adapter_weights)
-        # what the text encoder computes with (the cache key): its LoRAs at their weights, and how they are
-        # applied (peft layers or merged weights round differently)
+        loaded.adapters.activate(loras, first.adapter_weights, loaded.blocks_of(first.adapter_blocks))
+        # what the text encoder computes with (the cache key): its LoRAs at their weights and block weights, and
+        # how they are applied (peft layers or merged weights round differently)
         te_state = (tuple(sorted(perf_record(loaded).items())),
-                    *((r.sha256, w) for r, w in zip(loras, first.adapter_weights, strict=True)
+                    *((r.sha256, w, spec_label(b)) for r, w, b in zip(loras, first.adapter_weights,
+                                                                     first.adapter_blocks, strict=True)
                       if touches_text_encoder(r)))
         pipe = loaded.pipe
         for made in handler.generate(lambda js, te=te_state: generate(pipe, js, self.invariant, embeds, te), mine):

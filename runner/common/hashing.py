@@ -1,5 +1,10 @@
 """SHA-256 of weight files (cached by path, size and mtime so big checkpoints are hashed once) and of the configs
-that change a model's pixels."""
+that change a model's pixels.
+
+Besides the full SHA-256, the short hashes A1111 and Civitai show: AutoV2 (`Model hash`) = the first 10 hex digits
+of the file's SHA-256; AutoV3 (`Lora hashes`) = the first 12 hex digits of the SHA-256 of a safetensors file's
+payload after its header (kohya's / A1111's `addnet_hash_safetensors`), so editing the metadata keeps it.
+"""
 
 from __future__ import annotations
 
@@ -28,14 +33,22 @@ def _load_cache() -> dict[str, str]:
         return {}
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Full sha256 hex digest of a file (free for Hugging Face cache blobs, which are named by it)."""
+def _digest(real: str, skip_header: bool) -> str:
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        if skip_header:  # safetensors: 8-byte little-endian header length, the JSON header, then the tensors
+            n = int.from_bytes(f.read(8), "little")
+            f.seek(n + 8)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cached_digest(path: str | os.PathLike, kind: str) -> str:
+    """A digest of a file, memoised per process and in the cache file under (kind, path, size, mtime)."""
     real = os.path.realpath(path)
-    blob = os.path.basename(real)
-    if _HEX64.match(blob) and os.sep + "blobs" + os.sep in real:
-        return blob
     st = os.stat(real)
-    ident = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    ident = f"{real}|{st.st_size}|{st.st_mtime_ns}" + ("" if kind == "sha256" else f"|{kind}")
     with _lock:
         if ident in _memo:
             return _memo[ident]
@@ -43,11 +56,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     if cached:
         _memo[ident] = cached
         return cached
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = _digest(real, skip_header=kind == "addnet")
     with _lock:
         _memo[ident] = digest
         data = _load_cache()
@@ -60,6 +69,32 @@ def file_sha256(path: str | os.PathLike) -> str:
         except OSError:
             pass  # the cache is an optimisation only
     return digest
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Full sha256 hex digest of a file (free for Hugging Face cache blobs, which are named by it)."""
+    real = os.path.realpath(path)
+    blob = os.path.basename(real)
+    if _HEX64.match(blob) and os.sep + "blobs" + os.sep in real:
+        return blob
+    return _cached_digest(real, "sha256")
+
+
+def addnet_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a safetensors file's tensor payload (after the header); a pickle file's full SHA-256."""
+    if not str(path).endswith(".safetensors"):
+        return file_sha256(path)  # A1111 hashes non-safetensors LoRAs whole
+    return _cached_digest(path, "addnet")
+
+
+def autov2(sha256: str) -> str:
+    """Civitai's AutoV2 / A1111's `Model hash`: the first 10 hex digits of the file's SHA-256."""
+    return sha256[:10]
+
+
+def autov3(path: str | os.PathLike) -> str:
+    """Civitai's AutoV3 / A1111's `Lora hashes` entry: the first 12 hex digits of `addnet_sha256`."""
+    return addnet_sha256(path)[:12]
 
 
 def model_sha256(path: str | os.PathLike) -> str:

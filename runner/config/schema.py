@@ -113,6 +113,8 @@ class RunConfig:
     batch_invariant: Any = "auto"
     lora_sets: Any = field(default_factory=lambda: [[]])
     lora_scales: Any = None
+    lora_blocks: Any = None  # block-weight specs swept for every adapter without its own `blocks` (presets/lists)
+    lora_dirs: list[str] = field(default_factory=list)  # folders where LoRAs are found by file stem or hash
     allow_pickle_lora: bool = False
     max_loaded_loras: int = 8
     resume: bool = True

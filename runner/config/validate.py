@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..common.errors import ConfigError, did_you_mean, first_line
 from ..common.paths import strip_weight_ext
+from .blocks import BlockSpec, parse_spec
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
 from .schema import GridConfig, MemoryConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig, ViewerConfig
 
@@ -32,6 +35,7 @@ class LoraSpec:
     weight_name: str | None = None
     scale: float = 1.0
     name: str | None = None
+    blocks: BlockSpec | None = None  # LoRA block weights (a preset or weights in block order); None = all 1
 
 
 def lora_name(spec: LoraSpec) -> str:
@@ -88,6 +92,8 @@ class RunSpec:
     @property
     def model_list(self) -> tuple[ModelConfig, ...]:
         return self.models or (self.model,)
+    lora_blocks: tuple[BlockSpec | None, ...] = (None,)  # swept block weights (None = each adapter's own)
+    lora_dirs: tuple[str, ...] = ()
 
 
 def _plain(value: Any) -> Any:
@@ -291,11 +297,11 @@ def _lora(where: str, item: Any) -> LoraSpec:
         item = {"source": item}
     if not isinstance(item, dict):
         raise ConfigError(f"{where}={item!r} is not valid; use {{source: PATH_OR_HUB_ID, weight_name, scale, name}}")
-    unknown = set(item) - {"source", "weight_name", "scale", "name"}
+    keys = ["source", "weight_name", "scale", "name", "blocks"]
+    unknown = set(item) - set(keys)
     if unknown:
         key = str(sorted(unknown, key=str)[0])
-        extra = did_you_mean(key, ["source", "weight_name", "scale", "name"])
-        raise ConfigError(f"{where} has unknown key {key!r}{extra}; valid: source, weight_name, scale, name")
+        raise ConfigError(f"{where} has unknown key {key!r}{did_you_mean(key, keys)}; valid: {', '.join(keys)}")
     source = item.get("source")
     if not isinstance(source, str) or not source.strip() or source.strip() == "null":
         raise ConfigError(f"{where}.source={source!r} is missing; give a hub id, a folder or a file path")
@@ -307,7 +313,7 @@ def _lora(where: str, item: Any) -> LoraSpec:
     name = item.get("name")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise ConfigError(f"{where}.name={name!r} is not a non-empty string")
-    return LoraSpec(source.strip(), weight, scale, name)
+    return LoraSpec(source.strip(), weight, scale, name, parse_spec(f"{where}.blocks", item.get("blocks")))
 
 
 def _lora_sets(cfg: DictConfig) -> tuple[tuple[LoraSpec, ...], ...]:
@@ -451,6 +457,8 @@ def _validate(cfg: DictConfig) -> RunSpec:
         threads=threads,
         run_seed=run_seed,
         viewer=_viewer(cfg.get("viewer")),
+        lora_blocks=_lora_blocks(cfg.get("lora_blocks")),
+        lora_dirs=_lora_dirs(cfg.get("lora_dirs")),
     )
 
 
@@ -459,3 +467,32 @@ def _viewer(v: Any) -> ViewerConfig:
         return ViewerConfig()
     size = _number("viewer.thumb_size", v.thumb_size, int, 32, 2048)
     return ViewerConfig(enabled=bool(v.enabled), thumb_size=size)
+
+
+def _lora_blocks(value: Any) -> tuple[BlockSpec | None, ...]:
+    """`lora_blocks`: one spec (a preset, a list of weights, "1,0,…") or a list of specs swept as an axis."""
+    value = _plain(value)
+    if value is None:
+        return (None,)
+    if isinstance(value, str) or (isinstance(value, list) and value and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
+        return (parse_spec("lora_blocks", value),)  # a single spec
+    items = _as_list("lora_blocks", value)
+    specs = tuple(parse_spec(f"lora_blocks[{i}]", v) for i, v in enumerate(items))
+    if len(set(specs)) != len(specs):
+        raise ConfigError(f"lora_blocks={value!r} lists a spec twice; give each once")
+    return specs
+
+
+def _lora_dirs(value: Any) -> tuple[str, ...]:
+    value = _plain(value) or []
+    if isinstance(value, str):
+        value = [value]
+    dirs = []
+    for i, d in enumerate(value):
+        if not isinstance(d, str) or not d.strip():
+            raise ConfigError(f"lora_dirs[{i}]={d!r} is not a folder path")
+        if not Path(os.path.expanduser(d.strip())).is_dir():
+            raise ConfigError(f"lora_dirs[{i}]={d!r} is not an existing folder")
+        dirs.append(d.strip())
+    return tuple(dirs)

@@ -12,8 +12,10 @@ from typing import Any
 
 from ..common.errors import ConfigError, first_line
 from ..common.hashing import file_sha256
+from .detect import check_base, detect_state, read_header
 from .files import ResolvedLora, read_state_dict
-from .merge import MergeEngine, peft_deltas
+from .lycoris import check_finite, file_deltas
+from .merge import Block, MergeEngine, peft_deltas
 
 log = logging.getLogger(__name__)
 _DOWN = re.compile(r"(lora_A|lora\.down|lora_down|lora_linear_layer\.down|lora_embedding_A)$")
@@ -121,9 +123,25 @@ class AdapterManager:
     def _load(self, r: ResolvedLora) -> None:
         if file_sha256(r.file) != r.sha256:
             raise ConfigError(f"LoRA file {r.file} changed since it was hashed; run again")
+        # 1. What the file is: structure (pairs, ranks, known algorithm), family and base model, values.
         state = read_state_dict(r)
-        if not state or not any("lora" in k or k.endswith(".alpha") for k in state):
+        info = detect_state(state, read_header(r.file)[2] if r.file.endswith(".safetensors") else None)
+        if not state or not (info.is_adapter or any("lora" in k or k.endswith(".alpha") for k in state)):
             raise ConfigError(f"{r.file} is not a LoRA file (no LoRA weights in it)")
+        if info.is_adapter:
+            why = info.problem()
+            if why:
+                raise ConfigError(f"{r.file} cannot be applied: {why}")
+            check_base(info, self.pipe, r.file)
+        check_finite(state, r.file)
+        # 2. LyCORIS, Tucker LoCon and DoRA: Deltas for the merge engine (diffusers cannot apply them faithfully).
+        if info.needs_merge:
+            self.engine.register(r.adapter, file_deltas(self.pipe, state, info, r.file))
+            self.merge_only.add(r.adapter)
+            self.loads += 1
+            log.info("loaded %s %s (%s) as %s: %s", info.format, r.name, r.file, r.adapter, info.components)
+            return
+        # 3. Everything else: diffusers' loader (with its own format conversions) into peft layers.
         expected = self._expected(r, state)
         with _captured_diffusers_log() as messages:
             try:
@@ -202,24 +220,28 @@ class AdapterManager:
             self.pipe.disable_lora()
         self.active = ()
 
-    def activate(self, loras: tuple[ResolvedLora, ...], weights: tuple[float, ...]) -> None:
+    def activate(self, loras: tuple[ResolvedLora, ...], weights: tuple[float, ...],
+                 blocks: tuple[Block, ...] | None = None) -> None:
         """Make exactly this set active at these weights; an empty or all-zero set is the base model.
 
-        Merged adapters (all of them with `merge`, else those only the engine can apply) are written into the
-        base weights by the merge engine; the rest are computed by peft. Loaded adapters outside the set are
-        left out of peft's active list, so they are not computed. A weight-0 member of a mixed peft set stays
-        in the list at scale 0 (its term is exactly zero).
+        Merged adapters (all of them with `merge`, those only the engine can apply, and those with block
+        weights: `blocks` holds each adapter's per-module multiplier or None) are written into the base weights
+        by the merge engine; the rest are computed by peft. Loaded adapters outside the set are left out of
+        peft's active list, so they are not computed. A weight-0 member of a mixed peft set stays in the list
+        at scale 0 (its term is exactly zero).
         """
         self.ensure(loras)
+        blocks = blocks or (None,) * len(loras)
         self.active = tuple(r.adapter for r in loras) if any(w != 0 for w in weights) else ()
-        merged = [(r, w) for r, w in zip(loras, weights, strict=True) if self.merge or r.adapter in self.merge_only]
-        computed = [(r, w) for r, w in zip(loras, weights, strict=True) if (r, w) not in merged]
+        members = list(zip(loras, weights, blocks, strict=True))
+        merged = [(r, w, b) for r, w, b in members if self.merge or r.adapter in self.merge_only or b is not None]
+        computed = [(r, w) for r, w, b in members if (r, w, b) not in merged]
         if merged or self._engine is not None:
             engine = self.engine
-            for r, _ in merged:
+            for r, _, _ in merged:
                 if r.adapter not in engine.adapters:
                     engine.register(r.adapter, peft_deltas(self.pipe, r.adapter, self._components()))
-            engine.apply([(r.adapter, w, None) for r, w in merged])
+            engine.apply([(r.adapter, w, b) for r, w, b in merged])
         if not self.loaded:
             return
         if not any(w != 0 for _, w in computed):

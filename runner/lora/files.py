@@ -1,16 +1,22 @@
-"""LoRA files: resolve a spec (file, folder + weight_name, hub repo) to the one file read, and read it."""
+"""LoRA files: resolve a spec (file, folder + weight_name, hub repo) to the one file read, and read it; expand a
+glob or a folder of training checkpoints into one set per file; find a LoRA in `lora_dirs` by name or hash."""
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+import itertools
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.errors import ConfigError, first_line
-from ..common.hashing import file_sha256
-from ..common.paths import PICKLE_EXT, hub_offline, hub_unreachable, is_hub_id
+from ..common.hashing import addnet_sha256, autov2, file_sha256
+from ..common.paths import PICKLE_EXT, WEIGHT_EXT, hub_offline, hub_unreachable, is_hub_id
 from ..config import LoraSpec, RunSpec, lora_name
+from ..config.blocks import spec_label
 from ..models.tiny import builtin_path
 
 DEFAULT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")  # the seed's two defaults
@@ -31,14 +37,31 @@ class ResolvedLora:
         """Internal peft adapter name: one per file content, so a file loads once whatever it is called."""
         return f"lora_{self.sha256[:16]}"
 
-    def record(self, weight: float) -> dict:
-        return {"name": self.name, "source": self.source, "weight_name": self.weight_name,
-                "scale": weight, "sha256": self.sha256, "file": self.file}
+    @property
+    def autov3(self) -> str:
+        """A1111's `Lora hashes` entry / Civitai's AutoV3 (cached like the sha256)."""
+        return addnet_sha256(self.file)[:12]
+
+    def record(self, weight: float, blocks: object = None) -> dict:
+        out = {"name": self.name, "source": self.source, "weight_name": self.weight_name, "scale": weight,
+               "sha256": self.sha256, "autov2": autov2(self.sha256), "autov3": self.autov3, "file": self.file}
+        if blocks is not None:
+            out["blocks"] = spec_label(blocks)  # type: ignore[arg-type]
+        return out
 
 
 def _listing(files: Iterable[str]) -> str:
     found = sorted(f for f in files if f.endswith(".safetensors"))
     return ", ".join(found) if found else "none"
+
+
+def _default_in_dir(folder: Path) -> Path | None:
+    """The one LoRA file a folder stands for: a default name, else its only `.safetensors` file."""
+    for default in DEFAULT_NAMES:
+        if (folder / default).is_file():
+            return folder / default
+    found = sorted(folder.glob("*.safetensors"))
+    return found[0] if len(found) == 1 else None
 
 
 def _pick_in_dir(spec: LoraSpec, folder: Path) -> Path:
@@ -49,12 +72,10 @@ def _pick_in_dir(spec: LoraSpec, folder: Path) -> Path:
             raise ConfigError(f"weight_name={spec.weight_name!r} is not in {spec.source}; "
                               f".safetensors files there: {there}")
         return f
-    for default in DEFAULT_NAMES:
-        if (folder / default).is_file():
-            return folder / default
+    picked = _default_in_dir(folder)
+    if picked is not None:
+        return picked
     found = sorted(folder.glob("*.safetensors"))
-    if len(found) == 1:
-        return found[0]
     raise ConfigError(f"no default LoRA file ({' or '.join(DEFAULT_NAMES)}) in {spec.source}; "
                       f"set weight_name to one of: {_listing(p.name for p in found)}")
 
@@ -198,3 +219,78 @@ def resolve_loras(spec: RunSpec) -> list[tuple]:
                 raise ConfigError(f"LoRA name {r.name!r} is used for two different files; give each a unique name")
         sets.append(resolved)
     return sets
+
+
+# Checkpoint/epoch sweeps: a glob or a folder of checkpoints becomes one LoRA set per file.
+GLOB_CHARS = ("*", "?", "[")
+
+
+def natural_key(text: str) -> list:
+    """Sort key that puts `e2` before `e10` (digit runs compare as numbers)."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def checkpoint_files(spec: LoraSpec) -> list[Path] | None:
+    """The files a glob `source` (or a folder of several checkpoints) names, in natural order; None otherwise."""
+    source = os.path.expanduser(spec.source)
+    if any(c in spec.source for c in GLOB_CHARS) and not Path(source).exists():
+        files = [Path(f) for f in glob.glob(source, recursive=True) if f.endswith(WEIGHT_EXT) and Path(f).is_file()]
+        if not files:
+            raise ConfigError(f"LoRA source {spec.source!r} matches no weight file (.safetensors); check the "
+                              "pattern and the folder")
+        return sorted(files, key=lambda f: natural_key(f.name))
+    folder = Path(source)
+    if folder.is_dir() and not spec.weight_name and _default_in_dir(folder) is None:
+        found = sorted(folder.glob("*.safetensors"), key=lambda f: natural_key(f.name))
+        return found if len(found) > 1 else None
+    return None
+
+
+def expand_checkpoints(spec: RunSpec) -> RunSpec:
+    """Each LoRA set whose adapters name a glob or a folder of checkpoints, once per file (a product when a
+    set has several): the checkpoint/epoch axis. Each file's adapter is named by its stem."""
+    sets = []
+    for specs in spec.lora_sets:
+        options = []
+        for s in specs:
+            files = checkpoint_files(s)
+            if files is None:
+                options.append([s])
+                continue
+            options.append([dataclasses.replace(s, source=str(f), weight_name=None,
+                                                name=f"{s.name}-{f.stem}" if s.name else f.stem) for f in files])
+        sets += [tuple(combo) for combo in itertools.product(*options)]
+    return dataclasses.replace(spec, lora_sets=tuple(sets))
+
+
+# `lora_dirs`: where a LoRA known only by name or hash (an A1111 infotext, a moved file) is looked up.
+def _weight_files(dirs: Iterable[str]) -> list[Path]:
+    out = []
+    for d in dirs:
+        for root, _, files in os.walk(os.path.expanduser(d)):
+            out += [Path(root) / f for f in sorted(files) if f.endswith(WEIGHT_EXT)]
+    return out
+
+
+def find_in_lora_dirs(dirs: Iterable[str], name: str | None = None, hash_: str | None = None) -> Path | None:
+    """A file in `dirs` whose stem is `name` or whose hash starts with `hash_` (full SHA-256, AutoV2 or AutoV3).
+
+    A name match is taken when its hash agrees (or no hash is given); otherwise every file is hashed (cached).
+    """
+    files = _weight_files(dirs)
+    want = (hash_ or "").lower()
+
+    def matches(f: Path) -> bool:
+        if not want:
+            return True
+        return file_sha256(f).startswith(want) or (len(want) <= 12 and addnet_sha256(f).startswith(want))
+
+    if name:
+        for f in files:
+            if f.stem == name and matches(f):
+                return f
+    if want:
+        for f in files:
+            if matches(f):
+                return f
+    return None

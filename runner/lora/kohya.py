@@ -1,6 +1,19 @@
-"""The kohya/A1111 LoRA key layout (what A1111, Forge and ComfyUI read)."""
+"""The kohya/A1111 LoRA key layout (what A1111, Forge and ComfyUI read and write).
+
+kohya names a module by its path with dots as underscores behind a component prefix (`lora_unet_`, `lora_te_`,
+`lora_te1_`/`lora_te2_` for SDXL); SDXL files (and some SD 1.x ones) name UNet modules by their original LDM path
+(`lora_unet_input_blocks_4_1_…`). `module_index` answers both for a loaded pipeline, the way A1111 does it: list
+the model's own modules under every name a file may use for them.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .detect import component_of
+
+DENOISERS = ("unet", "transformer")  # the pipeline attribute of the denoiser, in the order looked up
 
 
 def to_kohya(unet_state: dict, te_state: dict | None, alpha: float, te2_state: dict | None = None) -> dict:
@@ -19,3 +32,113 @@ def to_kohya(unet_state: dict, te_state: dict | None, alpha: float, te2_state: d
             out[f"{stem}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
             out[f"{stem}.alpha"] = torch.tensor(float(alpha))
     return out
+
+
+def _flat_names(comp: str, model: Any) -> dict[str, str]:
+    """flat name -> module path (`comp.` first) for every module of `model` that has a weight."""
+    import torch
+
+    names: dict[str, str] = {}
+    ldm_rules = None
+    if comp == "unet" and hasattr(model, "config") and "block_out_channels" in model.config:
+        from ..models.single_file import unet_rules
+
+        try:
+            ldm_rules = unet_rules(dict(model.config))
+        except (KeyError, ValueError):  # per-block layer counts: no LDM layout, diffusers names only
+            ldm_rules = None
+    for name, module in model.named_modules():
+        if not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        path = f"{comp}.{name}"
+        names.setdefault(name.replace(".", "_"), path)
+        if comp.startswith("text_encoder") and not name.startswith("text_model."):
+            names.setdefault("text_model_" + name.replace(".", "_"), path)  # transformers-4 CLIP names
+        if ldm_rules is not None:
+            from ..models.single_file import ldm_module_name
+
+            ldm = ldm_module_name(name, ldm_rules)
+            if ldm:
+                names.setdefault(ldm.replace(".", "_"), path)
+    return names
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A file module whose weight stacks several model modules by rows (BFL's fused `qkv`, `linear1`): each part
+    is a module path and the row ranges of the file's weight it takes, in order."""
+
+    rows: int  # rows of the file's (fused) weight
+    parts: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
+
+
+Target = str | Rows
+
+
+def _flux_bfl_names(transformer: Any) -> dict[str, Target]:
+    """Flux.1's original (BFL / kohya) module names -> diffusers modules, as diffusers' own kohya/BFL converters
+    map them (`_convert_kohya_flux_lora_to_diffusers`), from the model's real widths."""
+    t = "transformer."
+    inner = int(transformer.inner_dim) if hasattr(transformer, "inner_dim") else int(
+        transformer.config.num_attention_heads * transformer.config.attention_head_dim)
+    out: dict[str, Target] = {}
+
+    def split(path: str, names: list[str], widths: list[int]) -> Rows:
+        parts, start = [], 0
+        for name, width in zip(names, widths, strict=True):
+            parts.append((f"{path}.{name}", ((start, start + width),)))
+            start += width
+        return Rows(start, tuple(parts))
+
+    for i, _ in enumerate(transformer.transformer_blocks):
+        b, db = f"{t}transformer_blocks.{i}", f"double_blocks_{i}_"
+        out[db + "img_attn_qkv"] = split(f"{b}.attn", ["to_q", "to_k", "to_v"], [inner] * 3)
+        out[db + "txt_attn_qkv"] = split(f"{b}.attn", ["add_q_proj", "add_k_proj", "add_v_proj"], [inner] * 3)
+        for bfl, diffusers in (("img_attn_proj", "attn.to_out.0"), ("txt_attn_proj", "attn.to_add_out"),
+                               ("img_mlp_0", "ff.net.0.proj"), ("img_mlp_2", "ff.net.2"),
+                               ("txt_mlp_0", "ff_context.net.0.proj"), ("txt_mlp_2", "ff_context.net.2"),
+                               ("img_mod_lin", "norm1.linear"), ("txt_mod_lin", "norm1_context.linear")):
+            out[db + bfl] = f"{b}.{diffusers}"
+    for i, block in enumerate(transformer.single_transformer_blocks):
+        b, sb = f"{t}single_transformer_blocks.{i}", f"single_blocks_{i}_"
+        mlp = int(block.proj_mlp.out_features)
+        out[sb + "linear1"] = split(b, ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], [inner] * 3 + [mlp])
+        out[sb + "linear2"] = f"{b}.proj_out"
+        out[sb + "modulation_lin"] = f"{b}.norm.linear"
+    for bfl, diffusers in (("img_in", "x_embedder"), ("txt_in", "context_embedder"),
+                           ("time_in_in_layer", "time_text_embed.timestep_embedder.linear_1"),
+                           ("time_in_out_layer", "time_text_embed.timestep_embedder.linear_2"),
+                           ("vector_in_in_layer", "time_text_embed.text_embedder.linear_1"),
+                           ("vector_in_out_layer", "time_text_embed.text_embedder.linear_2"),
+                           ("guidance_in_in_layer", "time_text_embed.guidance_embedder.linear_1"),
+                           ("guidance_in_out_layer", "time_text_embed.guidance_embedder.linear_2"),
+                           ("final_layer_linear", "proj_out")):
+        out[bfl] = t + diffusers
+    # BFL's final modulation is (shift, scale), diffusers' norm_out (scale, shift): the halves swap
+    out["final_layer_adaLN_modulation_1"] = Rows(2 * inner, ((f"{t}norm_out.linear",
+                                                              ((inner, 2 * inner), (0, inner))),))
+    return out
+
+
+def module_index(pipe: Any) -> dict[str, dict[str, Target]]:
+    """Per component (`denoiser`, `text_encoder`, …): flat module name -> module path in the pipeline (or the
+    `Rows` of a fused original-layout module)."""
+    index: dict[str, dict[str, Target]] = {}
+    for comp in (*DENOISERS, "text_encoder", "text_encoder_2", "text_encoder_3"):
+        model = getattr(pipe, comp, None)
+        if model is None or not hasattr(model, "named_modules"):
+            continue
+        key = "denoiser" if comp in DENOISERS else comp
+        if key not in index:
+            index[key] = dict(_flat_names(comp, model))
+        name = type(model).__name__
+        if comp == "transformer" and name.startswith("Flux") and not name.startswith("Flux2"):
+            index[key].update(_flux_bfl_names(model))
+    return index
+
+
+def module_path(index: dict[str, dict[str, Target]], module_key: str) -> Target | None:
+    """The pipeline module path (or fused `Rows`) of a file's module key (kohya, LDM, BFL, diffusers or peft
+    naming); None if absent."""
+    comp, flat = component_of(module_key)
+    return index.get(comp, {}).get(flat)

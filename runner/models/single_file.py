@@ -170,3 +170,10 @@ def export_single_file(pipe_or_dir: Any, dest: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return dest
+
+
+def ldm_module_name(path: str, rules: list[Rule]) -> str | None:
+    """The LDM name of a diffusers module path (`down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in`
+    for SD 1.x) under `unet_rules(config)`; None when it has none."""
+    new = _rename(path + ".weight", rules)
+    return new[: -len(".weight")] if new else None

@@ -66,8 +66,9 @@ def infotext(rec: dict[str, Any]) -> str:
         "Model": rec["model"]["name"],
         "Clip skip": rec.get("clip_skip") if (rec.get("clip_skip") or 1) > 1 else None,
     }
-    if rec.get("loras"):
-        fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo['sha256'][:12]}" for lo in rec["loras"])
+    if rec.get("loras"):  # A1111 writes AutoV3 (the safetensors payload's sha256), as Civitai looks it up
+        fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo.get('autov3') or lo['sha256'][:12]}"
+                                          for lo in rec["loras"])
         fields["Lora weights"] = ", ".join(f"{lo['name']}: {lo['scale']:g}" for lo in rec["loras"])
     fields["Version"] = f"t2i-runner {rec['versions'].get('t2i-runner', '')}".strip()
     tail = ", ".join(f"{k}: {quote(str(v))}" for k, v in fields.items() if v is not None)

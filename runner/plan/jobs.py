@@ -11,11 +11,12 @@ from functools import cached_property
 
 from ..common.paths import slug
 from ..config import LoraSpec, RunSpec, lora_name
+from ..config.blocks import BlockSpec, spec_label
 
 KEY_VERSION = 2
 RANDOM_SEED = -1  # in `seeds`: draw one from the run seed
-AXES = ("prompt", "seed", "lora_set", "lora_scale", "steps", "guidance_scale", "scheduler", "width", "height",
-        "clip_skip", "schedule", "true_cfg_scale", "max_sequence_length")
+AXES = ("prompt", "seed", "lora_set", "lora_scale", "lora_blocks", "steps", "guidance_scale", "scheduler",
+        "width", "height", "clip_skip", "schedule", "true_cfg_scale", "max_sequence_length")
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,23 @@ class ImageJob:
     true_cfg_scale: float | None = None  # families with true CFG (Flux.1, Qwen-Image); None = not used
     max_sequence_length: int | None = None  # None = the pipeline's own
     model_index: int = 0  # position in the run's model axis (the outermost loop)
+    lora_blocks: BlockSpec | None = None  # the swept block weights (`lora_blocks`); None = not swept / no LoRA
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:
         """The weight given to each adapter of the set: its own scale times the swept multiplier."""
         mult = 1.0 if self.lora_scale is None else self.lora_scale
         return tuple(s.scale * mult for s in self.loras)
+
+    @property
+    def adapter_blocks(self) -> tuple[BlockSpec | None, ...]:
+        """The block weights of each adapter: its own `blocks`, else the swept `lora_blocks` value."""
+        return tuple(s.blocks if s.blocks is not None else self.lora_blocks for s in self.loras)
+
+    @property
+    def blocks_label(self) -> str | None:
+        """The swept block weights as text (`INS`, `1,0,0.5,…`); None when not swept."""
+        return spec_label(self.lora_blocks)
 
     @cached_property
     def key(self) -> str:
@@ -66,7 +78,8 @@ class ImageJob:
              # families with true CFG / a sequence length only: absent otherwise, so SD keys stay as they were
              **({"true_cfg": self.true_cfg_scale} if self.true_cfg_scale is not None else {}),
              **({"max_seq": self.max_sequence_length} if self.max_sequence_length is not None else {}),
-             "loras": [[i, w] for i, w in zip(ids, self.adapter_weights, strict=True)]},
+             "loras": [[i, w] + ([spec_label(b)] if b is not None else [])
+                       for i, w, b in zip(ids, self.adapter_weights, self.adapter_blocks, strict=True)]},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -76,7 +89,8 @@ class ImageJob:
         """Images with equal group keys can share one pipeline call."""
         return (self.model_index, self.lora_set, self.lora_scale, self.scheduler or "", self.steps,
                 -1.0 if self.guidance_scale is None else self.guidance_scale, self.width or 0, self.height or 0,
-                self.clip_skip or 0, self.schedule or "", self.true_cfg_scale or 0.0, self.max_sequence_length or 0)
+                self.clip_skip or 0, self.schedule or "", self.true_cfg_scale or 0.0, self.max_sequence_length or 0,
+                self.blocks_label or "")
 
     @property
     def set_label(self) -> str:
@@ -90,7 +104,8 @@ class ImageJob:
         if not self.loras:
             return "nolora"
         label = "+".join(slug(lora_name(s), 20) for s in self.loras)
-        return label if self.lora_scale in (None, 1.0) else f"{label}@{self.lora_scale:g}"
+        label = label if self.lora_scale in (None, 1.0) else f"{label}@{self.lora_scale:g}"
+        return label if self.lora_blocks is None else f"{label}-{slug(self.blocks_label or '', 24)}"
 
     def filename(self, number: int) -> str:
         """The file name of this image as number `number` of its run dir (numbers are never reused)."""
@@ -107,6 +122,8 @@ class ImageJob:
             return self.prompt
         if axis == "lora_set":
             return self.set_label
+        if axis == "lora_blocks":
+            return self.blocks_label
         return getattr(self, axis)
 
 
@@ -137,20 +154,21 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
         seeds = draw_seeds(seeds, run_seed)
     jobs: list[ImageJob] = []
     combos = itertools.product(
-        enumerate(spec.prompts), seeds, enumerate(spec.lora_sets), spec.lora_scales, spec.steps,
+        enumerate(spec.prompts), seeds, enumerate(spec.lora_sets), spec.lora_scales, spec.lora_blocks, spec.steps,
         spec.guidance_scale, spec.scheduler, spec.width, spec.height, spec.clip_skip, spec.schedule,
         spec.true_cfg_scale, spec.max_sequence_length,
     )
     seen: set[tuple] = set()
-    for (pi, p), seed, (li, loras), mult, steps, cfg, sched, w, h, skip, schedule, tcfg, seq in combos:
+    for (pi, p), seed, (li, loras), mult, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq in combos:
         scale = mult if loras else None
-        ident = (pi, seed, li, scale, steps, cfg, sched, w, h, skip, schedule, tcfg, seq)
-        if ident in seen:  # the no-LoRA set is generated once, whatever the multipliers
+        blocks = blocks if loras else None
+        ident = (pi, seed, li, scale, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq)
+        if ident in seen:  # the no-LoRA set is generated once, whatever the multipliers and blocks
             continue
         seen.add(ident)
         ids = tuple(lora_ids[li]) if lora_ids is not None else ()
         jobs.append(ImageJob(start + len(jobs), pi, p.prompt, p.negative_prompt, seed, steps, cfg, w, h, sched, li,
-                             loras, scale, model_key, skip, schedule, ids, tcfg, seq, model_index))
+                             loras, scale, model_key, skip, schedule, ids, tcfg, seq, model_index, blocks))
     return jobs
 
 
@@ -181,7 +199,9 @@ def batches(jobs: Iterable[ImageJob], batch_size: int) -> Iterator[list[ImageJob
     groups: dict[tuple, list[ImageJob]] = {}
     for job in jobs:
         groups.setdefault(job.group_key, []).append(job)
-    for key in sorted(groups, key=_group_order):
+    # model, LoRA set and multiplier first (fewest switches), then plan order: files are numbered as they are
+    # made, and grids show values in the order files first show them
+    for key in sorted(groups, key=lambda k: (*_group_order(k)[:3], groups[k][0].index)):
         group = groups[key]
         for start in range(0, len(group), batch_size):
             yield group[start : start + batch_size]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,8 @@ def record_config(rec: dict) -> dict:
     mult = 1.0 if rec.get("lora_scale") is None else rec["lora_scale"]
     scales, mult = _unscale([lo["scale"] for lo in loras], mult)
     out["lora_sets"] = [[{"source": lo["source"], "weight_name": lo.get("weight_name"), "scale": s,
-                          "name": lo["name"]} for lo, s in zip(loras, scales, strict=True)]]
+                          "name": lo["name"], **({"blocks": lo["blocks"]} if lo.get("blocks") else {})}
+                         for lo, s in zip(loras, scales, strict=True)]]
     out["lora_scales"] = [mult]
     out["device"] = str(rec.get("device") or "auto").split(":")[0]
     out["batch_invariant"] = bool(rec.get("batch_invariant"))
@@ -131,25 +133,58 @@ def _check_model(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
                   strict)
 
 
-def _check_loras(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
-    from ..lora.files import resolve_lora
+def _check_loras(img: str, rec: dict, spec: RunSpec, strict: bool) -> RunSpec:
+    """Each recorded LoRA must resolve with its recorded sha256; a file that moved is found in `lora_dirs`."""
+    from ..lora.files import find_in_lora_dirs, resolve_lora
 
-    for lo in rec.get("loras") or []:
+    loras = list(spec.lora_sets[0]) if spec.lora_sets else []
+    for i, lo in enumerate(rec.get("loras") or []):
         try:
             spec_ = LoraSpec(lo["source"], lo.get("weight_name"), 1.0, lo["name"])
             got = resolve_lora(spec_, spec.allow_pickle_lora)
         except ConfigError as exc:
-            raise ConfigError(f"{img} used LoRA {lo['name']!r}, which is not available here ({exc}); give "
-                              "lora_sets=... to use others") from exc
+            found = find_in_lora_dirs(spec.lora_dirs, lo["name"], lo["sha256"]) if spec.lora_dirs else None
+            if found is None:
+                where = f"lora_dirs ({', '.join(spec.lora_dirs)})" if spec.lora_dirs else "no lora_dirs given"
+                raise ConfigError(f"{img} used LoRA {lo['name']!r}, which is not available here ({exc}; {where}); "
+                                  "give lora_dirs=[FOLDER] or lora_sets=... to use others") from exc
+            log.info("LoRA %r of %s found in lora_dirs: %s", lo["name"], img, found)
+            if i < len(loras):
+                loras[i] = dataclasses.replace(loras[i], source=str(found), weight_name=None)
+            continue
         if got.sha256 != lo["sha256"]:
             _complain(f"LoRA {lo['name']!r} ({got.file}) has sha256 {got.sha256[:12]}…, but {img} was made "
                       f"with {lo['sha256'][:12]}…", strict)
+    if not loras:
+        return spec
+    return dataclasses.replace(spec, lora_sets=(tuple(loras), *spec.lora_sets[1:]))
+
+
+_LORA_TAG = re.compile(r"<lora:([^:>]+):([-+]?\d*\.?\d+)")  # A1111 writes a LoRA's weight in the prompt
+
+
+def foreign_loras(rec: dict, dirs: Sequence[str]) -> list[dict]:
+    """The LoRA set of an image that names its LoRAs only by name and hash (A1111's `Lora hashes`: AutoV3, or
+    AutoV2/full SHA-256): each file found in `dirs`, its weight from the record or the prompt's `<lora:…>` tag."""
+    from ..lora.files import find_in_lora_dirs
+
+    tags = {m.group(1): float(m.group(2)) for m in _LORA_TAG.finditer(str(rec.get("prompt") or ""))}
+    out = []
+    for lo in rec.get("loras") or []:
+        found = find_in_lora_dirs(dirs, lo.get("name"), lo.get("sha256"))
+        if found is None:
+            raise ConfigError(f"LoRA {lo.get('name')!r} (hash {lo.get('sha256')}) is not in lora_dirs "
+                              f"({', '.join(dirs)}); add the folder that holds it, or give lora_sets=[[...]]")
+        scale = lo.get("scale") if lo.get("scale") is not None else tags.get(lo.get("name"), 1.0)
+        out.append({"source": str(found), "name": lo["name"], "scale": scale})
+    return out
 
 
 def _check_foreign(img: str, rec: dict, given: set[str], strict: bool) -> None:
     if rec.get("loras") and "lora_sets" not in given:
         names = ", ".join(lo["name"] for lo in rec["loras"])
-        _complain(f"{img} used LoRAs known only by name and hash ({names}); give lora_sets=[[...]]", strict)
+        _complain(f"{img} used LoRAs known only by name and hash ({names}); give lora_dirs=[FOLDER] (searched by "
+                  "name and hash) or lora_sets=[[...]]", strict)
     if "model" not in given and "model.id" not in given:
         log.warning("%s was made with model %r (hash %s) elsewhere; using model.id from the config", img,
                     rec["model"].get("name"), rec["model"].get("hash"))
@@ -174,15 +209,20 @@ def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpe
     for key in sorted(given):
         value = OmegaConf.select(cfg, key, default=None)
         OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    dirs = [str(d) for d in (OmegaConf.select(merged, "lora_dirs", default=None) or [])]
+    foreign = rec.get("source_format") == FOREIGN
+    if foreign and rec.get("loras") and dirs and "lora_sets" not in given:
+        OmegaConf.update(merged, "lora_sets", [foreign_loras(rec, dirs)], merge=False, force_add=True)
+        given = given | {"lora_sets"}  # the image's LoRAs, found by hash: nothing to warn about
     spec = validate(merged)
     strict = bool(cfg.get("strict", True))
-    if rec.get("source_format") == FOREIGN:
+    if foreign:
         _check_foreign(img, rec, given, strict)
     else:
         if not given & {"model", "model.id", "model.revision"}:
             _check_model(img, rec, spec, strict)
         if "lora_sets" not in given:
-            _check_loras(img, rec, spec, strict)
+            spec = _check_loras(img, rec, spec, strict)
         if "device" not in given:
             from ..models.source import resolve_device
 

@@ -208,15 +208,22 @@ def describe_grid(info: dict[str, Any], path: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: print each image's record (human-readable, or JSON with --json); for a grid, its
-    `t2i-grid` description."""
-    parser = argparse.ArgumentParser(prog="t2i-inspect", description="Show how an image was generated.")
-    parser.add_argument("images", nargs="+", metavar="IMG", help="PNG (or A1111 JPEG/WebP) file, or a grid PNG")
+    """Console entry point: print each image's record, or what a weights file is (human-readable or --json); for a
+    grid, its `t2i-grid` description."""
+    from ..common.paths import WEIGHT_EXT
+    from .weights import describe_weights, weights_record
+
+    parser = argparse.ArgumentParser(prog="t2i-inspect", description="Show how an image was generated, or what a "
+                                     "LoRA / LyCORIS / checkpoint file is.")
+    parser.add_argument("images", nargs="+", metavar="FILE", help="PNG (or A1111 JPEG/WebP) image, a grid PNG, or a "
+                        ".safetensors LoRA/LyCORIS/checkpoint file")
     parser.add_argument("--json", action="store_true", help="print the full JSON record")
     args = parser.parse_args(argv)
     try:
-        grids = [read_grid(p) for p in args.images]
-        records = [g if g is not None else read_record(p) for g, p in zip(grids, args.images, strict=True)]
+        weights = [p.endswith(WEIGHT_EXT) for p in args.images]
+        grids = [None if w else read_grid(p) for w, p in zip(weights, args.images, strict=True)]
+        records = [weights_record(p) if w else g if g is not None else read_record(p)
+                   for w, g, p in zip(weights, grids, args.images, strict=True)]
     except ConfigError as exc:
         print(f"t2i-inspect: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -224,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         data = records[0] if len(records) == 1 else records
         print(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True))
     else:
-        print("\n\n".join(describe_grid(r, p) if g is not None else describe(r, p)
-                           for r, g, p in zip(records, grids, args.images, strict=True)))
+        print("\n\n".join(describe_weights(r) if w else describe_grid(r, p) if g is not None else describe(r, p)
+                           for r, w, g, p in zip(records, weights, grids, args.images, strict=True)))
     return 0
 
 

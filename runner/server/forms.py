@@ -22,7 +22,7 @@ from ..common.errors import ConfigError
 from ..common.paths import is_hub_id
 from ..config import MAX_SEED, LoraSpec, ModelConfig, RunSpec, lora_name, validate
 from ..config.validate import model_group, string_list
-from ..lora.files import resolve_loras
+from ..lora.files import GLOB_CHARS, checkpoint_files, resolve_loras
 from ..models.tiny import TINY_ID
 from ..run import plan_models
 
@@ -161,6 +161,11 @@ def check_lora_access(spec: LoraSpec, server: DictConfig) -> None:
     if not all(_inside(f, roots) for f in files):
         raise FormError(403, f"LoRA path {src!r} is outside the folders this server allows "
                              "(server.allowed_lora_dirs)")
+    # one request, one file: a glob or a folder of checkpoints (the CLI's epoch axis) could reach files the
+    # check above never saw (symlinks), and would multiply the request's images
+    if any(c in src for c in GLOB_CHARS) or checkpoint_files(spec) is not None:
+        raise FormError(422, f"LoRA source {src!r} names several files (a glob or a folder of checkpoints); give "
+                             "one file, or the folder and its weight_name")
 
 
 def _loras(req: JobRequest, server: DictConfig) -> list[dict]:
