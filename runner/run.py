@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -214,14 +215,17 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
         bar = tqdm(total=len(jobs), initial=result.skipped, unit="img", disable=not progress, dynamic_ncols=True)
         viewer, thumbs = _viewer(spec, out, run_dir.done.values(), len(jobs), result.skipped)
 
-        def finished(entry: dict) -> None:
-            result.generated += 1
-            result.entries.append(entry)
-            bar.update(1)
-            if viewer is not None:
-                viewer.add(entry)
-            if on_image is not None:
-                on_image(entry)
+        lock = threading.Lock()
+
+        def finished(entry: dict) -> None:  # called by the writer threads: one at a time
+            with lock:
+                result.generated += 1
+                result.entries.append(entry)
+                bar.update(1)
+                if viewer is not None:
+                    viewer.add(entry)
+                if on_image is not None:
+                    on_image(entry)
 
         # 5. Generate model by model (each loaded once, the previous one released), a claimed batch at a time
         writer = ImageWriter(run_dir, threads=spec.perf.writer_threads, on_done=finished, after_save=thumbs)
