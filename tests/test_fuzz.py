@@ -128,13 +128,17 @@ def api(tmp_path_factory: pytest.TempPathFactory):
 def _checker(operation: Any, statuses: list[int]):
     from hypothesis import Phase
 
+    # a 5xx the operation documents is its answer (A1111's img2img: 501, this server is text-to-image only)
+    documented = {str(k) for k in (operation.definition.raw.get("responses") or {})}
+
     @settings(max_examples=30, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
               suppress_health_check=list(HealthCheck))
     @given(operation.as_strategy())
     def check(case: Any) -> None:
         resp = case.call()
         statuses.append(resp.status_code)
-        assert resp.status_code < 500, f"{operation.label}: {resp.status_code} {resp.text[:300]}"
+        assert resp.status_code < 500 or str(resp.status_code) in documented, \
+            f"{operation.label}: {resp.status_code} {resp.text[:300]}"
 
     return check
 

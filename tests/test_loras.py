@@ -169,7 +169,6 @@ def test_inactive_adapters_are_not_computed(
     from diffusers import StableDiffusionPipeline
 
     from runner.generate.batch import generate
-    from runner.plan import expand
 
     res = run(make_cfg(tiny_dir, lora_sets=[[lora_a], [lora_b]]), tmp_path / "r", progress=False)
     b_img = images(res, tmp_path / "r")[(1, 1.0, 1)]
@@ -187,23 +186,33 @@ def test_inactive_adapters_are_not_computed(
     )
     fresh.set_progress_bar_config(disable=True)
     AdapterManager(fresh).activate((b,), (1.0,))
-    job = next(j for j in expand(validate(make_cfg(tiny_dir, lora_sets=[[lora_b]]))))
+    job = planned(make_cfg(tiny_dir, lora_sets=[[lora_b]]))[0]
     assert np.array_equal(np.asarray(generate(fresh, [job], True)[0].convert("RGB")), b_img)
 
 
 def test_weight_zero_member_of_a_set_adds_nothing(tiny_dir: Path, lora_a: dict, lora_b: dict) -> None:
     from runner.generate.batch import generate
-    from runner.plan import expand
 
     mgr = manager(tiny_dir)
     pipe = loaded_model(tiny_dir).pipe
     a, b = resolved(lora_a), resolved(lora_b)
-    job = expand(validate(make_cfg(tiny_dir)))[0]
+    job = planned(make_cfg(tiny_dir))[0]
     mgr.activate((b,), (1.0,))  # B last ran at full weight
     mgr.activate((a,), (1.0,))
     alone = np.asarray(generate(pipe, [job], True)[0])
     mgr.activate((a, b), (1.0, 0.0))
     assert np.array_equal(np.asarray(generate(pipe, [job], True)[0]), alone)
+
+
+def planned(cfg) -> list:
+    """The images of `cfg` as run() plans them: with the model's resolved settings (guidance, steps ...)."""
+    from runner.lora.files import resolve_loras
+    from runner.plan import expand
+    from runner.run import plan_models
+
+    spec = validate(cfg)
+    (plan,) = plan_models(spec, resolve_loras(spec))
+    return expand(plan.spec, plan.key)
 
 
 def _tuner_layers(pipe) -> list:

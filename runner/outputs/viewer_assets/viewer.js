@@ -754,10 +754,12 @@
     if (m.kind === "builtin") id = "builtin:tiny";
     out.push(["model.id", id], ["model.revision", m.kind === "hub" ? m.revision : null],
       ["model.pipeline", PIPELINES[m.pipeline] || "auto"], ["model.dtype", DTYPES[m.dtype] || "auto"],
-      ["model.variant", m.variant === undefined ? null : m.variant], ["model.config", m.config === undefined ? null : m.config]);
+      ["model.variant", m.variant === undefined ? null : m.variant], ["model.config", m.config === undefined ? null : m.config],
+      ["model.transformer", m.transformer === undefined ? null : m.transformer],
+      ["model.family", null]);  // a default group's `settings` stay, but the record's own values below win
     out.push(["prompts", [rec.prompt || ""]], ["negative_prompt", rec.negative_prompt || ""]);
     if (rec.seed !== null && rec.seed !== undefined) out.push(["seeds", {raw: "[" + String(rec.seed) + "]"}]);
-    for (const k of ["steps", "guidance_scale", "width", "height", "clip_skip"]) {
+    for (const k of ["steps", "guidance_scale", "width", "height", "clip_skip", "true_cfg_scale", "max_sequence_length"]) {
       if (rec[k] !== null && rec[k] !== undefined) out.push([k, rec[k]]);
     }
     out.push(["scheduler", rec.scheduler === undefined ? null : rec.scheduler]);
@@ -765,10 +767,14 @@
     if (rec.threads && String(rec.device).startsWith("cpu")) out.push(["threads", rec.threads]); // CPU rounding
     const loras = rec.loras || [];
     const [scales, mult] = unscale(loras.map((lo) => lo.scale), rec.lora_scale === null || rec.lora_scale === undefined ? 1.0 : rec.lora_scale);
-    out.push(["lora_sets", [loras.map((lo, k) => ({source: lo.source, weight_name: lo.weight_name === undefined ? null : lo.weight_name, scale: scales[k], name: lo.name}))]]);
+    out.push(["lora_sets", [loras.map((lo, k) => ({source: lo.source, weight_name: lo.weight_name === undefined ? null : lo.weight_name, scale: scales[k], name: lo.name, ...(lo.blocks ? {blocks: lo.blocks} : {})}))]]);
     out.push(["lora_scales", [mult]]);
     out.push(["device", String(rec.device || "auto").split(":")[0]]);
     out.push(["batch_invariant", !!rec.batch_invariant]);
+    if (rec.memory) for (const k of ["offload", "vae_tiling", "vae_slicing", "attention_slicing"]) {
+      if (k in rec.memory) out.push(["memory." + k, rec.memory[k]]);  // they change pixels slightly: reuse them
+    }
+    out.push(["models", {raw: "[]"}]);  // the image's own model, not a model axis
     if (rec.perf) for (const k of ["channels_last", "fuse_qkv", "fuse_lora", "compile"]) out.push(["perf." + k, !!rec.perf[k]]);
     return out;
   }
