@@ -18,7 +18,7 @@ SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "wid
             "schedule", "clip_skip", "perf", "true_cfg_scale", "max_sequence_length", "memory")
 SPECIAL = ("loras", "model", "device", "threads", "batch_size", "batch_invariant")
 DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_set_name",
-           "lora_scale", "key", "file", "index")
+           "lora_scale", "lora_blocks", "key", "file", "index")  # lora_blocks: the swept label; loras hold each one
 # `file`, `index`, `created` and `adopted` are in manifest lines only (the PNG holds no run-dir facts)
 PROVENANCE = ("record_version", "generator", "versions", "created", "adopted", "faults", "reproduced", "run_seed")
 

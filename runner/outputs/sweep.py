@@ -103,6 +103,10 @@ class SweepManifest(Callback):
     def __init__(self) -> None:
         self._watchers: dict[int, Any] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # submitit pickles the job (callbacks included) to requeue it: a watcher's thread and lock stay behind
+        return {**self.__dict__, "_watchers": {}}
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if _viewer_on(config):
             from .viewer import start_sweep
