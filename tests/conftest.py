@@ -38,6 +38,16 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Flux.1 model folder written by `t2i-tiny --family flux1`."""
+    from runner.models.tiny import main as tiny_main
+
+    model_dir = tmp_path_factory.mktemp("tiny-flux") / "flux1"
+    assert tiny_main([str(model_dir), "--family", "flux1"]) == 0
+    return model_dir
+
+
+@pytest.fixture(scope="session")
 def lora_a(tiny_dir: Path) -> dict:
     """The diffusers-format example LoRA (non-default weight_name)."""
     return {"source": str(tiny_dir / "loras" / "tiny_style"), "weight_name": "tiny_style.safetensors", "name": "A"}

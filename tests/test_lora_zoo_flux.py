@@ -43,14 +43,12 @@ def loha(out_features: int, in_features: int, g: torch.Generator) -> tuple[dict[
 
 
 @pytest.fixture(scope="module")
-def flux(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def flux(tiny_flux_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The tiny Flux.1 model and a LoHa file for it in kohya's Flux names, with the delta of each diffusers module."""
     from runner.models.loading import load_model
-    from runner.models.tiny import main as tiny_main
 
     root = tmp_path_factory.mktemp("flux-loha")
-    model_dir = root / "flux1"
-    assert tiny_main([str(model_dir), "--family", "flux1"]) == 0
+    model_dir = tiny_flux_dir
     tr = load_model(validate(cfg(model_dir)).model, "cpu").pipe.transformer
     inner = tr.transformer_blocks[0].attn.to_q.weight.shape[0]
     mlp = tr.single_transformer_blocks[0].proj_mlp.weight.shape[0]

@@ -187,6 +187,29 @@ def from_a1111(sampler: str, schedule_type: str | None) -> tuple[str | None, str
     return scheduler, schedule, lost
 
 
+# A1111/Forge Schedule types that, on a flow-matching model, are the pipeline's own evenly spaced sigmas
+FLOW_OWN_SCHEDULES = ("uniform", "sgm_uniform")  # "Uniform", "Normal", "Simple", "SGM Uniform"
+
+
+def for_flow(scheduler: str | None, schedule: str | None) -> tuple[str | None, str | None, list[str]]:
+    """An imported (A1111, Forge, ComfyUI) sampler on a flow-matching model: those tools call flow Euler "Euler",
+    so the SD row becomes the flow row with the same A1111 name, and an evenly spaced schedule is the model's own.
+    Returns (scheduler, schedule, what has no equivalent). Only for settings read from elsewhere: a `scheduler=`
+    the user writes is checked against the family as written (models/families.check)."""
+    if scheduler is None or is_flow(scheduler):
+        return scheduler, schedule, []
+    label = SCHEDULER_TABLE[scheduler].a1111
+    flows = [n for n, s in SCHEDULER_TABLE.items() if is_flow(n) and s.a1111 == label]
+    if not flows:
+        lost = [f"Sampler: {label}"] + ([f"Schedule type: {SCHEDULE_TABLE[schedule].a1111}"] if schedule else [])
+        return None, None, lost
+    if schedule in FLOW_OWN_SCHEDULES:
+        schedule = None
+    if schedule is not None and check_pair(flows[0], schedule):
+        return flows[0], None, [f"Schedule type: {SCHEDULE_TABLE[schedule].a1111} with {label} on a flow model"]
+    return flows[0], schedule, []
+
+
 def a1111_schedule_types() -> dict[str, str]:
     """A1111's Schedule types this runner can run, as its API names them (`karras`, `sgm_uniform`, `automatic`)
     -> its labels (`Karras`, `SGM Uniform`, `Automatic`): what `from_a1111` reads."""

@@ -51,15 +51,17 @@ def _cfg(value: float | None) -> str | None:
 
 def infotext(rec: dict[str, Any]) -> str:
     """A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value, …`."""
+    distilled = rec.get("guidance_scale") is not None and (
+        rec.get("true_cfg_scale") is not None or (rec.get("model") or {}).get("family") == "flux1")
     fields: dict[str, Any] = {
         "Steps": rec["steps"],
         "Sampler": rec["sampler"],
         "Schedule type": rec.get("schedule_type"),
-        # Forge's convention for guidance-distilled models: CFG scale = the real (true) CFG, the distilled
-        # guidance apart; Qwen-Image's CFG is its true_cfg_scale
+        # Forge's convention for guidance-distilled models (Flux.1): CFG scale = the real (true) CFG, 1 when off,
+        # the distilled guidance apart; Qwen-Image's CFG is its true_cfg_scale
         "CFG scale": _cfg(rec.get("true_cfg_scale") if rec.get("true_cfg_scale") is not None
-                          else rec.get("guidance_scale")),
-        "Distilled CFG Scale": _cfg(rec.get("guidance_scale")) if rec.get("true_cfg_scale") is not None else None,
+                          else 1.0 if distilled else rec.get("guidance_scale")),
+        "Distilled CFG Scale": _cfg(rec.get("guidance_scale")) if distilled else None,
         "Seed": rec["seed"],
         "Size": f"{rec['width']}x{rec['height']}",
         "Model hash": rec["model"]["hash"][:10] if rec["model"].get("hash") else None,

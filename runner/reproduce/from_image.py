@@ -197,6 +197,34 @@ def _check_foreign(img: str, rec: dict, given: set[str], strict: bool) -> None:
                                                        " with its default schedule"))
 
 
+def _for_family(merged: DictConfig, rec: dict, img: str, given: set[str]) -> None:
+    """An A1111/Forge/ComfyUI image's settings on the model they run on now, read as those tools read them there:
+    on a flow-matching model (Flux, SD3, …) their "Euler" is flow Euler (config/schedulers.for_flow); on a
+    guidance-distilled one (Flux.1) Forge's "Distilled CFG Scale" is the guidance and "CFG scale" the real CFG
+    (Forge writes both for every model, so only the model can tell)."""
+    from ..config.schedulers import for_flow
+    from ..models.families import G_DISTILLED
+    from ..models.info import model_info
+
+    info = model_info(validate(merged).model)
+    distilled = (rec.get("ignored") or {}).get("Distilled CFG Scale")
+    if info.traits.guidance == G_DISTILLED and distilled is not None and not given & {"guidance_scale",
+                                                                                      "true_cfg_scale"}:
+        cfg = rec.get("guidance_scale")
+        rec["ignored"].pop("Distilled CFG Scale")  # used: not in the "ignored" warning
+        OmegaConf.update(merged, "guidance_scale", float(distilled), merge=False, force_add=True)
+        if cfg not in (None, 1.0):
+            OmegaConf.update(merged, "true_cfg_scale", cfg, merge=False, force_add=True)
+    if not info.family.flow or not rec.get("scheduler") or given & {"scheduler", "schedule"}:
+        return
+    scheduler, schedule, lost = for_flow(rec["scheduler"], rec.get("schedule"))
+    OmegaConf.update(merged, "scheduler", scheduler, merge=False, force_add=True)
+    OmegaConf.update(merged, "schedule", schedule, merge=False, force_add=True)
+    if lost:
+        log.warning("%s: no flow-matching equivalent for %s; using %s", img, "; ".join(lost),
+                    f"scheduler={scheduler}" if scheduler else "the model's own scheduler")
+
+
 def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpec:
     """The RunSpec of `t2i from_image=IMG ...`: the image's settings, then the user's own overrides on top."""
     img = str(cfg.from_image)
@@ -214,6 +242,8 @@ def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpe
     if foreign and rec.get("loras") and dirs and "lora_sets" not in given:
         OmegaConf.update(merged, "lora_sets", [foreign_loras(rec, dirs)], merge=False, force_add=True)
         given = given | {"lora_sets"}  # the image's LoRAs, found by hash: nothing to warn about
+    if foreign:
+        _for_family(merged, rec, img, given)
     spec = validate(merged)
     strict = bool(cfg.get("strict", True))
     if foreign:

@@ -34,6 +34,7 @@ from ..config.schedulers import (
     SCHEDULE_TABLE,
     SCHEDULER_TABLE,
     a1111_schedule_types,
+    for_flow,
     from_a1111,
 )
 from ..config.validate import string_list
@@ -284,6 +285,23 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
                                         f"{', '.join(valid)}") from exc
         return mid
 
+    flows: dict[str, bool] = {}
+
+    def on_flow(mid: str) -> bool:
+        """Whether model `mid` is flow-matching (read before loading, once per model)."""
+        if mid not in flows:
+            from ..config import ModelConfig
+            from ..config.validate import model_group
+            from ..models.info import model_info
+
+            model = OmegaConf.to_container(cfg.model, resolve=True) if mid == cfg.model.id else \
+                model_group(mid) or {"id": mid, "dtype": cfg.model.dtype}
+            try:
+                flows[mid] = model_info(ModelConfig(**model)).family.flow
+            except ConfigError:  # the run reports it in its own words
+                flows[mid] = False
+        return flows[mid]
+
     def check_clip_skip(value: Any, field: str) -> int:
         try:
             spec = validate(OmegaConf.merge(cfg, {"clip_skip": value}))
@@ -313,6 +331,12 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
             raise FormError(422, "prompt is empty; give some text")
         scheduler, schedule = sampler_pair(req)
         mid, clip = settings(req)
+        if on_flow(mid):  # A1111/Forge's "Euler" on Flux & co. is flow Euler
+            scheduler, schedule, lost = for_flow(scheduler, schedule)
+            if lost:
+                raise FormError(422, f"sampler_name={req.sampler_name or req.sampler_index or 'Euler'!r} with "
+                                     f"scheduler={req.scheduler!r} has no flow-matching equivalent on {mid} "
+                                     f"({'; '.join(lost)}); use Euler with Automatic, Simple or Normal")
         # 2. The shared rules: limits, allowed models, validation (error messages in A1111's field names)
         job = JobRequest(modelid=mid, text_prompt=req.prompt, total_nm_img_prompt=req.batch_size * req.n_iter,
                          inference_steps=req.steps, guidance_scale=req.cfg_scale,
