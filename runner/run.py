@@ -17,8 +17,9 @@ from .config import RunSpec, validate
 from .config.validate import SETTING_KEYS
 from .generate import faults
 from .generate.sizing import BatchSizer
+from .lora.tags import resolve_tags
 from .outputs.record import build_record, perf_record, summary_note
-from .plan import RANDOM_SEED, expand, shard
+from .plan import RANDOM_SEED, expand, shard, with_prompt_loras
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,14 @@ def _warn_long_prompts(loaded: Any, spec: RunSpec) -> None:
 
     if loaded.family is None or loaded.family.max_sequence is not None:
         return  # T5/Qwen text encoders read max_sequence_length tokens, not CLIP's 77
+    if spec.prompt_syntax == "a1111" and loaded.family.is_sd:
+        return  # A1111's 75-token chunks: every token counts
     for i, p in enumerate(spec.prompts):
         for text in (p.prompt, p.negative_prompt):
             n = prompt_tokens(loaded.pipe, text) if text else 0
             if n > 77:
-                log.warning("prompts[%d] is %d tokens; CLIP reads only the first 77, the rest is ignored", i, n)
+                log.warning("prompts[%d] is %d tokens; CLIP reads only the first 77, the rest is ignored "
+                            "(prompt_syntax=a1111 reads them all)", i, n)
 
 
 def _viewer(spec: RunSpec, out: Path, done: Iterable[dict], planned: int, skipped: int):
@@ -156,6 +160,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
 
     # 1. Check inputs before anything loads: the config, the grid axes, random seeds, a writable run dir
     spec = expand_checkpoints(cfg if isinstance(cfg, RunSpec) else validate(cfg))  # a glob: one set per file
+    spec = with_prompt_loras(resolve_tags(spec))  # <lora:…> tags: found in lora_dirs, combined with lora_sets
     if spec.grid.enabled:
         from .outputs.grid import check_axes
 
@@ -348,6 +353,8 @@ class _Batches:
                                made.image.height, made.batch_size, self.invariant, plan.config_hash)
             if self.run_seed is not None:
                 rec["run_seed"] = self.run_seed
+            if self.spec.prompt_seed is not None:
+                rec["prompt_seed"] = self.spec.prompt_seed
             if "compare" in self.spec.extra:  # from_image: compare with the original (reproduce/)
                 rec["reproduced"] = self.spec.extra["compare"](made.image, rec)
             self.writer.submit(made.image, faults.annotate(rec, made), claims[made.job.key])

@@ -179,7 +179,9 @@ def test_unicode_long_and_path_like_prompts_work(tmp_path):
     prompts = ["一只猫 🐱 café Ünïcödé", "../../x", "/etc/passwd", long_prompt]
     quoted = ",".join("'" + p.replace("'", "\\'") + "'" for p in prompts)
     out = tmp_path / "out"
-    proc = run_cli(*FAST, f"prompts=[{quoted}]", "seeds=[7]", f"hydra.run.dir={out}", cwd=tmp_path)
+    # plain: the text as CLIP gets it, cut at 77 tokens, with a warning (a1111, the default, reads every token)
+    proc = run_cli(*FAST, f"prompts=[{quoted}]", "seeds=[7]", f"hydra.run.dir={out}", "prompt_syntax=plain",
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "prompts[3] is" in proc.stdout + proc.stderr
     assert "CLIP reads only the first 77, the rest is ignored" in proc.stdout + proc.stderr

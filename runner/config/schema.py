@@ -96,6 +96,15 @@ class RunConfig:
     # list keys are typed Any so a scalar is accepted too (`seeds=1`); validate.py makes every one a list
     prompts: Any = field(default_factory=lambda: ["a photograph of an astronaut riding a horse"])
     negative_prompt: str = ""
+    # the prompt language (runner/prompt/): A1111 syntax, variants/wildcards, prompts files, Prompt S/R
+    prompt_syntax: str = "a1111"  # a1111: (weights), [less], BREAK, 75-token chunks, <lora:name:w>; plain: as is
+    prompts_file: str | None = None  # one prompt a line (# comments); replaces `prompts`
+    prompt_mode: str = "combinatorial"  # {a|b} and __wildcards__: every expansion, or `random` draws
+    prompt_count: int = 1  # prompt_mode=random: prompts drawn per template
+    prompt_seed: int = 0  # prompt_mode=random: the draws' seed (recorded)
+    max_prompts: int = 1000  # more expanded prompts is an error, not a million-image plan
+    wildcard_dirs: Any = field(default_factory=list)  # folders of __name__ files (name.txt, one value a line)
+    prompt_sr: Any = None  # A1111 Prompt S/R axis: [search, replacement, ...]
     seeds: Any = field(default_factory=lambda: [0])
     models: Any = field(default_factory=list)  # a model axis: group names, ids or {group, id, …}; [] = model
     steps: Any = None  # null = the model's default (its group's settings, else the pipeline's own)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..common.errors import ConfigError, did_you_mean, first_line
 from ..common.paths import strip_weight_ext
+from ..prompt.expand import check_sr, parse_sr
 from .blocks import BlockSpec, parse_spec
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
 from .schema import GridConfig, MemoryConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig, ViewerConfig
@@ -48,8 +49,10 @@ def lora_name(spec: LoraSpec) -> str:
 
 @dataclass(frozen=True)
 class PromptSpec:
-    prompt: str
+    prompt: str  # as sent: variants and wildcards expanded, `<lora:…>` tags still in it (they are part of it)
     negative_prompt: str
+    template: str | None = None  # as written, when variants/wildcards made `prompt` from it
+    loras: tuple[LoraSpec, ...] = ()  # its `<lora:…>` tags, found in lora_dirs (runner/lora/tags.py)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,13 @@ class RunSpec:
         return self.models or (self.model,)
     lora_blocks: tuple[BlockSpec | None, ...] = (None,)  # swept block weights (None = each adapter's own)
     lora_dirs: tuple[str, ...] = ()
+    prompt_syntax: str = "a1111"  # a1111 | plain (runner/prompt/)
+    prompt_sr: tuple[str, ...] = ()  # Prompt S/R: the search term, then the replacements (an axis)
+    prompt_seed: int | None = None  # the seed of prompt_mode=random draws (None: not drawn)
+    # set by plan.with_prompt_loras: lora_sets[:config_sets] are the config's (0: all), the rest are those sets
+    # extended by a prompt's <lora:…> tags; prompt_sets maps (prompt index, config set index) to the set used
+    config_sets: int = 0
+    prompt_sets: dict | None = None
 
 
 def _plain(value: Any) -> Any:
@@ -265,12 +275,18 @@ def _memory(mem: Any) -> MemoryConfig:
         raise ConfigError(f"memory.attention_slicing={sl!r} is not valid; valid: false, true, auto, max or a "
                           "positive slice size")
     return MemoryConfig(mem["offload"], bool(mem["vae_tiling"]), bool(mem["vae_slicing"]), sl)
+def _key(cfg: DictConfig, key: str) -> Any:
+    """`cfg.key`, or the schema's default when a config made without the schema lacks it."""
+    return cfg.get(key, getattr(RunConfig, key))
 
 
 def _prompts(cfg: DictConfig) -> tuple[PromptSpec, ...]:
+    from ..prompt import MODES, SYNTAXES, expand_prompts, read_prompts_file
+
     default_neg = cfg.negative_prompt or ""
-    out = []
-    for i, item in enumerate(_as_list("prompts", cfg.prompts)):
+    items = []
+    written = read_prompts_file(cfg.prompts_file) if cfg.get("prompts_file") else _as_list("prompts", cfg.prompts)
+    for i, item in enumerate(written):
         if isinstance(item, str):
             prompt, neg = item, default_neg
         elif isinstance(item, dict):
@@ -288,8 +304,18 @@ def _prompts(cfg: DictConfig) -> tuple[PromptSpec, ...]:
             raise ConfigError(f"prompts[{i}]={item!r} is not a string or a {{prompt, negative_prompt}} mapping")
         if not prompt.strip():
             raise ConfigError(f"prompts[{i}] is empty; give some text")
-        out.append(PromptSpec(prompt, neg))
-    return tuple(out)
+        items.append((prompt, neg))
+    syntax = _choice("prompt_syntax", _key(cfg, "prompt_syntax"), SYNTAXES)
+    mode = _choice("prompt_mode", _key(cfg, "prompt_mode"), MODES)
+    limit = _number("max_prompts", _key(cfg, "max_prompts"), int, 1, 10_000_000)
+    count = _number("prompt_count", _key(cfg, "prompt_count"), int, 1, limit)
+    seed = _number("prompt_seed", _key(cfg, "prompt_seed"), int, 0, MAX_SEED)
+    dirs = string_list("wildcard_dirs", cfg.get("wildcard_dirs"))
+    for i, d in enumerate(dirs):
+        if not Path(d).expanduser().is_dir():
+            raise ConfigError(f"wildcard_dirs[{i}]={d!r} is not an existing folder")
+    expanded = expand_prompts(items, syntax, mode, count, seed, dirs, limit)
+    return tuple(PromptSpec(p, n, None if p == t else t) for p, n, t in expanded)
 
 
 def _lora(where: str, item: Any) -> LoraSpec:
@@ -425,10 +451,14 @@ def _validate(cfg: DictConfig) -> RunSpec:
     if cfg.get("server") is not None:
         for key in ("allowed_models", "allowed_lora_dirs", "api_keys"):
             string_list(f"server.{key}", cfg.server.get(key))
+    prompts = _prompts(cfg)
+    sr = parse_sr(_plain(cfg.get("prompt_sr")))
+    check_sr(sr, [t for p in prompts for t in (p.prompt, p.negative_prompt)])
+    random_prompts = _key(cfg, "prompt_mode") == "random" and any(p.template for p in prompts)
     return RunSpec(
         model=model,
         models=models,
-        prompts=_prompts(cfg),
+        prompts=prompts,
         seeds=tuple(seeds),
         steps=setting("steps", cfg.steps),
         guidance_scale=setting("guidance_scale", cfg.guidance_scale),
@@ -459,6 +489,9 @@ def _validate(cfg: DictConfig) -> RunSpec:
         viewer=_viewer(cfg.get("viewer")),
         lora_blocks=_lora_blocks(cfg.get("lora_blocks")),
         lora_dirs=_lora_dirs(cfg.get("lora_dirs")),
+        prompt_syntax=_key(cfg, "prompt_syntax"),
+        prompt_sr=sr,
+        prompt_seed=int(_key(cfg, "prompt_seed")) if random_prompts else None,
     )
 
 

@@ -99,21 +99,29 @@ def prompt_tokens(pipe: Any, prompt: str) -> int:
     return len(tok(prompt, truncation=False).input_ids) if tok is not None else 0
 
 
-def batch_kwargs(traits: Traits, jobs: Sequence[ImageJob]) -> dict[str, Any]:
-    """The pipeline-call keywords of one batch (same settings, one image per job), mapped for its family."""
+def batch_kwargs(traits: Traits, jobs: Sequence[ImageJob], embeds: PromptEmbeds | None = None,
+                 pipe: Any = None) -> dict[str, Any]:
+    """The pipeline-call keywords of one batch (same settings, one image per job), mapped for its family. A
+    family the A1111 syntax does not apply to (text encoders not CLIP) gets the words without it."""
     first = jobs[0]
-    return call_kwargs(traits, [j.prompt for j in jobs], [j.negative_prompt for j in jobs], first.steps,
-                       first.guidance_scale, first.true_cfg_scale, first.max_sequence_length, first.clip_skip,
-                       first.width, first.height)
+    prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt for j in jobs]
+    if first.prompt_syntax == "a1111" and not traits.family.is_sd:
+        embeds = embeds or PromptEmbeds(0)
+        prompts = [embeds.plain_words(pipe, p) for p in prompts]
+        negatives = [embeds.plain_words(pipe, n) for n in negatives]
+    return call_kwargs(traits, prompts, negatives, first.steps, first.guidance_scale, first.true_cfg_scale,
+                       first.max_sequence_length, first.clip_skip, first.width, first.height)
 
 
-def _sd_text(pipe: Any, jobs: Sequence[ImageJob], embeds: PromptEmbeds | None, te_state: tuple) -> dict[str, Any]:
-    """SD-class pipelines: the prompts as (cached) embeddings, with A1111's Clip skip (prompt_embeds.py)."""
+def _sd_text(pipe: Any, jobs: Sequence[ImageJob], embeds: PromptEmbeds | None,
+             te_state: tuple) -> list[tuple[list[int], dict[str, Any]]]:
+    """SD-class pipelines: the prompts as (cached) embeddings with A1111's Clip skip and, with `prompt_syntax:
+    a1111`, its weights and chunks (prompt_embeds.py); one group of rows per embedding length."""
     first = jobs[0]
     # the pipelines' own rule for classifier-free guidance (negative prompts are encoded only when it is on)
     cfg = first.guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
-    return (embeds or PromptEmbeds(0)).call_kwargs(
-        pipe, [(j.prompt, j.negative_prompt) for j in jobs], first.clip_skip, cfg, te_state)
+    return (embeds or PromptEmbeds(0)).call_groups(
+        pipe, [(j.prompt, j.negative_prompt) for j in jobs], first.clip_skip, cfg, te_state, first.prompt_syntax)
 
 
 def _call(pipe: Any, traits: Traits, jobs: Sequence[ImageJob], invariant: bool, embeds: PromptEmbeds | None,
@@ -122,19 +130,25 @@ def _call(pipe: Any, traits: Traits, jobs: Sequence[ImageJob], invariant: bool, 
 
     from ..models.schedulers import quiet_schedulers, seed_noise
 
-    kwargs = batch_kwargs(traits, jobs)
+    kwargs = batch_kwargs(traits, jobs, embeds, pipe)
     if traits.family.is_sd:
         width, height = default_size(pipe)
         kwargs.update(width=jobs[0].width or width, height=jobs[0].height or height)
     generators = [torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs]
-    seed_noise(pipe.scheduler, [j.seed for j in jobs])
+    images: list[Any] = [None] * len(jobs)
     with batch_invariant(pipe, invariant), torch.inference_mode(), quiet_schedulers():
         if traits.family.is_sd:  # text as embeddings; clip_skip is applied while encoding
             for key in ("prompt", "negative_prompt", "clip_skip"):
                 kwargs.pop(key, None)
-            kwargs.update(_sd_text(pipe, jobs, embeds, te_state))
-        out = pipe(**kwargs, generator=generators, output_type="pil")
-    return list(out.images)
+            groups = _sd_text(pipe, jobs, embeds, te_state)
+        else:
+            groups = [(list(range(len(jobs))), {})]
+        for rows, text in groups:  # one call, unless long prompts give embeddings of several lengths
+            seed_noise(pipe.scheduler, [jobs[i].seed for i in rows])
+            out = pipe(**kwargs, **text, generator=[generators[i] for i in rows], output_type="pil")
+            for i, image in zip(rows, out.images, strict=True):
+                images[i] = image
+    return images
 
 
 def generate(pipe: Any, jobs: Sequence[ImageJob], invariant: bool, embeds: PromptEmbeds | None = None,

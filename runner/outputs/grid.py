@@ -70,6 +70,8 @@ def axis_value(entry: dict, axis: str) -> Any:
         return (entry.get("model") or {}).get("name")
     if axis == "negative_prompt":
         return entry.get("negative_prompt") or ""
+    if axis == "prompt" and entry.get("prompt_sr") is not None:
+        return entry.get("prompt_sr_base")  # the prompt before Prompt S/R: its own axis shows the value
     if axis == "lora_files":
         return "+".join(f"{lo.get('name')}:{str(lo.get('sha256'))[:10]}" for lo in entry.get("loras") or []) or "-"
     if axis == "model_build":

@@ -72,6 +72,12 @@ def infotext(rec: dict[str, Any]) -> str:
         fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo.get('autov3') or lo['sha256'][:12]}"
                                           for lo in rec["loras"])
         fields["Lora weights"] = ", ".join(f"{lo['name']}: {lo['scale']:g}" for lo in rec["loras"])
+    if rec.get("prompt_syntax") == "plain" and any(c in rec["prompt"] + rec.get("negative_prompt", "") for c in "(["):
+        fields["Emphasis"] = "None"  # A1111's name for brackets read as text
+    if rec.get("pad_conds"):
+        fields["Pad conds"] = "True"  # prompt and negative prompt padded to the same chunk count
+    if rec.get("prompt_template"):
+        fields["Template"] = rec["prompt_template"]  # sd-dynamic-prompts' field for the prompt as written
     fields["Version"] = f"t2i-runner {rec['versions'].get('t2i-runner', '')}".strip()
     tail = ", ".join(f"{k}: {quote(str(v))}" for k, v in fields.items() if v is not None)
     lines = [rec["prompt"]]

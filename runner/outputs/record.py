@@ -14,13 +14,15 @@ from ..plan import ImageJob
 # is provenance. Every record key is in exactly one group (tests/test_reproduce.py checks it), so a new knob
 # cannot be left out of the comparison unnoticed. loras, model, device, threads and batch are compared by rules of
 # their own (reproduce/from_image.py: Original.differences).
-SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler",
-            "schedule", "clip_skip", "perf", "true_cfg_scale", "max_sequence_length", "memory")
+SETTINGS = ("prompt", "negative_prompt", "prompt_syntax", "seed", "steps", "guidance_scale", "width", "height",
+            "scheduler", "schedule", "clip_skip", "perf", "true_cfg_scale", "max_sequence_length", "memory")
 SPECIAL = ("loras", "model", "device", "threads", "batch_size", "batch_invariant")
 DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_set_name",
-           "lora_scale", "lora_blocks", "key", "file", "index")  # lora_blocks: the swept label; loras hold each one
+           "lora_scale", "lora_blocks", "key", "file", "index",  # lora_blocks: the swept label; loras hold each one
+           "prompt_syntax_applied", "prompt_sr", "prompt_sr_base", "pad_conds")
 # `file`, `index`, `created` and `adopted` are in manifest lines only (the PNG holds no run-dir facts)
-PROVENANCE = ("record_version", "generator", "versions", "created", "adopted", "faults", "reproduced", "run_seed")
+PROVENANCE = ("record_version", "generator", "versions", "created", "adopted", "faults", "reproduced", "run_seed",
+              "prompt_template", "prompt_seed")
 
 
 def perf_record(loaded: Any) -> dict:
@@ -35,7 +37,7 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
                  invariant: bool, config_hash: str = "") -> dict:
     """The full per-image record: every knob that changes pixels, plus provenance. `config_hash`: the model's
     pixel-changing configs (common.hashing.config_sha256)."""
-    from ..generate.prompt_embeds import clip_skip_applies
+    from ..generate.prompt_embeds import clip_skip_applies, pads_conds, syntax_applies
     from ..models.memory import record as memory_record
     from .metadata import RECORD_VERSION, versions
 
@@ -46,6 +48,13 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         "key": job.key,
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt,
+        "prompt_syntax": job.prompt_syntax,
+        # False: a family whose text encoders are not CLIP got the words without the syntax (one warning)
+        "prompt_syntax_applied": job.prompt_syntax == "a1111" and syntax_applies(loaded.pipe),
+        **({"prompt_template": job.template} if job.template else {}),
+        **({"pad_conds": True} if job.prompt_syntax == "a1111" and job.guidance_scale > 1
+           and pads_conds(loaded.pipe, job.prompt, job.negative_prompt) else {}),
+        **({"prompt_sr": job.prompt_sr, "prompt_sr_base": job.base_prompt} if job.prompt_sr is not None else {}),
         "seed": job.seed,
         "steps": job.steps,
         "guidance_scale": job.guidance_scale,

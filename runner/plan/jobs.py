@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -12,11 +13,12 @@ from functools import cached_property
 from ..common.paths import slug
 from ..config import LoraSpec, RunSpec, lora_name
 from ..config.blocks import BlockSpec, spec_label
+from ..prompt import replace_sr
 
 KEY_VERSION = 2
 RANDOM_SEED = -1  # in `seeds`: draw one from the run seed
 AXES = ("prompt", "seed", "lora_set", "lora_scale", "lora_blocks", "steps", "guidance_scale", "scheduler",
-        "width", "height", "clip_skip", "schedule", "true_cfg_scale", "max_sequence_length")
+        "width", "height", "clip_skip", "schedule", "true_cfg_scale", "max_sequence_length", "prompt_sr")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class ImageJob:
     max_sequence_length: int | None = None  # None = the pipeline's own
     model_index: int = 0  # position in the run's model axis (the outermost loop)
     lora_blocks: BlockSpec | None = None  # the swept block weights (`lora_blocks`); None = not swept / no LoRA
+    prompt_syntax: str = "plain"  # a1111: weights, BREAK, long prompts, <lora:…> tags (runner/prompt/)
+    prompt_sr: str | None = None  # the Prompt S/R value this image's prompts were made with
+    base_prompt: str | None = None  # the prompt before Prompt S/R (the grid's `prompt` axis)
+    template: str | None = None  # the prompt as written, when variants/wildcards expanded it
+    set_name: str | None = None  # the config's LoRA set label when the prompt's <lora:…> tags extend the set
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:
@@ -74,7 +81,7 @@ class ImageJob:
             {"v": KEY_VERSION, "model": self.model_key, "prompt": self.prompt, "negative": self.negative_prompt,
              "seed": self.seed, "steps": self.steps, "cfg": self.guidance_scale, "width": self.width,
              "height": self.height, "scheduler": self.scheduler, "clip_skip": self.clip_skip,
-             "schedule": self.schedule,
+             "schedule": self.schedule, **({"syntax": "a1111"} if self.prompt_syntax == "a1111" else {}),
              # families with true CFG / a sequence length only: absent otherwise, so SD keys stay as they were
              **({"true_cfg": self.true_cfg_scale} if self.true_cfg_scale is not None else {}),
              **({"max_seq": self.max_sequence_length} if self.max_sequence_length is not None else {}),
@@ -90,14 +97,12 @@ class ImageJob:
         return (self.model_index, self.lora_set, self.lora_scale, self.scheduler or "", self.steps,
                 -1.0 if self.guidance_scale is None else self.guidance_scale, self.width or 0, self.height or 0,
                 self.clip_skip or 0, self.schedule or "", self.true_cfg_scale or 0.0, self.max_sequence_length or 0,
-                self.blocks_label or "")
+                self.blocks_label or "", self.prompt_syntax)
 
     @property
     def set_label(self) -> str:
         """The LoRA set by adapter names, each with its own scale when not 1 (`A+B@0`), without the multiplier."""
-        if not self.loras:
-            return "nolora"
-        return "+".join(lora_name(s) + ("" if s.scale == 1.0 else f"@{s.scale:g}") for s in self.loras)
+        return self.set_name if self.set_name is not None else set_label(self.loras)
 
     @property
     def lora_label(self) -> str:
@@ -119,12 +124,19 @@ class ImageJob:
     def axis_value(self, axis: str) -> object:
         """The value of a sweep axis for this image (for grids)."""
         if axis == "prompt":
-            return self.prompt
+            return self.prompt if self.base_prompt is None else self.base_prompt
         if axis == "lora_set":
             return self.set_label
         if axis == "lora_blocks":
             return self.blocks_label
         return getattr(self, axis)
+
+
+def set_label(loras: Sequence[LoraSpec]) -> str:
+    """A LoRA set by adapter names, each with its own scale when not 1 (`A+B@0`)."""
+    if not loras:
+        return "nolora"
+    return "+".join(lora_name(s) + ("" if s.scale == 1.0 else f"@{s.scale:g}") for s in loras)
 
 
 def draw_seeds(seeds: Sequence[int], run_seed: int) -> tuple[int, ...]:
@@ -153,23 +165,65 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
             raise ValueError("seeds hold -1: give the run_seed to draw them from")
         seeds = draw_seeds(seeds, run_seed)
     jobs: list[ImageJob] = []
+    sr_values = spec.prompt_sr or (None,)
+    tagged = spec.prompt_sets or {}
     combos = itertools.product(
-        enumerate(spec.prompts), seeds, enumerate(spec.lora_sets), spec.lora_scales, spec.lora_blocks, spec.steps,
-        spec.guidance_scale, spec.scheduler, spec.width, spec.height, spec.clip_skip, spec.schedule,
-        spec.true_cfg_scale, spec.max_sequence_length,
+        enumerate(spec.prompts), seeds, enumerate(spec.lora_sets[: spec.config_sets or None]), spec.lora_scales,
+        spec.lora_blocks, spec.steps, spec.guidance_scale, spec.scheduler, spec.width, spec.height, spec.clip_skip,
+        spec.schedule, spec.true_cfg_scale, spec.max_sequence_length, sr_values,
     )
     seen: set[tuple] = set()
-    for (pi, p), seed, (li, loras), mult, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq in combos:
+    for (pi, p), seed, (li, loras), mult, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq, sr in combos:
+        prompt, negative = replace_sr(p.prompt, spec.prompt_sr, sr), replace_sr(p.negative_prompt, spec.prompt_sr, sr)
+        set_name = None
+        if (pi, li) in tagged:  # the prompt's <lora:…> tags extend set li (with_prompt_loras)
+            set_name = set_label(loras)
+            li = tagged[(pi, li)]
+            loras = spec.lora_sets[li]
         scale = mult if loras else None
         blocks = blocks if loras else None
-        ident = (pi, seed, li, scale, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq)
+        # a prompt without the S/R search term is the same image for every S/R value: made once
+        ident = (pi, seed, li, scale, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq, prompt, negative)
         if ident in seen:  # the no-LoRA set is generated once, whatever the multipliers and blocks
             continue
         seen.add(ident)
         ids = tuple(lora_ids[li]) if lora_ids is not None else ()
-        jobs.append(ImageJob(start + len(jobs), pi, p.prompt, p.negative_prompt, seed, steps, cfg, w, h, sched, li,
-                             loras, scale, model_key, skip, schedule, ids, tcfg, seq, model_index, blocks))
+        jobs.append(ImageJob(start + len(jobs), pi, prompt, negative, seed, steps, cfg, w, h, sched, li,
+                             loras, scale, model_key, skip, schedule, ids, tcfg, seq, model_index, blocks,
+                             spec.prompt_syntax, sr, p.prompt if sr is not None else None, p.template, set_name))
     return jobs
+
+
+def combine_sets(loras: Sequence[LoraSpec], tags: Sequence[LoraSpec]) -> tuple[LoraSpec, ...]:
+    """A LoRA set with a prompt's tag LoRAs: each tag is added, or, when the set already has that LoRA (same name
+    or file), sets its weight (the prompt is the more specific of the two)."""
+    out = list(loras)
+    for tag in tags:
+        same = [i for i, s in enumerate(out) if lora_name(s) == tag.name or s.source == tag.source]
+        if same:
+            out[same[0]] = dataclasses.replace(out[same[0]], scale=tag.scale)
+        else:
+            out.append(tag)
+    return tuple(out)
+
+
+def with_prompt_loras(spec: RunSpec) -> RunSpec:
+    """The run with every (prompt, LoRA set) whose prompt has `<lora:…>` tags mapped to the set they make."""
+    if not any(p.loras for p in spec.prompts):
+        return spec
+    config_sets = spec.lora_sets[: spec.config_sets or None]  # (again: the config's own sets)
+    n = len(config_sets)
+    sets = list(config_sets)
+    mapping = {}
+    for pi, p in enumerate(spec.prompts):
+        if not p.loras:
+            continue
+        for li, loras in enumerate(config_sets):
+            combined = combine_sets(loras, p.loras)
+            if combined not in sets:
+                sets.append(combined)
+            mapping[(pi, li)] = sets.index(combined)
+    return dataclasses.replace(spec, lora_sets=tuple(sets), config_sets=n, prompt_sets=mapping)
 
 
 def shard(jobs: list[ImageJob], index: int, count: int) -> list[ImageJob]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,11 @@ def record_config(rec: dict) -> dict:
                            "negative_prompt": _text(rec.get("negative_prompt") or "")}
     if rec.get("seed") is not None:
         out["seeds"] = [rec["seed"]]
+    # the prompt is read as the image read it: A1111 syntax unless A1111 wrote `Emphasis: None`; our records from
+    # before the prompt language were plain text; an expanded prompt is not a template any more
+    out["prompt_syntax"] = rec.get("prompt_syntax") or ("a1111" if rec.get("source_format") == FOREIGN else "plain")
+    out["prompt_sr"] = None
+    out["prompts_file"] = None
     for key in ("steps", "guidance_scale", "width", "height", "clip_skip", "true_cfg_scale", "max_sequence_length"):
         if rec.get(key) is not None:
             out[key] = rec[key]
@@ -160,15 +164,14 @@ def _check_loras(img: str, rec: dict, spec: RunSpec, strict: bool) -> RunSpec:
     return dataclasses.replace(spec, lora_sets=(tuple(loras), *spec.lora_sets[1:]))
 
 
-_LORA_TAG = re.compile(r"<lora:([^:>]+):([-+]?\d*\.?\d+)")  # A1111 writes a LoRA's weight in the prompt
-
-
 def foreign_loras(rec: dict, dirs: Sequence[str]) -> list[dict]:
     """The LoRA set of an image that names its LoRAs only by name and hash (A1111's `Lora hashes`: AutoV3, or
-    AutoV2/full SHA-256): each file found in `dirs`, its weight from the record or the prompt's `<lora:…>` tag."""
+    AutoV2/full SHA-256): each file found in `dirs`, its weight from the record or the prompt's `<lora:…>` tag
+    (which, read as A1111 syntax, also applies it: lora/tags.py; plan.combine_sets keeps one entry per LoRA)."""
     from ..lora.files import find_in_lora_dirs
+    from ..prompt import split_tags
 
-    tags = {m.group(1): float(m.group(2)) for m in _LORA_TAG.finditer(str(rec.get("prompt") or ""))}
+    tags = {t.name: t.unet for t in split_tags(str(rec.get("prompt") or ""))[1]}
     out = []
     for lo in rec.get("loras") or []:
         found = find_in_lora_dirs(dirs, lo.get("name"), lo.get("sha256"))
@@ -261,7 +264,9 @@ def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpe
             except ConfigError as exc:
                 raise ConfigError(f"{img} was made on {spec.device}, which is not available here; add "
                                   f"device=cpu to regenerate it anyway (pixels will differ) ({exc})") from exc
-    extra = {**spec.extra, "from_image": img, "compare": Original(img, rec).compare}
+    extra = {**spec.extra, "from_image": img, "compare": Original(img, rec).compare,
+             # a prompt's <lora:…> tags whose file was renamed are found by the hash the image recorded
+             "lora_hashes": {lo["name"]: lo["sha256"] for lo in rec.get("loras") or [] if lo.get("sha256")}}
     return dataclasses.replace(spec, extra=extra)
 
 

@@ -14,7 +14,8 @@ from ..outputs.metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
 FOREIGN = "a1111-infotext"  # `source_format` of a record mapped from A1111 infotext
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
 _MAPPED = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Clip skip", "Seed",
-           "Size-1", "Size-2", "Model", "Model hash", "Lora hashes", "Lora weights", "Version"}
+           "Size-1", "Size-2", "Model", "Model hash", "Lora hashes", "Lora weights", "Version", "Emphasis",
+           "Pad conds", "Template"}  # A1111 conditioning pads always; the template is the prompt as written
 
 
 def _user_comment(raw: Any) -> str | None:
@@ -84,6 +85,7 @@ def record_from_infotext(text: str) -> dict[str, Any]:
         "source_format": FOREIGN,
         "prompt": p["Prompt"],
         "negative_prompt": p["Negative prompt"],
+        "prompt_syntax": "plain" if p.get("Emphasis") == "None" else "a1111",  # A1111's emphasis setting
         "seed": _num(int, p.get("Seed")),
         "steps": _num(int, p.get("Steps")),
         "guidance_scale": _num(float, p.get("CFG scale")),

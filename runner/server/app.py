@@ -68,9 +68,12 @@ def server_dir(cfg: DictConfig) -> Path:
 
 def job_loras(job: Job) -> list[dict[str, Any]]:
     """The LoRAs a job uses: name, scale, source and file name (what the gallery shows)."""
-    (loras,) = job.spec.lora_sets
+    (loras,) = job.spec.lora_sets[:1]
+    tags = [lo for p in job.spec.prompts for lo in p.loras]  # the prompt's <lora:…> tags
     return [{"name": lora_name(lo), "scale": lo.scale, "source": lo.source, "weight_name": lo.weight_name}
-            for lo in loras]
+            for lo in (*loras, *tags)]
+
+
 def model_choice(mid: str, model: dict) -> dict[str, Any]:
     """One model the form offers: its family, its default settings and the fields it does not use (with hints)."""
     from ..config import ModelConfig
@@ -121,7 +124,8 @@ def job_json(queue: JobQueue, job: Job, roots: list[Root] | None = None) -> dict
         "progress": f"{job.done}/{total}",
         "queue_position": queue.position(job), "error": job.error,
         "images": [f"/api/jobs/{job.id}/images/{k}.png" for k, f in enumerate(job.files) if f is not None],
-        "seeds": list(job.spec.seeds), "prompt": job.spec.prompts[0].prompt, "gallery": f"/jobs/{job.id}",
+        "seeds": list(job.spec.seeds), "prompt": job.spec.prompts[0].template or job.spec.prompts[0].prompt,
+        "prompts": [p.prompt for p in job.spec.prompts], "gallery": f"/jobs/{job.id}",
         "loras": job_loras(job),
         "viewer": viewer,
     }
@@ -227,8 +231,8 @@ def create_app(cfg: DictConfig) -> FastAPI:
         return gallery_page(request, job)
 
     def gallery_page(request: Request, job: Job) -> Response:
-        items = [{"url": f"/api/jobs/{job.id}/images/{k}.png", "seed": s}
-                 for k, (_, _, s) in enumerate(job.wanted) if job.files[k] is not None]
+        items = [{"url": f"/api/jobs/{job.id}/images/{k}.png", "seed": s, "prompt": p}
+                 for k, (p, _, s) in enumerate(job.wanted) if job.files[k] is not None]
         ctx = {"job": job_json(queue, job, roots), "items": items, "negative": job.spec.prompts[0].negative_prompt,
                "loras": job_loras(job)}
         return templates.TemplateResponse(request, "gallery.html", ctx)

@@ -23,7 +23,9 @@ from ..common.paths import is_hub_id
 from ..config import MAX_SEED, LoraSpec, ModelConfig, RunSpec, lora_name, validate
 from ..config.validate import model_group, string_list
 from ..lora.files import GLOB_CHARS, checkpoint_files, resolve_loras
+from ..lora.tags import resolve_tags
 from ..models.tiny import TINY_ID
+from ..plan import with_prompt_loras
 from ..run import plan_models
 
 NOT_GIVEN = ("", "null", "none")
@@ -291,11 +293,15 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
     # the request's model replaces the server's (a merge would mix two groups' settings)
     merged.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model)
     try:
-        spec = validate(merged)
+        spec = resolve_tags(validate(merged))  # the prompt's <lora:…> tags: found in lora_dirs, or a 422 now
         # missing LoRA files and keys the model's family cannot honour are a 422 now, not a failed job later
-        plans = plan_models(spec, resolve_loras(spec))
+        tagged = with_prompt_loras(spec)
+        plans = plan_models(tagged, resolve_loras(tagged))
     except ConfigError as exc:
         raise FormError(422, str(exc)) from exc
+    if len(spec.prompts) > 1:  # variants {a|b} made several prompts: each gets every seed
+        _limit("images (prompts x total_nm_img_prompt)", len(spec.prompts) * n, server.max_images, "max_images",
+               f"too many images ({len(spec.prompts)} prompts from the variants x {n})")
     steps = max(s for p in plans for s in p.spec.steps if s is not None)
     if req.inference_steps is None and steps > server.max_steps:
         raise FormError(422, f"inference_steps={steps} (the model's default) is above this server's limit; "

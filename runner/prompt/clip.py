@@ -1,0 +1,132 @@
+"""A1111's CLIP conditioning for weighted, long prompts (modules/sd_hijack_clip.py, "Original" emphasis).
+
+A prompt is cut into chunks of 75 tokens (a `BREAK` or a full chunk starts the next; a comma in the last 20 tokens
+moves the words after it into the next chunk), each chunk is encoded on its own as `<start> 75 tokens <end>`, its
+token embeddings are scaled by their weights and the chunk's mean is restored; the chunks are concatenated. The
+pooled embedding (SDXL) is the first chunk's. Weight 1.0 everywhere gives the embedding diffusers computes for a
+prompt of up to 75 tokens, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .syntax import BREAK, parse_attention
+
+CHUNK = 75  # prompt tokens per chunk (77 with start and end)
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+
+
+@dataclass
+class Chunk:
+    tokens: list[int] = field(default_factory=list)
+    multipliers: list[float] = field(default_factory=list)
+
+
+def tokenize_chunks(tokenizer: Any, parsed: list[tuple[str, float]]) -> list[Chunk]:
+    """A1111's `tokenize_line`: the prompt's chunks, each 77 token ids with one weight per token."""
+    id_start, id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
+    comma = tokenizer.get_vocab().get(",</w>")
+    tokenized = tokenizer([t for t, _ in parsed], truncation=False, add_special_tokens=False)["input_ids"]
+    chunks: list[Chunk] = []
+    chunk = Chunk()
+    last_comma = -1
+
+    def next_chunk() -> None:
+        nonlocal chunk, last_comma
+        to_add = CHUNK - len(chunk.tokens)
+        chunk.tokens = [id_start] + chunk.tokens + [id_end] * max(to_add, 0) + [id_end]
+        chunk.multipliers = [1.0] + chunk.multipliers + [1.0] * max(to_add, 0) + [1.0]
+        chunks.append(chunk)
+        chunk, last_comma = Chunk(), -1
+
+    for tokens, (text, weight) in zip(tokenized, parsed, strict=True):
+        if (text, weight) == BREAK:
+            next_chunk()
+            continue
+        for token in tokens:
+            if token == comma:
+                last_comma = len(chunk.tokens)
+            elif len(chunk.tokens) == CHUNK and last_comma != -1 and len(chunk.tokens) - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1  # the words after the comma move to the next chunk
+                moved = Chunk(chunk.tokens[cut:], chunk.multipliers[cut:])
+                chunk.tokens, chunk.multipliers = chunk.tokens[:cut], chunk.multipliers[:cut]
+                next_chunk()
+                chunk = moved
+            if len(chunk.tokens) == CHUNK:
+                next_chunk()
+            chunk.tokens.append(token)
+            chunk.multipliers.append(weight)
+    if chunk.tokens or not chunks:
+        next_chunk()
+    return chunks
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """One CLIP text encoder as a pipeline uses it: which layer it reads and whether it gives the pooled vector."""
+
+    tokenizer: Any
+    text_encoder: Any
+    hidden_layer: int | None  # None = last_hidden_state; k = hidden_states[k] (negative: from the end)
+    final_norm: bool = False  # apply the final layer norm to a hidden layer (SD 1.x Clip skip)
+    pooled: bool = False  # its projected pooled output conditions the model (SDXL's second encoder)
+
+
+def _final_norm(te: Any) -> Any:
+    norm = getattr(te, "final_layer_norm", None)
+    return norm if norm is not None else te.text_model.final_layer_norm
+
+
+def encode_chunk(enc: Encoder, chunk: Chunk, device: Any) -> tuple[Any, Any]:
+    """One chunk through one encoder with A1111's "Original" emphasis: (z [1, 77, C], pooled [1, P] or None)."""
+    import torch
+
+    ids = list(chunk.tokens)
+    pad = enc.tokenizer.pad_token_id
+    end = enc.tokenizer.eos_token_id
+    if pad is not None and pad != end:  # SD2/SDXL-G: after the first end token comes padding, as in diffusers
+        first = ids.index(end)
+        ids = ids[: first + 1] + [pad] * (len(ids) - first - 1)
+    te = enc.text_encoder
+    out = te(torch.tensor([ids], device=device), output_hidden_states=enc.hidden_layer is not None)
+    if enc.hidden_layer is None:
+        z = out[0]
+    else:
+        z = out.hidden_states[enc.hidden_layer]
+        if enc.final_norm:
+            z = _final_norm(te)(z)
+    pooled = out[0] if enc.pooled else None  # CLIPTextModelWithProjection: text_embeds
+    if any(m != 1.0 for m in chunk.multipliers):
+        mult = torch.tensor(chunk.multipliers, device=z.device, dtype=z.dtype)
+        original_mean = z.mean()
+        z = z * mult.reshape(1, -1, 1).expand(z.shape)
+        z = z * (original_mean / z.mean())
+    return z, pooled
+
+
+def encode_text(encoders: list[Encoder], text: str, device: Any, chunks_at_least: int = 0) -> tuple[Any, Any]:
+    """A prompt (tags already removed) → (embeddings [1, 77·k, ΣC], pooled or None), at least `chunks_at_least`
+    chunks (more are the empty prompt's chunk, as A1111 pads the shorter of prompt and negative prompt)."""
+    import torch
+
+    parsed = parse_attention(text)
+    per_encoder = [tokenize_chunks(e.tokenizer, parsed) for e in encoders]
+    count = max(chunks_at_least, *(len(c) for c in per_encoder))
+    zs, pooled = [], None
+    for enc, chunks in zip(encoders, per_encoder, strict=True):
+        empty = tokenize_chunks(enc.tokenizer, [("", 1.0)])[0]
+        parts = []
+        for i in range(count):
+            z, p = encode_chunk(enc, chunks[i] if i < len(chunks) else empty, device)
+            parts.append(z)
+            if i == 0 and p is not None:
+                pooled = p
+        zs.append(torch.cat(parts, dim=1))
+    return torch.cat(zs, dim=-1), pooled
+
+
+def chunk_count(encoders: list[Encoder], text: str) -> int:
+    parsed = parse_attention(text)
+    return max(len(tokenize_chunks(e.tokenizer, parsed)) for e in encoders)
