@@ -142,8 +142,12 @@ def _gen(tiny_dir: Path, out: Path, prompt: str, **extra) -> np.ndarray:
     cfg = {"model": {"id": str(tiny_dir)}, "prompts": [prompt], "seeds": [5], "steps": 2, "width": 32, "height": 32,
            "device": "cpu", "grid": {"enabled": False}, **extra}
     result = run(validate(cfg), out, progress=False)
-    assert result.generated == 1
-    return _image(out)
+    assert result.generated == 1 and not result.entries[0].get("faults")
+    image = _image(out)
+    # A1111's mean restore divides by the weighted mean: on the tiny model (layer-normed, mean ~0) big weights
+    # can blow it up, so every image here is checked to be a real one
+    assert image.std() > 5
+    return image
 
 
 def test_pixels_weights_long_prompts_and_plain(tiny_dir: Path, tmp_path: Path) -> None:
@@ -265,4 +269,4 @@ def test_each_image_of_a_mixed_sweep_equals_it_alone_in_a_fresh_process(tiny_dir
         assert proc.returncode == 0, proc.stderr[-2000:]
         with Image.open(tmp_path / "sweep" / e["file"]) as a:
             want = np.asarray(a.convert("RGB"))
-        assert np.array_equal(_image(out), want), e["prompt"]
+        assert want.std() > 5 and np.array_equal(_image(out), want), e["prompt"]

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -199,7 +200,8 @@ def combine_sets(loras: Sequence[LoraSpec], tags: Sequence[LoraSpec]) -> tuple[L
     or file), sets its weight (the prompt is the more specific of the two)."""
     out = list(loras)
     for tag in tags:
-        same = [i for i, s in enumerate(out) if lora_name(s) == tag.name or s.source == tag.source]
+        same = [i for i, s in enumerate(out) if lora_name(s) == tag.name or tag.source in (
+            s.source, os.path.join(s.source, s.weight_name or ""))]
         if same:
             out[same[0]] = dataclasses.replace(out[same[0]], scale=tag.scale)
         else:
