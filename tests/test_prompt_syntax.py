@@ -270,3 +270,26 @@ def test_each_image_of_a_mixed_sweep_equals_it_alone_in_a_fresh_process(tiny_dir
         with Image.open(tmp_path / "sweep" / e["file"]) as a:
             want = np.asarray(a.convert("RGB"))
         assert want.std() > 5 and np.array_equal(_image(out), want), e["prompt"]
+
+
+def test_non_clip_family_gets_the_words_without_syntax_and_one_warning(tmp_path: Path, caplog) -> None:
+    """Flux.1 (CLIP + T5): the syntax is not applied; the image equals the one of the bare words, once warned."""
+    base = {"model": {"id": "builtin:tiny-flux1"}, "seeds": [2], "steps": 2, "width": 32, "height": 32,
+            "device": "cpu", "grid": {"enabled": False}}
+    with caplog.at_level(logging.WARNING):
+        syntax = run(validate({**base, "prompts": ["a (red:1.3) fox BREAK [snow]", "a ((cat))"]}), tmp_path / "a",
+                     progress=False)
+    assert sum("not CLIP" in r.message for r in caplog.records) == 1
+    words = run(validate({**base, "prompts": ["a red fox snow", "a cat"], "prompt_syntax": "plain"}),
+                tmp_path / "b", progress=False)
+    got = {e["prompt"]: e for e in syntax.entries}
+    rec = got["a (red:1.3) fox BREAK [snow]"]
+    assert rec["prompt_syntax"] == "a1111" and rec["prompt_syntax_applied"] is False
+    want = {e["prompt"]: _image_of(tmp_path / "b", e) for e in words.entries}
+    assert np.array_equal(_image_of(tmp_path / "a", rec), want["a red fox snow"])
+    assert np.array_equal(_image_of(tmp_path / "a", got["a ((cat))"]), want["a cat"])
+
+
+def _image_of(out: Path, entry: dict) -> np.ndarray:
+    with Image.open(out / entry["file"]) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
