@@ -47,3 +47,15 @@ def test_plain_syntax_keeps_brackets_as_text(tmp_path: Path) -> None:
     with TestClient(make_app(tmp_path, "prompt_syntax=plain")) as c:
         rec, text, _ = png(c.post("/submit", data=seed_form(text_prompt="a (red:1.5) cube")))
     assert rec["prompt_syntax"] == "plain" and "Emphasis: None" in text
+
+
+def test_form_tags_are_found_only_in_the_allowed_lora_dirs(tmp_path: Path, tiny_dir: Path) -> None:
+    loras = tiny_dir / "loras"
+    with TestClient(make_app(tmp_path / "a", f"server.allowed_lora_dirs=[{loras}]", f"lora_dirs=[{tmp_path}]")) as c:
+        rec, text, _ = png(c.post("/submit", data=seed_form(text_prompt="a cube <lora:tiny_kohya:0.5>")))
+        assert [(lo["name"], lo["scale"]) for lo in rec["loras"]] == [("tiny_kohya", 0.5)]
+        assert text.startswith("a cube <lora:tiny_kohya:0.5>")
+    (tmp_path / "outside.safetensors").write_bytes((loras / "tiny_kohya.safetensors").read_bytes())
+    with TestClient(make_app(tmp_path / "b", f"server.allowed_lora_dirs=[{loras}]", f"lora_dirs=[{tmp_path}]")) as c:
+        resp = c.post("/submit", data=seed_form(text_prompt="a cube <lora:outside:0.5>"))
+    assert resp.status_code == 422 and "'outside'" in resp.json()["detail"]  # lora_dirs is not searched here

@@ -52,7 +52,7 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         # False: a family whose text encoders are not CLIP got the words without the syntax (one warning)
         "prompt_syntax_applied": job.prompt_syntax == "a1111" and syntax_applies(loaded.pipe),
         **({"prompt_template": job.template} if job.template else {}),
-        **({"pad_conds": True} if job.prompt_syntax == "a1111" and job.guidance_scale > 1
+        **({"pad_conds": True} if job.prompt_syntax == "a1111" and (job.guidance_scale or 0) > 1
            and pads_conds(loaded.pipe, job.prompt, job.negative_prompt) else {}),
         **({"prompt_sr": job.prompt_sr, "prompt_sr_base": job.base_prompt} if job.prompt_sr is not None else {}),
         "seed": job.seed,

@@ -8,6 +8,7 @@ image-to-image, and this server does text-to-image.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -293,7 +294,12 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
     # the request's model replaces the server's (a merge would mix two groups' settings)
     merged.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model)
     try:
-        spec = resolve_tags(validate(merged))  # the prompt's <lora:…> tags: found in lora_dirs, or a 422 now
+        spec = validate(merged)
+        # the prompt's <lora:…> tags name files in the folders this server allows (what /sdapi/v1/loras lists)
+        allowed = tuple(string_list("server.allowed_lora_dirs", server.allowed_lora_dirs))
+        spec = resolve_tags(dataclasses.replace(spec, lora_dirs=allowed))
+        for lo in (lo for p in spec.prompts for lo in p.loras):
+            check_lora_access(lo, server)
         # missing LoRA files and keys the model's family cannot honour are a 422 now, not a failed job later
         tagged = with_prompt_loras(spec)
         plans = plan_models(tagged, resolve_loras(tagged))
