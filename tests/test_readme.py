@@ -1,7 +1,8 @@
 """Every `model=tiny` command of the README runs as written (so the README cannot drift from the code).
 
 Placeholders a reader replaces are replaced the same way here: `/path/to/loras` (the tiny model's LoRA folder),
-`./my_images` (a folder of images this test writes), `DATE/TIME` (the run folder the training command made).
+`./my_images` (a folder of images this test writes), `/path/to/wildcards` and `./prompts.txt` (written here too),
+`DATE/TIME` (the run folder the training command made).
 """
 
 from __future__ import annotations
@@ -93,10 +94,14 @@ def test_every_readme_tiny_command_runs(tmp_path: Path, tiny_dir: Path) -> None:
     images.mkdir()
     for i, color in enumerate(("red", "blue")):
         Image.new("RGB", (64, 64), color).save(images / f"{i}.png")
+    (tmp_path / "wildcards").mkdir()  # the prompt-language examples' wildcard folder and prompts file
+    (tmp_path / "wildcards" / "colors.txt").write_text("red\ngreen\nblue\n", encoding="utf-8")
+    (tmp_path / "prompts.txt").write_text("# foxes\na red fox\na (blue:1.2) lighthouse\n", encoding="utf-8")
     for line in readme_commands():
         argv = line[len(env_of(line)):]
         env = {**os.environ, "PYTHONPATH": str(REPO), **env_of(line)}
-        args = [a.replace("/path/to/loras", str(tiny_dir / "loras")) for a in argv]
+        args = [a.replace("/path/to/loras", str(tiny_dir / "loras"))
+                .replace("/path/to/wildcards", str(tmp_path / "wildcards")) for a in argv]
         runs = sorted((tmp_path / "outputs" / "train").glob("*/*"))
         if runs:
             args = [a.replace("outputs/train/DATE/TIME", str(runs[-1].relative_to(tmp_path))) for a in args]
