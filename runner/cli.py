@@ -13,11 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .common.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError
+from .common.errors import task_errors
 from .config import register_configs
 from .config.overrides import CONF_DIR
-from .entry import error, run_app
-from .generate.faults import exit_code
+from .entry import run_app
 from .outputs.rundir import STATE, remove_created, stored_seed
 from .outputs.sweep import JobFailed
 
@@ -40,29 +39,16 @@ def hydra_main(cfg: DictConfig) -> Any:
     if multirun and cfg.get("run_seed") is None and -1 in (cfg.seeds if OmegaConf.is_list(cfg.seeds) else [cfg.seeds]):
         # every job of the sweep draws its -1 seeds from one stored seed, so shards agree and requeues resume
         cfg.run_seed = stored_seed(Path(hc.runtime.cwd, str(hc.sweep.dir)) / STATE / "run.json")
-    try:
+    with task_errors("t2i", verbose=bool(cfg.get("verbose")),
+                     interrupted=f"aborted; the finished images are kept in {out}; re-run the same command to resume",
+                     on_config_error=lambda: remove_created(out),
+                     job_failed=JobFailed if multirun else None):  # a multirun records it; the other jobs still run
         if cfg.get("from_image"):  # the image's settings, then the user's overrides (reproduce/from_image.py)
             from .reproduce.from_image import prepare
 
             result = run(prepare(cfg, hc.overrides.task, CONF_DIR), out)
         else:
             result = run(cfg, out)
-    except KeyboardInterrupt as exc:
-        error(f"aborted; the finished images are kept in {out}; re-run the same command to resume")
-        sys.exit(exit_code(getattr(exc, "signum", None)))
-    except ConfigError as exc:
-        remove_created(out)
-        error(str(exc))
-        if multirun:  # outputs.sweep records it; the other jobs still run; the sweep exits 1 at the end
-            raise JobFailed(str(exc)) from exc
-        sys.exit(EXIT_CONFIG)
-    except Exception as exc:
-        if cfg.get("verbose"):
-            raise
-        error(f"{type(exc).__name__}: {exc} (run with verbose=true for the traceback)")
-        if multirun:
-            raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
-        sys.exit(EXIT_FAILED)
     if result.viewer is not None:
         print(f"t2i: viewer: {result.viewer.resolve().as_uri()} (or t2i-serve's /runs)")
     print(result.summary(), flush=True)  # the last line, as scripts expect

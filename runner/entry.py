@@ -1,4 +1,5 @@
-"""What every console entry point shares: the override pre-check, error lines and exit codes."""
+"""What the Hydra entry points (t2i, t2i-train) share: the override pre-check and the run-dir guard. The error
+policy of every command (exit codes, one-line errors) is common/errors.task_errors / task_wrapper."""
 
 from __future__ import annotations
 
@@ -12,15 +13,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .common.errors import EXIT_CONFIG, ConfigError
+from .common.errors import EXIT_CONFIG, ConfigError, error
 from .config.overrides import check_override
 from .config.schema import RunConfig
 from .outputs.rundir import check_writable, note_created
-
-
-def error(msg: str, prog: str = "t2i") -> None:
-    """Print one error line the way every command does: `prog: error: msg`."""
-    print(f"{prog}: error: {msg}", file=sys.stderr)
 
 
 class RunDirGuard(Callback):

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from .common.errors import ConfigError
+from .common.errors import ConfigError, interrupted_code
 from .config import RunSpec, validate
 from .config.validate import SETTING_KEYS
 from .generate import faults
@@ -48,7 +48,7 @@ class RunResult:
     @property
     def exit_code(self) -> int:
         """0, or the documented code of the signal that stopped the run (130 SIGINT, 143 SIGTERM)."""
-        return faults.exit_code(self.signal) if self.interrupted else 0
+        return interrupted_code(self.signal) if self.interrupted else 0
 
     def summary(self) -> str:
         others = f", {self.by_others} by other writers" if self.by_others else ""

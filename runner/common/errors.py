@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import functools
+import signal
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # anything else that went wrong (a traceback with verbose=true)
@@ -27,3 +31,76 @@ def did_you_mean(value: object, choices: Iterable[str]) -> str:
     """` (did you mean 'x'?)` for the closest of `choices`, or an empty string."""
     hint = difflib.get_close_matches(str(value), list(choices), n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def error(msg: str, prog: str = "t2i") -> None:
+    """Print one error line the way every command does: `prog: error: msg`."""
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+
+
+def interrupted_code(signum: int | None) -> int:
+    """The exit code of a run stopped by `signum`: 143 for SIGTERM (128 + 15), else 130 (Ctrl-C)."""
+    return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code of a command stopped by `exc`: 2 for a config error, 130/143 for an interrupt (the signal
+    generate/faults.py records as `signum`), 1 for anything else."""
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(exc, KeyboardInterrupt):
+        return interrupted_code(getattr(exc, "signum", None))
+    return EXIT_FAILED
+
+
+def report(exc: BaseException, prog: str, *, verbose: bool = False, hint: str = "run with verbose=true",
+           interrupted: str = "interrupted") -> int:
+    """Print the one line for `exc` (`prog: error: …`) and return its exit code; an unexpected error re-raises
+    (its traceback) when `verbose`."""
+    if isinstance(exc, KeyboardInterrupt):
+        error(interrupted, prog)
+    elif isinstance(exc, ConfigError):
+        error(str(exc), prog)
+    elif verbose:
+        raise exc
+    else:
+        error(f"{type(exc).__name__}: {exc} ({hint} for the traceback)", prog)
+    return exit_code(exc)
+
+
+@contextmanager
+def task_errors(prog: str, *, verbose: bool = False, interrupted: str = "interrupted",
+                on_config_error: Callable[[], None] | None = None,
+                job_failed: Callable[[str], BaseException] | None = None) -> Iterator[None]:
+    """Every entry point's error policy around its task (lightning-hydra-template's `task_wrapper`): one line and
+    exit 2 for a config error, 130 for Ctrl-C (143 for SIGTERM), 1 for anything else (its traceback only when
+    `verbose`). `on_config_error` runs before the line (e.g. remove what the failed start created);
+    `job_failed` turns a failure into the exception a Hydra multirun records instead of exiting (the other jobs
+    still run)."""
+    try:
+        yield
+    except (KeyboardInterrupt, Exception) as exc:
+        if isinstance(exc, ConfigError) and on_config_error is not None:
+            on_config_error()
+        code = report(exc, prog, verbose=verbose, interrupted=interrupted)
+        if job_failed is not None and code in (EXIT_CONFIG, EXIT_FAILED):
+            raise job_failed(str(exc) if code == EXIT_CONFIG else f"{type(exc).__name__}: {exc}") from exc
+        sys.exit(code)
+
+
+def task_wrapper(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate an argparse command's `main(argv) -> int` with `task_errors`' policy, returning the exit code
+    instead of exiting (so tests can call it); `--verbose` in argv shows an unexpected error's traceback."""
+
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def wrapped(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except (KeyboardInterrupt, Exception) as exc:
+                verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
+                return report(exc, prog, verbose=verbose, hint="run with --verbose")
+
+        return wrapped
+
+    return decorate

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..common.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 from ..plan import ImageJob
 
 log = logging.getLogger(__name__)
@@ -201,11 +200,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signal_name(signum))
         self.signum = signum
-
-
-def exit_code(signum: int | None) -> int:
-    """The exit code of a run stopped by `signum`: 143 for SIGTERM (128 + 15), else 130 (Ctrl-C)."""
-    return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
 
 
 def signal_name(signum: int | None) -> str:

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..common.errors import ConfigError, task_wrapper
 from ..common.paths import cache_root
 
 TINY_ID = "builtin:tiny"  # the SD1.5 tiny model; `builtin:tiny-<family>` for the others
@@ -250,6 +251,7 @@ def ensure_tiny(family: str = "sd15") -> Path:
         raise
 
 
+@task_wrapper("t2i-tiny")
 def main(argv: list[str] | None = None) -> int:
     """Console entry: `t2i-tiny DIR`."""
     parser = argparse.ArgumentParser(prog="t2i-tiny", description=__doc__.splitlines()[0])
@@ -259,15 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-loras", action="store_true", help="skip the example LoRAs")
     parser.add_argument("--single-file", action="store_true",
                         help=f"also write DIR/{SINGLE_FILE}: the same weights as one LDM-layout checkpoint")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an unexpected error")
     args = parser.parse_args(argv)
     dest = Path(args.dir)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        print(f"t2i-tiny: error: {dest} exists and is not an empty folder; choose a new path", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{dest} exists and is not an empty folder; choose a new path")
     if args.single_file and args.family != "sd15":
-        print(f"t2i-tiny: error: --single-file writes an SD1.5 (LDM) checkpoint; it does not apply to "
-              f"--family {args.family}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--single-file writes an SD1.5 (LDM) checkpoint; it does not apply to "
+                          f"--family {args.family}")
     write_tiny(dest, loras=not args.no_loras, family=args.family)
     print(f"tiny {args.family} model written to {dest} (load with model.id={dest})")
     if args.single_file:

@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ..common.errors import ConfigError, first_line
+from ..common.errors import ConfigError, first_line, task_wrapper
 from ..common.io import atomic_write_bytes
 from .manifest import MANIFEST, Manifest
 
@@ -211,6 +211,7 @@ def _merged_viewer(out: Path, entries: list[dict]) -> None:
     write_viewer(out, entries, progress("done", len(entries), len(entries), time.time()))
 
 
+@task_wrapper("t2i-merge")
 def merge_main(argv: list[str] | None = None) -> int:
     """`t2i-merge`: gather shard (or multirun job) run dirs into one manifest and grid."""
     from ..config import GridConfig
@@ -224,27 +225,24 @@ def merge_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--y", help="grid row axis (default: auto)")
     ap.add_argument("--max-size", type=int, default=GridConfig.max_size, help="largest grid side in pixels")
     ap.add_argument("--no-grid", action="store_true", help="write only the merged manifest")
+    ap.add_argument("--verbose", action="store_true", help="show the traceback of an unexpected error")
     args = ap.parse_args(argv)
-    try:
-        if args.output is None and len(args.dirs) != 1:
-            raise ConfigError("give --output when merging several dirs")
-        out = (args.output or args.dirs[0]).resolve()
-        dirs = [d.resolve() for d in run_dirs_of(args.dirs)]
-        if not dirs:
-            raise ConfigError(f"no run dir (with {MANIFEST}) in {', '.join(map(str, args.dirs))}")
-        if out in dirs:
-            raise ConfigError(f"--output {out} is one of the run dirs; choose another folder")
-        grid = GridConfig(enabled=not args.no_grid, x=args.x, y=args.y, max_size=args.max_size)
-        if grid.enabled:
-            from .grid import check_axes
+    if args.output is None and len(args.dirs) != 1:
+        raise ConfigError("give --output when merging several dirs")
+    out = (args.output or args.dirs[0]).resolve()
+    dirs = [d.resolve() for d in run_dirs_of(args.dirs)]
+    if not dirs:
+        raise ConfigError(f"no run dir (with {MANIFEST}) in {', '.join(map(str, args.dirs))}")
+    if out in dirs:
+        raise ConfigError(f"--output {out} is one of the run dirs; choose another folder")
+    grid = GridConfig(enabled=not args.no_grid, x=args.x, y=args.y, max_size=args.max_size)
+    if grid.enabled:
+        from .grid import check_axes
 
-            check_axes(grid)
-        entries, dups = merge(dirs, out)
-        grids = write_grids(out, grid, entries) if grid.enabled else []
-        _merged_viewer(out, entries)
-    except ConfigError as exc:
-        print(f"t2i-merge: error: {exc}", file=sys.stderr)
-        return 2
+        check_axes(grid)
+    entries, dups = merge(dirs, out)
+    grids = write_grids(out, grid, entries) if grid.enabled else []
+    _merged_viewer(out, entries)
     extra = f" ({dups} duplicate keys skipped)" if dups else ""
     print(f"t2i-merge: {len(entries)} images from {len(dirs)} run dirs{extra} -> {out / MANIFEST}"
           + (f", {len(grids)} grid(s) in {out / 'grids'}" if grids else "") + f", viewer {out / 'index.html'}")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..common.errors import EXIT_CONFIG, ConfigError
+from ..common.errors import ConfigError, task_wrapper
 from ..outputs.metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
 
 FOREIGN = "a1111-infotext"  # `source_format` of a record mapped from A1111 infotext
@@ -209,6 +209,7 @@ def describe_grid(info: dict[str, Any], path: str = "") -> str:
     return "\n".join(out)
 
 
+@task_wrapper("t2i-inspect")
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: print each image's record, or what a weights file is (human-readable or --json); for a
     grid, its `t2i-grid` description."""
@@ -220,15 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", metavar="FILE", help="PNG (or A1111 JPEG/WebP) image, a grid PNG, or a "
                         ".safetensors LoRA/LyCORIS/checkpoint file")
     parser.add_argument("--json", action="store_true", help="print the full JSON record")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an unexpected error")
     args = parser.parse_args(argv)
-    try:
-        weights = [p.endswith(WEIGHT_EXT) for p in args.images]
-        grids = [None if w else read_grid(p) for w, p in zip(weights, args.images, strict=True)]
-        records = [weights_record(p) if w else g if g is not None else read_record(p)
-                   for w, g, p in zip(weights, grids, args.images, strict=True)]
-    except ConfigError as exc:
-        print(f"t2i-inspect: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    weights = [p.endswith(WEIGHT_EXT) for p in args.images]
+    grids = [None if w else read_grid(p) for w, p in zip(weights, args.images, strict=True)]
+    records = [weights_record(p) if w else g if g is not None else read_record(p)
+               for w, g, p in zip(weights, grids, args.images, strict=True)]
     if args.json:
         data = records[0] if len(records) == 1 else records
         print(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True))

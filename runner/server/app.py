@@ -26,7 +26,7 @@ from fastapi_offline import FastAPIOffline
 from omegaconf import DictConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..common.errors import ConfigError, first_line
+from ..common.errors import ConfigError, first_line, task_wrapper
 from ..config import lora_name, validate
 from ..outputs.viewer import DATA_JS, STATUS_JS, VIEWER_HTML, data_js, page_html, status_js
 from . import a1111, openai_api
@@ -315,26 +315,25 @@ def create_app(cfg: DictConfig) -> FastAPI:
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
+@task_wrapper("t2i-serve")
+def main(argv: list[str] | None = None) -> int:
     """Console entry: `t2i-serve [hydra overrides…] [--host H] [--port P]`."""
     parser = argparse.ArgumentParser(prog="t2i-serve", description=__doc__.splitlines()[0])
     parser.add_argument("--host", help="bind address (default: server.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: server.port, 8000)")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an unexpected error")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny server.max_images=4")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = compose_config(args.overrides)
-        check_bind(args.host or cfg.server.host, api_keys(cfg))
-        app = create_app(cfg)
-    except ConfigError as exc:
-        print(f"t2i-serve: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cfg = compose_config(args.overrides)
+    check_bind(args.host or cfg.server.host, api_keys(cfg))
+    app = create_app(cfg)
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.info("model %s, images -> %s", cfg.model.id, app.state.output_dir)
     uvicorn.run(app, host=args.host or cfg.server.host, port=args.port or int(cfg.server.port))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
