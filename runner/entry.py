@@ -61,7 +61,7 @@ class RunDirGuard(Callback):
 
 
 def run_app(app: Callable[[], Any], state: dict, schema: Any = RunConfig, prog: str = "t2i",
-            groups: tuple[str, ...] = ("model", "lora", "server")) -> None:
+            groups: tuple[str, ...] = ("model", "lora", "server", "experiment")) -> None:
     """Pre-check the overrides against `schema` and the app's config `groups` (one line, exit 2), then run the
     Hydra `app`."""
     args = sys.argv[1:]

@@ -39,7 +39,7 @@ def hydra_main(cfg: DictConfig) -> Any:
 
 def main() -> None:
     """Console entry point of `t2i-train`: pre-checks overrides, then runs the Hydra app."""
-    run_app(hydra_main, _state, TrainRunConfig, prog="t2i-train", groups=("model", "train"))
+    run_app(hydra_main, _state, TrainRunConfig, prog="t2i-train", groups=("model", "recipe"))
 
 
 if __name__ == "__main__":
