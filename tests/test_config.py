@@ -81,3 +81,37 @@ def test_random_seed_minus_one_is_drawn_from_the_run_seed() -> None:
     drawn = draw_seeds(s.seeds, 7)
     assert drawn[1] == 5 and all(0 <= d < 2**32 for d in drawn) and drawn[0] != drawn[2]
     assert draw_seeds([-1], 7) == drawn[:1] and draw_seeds(s.seeds, 8) != drawn
+
+
+@pytest.mark.parametrize("path", ["config.yaml", "train.yaml", "server/default.yaml", "recipe/default.yaml"])
+def test_default_values_live_only_in_the_schema(path: str) -> None:
+    """conf/ picks groups; every default value is written once, in the structured schema (config/schema.py,
+    train/config.py), so the YAML and the dataclasses cannot drift apart."""
+    from runner.config.overrides import CONF_DIR
+
+    assert set(OmegaConf.load(CONF_DIR / path) or {}) <= {"defaults"}
+
+
+@pytest.mark.parametrize(("name", "schema_of", "groups"), [
+    ("config", "runner.config.schema:RunConfig", {"model", "lora_sets"}),
+    ("train", "runner.train.config:TrainRunConfig", {"model"}),
+])
+def test_composed_defaults_are_the_schema_defaults(name: str, schema_of: str, groups: set[str]) -> None:
+    """What `t2i --cfg job` shows is the schema's defaults, but for what the default groups (model, lora) set."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+
+    from runner.config import register_configs
+    from runner.config.overrides import CONF_DIR
+    from runner.train.config import register_configs as register_train
+
+    register_configs()
+    register_train()
+    module, _, cls = schema_of.partition(":")
+    schema = OmegaConf.to_container(OmegaConf.structured(getattr(importlib.import_module(module), cls)))
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        composed = OmegaConf.to_container(compose(name))
+    for key in groups:
+        composed.pop(key), schema.pop(key)
+    assert composed == schema

@@ -72,17 +72,18 @@ class ShardConfig:
 
 @dataclass
 class ServerConfig:
-    """`t2i-serve` settings (conf/server/default.yaml); ignored by `t2i`."""
+    """`t2i-serve` settings (the `server` group; override e.g. server.port=9000); ignored by `t2i`. The server's
+    model, device and batch size are the run config's own (model=..., device=..., batch_size=...)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     allowed_models: Any = field(default_factory=list)  # model ids allowed besides model.id (a list or one id)
     allowed_lora_dirs: Any = field(default_factory=list)  # local LoRA paths must lie inside one of these
     allow_hub_loras: bool = True
-    max_steps: int = 150
-    max_images: int = 8
-    max_side: int = 1024
-    queue_size: int = 32
+    max_steps: int = 150  # a request with more inference steps gets HTTP 422
+    max_images: int = 8  # most images per request (total_nm_img_prompt)
+    max_side: int = 1024  # largest width/height a request may ask for
+    queue_size: int = 32  # pending requests beyond this get HTTP 503 with Retry-After
     merge_max_images: int = 16  # queued compatible requests are merged into one run up to this many images
     output_dir: str | None = None  # null = outputs/server/<date>/<time>
     run_dirs: list[str] = field(default_factory=list)  # more folders whose run dirs /runs lists and serves
@@ -108,27 +109,27 @@ class RunConfig:
     seeds: Any = field(default_factory=lambda: [0])
     models: Any = field(default_factory=list)  # a model axis: group names, ids or {group, id, …}; [] = model
     steps: Any = None  # null = the model's default (its group's settings, else the pipeline's own)
-    guidance_scale: Any = None
+    guidance_scale: Any = None  # CFG; on Flux.1 the distilled guidance
     true_cfg_scale: Any = None  # Flux.1 / Qwen-Image: real CFG with the negative prompt when > 1
     max_sequence_length: Any = None  # T5/Qwen text encoders: tokens read from the prompt
-    width: Any = None
+    width: Any = None  # null = the model's default size; multiples of 8
     height: Any = None
-    scheduler: Any = None
+    scheduler: Any = None  # A1111 "Sampler" (config/schedulers.py): null = the model's own; euler, euler_a, dpmpp_2m, …
     schedule: Any = None  # A1111 "Schedule type": null = the scheduler's own, karras, exponential, … (schedulers.py)
     clip_skip: Any = None  # A1111 "Clip skip": 1 = last CLIP layer (null/1 = off), 2 = penultimate, …
-    device: str = "auto"
+    device: str = "auto"  # auto = mps -> cuda -> cpu
     threads: Any = "auto"  # CPU threads for torch: auto = the cores this process may use, or an int
-    batch_size: Any = "auto"
-    batch_invariant: Any = "auto"
+    batch_size: Any = "auto"  # images with the same settings share one pipeline call
+    batch_invariant: Any = "auto"  # auto = on cpu: an image is bit-identical whatever its batch-mates
     lora_sets: Any = field(default_factory=lambda: [[]])
-    lora_scales: Any = None
+    lora_scales: Any = None  # e.g. [0.0, 0.5, 1.0]: multiplies every adapter's scale
     lora_blocks: Any = None  # block-weight specs swept for every adapter without its own `blocks` (presets/lists)
     lora_dirs: list[str] = field(default_factory=list)  # folders where LoRAs are found by file stem or hash
     allow_pickle_lora: bool = False
     max_loaded_loras: int = 8
-    resume: bool = True
+    resume: bool = True  # a run dir gets only the images it lacks; false: every image again, each in its own file
     run_seed: int | None = None  # seeds given as -1 are drawn from it; null = the run dir's (or the sweep's)
-    output_dir: str | None = None
+    output_dir: str | None = None  # the run dir; null = Hydra's run dir (hydra.run.dir)
     grid: GridConfig = field(default_factory=GridConfig)
     viewer: ViewerConfig = field(default_factory=ViewerConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)

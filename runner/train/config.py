@@ -47,7 +47,7 @@ class OptimConfig:
     batch_size: int = 1
     gradient_accumulation: int = 1
     lr: float = 1e-4
-    lr_scheduler: str = "constant"
+    lr_scheduler: str = "constant"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
     lr_warmup_steps: int = 0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -55,10 +55,10 @@ class OptimConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     noise_offset: float = 0.0
-    mixed_precision: str = "auto"  # auto = bf16 (or fp16) on CUDA, fp32 elsewhere
+    mixed_precision: str = "auto"  # auto = bf16 (fp16 if unsupported) on CUDA, fp32 on cpu/mps | no | fp16 | bf16
     gradient_checkpointing: bool = False
     seed: int = 0
-    checkpoint_every: int = 500  # also at the last step
+    checkpoint_every: int = 500  # and at the last step; each writes a resumable checkpoint + validation images
     keep_checkpoints: int = 0  # 0 = keep all
 
 
@@ -79,7 +79,7 @@ class TrainRunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    device: str = "auto"
+    device: str = "auto"  # auto = mps -> cuda -> cpu
     resume: Any = (
         "auto"  # auto (continue this run dir's last checkpoint) | false | PATH (run or checkpoint dir)
     )
