@@ -72,7 +72,7 @@ class ModelPlan:
 def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
     """Resolve and check every model of the run before the first loads: its family, its settings (user keys,
     group settings, pipeline defaults), the keys its family cannot honour, memory modes and LoRA families."""
-    from .lora.family_keys import check_lora_family
+    from .lora.detect import check_family
     from .models.info import check_model, check_transformer_file, model_infos, spec_for
     from .models.memory import check_memory
     from .models.source import resolve_device
@@ -87,7 +87,7 @@ def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
         check_transformer_file(info, where)
         for s, loras in enumerate(lora_sets):
             for r in loras:
-                check_lora_family(r.file, info.family, info.config.id, f"{where}lora_sets[{s}]: ")
+                check_family(r.file, info.family, info.config.id, f"{where}lora_sets[{s}]: ")
         plans.append(ModelPlan(info, mspec, *info.identity(spec.device)))
     return plans
 

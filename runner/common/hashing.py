@@ -15,7 +15,7 @@ import re
 import threading
 from pathlib import Path
 
-from .paths import WEIGHT_EXT, cache_root
+from .paths import WEIGHT_EXT, cache_root, is_safetensors
 
 _lock = threading.Lock()
 _memo: dict[str, str] = {}
@@ -82,7 +82,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def addnet_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a safetensors file's tensor payload (after the header); a pickle file's full SHA-256."""
-    if not str(path).endswith(".safetensors"):
+    if not is_safetensors(path):
         return file_sha256(path)  # A1111 hashes non-safetensors LoRAs whole
     return _cached_digest(path, "addnet")
 
@@ -103,9 +103,12 @@ def model_sha256(path: str | os.PathLike) -> str:
     if p.is_file():
         return file_sha256(p)
     h = hashlib.sha256()
+    # the components model_index.json names (other folders, e.g. the tiny model's example loras/, are no part of
+    # the model); a folder without an index: every subfolder's weights
+    comps = set(_components(p))
     for f in sorted(p.rglob("*")):
         rel = f.relative_to(p).parts
-        if f.suffix in WEIGHT_EXT and f.is_file() and len(rel) > 1 and rel[0] != "loras":  # component weights
+        if f.suffix in WEIGHT_EXT and f.is_file() and len(rel) > 1 and (not comps or rel[0] in comps):
             h.update(f"{f.relative_to(p).as_posix()}:{file_sha256(f)}\n".encode())
     return h.hexdigest()
 

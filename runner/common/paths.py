@@ -12,6 +12,13 @@ from pathlib import Path
 SAFE_EXT = (".safetensors",)
 PICKLE_EXT = (".bin", ".ckpt", ".pt", ".pth")  # read only with an explicit allow_pickle opt-in
 WEIGHT_EXT = SAFE_EXT + PICKLE_EXT
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """A safetensors file by its name: read without unpickling, its header tells what it holds."""
+    return str(path).endswith(SAFE_EXT)
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 

@@ -18,6 +18,7 @@ from .validate import (
     DTYPES,
     MAX_SEED,
     PIPELINES,
+    TORCH_DTYPES,
     LoraSpec,
     PromptSpec,
     RunSpec,
@@ -26,7 +27,8 @@ from .validate import (
 )
 
 __all__ = [
-    "DEVICES", "DTYPES", "MAX_SEED", "PIPELINES", "ConfigError", "GridConfig", "LoraSpec", "MemoryConfig",
+    "DEVICES", "DTYPES", "MAX_SEED", "PIPELINES", "TORCH_DTYPES", "ConfigError", "GridConfig", "LoraSpec",
+    "MemoryConfig",
     "ModelConfig", "PerfConfig", "PromptSpec", "RunConfig", "RunSpec", "ServerConfig", "ShardConfig", "ViewerConfig",
     "lora_name",
     "register_configs", "validate",

@@ -17,7 +17,8 @@ from .blocks import BlockSpec, parse_spec
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
 from .schema import GridConfig, MemoryConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig, ViewerConfig
 
-DTYPES = ("auto", "fp32", "fp16", "bf16")
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # model.dtype -> the torch dtype
+DTYPES = ("auto", *TORCH_DTYPES)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PIPELINES = ("auto", "sd", "sdxl")  # or a diffusers pipeline class name (checked against diffusers when loading)
 OFFLOAD = ("none", "model", "sequential")
@@ -406,14 +407,9 @@ def validate(cfg: DictConfig | dict) -> RunSpec:
         raise _omegaconf_error(exc) from exc
 
 
-def _validate(cfg: DictConfig) -> RunSpec:
-    model = _model("model", cfg.model)
-    models = _models(cfg)
-    _choice("device", cfg.device, DEVICES)
-    seeds = []
-    for s in _as_list("seeds", cfg.seeds):
-        seed = _number("seeds", s, int, -1, MAX_SEED)
-        seeds.append(seed)  # -1 stays: drawn from the run seed (plan.draw_seeds), so shards and resumes agree
+def _schedules(cfg: DictConfig) -> list[str | None]:
+    """The swept schedule types, each checked against each swept scheduler (a pair diffusers cannot run, or one
+    whose Python package is missing, is one line)."""
     scheds = [None if s in (None, "null", "default") else _choice("scheduler", s, SCHEDULERS)
               for s in _as_list("scheduler", cfg.scheduler)]
     schedules = [None if s in (None, "null", "default") else _choice("schedule", s, SCHEDULES)
@@ -428,6 +424,26 @@ def _validate(cfg: DictConfig) -> RunSpec:
                 what = f"scheduler={sched}" if sched else f"schedule={schedule}"
                 raise ConfigError(f"{what} needs the Python package {missing[0]!r}, which is not installed; "
                                   f"pip install {missing[0]} (it is a dependency of t2i-runner)")
+    return schedules
+
+
+def _threads(threads: Any) -> int | None:
+    if threads not in ("auto", None) and (isinstance(threads, bool) or not isinstance(threads, int)
+                                          or not 1 <= threads <= 1024):
+        raise ConfigError(f"threads={threads!r} is not valid; valid: auto (the cores this process may use) or "
+                          "an integer from 1 to 1024")
+    return None if threads in ("auto", None) else int(threads)
+
+
+def _validate(cfg: DictConfig) -> RunSpec:
+    model = _model("model", cfg.model)
+    models = _models(cfg)
+    _choice("device", cfg.device, DEVICES)
+    seeds = []
+    for s in _as_list("seeds", cfg.seeds):
+        seed = _number("seeds", s, int, -1, MAX_SEED)
+        seeds.append(seed)  # -1 stays: drawn from the run seed (plan.draw_seeds), so shards and resumes agree
+    schedules = _schedules(cfg)
     batch = cfg.batch_size
     if batch != "auto":
         batch = _number("batch_size", batch, int, 1, 1024)
@@ -442,12 +458,7 @@ def _validate(cfg: DictConfig) -> RunSpec:
     _number("grid.max_size", cfg.grid.max_size, int, 64, MAX_GRID_SIDE)
     _number("grid.min_cell", cfg.grid.min_cell, int, 8, MAX_GRID_SIDE)
     run_seed = None if cfg.get("run_seed") is None else _number("run_seed", cfg.run_seed, int, 0, MAX_SEED)
-    threads = cfg.get("threads", "auto")
-    if threads not in ("auto", None) and (isinstance(threads, bool) or not isinstance(threads, int)
-                                          or not 1 <= threads <= 1024):
-        raise ConfigError(f"threads={threads!r} is not valid; valid: auto (the cores this process may use) or "
-                          "an integer from 1 to 1024")
-    threads = None if threads in ("auto", None) else int(threads)
+    threads = _threads(cfg.get("threads", "auto"))
     if cfg.get("server") is not None:
         for key in ("allowed_models", "allowed_lora_dirs", "api_keys"):
             string_list(f"server.{key}", cfg.server.get(key))

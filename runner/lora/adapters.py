@@ -12,6 +12,7 @@ from typing import Any
 
 from ..common.errors import ConfigError, first_line
 from ..common.hashing import file_sha256
+from ..common.paths import is_safetensors
 from .detect import check_base, detect_state, read_header
 from .files import ResolvedLora, read_state_dict
 from .lycoris import check_finite, file_deltas
@@ -125,7 +126,7 @@ class AdapterManager:
             raise ConfigError(f"LoRA file {r.file} changed since it was hashed; run again")
         # 1. What the file is: structure (pairs, ranks, known algorithm), family and base model, values.
         state = read_state_dict(r)
-        info = detect_state(state, read_header(r.file)[2] if r.file.endswith(".safetensors") else None)
+        info = detect_state(state, read_header(r.file)[2] if is_safetensors(r.file) else None)
         if not state or not (info.is_adapter or any("lora" in k or k.endswith(".alpha") for k in state)):
             raise ConfigError(f"{r.file} is not a LoRA file (no LoRA weights in it)")
         if info.is_adapter:

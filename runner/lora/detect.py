@@ -591,6 +591,46 @@ def check_base(info: LoraInfo, pipe: Any, file: str) -> None:
                       f"{model.split(' (')[0]}")
 
 
+# 4b. The same rule before any model loads (run.plan_models): the model's family against the file's.
+MODEL_FAMILY = {"sd2": "sd15"}  # detect ids -> models/families.py ids (there SD 2.x is the SD 1.x family)
+_GROUPS = {"Stable Diffusion 1.x/XL": ("sd15", "sdxl"), "Flux": ("flux1", "flux2")}  # told apart only by shapes
+
+
+def model_families(info: LoraInfo) -> tuple[str, ...]:
+    """The models/families.py ids a LoRA can be for; () when its keys do not tell. An SD UNet file whose
+    cross-attention width is no real model's (a test-size UNet) is SD 1.x/2.x or SDXL, SDXL alone with a second
+    text encoder (OpenCLIP-bigG, SDXL's)."""
+    found = (info.family,) if info.family else info.family_candidates
+    if not found and info.context_dim is not None:
+        found = ("sdxl",) if "text_encoder_2" in info.text_widths or any(
+            m.component == "text_encoder_2" for m in info.modules.values()) else ("sd15", "sdxl")
+    return tuple(dict.fromkeys(MODEL_FAMILY.get(f, f) for f in found))
+
+
+def check_family(file: str, family: Any, model: str, where: str = "") -> None:
+    """ConfigError (one line naming both families) when a LoRA file is clearly for another family than the model
+    (`family`: a models/families.py Family), from its safetensors header only. Across groups (an SD LoRA on Flux)
+    it names the group; within one (an SDXL LoRA on SD 1.5) the exact family."""
+    from ..common.paths import is_safetensors
+    from ..models.families import FAMILIES as MODEL_FAMILIES
+
+    if not is_safetensors(file) or family.name.startswith("other:"):
+        return
+    try:
+        found = model_families(detect_file(file))
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader with its own message
+        return
+    if not found or family.name in found:
+        return
+    group = next((g for g, members in _GROUPS.items() if set(found) <= set(members)), None)
+    if group and (len(found) > 1 or family.name not in _GROUPS[group]):
+        name = group
+    else:
+        name = " or ".join(MODEL_FAMILIES[f].label for f in found)
+    raise ConfigError(f"{where}{file} is a LoRA for {name}, but the model {model!r} is {family.label}; use a "
+                      f"{family.label} LoRA or another model")
+
+
 # 5. Kohya training metadata (`ss_*`) for `t2i-inspect`.
 def training_summary(meta: Mapping[str, str], top: int = 10) -> dict[str, Any]:
     """Base model, resolution, epochs, steps, and the most frequent caption tags (likely trigger words)."""

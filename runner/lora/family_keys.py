@@ -1,18 +1,14 @@
-"""Which model family a LoRA file is for, from its key names alone (read before any model loads).
+"""Which model family a transformer checkpoint (`model.transformer`: GGUF, single file) is for, from its key names.
 
-The key table of the model-families work; it moves into `lora/detect.py` (issue 16: format + target family +
-base model of a LoRA file, the one home of that rule) when that lands. A result is a family name, or a group of
-families the keys cannot tell apart ("sd" = SD1.5 or SDXL, "flux" = Flux.1 or Flux.2, None = unknown); the
-loader's layer/shape checks decide within a group.
+A LoRA file's family is lora/detect.py's rule (names, shapes, metadata; `detect.check_family` before loading,
+`detect.check_base` after). A result here is a family name, or a group of families the keys cannot tell apart
+("sd" = SD1.5 or SDXL, "flux" = Flux.1 or Flux.2, None = unknown).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
-
-from ..common.errors import ConfigError
 
 # (family or group, pattern over a key), first match wins. Only denoiser keys decide (text-encoder keys are
 # shared: Flux and SD3 LoRAs may carry `lora_te1_`/`text_encoder` parts too). Patterns cover diffusers/peft names
@@ -59,24 +55,3 @@ def label(found: str) -> str:
     from ..models.families import FAMILIES
 
     return {"sd": "Stable Diffusion 1.x/XL", "flux": "Flux"}.get(found) or FAMILIES[found].label
-
-
-def file_keys(path: str) -> list[str]:
-    """The tensor names of a LoRA file (safetensors: from its header only; pickle files: not read here)."""
-    if not path.endswith(".safetensors"):
-        return []
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, "pt") as f:
-            return list(f.keys())
-    except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader with its own message
-        return []
-
-
-def check_lora_family(file: str, family: Any, model: str, where: str = "") -> None:
-    """ConfigError (one line naming both families) when a LoRA file is clearly for another family than the model."""
-    found = lora_family(file_keys(file))
-    if not fits(found, family.name):
-        raise ConfigError(f"{where}{file} is a LoRA for {label(found)}, but the model {model!r} is "
-                          f"{family.label}; use a {family.label} LoRA or another model")

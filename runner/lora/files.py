@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..common.errors import ConfigError, first_line
 from ..common.hashing import addnet_sha256, autov2, file_sha256
-from ..common.paths import PICKLE_EXT, WEIGHT_EXT, hub_offline, hub_unreachable, is_hub_id
+from ..common.paths import PICKLE_EXT, WEIGHT_EXT, hub_offline, hub_unreachable, is_hub_id, is_safetensors
 from ..config import LoraSpec, RunSpec, lora_name
 from ..config.blocks import spec_label
 from ..models.tiny import builtin_path
@@ -51,7 +51,7 @@ class ResolvedLora:
 
 
 def _listing(files: Iterable[str]) -> str:
-    found = sorted(f for f in files if f.endswith(".safetensors"))
+    found = sorted(f for f in files if is_safetensors(f))
     return ", ".join(found) if found else "none"
 
 
@@ -112,7 +112,7 @@ def _hub_file(spec: LoraSpec) -> Path:
         names = [spec.weight_name]
     else:
         names = [n for n in DEFAULT_NAMES if n in files]
-        singles = [f for f in files if f.endswith(".safetensors") and "/" not in f]
+        singles = [f for f in files if is_safetensors(f) and "/" not in f]
         names = names or (singles if len(singles) == 1 else [])
     if not names or names[0] not in files:
         what = f"weight_name={spec.weight_name!r} is" if spec.weight_name else "no default LoRA file is"
@@ -166,7 +166,7 @@ def resolve_set(specs: Iterable[LoraSpec], allow_pickle: bool, where: str) -> tu
 
 def read_state_dict(r: ResolvedLora) -> dict:
     """The tensors of a resolved LoRA file (pickle files only through torch's weights_only loader)."""
-    if r.file.endswith(".safetensors"):
+    if is_safetensors(r.file):
         from safetensors.torch import load_file
 
         try:
@@ -196,7 +196,7 @@ def touches_text_encoder(r: ResolvedLora) -> bool:
     only; other files count as touching it). Used to share prompt embeddings across LoRA sets."""
     if r.sha256 not in _TE_MEMO:
         touches = True
-        if r.file.endswith(".safetensors"):
+        if is_safetensors(r.file):
             from safetensors import safe_open
 
             try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConfigError, first_line
-from ..common.paths import hub_offline
+from ..common.paths import hub_offline, is_safetensors
 from ..config import ModelConfig, RunSpec
 from ..config.validate import SETTING_KEYS, setting
 from .families import G_NONE, Family, Knobs, Traits, check, family_for_pipeline, pipeline_defaults, traits
@@ -145,7 +145,7 @@ def _single_file_pipeline(path: str, model: ModelConfig) -> str:
         name = _folder_json(model.config, "model_index.json").get("_class_name")
         if name:
             return name
-    if not path.endswith(".safetensors"):
+    if not is_safetensors(path):
         return "StableDiffusionPipeline"  # pickle checkpoints: the SD1.x layout, as before
     from safetensors import SafetensorError
 

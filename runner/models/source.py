@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..common.errors import ConfigError
 from ..common.paths import PICKLE_EXT, hub_offline, hub_unreachable, is_hub_id
-from ..config import ModelConfig
+from ..config import TORCH_DTYPES, ModelConfig
 from .tiny import TINY_ID, tiny_family
 
 
@@ -33,7 +33,7 @@ def resolve_dtype(name: str, device: str):
 
     if name == "auto":
         return torch.float32 if device == "cpu" else torch.float16
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return getattr(torch, TORCH_DTYPES[name])
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..common.errors import ConfigError
-from ..config import LoraSpec, RunSpec, validate
+from ..config import TORCH_DTYPES, LoraSpec, RunSpec, validate
 from ..outputs.record import SETTINGS
 from .inspect import FOREIGN, read_record
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+DTYPES = {torch_name: name for name, torch_name in TORCH_DTYPES.items()}  # recorded torch dtype -> model.dtype
 PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 
 

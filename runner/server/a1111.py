@@ -273,6 +273,7 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
     default_clip = first_value(cfg.get("clip_skip")) or 1
     state = A1111State(cfg.model.id, int(default_clip))
 
+    # 1. A request's settings in t2i terms: its checkpoint, Clip skip and run spec (A1111's field names in errors).
     def checkpoint_id(name: str, field: str = CHECKPOINT) -> str:
         """A model id for an A1111 checkpoint name (its title, id or model name); 403 when not allowed."""
         valid = allowed_models(cfg)
@@ -346,6 +347,7 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
                  "prompts": [{"prompt": req.prompt, "negative_prompt": req.negative_prompt}]}
         return to_spec(job, cfg, extra, NAMES)
 
+    # 2. Generation: txt2img on the shared queue, its progress, interrupt (img2img: 501).
     def info(req: Txt2ImgRequest, job: Job, started: datetime) -> dict[str, Any]:
         """A1111's `info` (Processed.js()) for a finished job, from the saved images' records and infotexts."""
         files = [f for f in job.files if f is not None]
@@ -412,6 +414,7 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
         queue.interrupt()
         return {}
 
+    # 3. Options: the checkpoint and Clip skip later requests use.
     def options() -> dict[str, Any]:
         return {CHECKPOINT: state.checkpoint, "sd_checkpoint_hash":
                 (model_sha256 or None) if state.checkpoint == cfg.model.id else None,
@@ -437,6 +440,7 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
                                      f"{CHECKPOINT}, {CLIP_SKIP} (others only at their current value)")
         state.checkpoint, state.clip_skip = new.checkpoint, new.clip_skip
 
+    # 4. What this server offers: models, samplers, schedule types, LoRAs, and png-info.
     @router.get("/sd-models", summary="The models a request may use (the server's and server.allowed_models)")
     async def sd_models() -> list[dict[str, Any]]:
         def item(mid: str) -> dict[str, Any]:
@@ -482,7 +486,8 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
         geninfo = items.pop(INFOTEXT_KEY, "")
         return {"info": geninfo, "items": items, "parameters": parse_infotext(geninfo) if geninfo else {}}
 
-    # what this server has none of (no scripts, VAEs, styles, embeddings, upscalers): A1111 clients ask on start
+    # 5. What this server has none of (no scripts, VAEs, styles, embeddings, upscalers): empty lists, as A1111
+    #    clients ask for them on start.
     @router.get("/scripts", summary="Scripts (none)")
     async def scripts() -> dict[str, list]:
         return {"txt2img": [], "img2img": []}

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Form, Request
+from fastapi import APIRouter, Body, FastAPI, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -131,17 +131,21 @@ def job_json(queue: JobQueue, job: Job, roots: list[Root] | None = None) -> dict
     }
 
 
+TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
+
+
 def create_app(cfg: DictConfig) -> FastAPI:
     """The FastAPI app for a composed run config (its `server` section sets limits and the output dir)."""
     from ..models.loading import load_model
 
-    base = validate(cfg)  # a broken server config fails now, not on the first request
-    roots = run_roots(cfg)  # so does a server.run_dirs entry that is not a folder
+    # 1. Check everything the config names now, not on the first request: the run config, server.run_dirs, the
+    #    API keys, and the model (a model that does not load fails with the one line `t2i` prints).
+    base = validate(cfg)
+    roots = run_roots(cfg)
     keys = api_keys(cfg)
-    loaded = load_model(base.model, base.device)  # so does a model that does not load (the one line `t2i` prints)
+    loaded = load_model(base.model, base.device)
     out = server_dir(cfg)
     queue = JobQueue(out, int(cfg.server.queue_size), int(cfg.server.merge_max_images))
-    templates = Jinja2Templates(directory=str(HERE / "templates"))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -149,8 +153,8 @@ def create_app(cfg: DictConfig) -> FastAPI:
         yield
         await run_in_threadpool(queue.stop)
 
-    # FastAPIOffline serves Swagger UI from packaged files: /docs works without the internet. No /redoc: ReDoc's
-    # bundle fetches its logo from a CDN.
+    # 2. The app. FastAPIOffline serves Swagger UI from packaged files: /docs works without the internet. No
+    #    /redoc: ReDoc's bundle fetches its logo from a CDN.
     app = FastAPIOffline(title="t2i-runner server", lifespan=lifespan, redoc_url=None,
                   description="Text-to-image with LoRA adapters. `POST /submit` is the original form's "
                               "endpoint; `/api/jobs` queues a job and reports its progress. `strength` is "
@@ -160,42 +164,63 @@ def create_app(cfg: DictConfig) -> FastAPI:
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
 
-    def error(request: Request, status: int, message: str, headers: dict | None = None,
-              exc: Exception | None = None) -> Response:
-        """An HTML page for a browser (it accepts text/html) outside the APIs, OpenAI's error body on its routes,
-        else one JSON line (`{"detail": …}`, also A1111's shape)."""
-        path = request.url.path
-        if path.startswith(openai_api.OPENAI_PREFIX):
-            return openai_api.error_for(status, message, headers, exc)
-        if "text/html" in request.headers.get("accept", "") and not path.startswith(("/api/", a1111.PREFIX)):
-            page = templates.TemplateResponse(request, "error.html", {"status": status, "message": message},
-                                              status_code=status)
-            page.headers.update(headers or {})
-            return page
-        return JSONResponse({"detail": message}, status_code=status, headers=headers)
+    # 3. Errors: one handler per kind, each answered in the caller's format (error_response).
+    add_error_handlers(app)
+
+    # 4. The routes: the form and job API, the run dirs and their viewers, A1111's and OpenAI's APIs.
+    app.include_router(jobs_router(cfg, base.model.id, queue, out, roots))
+    app.include_router(runs_router(roots))
+    app.include_router(a1111.a1111_router(cfg, queue, loaded.sha256))
+    app.include_router(openai_api.openai_router(cfg, queue, out, started=datetime.now().timestamp()))
+    return app
+
+
+def error_response(request: Request, status: int, message: str, headers: dict | None = None,
+                   exc: Exception | None = None) -> Response:
+    """An HTML page for a browser (it accepts text/html) outside the APIs, OpenAI's error body on its routes,
+    else one JSON line (`{"detail": …}`, also A1111's shape)."""
+    path = request.url.path
+    if path.startswith(openai_api.OPENAI_PREFIX):
+        return openai_api.error_for(status, message, headers, exc)
+    if "text/html" in request.headers.get("accept", "") and not path.startswith(("/api/", a1111.PREFIX)):
+        page = TEMPLATES.TemplateResponse(request, "error.html", {"status": status, "message": message},
+                                          status_code=status)
+        page.headers.update(headers or {})
+        return page
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Form errors, a full queue (503 + Retry-After), invalid requests (422 in one line), 404/405 and crashes."""
 
     @app.exception_handler(FormError)
     async def _form_error(request: Request, exc: FormError) -> Response:
-        return error(request, exc.status, exc.message, exc=exc)
+        return error_response(request, exc.status, exc.message, exc=exc)
 
     @app.exception_handler(QueueFull)
     async def _busy(request: Request, exc: QueueFull) -> Response:
-        return error(request, 503, str(exc), {"Retry-After": str(exc.retry_after)})
+        return error_response(request, 503, str(exc), {"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error(request, 422, error_line(list(exc.errors())), exc=exc)
+        return error_response(request, 422, error_line(list(exc.errors())), exc=exc)
 
     @app.exception_handler(StarletteHTTPException)  # 404, 405 (a reloaded /submit is a GET): pages too
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        return error(request, exc.status_code, str(exc.detail), dict(exc.headers or {}))
+        return error_response(request, exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> Response:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return error(request, 500, f"the server failed: {type(exc).__name__}: {first_line(exc, 300)}")
+        return error_response(request, 500, f"the server failed: {type(exc).__name__}: {first_line(exc, 300)}")
+
+
+def jobs_router(cfg: DictConfig, model_id: str, queue: JobQueue, out: Path, roots: list[Root]) -> APIRouter:
+    """The original design's form (`GET /`, `POST /submit`, gallery pages) and the JSON job API."""
+    router = APIRouter()
     choices = model_choices(cfg)
 
+    # 1. A request becomes a job on the shared queue; jobs are found by id.
     def enqueue(req: JobRequest) -> Job:
         spec = to_spec(req, cfg)
         from ..models.info import model_info
@@ -208,24 +233,25 @@ def create_app(cfg: DictConfig) -> FastAPI:
             raise FormError(404, f"no job {job_id!r} on this server")
         return job
 
-    @app.get("/", response_class=HTMLResponse, summary="The generation form (the original design's fields)")
+    # 2. The original design's form, its submit (one PNG, or a gallery page) and gallery pages.
+    @router.get("/", response_class=HTMLResponse, summary="The generation form (the original design's fields)")
     async def index(request: Request) -> Response:
         s = cfg.server
         first = choices[0]
         steps = min(int(first["defaults"].get("steps") or 30), int(s.max_steps))
-        ctx = {"model_id": base.model.id, "models": choices, "first": first, "steps": steps,
+        ctx = {"model_id": model_id, "models": choices, "first": first, "steps": steps,
                "guidance": first["defaults"].get("guidance_scale"), "true_cfg": first["defaults"].get("true_cfg_scale"),
                "max_steps": s.max_steps, "max_images": s.max_images, "max_side": s.max_side}
-        return templates.TemplateResponse(request, "index.html", ctx)
+        return TEMPLATES.TemplateResponse(request, "index.html", ctx)
 
-    @app.post("/submit", response_class=FileResponse, summary="Generate: 1 image = the PNG, N = a gallery",
-              responses={200: {"content": {"image/png": {}, "text/html": {}}}})
+    @router.post("/submit", response_class=FileResponse, summary="Generate: 1 image = the PNG, N = a gallery",
+                 responses={200: {"content": {"image/png": {}, "text/html": {}}}})
     async def submit(request: Request, form: Annotated[SubmitForm, Form()]) -> Response:
         req = parse_form(form)
         job = await run_in_threadpool(enqueue, req)
         await wait_for(queue, job)
         if job.status != "done":
-            return error(request, job.error_status, job.error or "generation failed")
+            return error_response(request, job.error_status, job.error or "generation failed")
         if len(job.files) == 1:
             return FileResponse(job.files[0], media_type="image/png", headers={"X-Job-Id": job.id})
         return gallery_page(request, job)
@@ -235,24 +261,25 @@ def create_app(cfg: DictConfig) -> FastAPI:
                  for k, (p, _, s) in enumerate(job.wanted) if job.files[k] is not None]
         ctx = {"job": job_json(queue, job, roots), "items": items, "negative": job.spec.prompts[0].negative_prompt,
                "loras": job_loras(job)}
-        return templates.TemplateResponse(request, "gallery.html", ctx)
+        return TEMPLATES.TemplateResponse(request, "gallery.html", ctx)
 
-    @app.get("/jobs/{job_id}", response_class=HTMLResponse, summary="A job's gallery page")
+    @router.get("/jobs/{job_id}", response_class=HTMLResponse, summary="A job's gallery page")
     async def gallery(request: Request, job_id: str) -> Response:
         return gallery_page(request, find(job_id))
 
-    @app.post("/api/jobs", status_code=202, summary="Queue a job (the form's fields as JSON, plus `loras`)")
+    # 3. The JSON job API: queue, status, images; health and the models offered.
+    @router.post("/api/jobs", status_code=202, summary="Queue a job (the form's fields as JSON, plus `loras`)")
     async def create_job(req: Annotated[JobRequest, Body()]) -> JSONResponse:
         job = await run_in_threadpool(enqueue, req)
         headers = {"Location": f"/api/jobs/{job.id}"}
         return JSONResponse(job_json(queue, job, roots), status_code=202, headers=headers)
 
-    @app.get("/api/jobs/{job_id}", summary="A job's status, progress i/N, image URLs and its run's viewer")
+    @router.get("/api/jobs/{job_id}", summary="A job's status, progress i/N, image URLs and its run's viewer")
     async def get_job(job_id: str) -> dict[str, Any]:
         return job_json(queue, find(job_id), roots)
 
-    @app.get("/api/jobs/{job_id}/images/{name}", response_class=FileResponse, summary="Image k of a job",
-             responses={200: {"content": {"image/png": {}}}})
+    @router.get("/api/jobs/{job_id}/images/{name}", response_class=FileResponse, summary="Image k of a job",
+                responses={200: {"content": {"image/png": {}}}})
     async def get_image(job_id: str, name: str) -> Response:
         job, m = find(job_id), _IMAGE.match(name)
         k = int(m.group(1)) if m else -1
@@ -262,22 +289,40 @@ def create_app(cfg: DictConfig) -> FastAPI:
             raise FormError(404, f"no image {name!r} in job {job_id} (yet)")
         return FileResponse(path, media_type="image/png")
 
-    @app.get("/runs", response_class=HTMLResponse, summary="The run dirs this server may show, each with its viewer")
+    @router.get("/api/health", summary="Liveness and queue length")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "queued": queue.pending(), "model": model_id, "family": choices[0]["family"],
+                "output_dir": str(out)}
+
+    @router.get("/api/models", summary="The models this server offers: family, defaults and unused fields")
+    async def models() -> list[dict[str, Any]]:
+        return choices
+
+    return router
+
+
+def runs_router(roots: list[Root]) -> APIRouter:
+    """`/runs`: the run dirs this server may show (server.run_dirs and its own outputs), their files and viewers;
+    nothing outside those folders."""
+    router = APIRouter()
+
+    @router.get("/runs", response_class=HTMLResponse,
+                summary="The run dirs this server may show, each with its viewer")
     async def runs_page(request: Request) -> Response:
         runs = await run_in_threadpool(find_runs, roots)
-        return templates.TemplateResponse(request, "runs.html", {"runs": runs, "roots": roots})
+        return TEMPLATES.TemplateResponse(request, "runs.html", {"runs": runs, "roots": roots})
 
-    @app.get("/api/runs", summary="The run dirs this server may show (JSON)")
+    @router.get("/api/runs", summary="The run dirs this server may show (JSON)")
     async def runs_json() -> dict[str, Any]:
         runs = await run_in_threadpool(find_runs, roots)
         return {"roots": [{"index": r.index, "path": r.label} for r in roots], "runs": runs}
 
-    @app.get("/runs/{root}", include_in_schema=False)
+    @router.get("/runs/{root}", include_in_schema=False)
     async def run_root(root: str) -> Response:
         return RedirectResponse(f"/runs/{root}/")
 
-    @app.get("/runs/{root}/{rel:path}", summary="A file of a run dir (its viewer at .../index.html)",
-             responses={200: {"content": {"text/html": {}, "image/png": {}, "text/javascript": {}}}})
+    @router.get("/runs/{root}/{rel:path}", summary="A file of a run dir (its viewer at .../index.html)",
+                responses={200: {"content": {"text/html": {}, "image/png": {}, "text/javascript": {}}}})
     async def run_file(request: Request, root: str, rel: str) -> Response:
         return await run_in_threadpool(serve_run_file, request, root, rel)
 
@@ -285,7 +330,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
         try:
             return run_file_response(request, root, rel)
         except OSError:  # a name too long, a folder we may not read: not there, as far as the client knows
-            return error(request, 404, f"no file {rel!r} in the run dirs this server shows (see /runs)")
+            return error_response(request, 404, f"no file {rel!r} in the run dirs this server shows (see /runs)")
 
     def run_file_response(request: Request, root: str, rel: str) -> Response:
         path = resolve(roots, root, rel)
@@ -293,26 +338,15 @@ def create_app(cfg: DictConfig) -> FastAPI:
             if not request.url.path.endswith("/"):
                 return RedirectResponse(request.url.path + "/")
             if kind_of(path) is None:
-                return error(request, 404, f"{rel or 'this folder'} is not a run dir (see /runs)")
+                return error_response(request, 404, f"{rel or 'this folder'} is not a run dir (see /runs)")
             path = path / VIEWER_HTML
         if path is not None and path.is_file():
             return FileResponse(path, headers={"Cache-Control": "no-store"} if path.name in VIEWER_FILES else None)
         if path is not None and path.name in VIEWER_FILES and kind_of(path.parent):
             return viewer_file(path.parent, path.name)  # an older run dir: built now, nothing written
-        return error(request, 404, f"no file {rel!r} in the run dirs this server shows (see /runs)")
+        return error_response(request, 404, f"no file {rel!r} in the run dirs this server shows (see /runs)")
 
-    @app.get("/api/health", summary="Liveness and queue length")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "queued": queue.pending(), "model": base.model.id, "family": choices[0]["family"],
-                "output_dir": str(out)}
-
-    @app.get("/api/models", summary="The models this server offers: family, defaults and unused fields")
-    async def models() -> list[dict[str, Any]]:
-        return choices
-
-    app.include_router(a1111.a1111_router(cfg, queue, loaded.sha256))
-    app.include_router(openai_api.openai_router(cfg, queue, out, started=datetime.now().timestamp()))
-    return app
+    return router
 
 
 @task_wrapper("t2i-serve")

@@ -51,7 +51,6 @@ class Job:
     files: list[Path | None] = dataclasses.field(default_factory=list)
     run_dir: Path | None = None
     family: str | None = None  # the model's family (runner/models/families.py), reported by the API
-    created: float = dataclasses.field(default_factory=time.time)
     _waiters: list[Callable[[], None]] = dataclasses.field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:

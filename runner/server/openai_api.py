@@ -160,6 +160,7 @@ def openai_router(cfg: DictConfig, queue: JobQueue, out_dir: Path, started: floa
     router = APIRouter(tags=["OpenAI images API"])
     links = ImageLinks(int(cfg.server.get("image_url_ttl", 3600)))
 
+    # 1. Models by OpenAI's names, and a request as a run spec (the shared limits and model rule).
     def model_entry(mid: str) -> dict[str, Any]:
         return {"id": mid, "object": "model", "created": int(started), "owned_by": "t2i-runner"}
 
@@ -182,6 +183,7 @@ def openai_router(cfg: DictConfig, queue: JobQueue, out_dir: Path, started: floa
                          manual_seed=seed, width=width, height=height)
         return to_spec(job, cfg, names=NAMES)
 
+    # 2. Generation: images as base64 or as expiring URLs served below.
     @router.post("/v1/images/generations", summary="Create images (OpenAI's images.generate)")
     async def generations(request: Request, req: ImageRequest) -> dict[str, Any]:
         spec = await run_in_threadpool(spec_of, req)
@@ -211,6 +213,7 @@ def openai_router(cfg: DictConfig, queue: JobQueue, out_dir: Path, started: floa
             raise OpenAIError(404, f"no image {name!r} here (links expire after {links.ttl} s)", None, "not_found")
         return FileResponse(path, media_type="image/png")
 
+    # 3. The models a request may name.
     @router.get("/v1/models", summary="The models a request may name")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_entry(m) for m in allowed_models(cfg)]}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..common.errors import ConfigError
+from ..common.errors import ConfigError, first_line
 from .config import DataConfig
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -46,10 +46,8 @@ def _check_image(path: Path) -> None:
         with Image.open(path) as im:
             im.load()
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"data.dir: {path.name} is not a readable image ({first}); fix or remove it"
-        ) from exc
+        raise ConfigError(f"data.dir: {path.name} is not a readable image ({first_line(exc)}); fix or remove it"
+                          ) from exc
 
 
 def scan(cfg: DataConfig) -> list[Example]:

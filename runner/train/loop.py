@@ -73,6 +73,96 @@ def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int):
     return torch.stack(pixels), [examples[i].caption for i in idx]
 
 
+@dataclass
+class _Denoiser:
+    """What a training step reads: the frozen base (VAE, text encoder, tokenizer) around the UNet being adapted,
+    the noise schedule, and the one CPU generator of timesteps, noise and VAE samples (the same on every device)."""
+
+    unet: Any
+    vae: Any
+    te: Any
+    tok: Any
+    noise_sched: Any
+    device: str
+    dtype: Any
+    gen: Any
+    train_te: bool
+
+    def loss(self, pixels: Any, captions: list[str], noise_offset: float) -> Any:
+        """The diffusers recipe's loss on one micro-batch: MSE of the UNet's prediction against the noise (or
+        the velocity, for v-prediction models), under autocast when training in mixed precision."""
+        import torch
+        import torch.nn.functional as F
+
+        ids = self.tok(captions, max_length=self.tok.model_max_length, padding="max_length", truncation=True,
+                       return_tensors="pt").input_ids.to(self.device)
+        amp = self.dtype != torch.float32
+        with torch.enable_grad(), torch.autocast(device_type=self.device, dtype=self.dtype, enabled=amp):
+            with torch.no_grad():
+                dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+                latents = dist.sample(generator=self.gen) * self.vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=self.gen).to(self.device, latents.dtype)
+            if noise_offset:
+                offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=self.gen)
+                noise = noise + noise_offset * offset.to(self.device, latents.dtype)
+            steps_t = torch.randint(0, self.noise_sched.config.num_train_timesteps, (latents.shape[0],),
+                                    generator=self.gen).to(self.device)
+            noisy = self.noise_sched.add_noise(latents, noise, steps_t)
+            with torch.set_grad_enabled(self.train_te):
+                hidden = self.te(ids, return_dict=False)[0]
+            epsilon = self.noise_sched.config.prediction_type == "epsilon"
+            target = noise if epsilon else self.noise_sched.get_velocity(latents, noise, steps_t)
+            pred = self.unet(noisy, steps_t, hidden, return_dict=False)[0]
+            return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
+def _add_lora(spec: TrainSpec, unet: Any, te: Any) -> tuple[dict[str, Any], list]:
+    """peft LoRA layers on the UNet (and the text encoder with lora.text_encoder): the modules and their
+    trainable parameters, kept in fp32 under mixed precision."""
+    from peft import LoraConfig
+
+    lo = spec.lora
+
+    def lora_config(targets: Any) -> LoraConfig:
+        return LoraConfig(r=lo.rank, lora_alpha=spec.alpha, lora_dropout=lo.dropout, init_lora_weights="gaussian",
+                          target_modules=list(targets))
+
+    unet.add_adapter(lora_config(lo.target_modules))
+    modules = {"unet": unet}
+    if lo.text_encoder:
+        te.add_adapter(lora_config(lo.text_encoder_target_modules))
+        modules["text_encoder"] = te
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if spec.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if lo.text_encoder:
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+    unet.train()
+    te.train(lo.text_encoder)
+    return modules, params
+
+
+def _apply_gradients(optimizer: Any, lr_sched: Any, scaler: Any, params: list, max_grad_norm: float) -> float:
+    """Clip (unscaled) gradients, step the optimizer and the LR schedule; the LR this step used."""
+    import torch
+
+    if scaler:
+        scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    lr = lr_sched.get_last_lr()[0]
+    lr_sched.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
 def train(
     cfg: DictConfig | dict | TrainSpec,
     output_dir: str | Path,
@@ -80,14 +170,13 @@ def train(
 ) -> TrainResult:
     """Train (or continue training) a LoRA on `cfg.data.dir`; write it, checkpoints, loss log, validation."""
     import torch
-    import torch.nn.functional as F
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
-    from peft import LoraConfig
     from tqdm import tqdm
 
     from ..models.source import resolve_device
 
+    # 1. Check inputs before the model loads: the config, the images, the checkpoint to resume and its fit.
     spec = cfg if isinstance(cfg, TrainSpec) else validate_train(cfg)
     t, lo = spec.train, spec.lora
     examples = scan(spec.data)
@@ -101,6 +190,8 @@ def train(
     changed = changed_settings(ckpt, spec) if ckpt is not None else {}
     device = resolve_device(spec.device)
     weight_dtype = resolve_precision(t.mixed_precision, device)
+
+    # 2. Load the base model, frozen on the device, and add the trainable LoRA layers.
     pipe = load_pipe(spec)
     unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     size = spec.data.resolution or int(unet.config.sample_size) * pipe.vae_scale_factor
@@ -109,24 +200,9 @@ def train(
         module.requires_grad_(False)
         module.to(device, dtype=weight_dtype)
     torch.manual_seed(t.seed)
-    def lora_config(targets: Any) -> LoraConfig:
-        return LoraConfig(r=lo.rank, lora_alpha=spec.alpha, lora_dropout=lo.dropout, init_lora_weights="gaussian",
-                          target_modules=list(targets))
+    modules, params = _add_lora(spec, unet, te)
 
-    unet.add_adapter(lora_config(lo.target_modules))
-    modules = {"unet": unet}
-    if lo.text_encoder:
-        te.add_adapter(lora_config(lo.text_encoder_target_modules))
-        modules["text_encoder"] = te
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
-    if t.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if lo.text_encoder:
-            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-    unet.train()
-    te.train(lo.text_encoder)
+    # 3. Optimizer, LR schedule, loss scaler (fp16 only) and the generator: the state a checkpoint holds.
     optimizer = torch.optim.AdamW(
         params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon
     )
@@ -134,9 +210,7 @@ def train(
         t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.steps
     )
     scaler = torch.amp.GradScaler("cuda") if weight_dtype == torch.float16 else None
-    gen = torch.Generator().manual_seed(
-        t.seed
-    )  # timesteps, noise and VAE sampling (CPU: same on every device)
+    gen = torch.Generator().manual_seed(t.seed)  # timesteps, noise and VAE sampling (CPU: same on every device)
     lora_writer = _lora_writer(name, unet, te if lo.text_encoder else None, lo.rank, spec.alpha)
     state = {
         "modules": modules,
@@ -147,6 +221,8 @@ def train(
         "lora": lora_writer,
         "info": {"fingerprint": fprint, "settings": settings(spec)},
     }
+
+    # 4. The run dir: resume from the checkpoint (weights, optimizer and random state, loss log) or start one.
     losses = LossLog(run_dir / "loss.csv")
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_partial(run_dir)
@@ -162,9 +238,9 @@ def train(
         cfg_obj = OmegaConf.structured(dataclasses.asdict(spec))
         atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg_obj).encode("utf-8"))
     prompts = default_prompts(spec, [e.caption for e in examples])
-    pred_type = noise_sched.config.prediction_type
-    amp = weight_dtype != torch.float32
-    micro = t.batch_size
+
+    # 5. Train: accumulate micro-batch gradients, step; checkpoint (with validation images) every N steps.
+    denoiser = _Denoiser(unet, vae, te, tok, noise_sched, device, weight_dtype, gen, lo.text_encoder)
     bar = tqdm(total=t.steps, initial=start_step, unit="step", disable=not spec.progress, dynamic_ncols=True)
     began = time.perf_counter()
     last = None
@@ -173,49 +249,12 @@ def train(
             t0 = time.perf_counter()
             step_loss = 0.0
             for k in range(t.gradient_accumulation):
-                position = ((step - 1) * t.gradient_accumulation + k) * micro
-                pixels, captions = _batch(examples, spec, size, position)
-                ids = tok(
-                    captions,
-                    max_length=tok.model_max_length,
-                    padding="max_length",
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids.to(device)
-                with torch.enable_grad(), torch.autocast(device_type=device, dtype=weight_dtype, enabled=amp):
-                    with torch.no_grad():
-                        dist = vae.encode(pixels.to(device, weight_dtype)).latent_dist
-                        latents = dist.sample(generator=gen) * vae.config.scaling_factor
-                    noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-                    if t.noise_offset:
-                        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
-                        noise = noise + t.noise_offset * offset.to(device, latents.dtype)
-                    steps_t = torch.randint(
-                        0, noise_sched.config.num_train_timesteps, (latents.shape[0],), generator=gen
-                    ).to(device)
-                    noisy = noise_sched.add_noise(latents, noise, steps_t)
-                    with torch.set_grad_enabled(lo.text_encoder):
-                        hidden = te(ids, return_dict=False)[0]
-                    target = (
-                        noise if pred_type == "epsilon" else noise_sched.get_velocity(latents, noise, steps_t)
-                    )
-                    pred = unet(noisy, steps_t, hidden, return_dict=False)[0]
-                    loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
-                    scaled = loss / t.gradient_accumulation
-                    (scaler.scale(scaled) if scaler else scaled).backward()
+                position = ((step - 1) * t.gradient_accumulation + k) * t.batch_size
+                loss = denoiser.loss(*_batch(examples, spec, size, position), t.noise_offset)
+                scaled = loss / t.gradient_accumulation
+                (scaler.scale(scaled) if scaler else scaled).backward()
                 step_loss += float(loss.detach()) / t.gradient_accumulation
-            if scaler:
-                scaler.unscale_(optimizer)
-            if t.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            lr = lr_sched.get_last_lr()[0]
-            lr_sched.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr = _apply_gradients(optimizer, lr_sched, scaler, params, t.max_grad_norm)
             last = step_loss
             losses.append(step, step_loss, lr, time.perf_counter() - t0)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
@@ -225,16 +264,12 @@ def train(
             if step % t.checkpoint_every == 0 or step == t.steps:
                 folder = save_checkpoint(run_dir, step, state, t.keep_checkpoints)
                 plot(losses.rows(), run_dir / "loss.png")
-                render(
-                    spec,
-                    prompts,
-                    folder / f"{name}.safetensors",
-                    name,
-                    size,
-                    run_dir / "validation" / f"step-{step:06d}",
-                )
+                render(spec, prompts, folder / f"{name}.safetensors", name, size,
+                       run_dir / "validation" / f"step-{step:06d}")
     finally:
         bar.close()
+
+    # 6. Write the LoRA (diffusers + kohya files) and the loss plot.
     seconds = time.perf_counter() - began
     lora_file = lora_writer(run_dir)
     plot(losses.rows(), run_dir / "loss.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..common.errors import ConfigError
+from ..config import TORCH_DTYPES
 from .config import TrainSpec
 
 
@@ -19,7 +20,7 @@ def resolve_precision(name: str, device: str):
         )
     if name == "bf16" and not bf16:
         raise ConfigError("train.mixed_precision=bf16 is not supported by this GPU; valid: auto, no, fp16")
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return getattr(torch, TORCH_DTYPES.get(name, "float32"))  # "no": fp32
 
 
 def load_pipe(spec: TrainSpec):
