@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,6 +344,16 @@ def _lora(where: str, item: Any) -> LoraSpec:
     return LoraSpec(source.strip(), weight, scale, name, parse_spec(f"{where}.blocks", item.get("blocks")))
 
 
+def check_unique_names(names: Iterable[str], where: str) -> None:
+    """An adapter name appears once in a LoRA set: it names the adapter in peft and in every record. Checked on
+    the names a config gives (here) and again on the names derived from files (lora/files.resolve_set)."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"{where} names adapter {name!r} twice; adapter names in a set must be unique")
+        seen.add(name)
+
+
 def _lora_sets(cfg: DictConfig) -> tuple[tuple[LoraSpec, ...], ...]:
     sets = []
     value = _plain(cfg.lora_sets)
@@ -354,10 +365,7 @@ def _lora_sets(cfg: DictConfig) -> tuple[tuple[LoraSpec, ...], ...]:
         if not isinstance(raw, list):
             raw = [raw]
         specs = tuple(_lora(f"lora_sets[{i}][{j}]", item) for j, item in enumerate(raw))
-        names = [s.name for s in specs if s.name]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ConfigError(f"lora_sets[{i}] names adapter {sorted(dup)[0]!r} twice; adapter names must be unique")
+        check_unique_names([s.name for s in specs if s.name], f"lora_sets[{i}]")
         sets.append(specs)
     return tuple(sets)
 

@@ -17,6 +17,7 @@ from ..common.hashing import addnet_sha256, autov2, file_sha256
 from ..common.paths import PICKLE_EXT, WEIGHT_EXT, hub_offline, hub_unreachable, is_hub_id, is_safetensors
 from ..config import LoraSpec, RunSpec, lora_name
 from ..config.blocks import spec_label
+from ..config.validate import check_unique_names
 from ..models.tiny import builtin_path
 
 DEFAULT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")  # the seed's two defaults
@@ -153,11 +154,9 @@ def resolve_lora(spec: LoraSpec, allow_pickle: bool = False) -> ResolvedLora:
 def resolve_set(specs: Iterable[LoraSpec], allow_pickle: bool, where: str) -> tuple[ResolvedLora, ...]:
     """Resolve one LoRA set; an adapter name or a file may appear only once in a set."""
     resolved = tuple(resolve_lora(s, allow_pickle) for s in specs)
+    check_unique_names([r.name for r in resolved], where)
     for i, r in enumerate(resolved):
         for other in resolved[:i]:
-            if other.name == r.name:
-                raise ConfigError(f"{where} names adapter {r.name!r} twice; adapter names in a set "
-                                  "must be unique")
             if other.sha256 == r.sha256:
                 raise ConfigError(f"{where} uses the same file twice ({other.name!r} and {r.name!r}: "
                                   f"{r.file}); use one entry and set its scale")
