@@ -168,6 +168,11 @@ def test_webuiapi_lists_models_samplers_schedulers_loras_and_switches_options(se
     info = api.png_info(r.image)
     assert info.info == r.info["infotexts"][0] and info.parameters["Seed"] == "1"
     assert json.loads(info.json["items"]["t2i-runner"])["seed"] == 1
+    # what A1111 clients ask for on start and this server has none of: empty answers in A1111's shapes
+    assert api.get_scripts() == {"txt2img": [], "img2img": []} and api.get_embeddings() == {"loaded": {},
+                                                                                             "skipped": {}}
+    for path in ("script-info", "sd-vae", "prompt-styles", "upscalers"):
+        assert api.session.get(f"{url}/sdapi/v1/{path}").json() == []
 
 
 def test_openai_url_format_and_models(server) -> None:

@@ -74,6 +74,17 @@ def test_task_wrapper_returns_the_code_and_verbose_reraises(capsys):
         main(["boom", "--verbose"])
 
 
+def test_task_wrapper_can_exit_instead(capsys):
+    @task_wrapper("t2i-serve", exits=True)
+    def main(argv: list[str] | None = None) -> int:
+        raise ConfigError("--host 0.0.0.0 needs server.api_keys")
+
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "t2i-serve: error: --host 0.0.0.0 needs server.api_keys\n"
+
+
 def test_every_command_takes_verbose(capsys):
     from runner.models.tiny import main as tiny
     from runner.outputs.sweep import merge_main

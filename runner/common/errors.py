@@ -88,9 +88,10 @@ def task_errors(prog: str, *, verbose: bool = False, interrupted: str = "interru
         sys.exit(code)
 
 
-def task_wrapper(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Decorate an argparse command's `main(argv) -> int` with `task_errors`' policy, returning the exit code
-    instead of exiting (so tests can call it); `--verbose` in argv shows an unexpected error's traceback."""
+def task_wrapper(prog: str, exits: bool = False) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate an argparse command's `main(argv) -> int` with `task_errors`' policy, returning the exit code of a
+    failure (so tests can call it), or with `exits` raising SystemExit with it (a server's main never returns while
+    it serves); `--verbose` in argv shows an unexpected error's traceback."""
 
     def decorate(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
@@ -99,7 +100,10 @@ def task_wrapper(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]
                 return main(argv)
             except (KeyboardInterrupt, Exception) as exc:
                 verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
-                return report(exc, prog, verbose=verbose, hint="run with --verbose")
+                code = report(exc, prog, verbose=verbose, hint="run with --verbose")
+                if exits:
+                    sys.exit(code)
+                return code
 
         return wrapped
 

@@ -29,11 +29,9 @@ class PerfState:
 
 
 def _state(loaded: Any) -> PerfState:
-    state = getattr(loaded, "perf_state", None)
-    if state is None:
-        state = PerfState()
-        loaded.perf_state = state
-    return state
+    if getattr(loaded, "perf_state", None) is None:
+        loaded.perf_state = PerfState()  # lives as long as the cached pipeline
+    return loaded.perf_state
 
 
 def _memory_format(pipe: Any, channels_last: bool) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,26 +106,24 @@ def _rename(key: str, rules: list[Rule]) -> str | None:
     return f"{dst}.{rest}"
 
 
-def unet_to_ldm(state: dict[str, Any], config: dict) -> dict[str, Any]:
-    """UNet2DConditionModel state dict -> LDM `model.diffusion_model.*` keys."""
-    rules = unet_rules(config)
-    out = {}
+def _renamed(state: dict[str, Any], rules: Any, what: str) -> Iterator[tuple[str, Any]]:
+    """(LDM name, tensor) of each weight of a diffusers component; a weight with no LDM name is an error."""
     for key, value in state.items():
         new = _rename(key, rules)
         if new is None:
-            raise ValueError(f"UNet weight {key!r} has no LDM equivalent")
-        out[UNET_PREFIX + new] = value
-    return out
+            raise ValueError(f"{what} weight {key!r} has no LDM equivalent")
+        yield new, value
+
+
+def unet_to_ldm(state: dict[str, Any], config: dict) -> dict[str, Any]:
+    """UNet2DConditionModel state dict -> LDM `model.diffusion_model.*` keys."""
+    return {UNET_PREFIX + new: value for new, value in _renamed(state, unet_rules(config), "UNet")}
 
 
 def vae_to_ldm(state: dict[str, Any], config: dict) -> dict[str, Any]:
     """AutoencoderKL state dict -> LDM `first_stage_model.*` keys (attention projections as 1x1 convs)."""
-    rules = vae_rules(config)
     out = {}
-    for key, value in state.items():
-        new = _rename(key, rules)
-        if new is None:
-            raise ValueError(f"VAE weight {key!r} has no LDM equivalent")
+    for new, value in _renamed(state, vae_rules(config), "VAE"):
         if ".mid.attn_1." in new and new.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]
         out[VAE_PREFIX + new] = value

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import io
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -488,28 +490,23 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
 
     # 5. What this server has none of (no scripts, VAEs, styles, embeddings, upscalers): empty lists, as A1111
     #    clients ask for them on start.
-    @router.get("/scripts", summary="Scripts (none)")
-    async def scripts() -> dict[str, list]:
-        return {"txt2img": [], "img2img": []}
-
-    @router.get("/script-info", summary="Scripts (none)")
-    async def script_info() -> list:
-        return []
-
-    @router.get("/sd-vae", summary="VAEs besides each model's own (none)")
-    async def sd_vae() -> list:
-        return []
-
-    @router.get("/prompt-styles", summary="Prompt styles (none)")
-    async def prompt_styles() -> list:
-        return []
-
-    @router.get("/upscalers", summary="Upscalers (none: no hires. fix)")
-    async def upscalers() -> list:
-        return []
-
-    @router.get("/embeddings", summary="Textual-inversion embeddings (none)")
-    async def embeddings() -> dict[str, dict]:
-        return {"loaded": {}, "skipped": {}}
-
+    for path, summary, empty in NONE_HERE:
+        router.add_api_route(path, _constant(empty), methods=["GET"], summary=summary)
     return router
+
+
+NONE_HERE = (  # (path, summary, the empty answer in A1111's shape)
+    ("/scripts", "Scripts (none)", {"txt2img": [], "img2img": []}),
+    ("/script-info", "Scripts (none)", []),
+    ("/sd-vae", "VAEs besides each model's own (none)", []),
+    ("/prompt-styles", "Prompt styles (none)", []),
+    ("/upscalers", "Upscalers (none: no hires. fix)", []),
+    ("/embeddings", "Textual-inversion embeddings (none)", {"loaded": {}, "skipped": {}}),
+)
+
+
+def _constant(value: Any) -> Callable[[], Any]:
+    async def endpoint() -> Any:
+        return copy.deepcopy(value)
+
+    return endpoint

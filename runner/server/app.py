@@ -349,7 +349,7 @@ def runs_router(roots: list[Root]) -> APIRouter:
     return router
 
 
-@task_wrapper("t2i-serve")
+@task_wrapper("t2i-serve", exits=True)
 def main(argv: list[str] | None = None) -> int:
     """Console entry: `t2i-serve [hydra overrides…] [--host H] [--port P]`."""
     parser = argparse.ArgumentParser(prog="t2i-serve", description=__doc__.splitlines()[0])
