@@ -64,6 +64,7 @@ def run_app(app: Callable[[], Any], state: dict, schema: Any = RunConfig, prog: 
             groups: tuple[str, ...] = ("model", "lora", "server", "experiment")) -> None:
     """Pre-check the overrides against `schema` and the app's config `groups` (one line, exit 2), then run the
     Hydra `app`."""
+    state["task_started"] = False  # a process may run the app more than once (tests, a Python session)
     args = sys.argv[1:]
     flags = [a for a in args if a.startswith("-")]
     if all(f in ("-m", "--multirun") for f in flags):  # other flags take values that are not overrides

@@ -96,11 +96,40 @@ def uvicorn_thread(app):
         sock.close()
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
-    """Run `python -m runner ARGS` in a subprocess; return the CompletedProcess (text mode)."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
+            isolated: bool = False) -> subprocess.CompletedProcess:
+    """`t2i ARGS` through its console entry point (runner.cli.main) in this process, with its stdout, stderr and
+    exit code as a CompletedProcess (text); the per-process model cache makes it a fraction of a fresh process's
+    cost. `isolated=True` (or an `env`): a fresh `python -m runner` subprocess, for what only a new process shows
+    (a regenerated image, the real interpreter's exit, environment read at import)."""
+    if isolated or env:
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout, env=full_env)
+    import io
+    import logging
+
+    from runner import cli
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    root = logging.getLogger()
+    argv, here, handlers, level = sys.argv, os.getcwd(), list(root.handlers), root.level
+    try:
+        sys.argv = ["t2i", *args]
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+        for h in [h for h in root.handlers if h not in handlers]:  # Hydra's job log: closed with the run
+            h.close()
+        root.handlers[:] = handlers  # and pytest's own handlers back (Hydra's logging config replaced them)
+        root.setLevel(level)
+    return subprocess.CompletedProcess(["t2i", *args], code, out.getvalue(), err.getvalue())
 
 
 SLOW_CLI = """

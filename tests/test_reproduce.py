@@ -55,7 +55,7 @@ def originals(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, lora_a: 
 
 def _regenerate(tmp_path: Path, img: Path, *overrides: str):
     d = tmp_path / "again"
-    r = run_cli(f"from_image={img}", *overrides, f"hydra.run.dir={d}", cwd=tmp_path)
+    r = run_cli(f"from_image={img}", *overrides, f"hydra.run.dir={d}", cwd=tmp_path, isolated=True)  # a fresh process
     return r, d
 
 

@@ -95,7 +95,7 @@ def test_submitit_local_launcher_runs_jobs_as_subprocesses(tmp_path: Path) -> No
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher.submitit_launcher")
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", "hydra/launcher=submitit_local", "model=tiny", "device=cpu", "steps=1",
-                   "prompts=[a,b]", "seeds=[1],[2]", f"hydra.sweep.dir={sweep}", timeout=600)
+                   "prompts=[a,b]", "seeds=[1],[2]", f"hydra.sweep.dir={sweep}", timeout=600, isolated=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "validated against ConfigStore" not in proc.stderr
     for n in (0, 1):
