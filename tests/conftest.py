@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,30 +97,40 @@ def uvicorn_thread(app):
         sock.close()
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
-            isolated: bool = False) -> subprocess.CompletedProcess:
-    """`t2i ARGS` through its console entry point (runner.cli.main) in this process, with its stdout, stderr and
-    exit code as a CompletedProcess (text); the per-process model cache makes it a fraction of a fresh process's
-    cost. `isolated=True` (or an `env`): a fresh `python -m runner` subprocess, for what only a new process shows
-    (a regenerated image, the real interpreter's exit, environment read at import)."""
+PROGRAMS = {  # command -> (what `python -m` runs, the module whose main() is the console entry point)
+    "t2i": ("runner", "runner.cli"),
+    "t2i-train": ("runner.train", "runner.train.cli"),
+    "t2i-inspect": ("runner.reproduce.inspect", "runner.reproduce.inspect"),
+    "t2i-serve": ("runner.server.app", "runner.server.app"),
+}
+
+
+def run_program(prog: str, *args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
+                isolated: bool = False) -> subprocess.CompletedProcess:
+    """`prog ARGS` through its console entry point in this process, with its stdout, stderr and exit code as a
+    CompletedProcess (text); the per-process model cache makes it a fraction of a fresh process's cost.
+    `isolated=True` (or an `env`): a fresh `python -m ...` subprocess, for what only a new process shows (a
+    regenerated image, the real interpreter's exit, environment read at import)."""
+    module, entry = PROGRAMS[prog]
     if isolated or env:
-        full_env = {**os.environ, **(env or {})}
-        return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True,
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # this checkout's runner
+        full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
                               timeout=timeout, env=full_env)
+    import importlib
     import io
     import logging
 
-    from runner import cli
-
+    main = importlib.import_module(entry).main
     out, err, code = io.StringIO(), io.StringIO(), 0
     root = logging.getLogger()
     argv, here, handlers, level = sys.argv, os.getcwd(), list(root.handlers), root.level
     try:
-        sys.argv = ["t2i", *args]
+        sys.argv = [prog, *args]
         os.chdir(cwd or here)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                cli.main()
+                code = main() or 0
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
@@ -129,7 +140,12 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
             h.close()
         root.handlers[:] = handlers  # and pytest's own handlers back (Hydra's logging config replaced them)
         root.setLevel(level)
-    return subprocess.CompletedProcess(["t2i", *args], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([prog, *args], code, out.getvalue(), err.getvalue())
+
+
+def run_cli(*args: str, **kw: Any) -> subprocess.CompletedProcess:
+    """`t2i ARGS` (see run_program)."""
+    return run_program("t2i", *args, **kw)
 
 
 SLOW_CLI = """

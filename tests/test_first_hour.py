@@ -4,13 +4,12 @@ grid PNGs, and t2i-serve failing fast, working offline and showing what it did."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import run_program
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -18,13 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def train_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner.train", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    return run_program("t2i-train", *args, cwd=cwd, env=env)
 
 
 def t2i_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    return run_program("t2i", *args, cwd=cwd, env=env)
 
 
 def no_hub_env() -> dict:
@@ -45,7 +42,8 @@ def test_train_help_lists_only_what_t2i_train_takes(tmp_path: Path) -> None:
     for name in TrainRunConfig.__dataclass_fields__:
         assert f"\n{name}:" in r.stdout, name
     r = t2i_cli("--help", cwd=tmp_path)
-    assert "powered by" not in r.stdout.lower() and "train: default" not in r.stdout and "lora=NAME" in r.stdout
+    assert "powered by" not in r.stdout.lower() and "lora=NAME" in r.stdout
+    assert "train: default" not in r.stdout and "recipe" not in r.stdout  # t2i-train's group is not t2i's
 
 
 @pytest.mark.parametrize(("arg", "want"), [
@@ -108,20 +106,17 @@ def test_inspect_lora_lines_and_grid_png(tmp_path: Path, tiny_dir: Path, lora_a:
         "model": {"id": str(tiny_dir)}, "prompts": ["a red fox"], "seeds": [1, 2], "steps": 1, "width": 32,
         "height": 32, "lora_sets": [[lora_a, lora_b]]})
     res = run(cfg, tmp_path / "r", progress=False)
-    r = subprocess.run([sys.executable, "-m", "runner.reproduce.inspect", str(tmp_path / "r" / res.entries[0]["file"])],
-                       capture_output=True, text=True, timeout=120)
+    r = run_program("t2i-inspect", str(tmp_path / "r" / res.entries[0]["file"]))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     i = next(k for k, line in enumerate(lines) if line.startswith("loras:"))
     assert lines[i + 1].startswith(" " * 17 + "B x") and ":" not in lines[i + 1][:17]
     (grid,) = res.grids
-    r = subprocess.run([sys.executable, "-m", "runner.reproduce.inspect", str(grid)], capture_output=True,
-                       text=True, timeout=120)
+    r = run_program("t2i-inspect", str(grid))
     assert r.returncode == 0, r.stderr
     assert "comparison grid" in r.stdout and "seed: 1 | 2" in r.stdout
     assert all(e["file"] in r.stdout for e in res.entries)
-    r = subprocess.run([sys.executable, "-m", "runner.reproduce.inspect", "--json", str(grid)], capture_output=True,
-                       text=True, timeout=120)
+    r = run_program("t2i-inspect", "--json", str(grid))
     assert json.loads(r.stdout)["x"] == "seed"
 
 
@@ -132,8 +127,7 @@ def test_serve_exits_2_at_start_with_t2is_line_when_the_model_cannot_load(tmp_pa
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dir, broken, ignore=shutil.ignore_patterns("unet"))  # model_index.json names a unet
-    serve = subprocess.run([sys.executable, "-m", "runner.server.app", f"model.id={broken}", "--port", "1"],
-                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    serve = run_program("t2i-serve", f"model.id={broken}", "--port", "1", cwd=tmp_path)
     t2i = t2i_cli(f"model.id={broken}", "prompts=x", "steps=1", cwd=tmp_path)
     assert serve.returncode == 2 and t2i.returncode == 2
     line = serve.stderr.strip()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_program
 from omegaconf import OmegaConf
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -151,8 +151,7 @@ def test_our_infotext_maps_back_onto_our_record() -> None:
 
 
 def _inspect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner.reproduce.inspect", *args], capture_output=True, text=True,
-                          timeout=120)
+    return run_program("t2i-inspect", *args)
 
 
 @pytest.fixture(scope="module")
