@@ -226,7 +226,7 @@ def check_transformer_file(info: ModelInfo, where: str = "") -> None:
     """A `model.transformer` file must exist and hold a transformer of the model's family (before loading)."""
     import os
 
-    from ..lora.family_keys import fits, keys_family
+    from .checkpoint_family import fits, keys_family
 
     path = info.config.transformer
     if not path:
@@ -240,7 +240,7 @@ def check_transformer_file(info: ModelInfo, where: str = "") -> None:
     keys = checkpoint_keys(path)
     found = keys_family(keys)
     if not fits(found, info.family.name):
-        from ..lora.family_keys import label
+        from .checkpoint_family import label
 
         raise ConfigError(f"{where}model.transformer={path!r} is a {label(found)} transformer, but the model "
                           f"{info.config.id!r} is {info.family.label}; use a {info.family.label} transformer")

@@ -30,8 +30,8 @@ _SDXL = re.compile(r"^(lora_te2_|text_encoder_2\.|lora_unet_(input|output)_block
 GROUPS = {"sd": ("sd15", "sdxl"), "flux": ("flux1", "flux2")}
 
 
-def lora_family(keys: Iterable[str]) -> str | None:
-    """The family (or group, see GROUPS) a LoRA's keys belong to, or None when they do not tell."""
+def keys_family(keys: Iterable[str]) -> str | None:
+    """The family (or group, see GROUPS) a checkpoint's tensor names belong to, or None when they do not tell."""
     keys = list(keys)
     for fam, pattern in _RULES:
         if any(pattern.search(k) for k in keys):
@@ -39,9 +39,6 @@ def lora_family(keys: Iterable[str]) -> str | None:
                 return "sdxl"  # a second CLIP text encoder or SDXL's deeper transformer stacks
             return fam
     return None
-
-
-keys_family = lora_family  # the same module names decide for a transformer checkpoint (GGUF, single file)
 
 
 def fits(found: str | None, family: str) -> bool:
@@ -52,6 +49,6 @@ def fits(found: str | None, family: str) -> bool:
 
 
 def label(found: str) -> str:
-    from ..models.families import FAMILIES
+    from .families import FAMILIES
 
     return {"sd": "Stable Diffusion 1.x/XL", "flux": "Flux"}.get(found) or FAMILIES[found].label
