@@ -11,12 +11,31 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 
+def bench(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python bench/SCRIPT.py ARGS`, run in this process (its main(argv)): stdout, stderr and exit code."""
+    import contextlib
+    import importlib
+    import io
+    import os
+
+    out, err, code, here = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = importlib.import_module(script).main(list(args))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 def test_bench_sweep_prints_three_ways_and_ratios(tmp_path: Path) -> None:
     md = tmp_path / "BENCH.md"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "bench_sweep.py"),
+    proc = bench(
+        "bench_sweep",
+        *[
             "--quick",
             "--prompts",
             "1",
@@ -33,9 +52,6 @@ def test_bench_sweep_prints_three_ways_and_ratios(tmp_path: Path) -> None:
             "--benchmarks",
             str(md),
         ],
-        capture_output=True,
-        text=True,
-        timeout=600,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -51,12 +67,7 @@ def test_bench_sweep_prints_three_ways_and_ratios(tmp_path: Path) -> None:
 
 
 def test_bench_rejects_unknown_variant() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_sweep.py"), "--variants", "turbo"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = bench("bench_sweep", "--variants", "turbo")
     assert proc.returncode == 2 and "unknown variant 'turbo'" in proc.stderr
 
 
@@ -135,13 +146,7 @@ def test_full_mode_path_with_a_prebuilt_small_model(tiny_dir: Path, tmp_path: Pa
         "--benchmarks",
         str(md),
     ]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_sweep.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    proc = bench("bench_sweep", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "EXTRAPOLATED from 2 of 8 images" in proc.stdout
     assert re.search(r"LoRA-set switches \[default\]: 3 switches over 4 sets", proc.stdout)
@@ -149,11 +154,8 @@ def test_full_mode_path_with_a_prebuilt_small_model(tiny_dir: Path, tmp_path: Pa
 
 
 def test_bench_resume_prints_ms_per_entry_for_resume_decode_and_grids(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_resume.py"), "--entries", "60", "--size", "64",
-         "--decode-sample", "5", "--dir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
+    proc = bench("bench_resume", "--entries", "60", "--size", "64", "--decode-sample", "5", "--dir",
+                 str(tmp_path / "work"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^resume: \d+\.\d+ ms/entry", proc.stdout, re.M), proc.stdout
     assert re.search(r"^decode \(the check resume did before\): \d+\.\d+ ms/entry", proc.stdout, re.M)
