@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_program
 from lora_zoo import lycoris_state, write
 from omegaconf import OmegaConf
 from PIL import Image
@@ -96,7 +96,7 @@ def test_a_lycoris_image_is_the_same_alone_in_a_fresh_process(every_kind, zoo: d
     entry = next(e for e in result.entries if e["loras"] and e["loras"][0]["name"] == "loha" and e["lora_scale"])
     proc = run_cli(f"model.id={tiny_dir}", "prompts=[a red cat]", "seeds=[1]", "steps=2", "width=32", "height=32",
                    "device=cpu", f"lora_sets=[[{{source: '{zoo['loha']}', name: loha}}]]", "grid.enabled=false",
-                   f"hydra.run.dir={tmp_path / 'alone'}", cwd=tmp_path)
+                   f"hydra.run.dir={tmp_path / 'alone'}", cwd=tmp_path, isolated=True)
     assert proc.returncode == 0, proc.stderr
     alone = next((tmp_path / "alone").glob("*.png"))
     assert np.array_equal(pixels(alone), pixels(out / entry["file"]))
@@ -413,8 +413,6 @@ def test_sdxl_lycoris_with_kohya_sdxl_names(tiny_xl: Path, zoo: dict, tmp_path: 
 def test_readme_lora_examples_run(tmp_path: Path) -> None:
     """The README's LoRA-format, block-weight and epoch-axis commands, as written (files made for the tiny model)."""
     import shlex
-    import subprocess
-    import sys
 
     from runner.models.tiny import ensure_tiny
 
@@ -430,10 +428,8 @@ def test_readme_lora_examples_run(tmp_path: Path) -> None:
         write(lycoris_state(pipe, "lokr", seed=epoch), tmp_path / "runs" / "mylora" / f"e{epoch}.safetensors")
     for i, command in enumerate(commands):
         tool, *args = shlex.split(command)
-        module = "runner.reproduce.inspect" if tool == "t2i-inspect" else "runner"
         extra = [] if tool == "t2i-inspect" else ["device=cpu", "width=32", "height=32", f"hydra.run.dir=run{i}"]
-        proc = subprocess.run([sys.executable, "-m", module, *args, *extra], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=600)
+        proc = run_program(tool, *args, *extra, cwd=tmp_path)
         assert proc.returncode == 0, (command, proc.stderr[-2000:])
         assert tool != "t2i-inspect" or "adapter: LyCORIS LoHa (kohya key names)" in proc.stdout
     assert len(list((tmp_path / "run1").glob("*.png"))) == 3
