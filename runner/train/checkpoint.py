@@ -1,4 +1,9 @@
-"""Write the trained LoRA (diffusers + kohya files) and resumable checkpoints; find and read them back."""
+"""Write the trained LoRA (diffusers + kohya files) and resumable checkpoints; find and read them back.
+
+Not `accelerate`'s save_state/load_state: those write the optimizer, LR-scheduler and random states with torch.save
+(`random_states_0.pkl`, `optimizer.bin`), which only torch.load's unpickling reads back. A checkpoint here is
+safetensors tensors plus JSON, read without unpickling anything, as every other file this project loads by default.
+"""
 
 from __future__ import annotations
 
