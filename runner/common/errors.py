@@ -6,7 +6,7 @@ import difflib
 import functools
 import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 EXIT_OK = 0
@@ -27,10 +27,13 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
     return line[:limit] if limit else line
 
 
-def did_you_mean(value: object, choices: Iterable[str]) -> str:
-    """` (did you mean 'x'?)` for the closest of `choices`, or an empty string."""
+def did_you_mean(value: object, choices: Iterable[str] | Mapping[str, str]) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices`, or an empty string. With a mapping, the closest key
+    is matched and its value suggested (e.g. a key's last part -> the full dotted key)."""
     hint = difflib.get_close_matches(str(value), list(choices), n=1)
-    return f" (did you mean {hint[0]!r}?)" if hint else ""
+    if not hint:
+        return ""
+    return f" (did you mean {choices[hint[0]] if isinstance(choices, Mapping) else hint[0]!r}?)"
 
 
 def error(msg: str, prog: str = "t2i") -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,7 @@ def key_hint(key: str, schema: Any) -> str:
     by_leaf: dict[str, str] = {}
     for k in keys:
         by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1)
-    return f" (did you mean {by_leaf[close[0]]!r}?)" if close else ""
+    return did_you_mean(key.rsplit(".", 1)[-1], by_leaf)
 
 
 def check_override(text: str, schema: Any = RunConfig, prog: str = "t2i", groups: tuple[str, ...] | None = None
