@@ -110,8 +110,7 @@ def build_sdxl(tmp: Path) -> Any:
 def build_flux1(tmp: Path) -> Any:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    tok, n = clip_tokenizer(tmp)
-    t5_tok, n5 = t5_tokenizer()
+    (tok, n), (t5_tok, n5) = clip_tokenizer(tmp), t5_tokenizer()  # Flux.1 and SD3: CLIP + T5
     _seed()
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
@@ -133,8 +132,7 @@ def build_sd3(tmp: Path) -> Any:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from diffusers import StableDiffusion3Pipeline as Pipe
 
-    tok, n = clip_tokenizer(tmp)
-    t5_tok, n5 = t5_tokenizer()
+    (tok, n), (t5_tok, n5) = clip_tokenizer(tmp), t5_tokenizer()  # Flux.1 and SD3: CLIP + T5
     _seed()
     # joint_attention_dim = T5 width >= the two CLIP widths together; pooled = the two CLIP projections together
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2,
