@@ -97,7 +97,7 @@ class _Denoiser:
         ids = self.tok(captions, max_length=self.tok.model_max_length, padding="max_length", truncation=True,
                        return_tensors="pt").input_ids.to(self.device)
         amp = self.dtype != torch.float32
-        with torch.enable_grad(), torch.autocast(device_type=self.device, dtype=self.dtype, enabled=amp):
+        with torch.autocast(device_type=self.device, dtype=self.dtype, enabled=amp):
             with torch.no_grad():
                 dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
                 latents = dist.sample(generator=self.gen) * self.vae.config.scaling_factor
@@ -250,9 +250,10 @@ def train(
             step_loss = 0.0
             for k in range(t.gradient_accumulation):
                 position = ((step - 1) * t.gradient_accumulation + k) * t.batch_size
-                loss = denoiser.loss(*_batch(examples, spec, size, position), t.noise_offset)
-                scaled = loss / t.gradient_accumulation
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                with torch.enable_grad():  # loading a model turns autograd off process-wide (models/loading.py)
+                    loss = denoiser.loss(*_batch(examples, spec, size, position), t.noise_offset)
+                    scaled = loss / t.gradient_accumulation
+                    (scaler.scale(scaled) if scaler else scaled).backward()
                 step_loss += float(loss.detach()) / t.gradient_accumulation
             lr = _apply_gradients(optimizer, lr_sched, scaler, params, t.max_grad_norm)
             last = step_loss
