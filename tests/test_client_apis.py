@@ -94,6 +94,7 @@ def t2i_runs(tmp: Path, *runs: list[str]) -> list[dict[int, np.ndarray]]:
     return results
 
 
+@pytest.mark.slow
 def test_a1111_and_openai_images_equal_t2i_and_are_saved_like_cli_images(server, tmp_path: Path) -> None:
     url, out = server
     api = a1111(url)
@@ -384,6 +385,7 @@ def test_png_info_of_foreign_and_broken_images(server) -> None:
     assert bad.status_code == 422 and "not an image" in bad.json()["detail"]
 
 
+@pytest.mark.slow
 def test_readme_client_examples_run(server, tmp_path: Path) -> None:
     url, _ = server
     port = url.rsplit(":", 1)[1]

@@ -33,6 +33,7 @@ def manifest(d: Path) -> list[dict]:
     return [json.loads(line) for line in (d / "manifest.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_cli_run_writes_images_manifest_and_is_reproducible(tmp_path: Path) -> None:
     outs = []
     for name in ("d1", "d2"):
@@ -101,6 +102,7 @@ def test_size_override(tmp_path: Path) -> None:
         assert im.size == (48, 32)
 
 
+@pytest.mark.slow
 def test_t2i_console_script_help() -> None:
     exe = Path(sys.executable).parent / "t2i"
     if not exe.exists():
@@ -140,6 +142,7 @@ def test_hub_id_offline_message_suggests_tiny(tmp_path: Path) -> None:
     assert "not in the local Hugging Face cache" in r.stderr and "model=tiny" in r.stderr
 
 
+@pytest.mark.slow
 def test_python_dash_m_equals_t2i(tmp_path: Path) -> None:
     exe = shutil.which("t2i", path=str(Path(sys.executable).parent))
     if exe is None:

@@ -101,6 +101,7 @@ def check(images: dict[str, np.ndarray], reference: dict, combo: str) -> None:
         assert diff == 0, f"{combo} set {name}: max pixel diff {diff} vs the same image alone"
 
 
+@pytest.mark.slow
 def test_every_combination_and_ordering_within_and_across_runs(tiny_dir: Path, tmp_path: Path, lora_a: dict,
                                                                lora_b: dict, reference: dict) -> None:
     sets = lora_sets(lora_a, lora_b)

@@ -112,6 +112,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_each_family_image_equals_it_alone_in_a_fresh_process(family_runs: dict, tmp_path: Path) -> None:
     """The differential check: seed 2 of the batched sweep (batched with seed 1) == seed 2 alone, elsewhere."""
     jobs = {f: [str(r["dir"]), str(r["lora"]), str(tmp_path / f)] for f, r in family_runs.items()}

@@ -182,6 +182,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_disk_full_on_the_cli_is_one_line_and_nonzero(tmp_path):
     out = tmp_path / "run"
     args = ["model=tiny", "prompts=[a]", "seeds=[1,2,3,4,5,6]", "steps=2", "width=32", "height=32",
@@ -221,6 +222,7 @@ def _check_consistent(out: Path) -> list[dict]:
     return lines
 
 
+@pytest.mark.slow
 def test_sigint_finishes_the_batch_writes_summary_exits_130_and_resumes(tmp_path):
     out = tmp_path / "run"
     proc = _start([*SWEEP, f"hydra.run.dir={out}"], tmp_path)
@@ -238,6 +240,7 @@ def test_sigint_finishes_the_batch_writes_summary_exits_130_and_resumes(tmp_path
     assert len(_check_consistent(out)) == 12
 
 
+@pytest.mark.slow
 def test_second_sigint_aborts_at_once(tmp_path):
     out = tmp_path / "run"
     proc = _start([*SWEEP, f"hydra.run.dir={out}"], tmp_path)
@@ -252,6 +255,7 @@ def test_second_sigint_aborts_at_once(tmp_path):
     _check_consistent(out)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_completes(tmp_path):
     out = tmp_path / "run"
     proc = _start([*SWEEP, f"hydra.run.dir={out}"], tmp_path)

@@ -58,6 +58,7 @@ def test_train_typos_name_the_full_key_and_t2i_train(tmp_path: Path, arg: str, w
     assert want in r.stderr and "see `t2i " not in r.stderr
 
 
+@pytest.mark.slow
 def test_train_offline_default_model_is_one_plain_line(tmp_path: Path) -> None:
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "imgs" / "a.png")

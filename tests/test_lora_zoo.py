@@ -89,6 +89,7 @@ def test_each_kind_loads_changes_the_output_and_scale_zero_is_the_baseline(every
     assert rec["loras"][0]["autov3"] and rec["loras"][0]["name"] == KINDS[-1]
 
 
+@pytest.mark.slow
 def test_a_lycoris_image_is_the_same_alone_in_a_fresh_process(every_kind, zoo: dict, tiny_dir: Path,
                                                                tmp_path: Path) -> None:
     """Differential: the LoHa image of the sweep, generated alone by `t2i` in a new process, byte for byte."""

@@ -89,6 +89,7 @@ def test_each_part_of_a_fused_flux_module_lands_on_its_own_module(flux: dict) ->
         assert torch.equal(modules[path].weight.detach(), w), path
 
 
+@pytest.mark.slow
 def test_flux_loha_scale_0_is_the_baseline_and_equals_a_fresh_process(flux: dict, tmp_path: Path) -> None:
     source = str(flux["file"])
     out = tmp_path / "sweep"
@@ -101,7 +102,7 @@ def test_flux_loha_scale_0_is_the_baseline_and_equals_a_fresh_process(flux: dict
     # differential: the LoHa image, made alone by `t2i` in a new process, is the same image
     proc = run_cli(f"model.id={flux['dir']}", "prompts=[a red fox]", "seeds=[3]", "steps=2", "width=32",
                    "height=32", "device=cpu", f"lora_sets=[[{{source: '{source}', name: loha}}]]",
-                   "grid.enabled=false", f"hydra.run.dir={tmp_path / 'alone'}", cwd=tmp_path)
+                   "grid.enabled=false", f"hydra.run.dir={tmp_path / 'alone'}", cwd=tmp_path, isolated=True)
     assert proc.returncode == 0, proc.stderr
     (alone,) = (tmp_path / "alone").glob("*.png")
     assert np.array_equal(pixels(alone), img[(1, 1.0)])

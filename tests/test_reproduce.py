@@ -53,15 +53,17 @@ def originals(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, lora_a: 
     return out
 
 
-def _regenerate(tmp_path: Path, img: Path, *overrides: str):
+def _regenerate(tmp_path: Path, img: Path, *overrides: str, isolated: bool = False):
+    """`t2i from_image=IMG OVERRIDES` (isolated: in a fresh process, else in this one, past its cached pipeline)."""
     d = tmp_path / "again"
-    r = run_cli(f"from_image={img}", *overrides, f"hydra.run.dir={d}", cwd=tmp_path, isolated=True)  # a fresh process
+    r = run_cli(f"from_image={img}", *overrides, f"hydra.run.dir={d}", cwd=tmp_path, isolated=isolated)
     return r, d
 
 
+@pytest.mark.slow
 def test_regenerate_with_loras_is_byte_identical(originals: dict, tmp_path: Path) -> None:
     img = originals[(True, 1)]
-    r, d = _regenerate(tmp_path, img)
+    r, d = _regenerate(tmp_path, img, isolated=True)  # the promise in full: the image alone, in a new process
     assert r.returncode == 0, r.stderr
     (entry,) = manifest(d)
     assert np.array_equal(pixels(d / entry["file"]), pixels(img))
