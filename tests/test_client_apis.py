@@ -237,6 +237,7 @@ def test_progress_during_a_run_and_interrupt_after_the_batch_in_flight(server, m
     ({"restore_faces": True}, 422, "face restoration"),
     ({"tiling": True}, 422, "tiling"),
     ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}, 422, "alwayson_scripts"),
+    ({"alwayson_scripts": {"": [None]}}, 422, "alwayson_scripts"),  # not A1111's shape (found by test_fuzz)
     ({"subseed_strength": 0.5}, 422, "variation seed"),
     ({"styles": ["cinematic"]}, 422, "styles"),
     ({"steps": 21}, 422, "steps=21 is above this server's limit; valid: 1 to 20 (server.max_steps)"),

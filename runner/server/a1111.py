@@ -149,7 +149,8 @@ UNSUPPORTED: dict[str, tuple[Any, str, Any]] = {
     "disable_extra_networks": (_is(False), "prompts without extra networks", False),
     "firstpass_image": (_is(None, ""), "a first-pass image", None),
     "script_name": (_is(None, ""), "a script", None),
-    "alwayson_scripts": (lambda v: all(not (s or {}).get("args") for s in v.values()), "always-on scripts", {}),
+    "alwayson_scripts": (lambda v: all(not (s.get("args") if isinstance(s, dict) else s) for s in v.values()),
+                         "always-on scripts", {}),  # {name: {"args": [...]}}; any other non-empty value asks too
     "infotext": (_is(None, ""), "settings from infotext (send the fields instead)", None),
 }
 
