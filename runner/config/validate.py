@@ -444,14 +444,17 @@ def _threads(threads: Any) -> int | None:
 
 
 def _validate(cfg: DictConfig) -> RunSpec:
+    # 1. What to load and where: the model (or the model axis), the device.
     model = _model("model", cfg.model)
     models = _models(cfg)
     _choice("device", cfg.device, DEVICES)
+    # 2. The sweep's own axes: seeds, schedule types (each against each scheduler).
     seeds = []
     for s in _as_list("seeds", cfg.seeds):
         seed = _number("seeds", s, int, -1, MAX_SEED)
         seeds.append(seed)  # -1 stays: drawn from the run seed (plan.draw_seeds), so shards and resumes agree
     schedules = _schedules(cfg)
+    # 3. How the run is carried out: batching, LoRA multipliers, shards, limits, threads, the server's lists.
     batch = cfg.batch_size
     if batch != "auto":
         batch = _number("batch_size", batch, int, 1, 1024)
@@ -470,10 +473,12 @@ def _validate(cfg: DictConfig) -> RunSpec:
     if cfg.get("server") is not None:
         for key in ("allowed_models", "allowed_lora_dirs", "api_keys"):
             string_list(f"server.{key}", cfg.server.get(key))
+    # 4. The prompts and the prompt language's own axes (Prompt S/R, random variants).
     prompts = _prompts(cfg)
     sr = parse_sr(_plain(cfg.get("prompt_sr")))
     check_sr(sr, [t for p in prompts for t in (p.prompt, p.negative_prompt)])
     random_prompts = _key(cfg, "prompt_mode") == "random" and any(p.template for p in prompts)
+    # 5. The typed spec: every list key a tuple, every model setting resolved or None (the model's own).
     return RunSpec(
         model=model,
         models=models,
