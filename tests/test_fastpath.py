@@ -140,5 +140,5 @@ def test_auto_perf_resolves_per_device_and_run_length() -> None:
     assert resolve_perf(auto, "cuda", COMPILE_AUTO_MIN_IMAGE_STEPS).compile
     assert not resolve_perf(PerfConfig(compile=False), "cuda", 1e9).compile  # an explicit value wins
     assert resolve_perf(PerfConfig(fuse_lora=True), "cpu", 0).fuse_lora
-    jobs = [ImageJob(0, 0, "p", "", 0, 30, 7.5, 1024, None, None, 0, (), None)]
+    jobs = [ImageJob(0, "p", "", 0, 30, 7.5, 1024, None, None, 0, (), None)]
     assert image_steps(jobs, (512, 512)) == 30 * 2  # 1024x512 is two 512x512 images' worth

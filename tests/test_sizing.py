@@ -11,7 +11,7 @@ from runner.plan import ImageJob
 
 
 def jobs(n: int, steps: int = 4) -> list[ImageJob]:
-    return [ImageJob(i, 0, "p", "", i, steps, 7.5, 64, 64, None, 0, (), None) for i in range(n)]
+    return [ImageJob(i, "p", "", i, steps, 7.5, 64, 64, None, 0, (), None) for i in range(n)]
 
 
 class FakeCuda:
@@ -86,7 +86,7 @@ def test_fixed_sizes_on_cpu_and_when_given() -> None:
 
 def test_groups_never_mix_and_shapes_tune_separately(monkeypatch: pytest.MonkeyPatch) -> None:
     card = FakeCuda(monkeypatch, lambda b: 0.2 + 0.05 * b, per_image=1e8, total=80e9)
-    mixed = jobs(20) + [ImageJob(100 + i, 0, "p", "", i, 8, 7.5, 64, 64, None, 0, (), None) for i in range(20)]
+    mixed = jobs(20) + [ImageJob(100 + i, "p", "", i, 8, 7.5, 64, 64, None, 0, (), None) for i in range(20)]
     sizer = sizing.BatchSizer(None, "cuda", shape_of=lambda j: (j.steps,))
     for batch in sizer.batches(mixed):
         assert len({j.steps for j in batch}) == 1

@@ -27,7 +27,6 @@ class ImageJob:
     """Everything that decides the pixels of one image (with the model of its `model_key`)."""
 
     index: int
-    prompt_index: int
     prompt: str
     negative_prompt: str
     seed: int
@@ -189,7 +188,7 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
             continue
         seen.add(ident)
         ids = tuple(lora_ids[li]) if lora_ids is not None else ()
-        jobs.append(ImageJob(start + len(jobs), pi, prompt, negative, seed, steps, cfg, w, h, sched, li,
+        jobs.append(ImageJob(start + len(jobs), prompt, negative, seed, steps, cfg, w, h, sched, li,
                              loras, scale, model_key, skip, schedule, ids, tcfg, seq, model_index, blocks,
                              spec.prompt_syntax, sr, p.prompt if sr is not None else None, p.template, set_name))
     return jobs
