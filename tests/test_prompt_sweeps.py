@@ -135,11 +135,7 @@ def test_prompt_sr_run_and_grid(tiny_dir: Path, tmp_path: Path) -> None:
 
 def test_readme_prompt_language_commands_run(tmp_path: Path) -> None:
     """The README's prompt-language examples, as written (with its placeholders filled in)."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
+    from conftest import run_program
     from test_readme import readme_commands
 
     (tmp_path / "wildcards").mkdir()
@@ -148,12 +144,10 @@ def test_readme_prompt_language_commands_run(tmp_path: Path) -> None:
     keys = ("prompt_sr=", "wildcard_dirs=", "prompts_file=", "(red:1.3)")
     commands = [a for a in readme_commands() if any(k in " ".join(a) for k in keys)]
     assert len(commands) == 4
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     for argv in commands:
         args = [a.replace("/path/to/wildcards", str(tmp_path / "wildcards")) for a in argv]
         out = tmp_path / f"run{commands.index(argv)}"
-        r = subprocess.run([sys.executable, "-m", "runner", *args[1:], f"output_dir={out}", "width=32", "height=32"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        r = run_program("t2i", *args[1:], f"output_dir={out}", "width=32", "height=32", cwd=tmp_path)
         assert r.returncode == 0, f"{argv}\n{r.stderr[-2000:]}"
         lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines() if x.strip()]
         prompts = sorted({e["prompt"] for e in lines if "prompt" in e})

@@ -244,6 +244,7 @@ assert run(validate(cfg), out, progress=False).generated == 1
 """
 
 
+@pytest.mark.slow
 def test_each_image_of_a_mixed_sweep_equals_it_alone_in_a_fresh_process(tiny_dir: Path, tmp_path: Path) -> None:
     """Weights, BREAK, a long prompt and S/R in one batched sweep (embeddings of several lengths in one batch):
     each image equals the same prompt generated alone in a fresh process."""
