@@ -42,7 +42,7 @@ from ..config.schedulers import (
 from ..config.validate import string_list
 from ..outputs.metadata import INFOTEXT_KEY, parse_infotext, read_png_record, versions
 from ..reproduce.inspect import image_text
-from .forms import FormError, JobRequest, allowed_models, check_model, first_value, renamed, to_spec
+from .forms import FormError, JobRequest, allowed_models, check_model, first_value, model_dict, renamed, to_spec
 from .jobs import Job, JobQueue, wait_for
 
 PREFIX = "/sdapi/v1"
@@ -295,13 +295,10 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
         """Whether model `mid` is flow-matching (read before loading, once per model)."""
         if mid not in flows:
             from ..config import ModelConfig
-            from ..config.validate import model_group
             from ..models.info import model_info
 
-            model = OmegaConf.to_container(cfg.model, resolve=True) if mid == cfg.model.id else \
-                model_group(mid) or {"id": mid, "dtype": cfg.model.dtype}
             try:
-                flows[mid] = model_info(ModelConfig(**model)).family.flow
+                flows[mid] = model_info(ModelConfig(**model_dict(mid, cfg))).family.flow
             except ConfigError:  # the run reports it in its own words
                 flows[mid] = False
         return flows[mid]

@@ -31,7 +31,7 @@ from ..config import lora_name, validate
 from ..outputs.viewer import DATA_JS, STATUS_JS, VIEWER_HTML, data_js, page_html, status_js
 from . import a1111, openai_api
 from .auth import ApiKeyMiddleware, api_keys, check_bind
-from .forms import FormError, JobRequest, SubmitForm, allowed_models, error_line, parse_form, to_spec
+from .forms import FormError, JobRequest, SubmitForm, allowed_models, error_line, model_dict, parse_form, to_spec
 from .jobs import Job, JobQueue, QueueFull, wait_for
 from .runs import Root, find_runs, kind_of, resolve, run_roots, viewer_url
 
@@ -93,15 +93,7 @@ def model_choice(mid: str, model: dict) -> dict[str, Any]:
 
 def model_choices(cfg: DictConfig) -> list[dict[str, Any]]:
     """The default model and the server's allowed models (group names or ids), as the form offers them."""
-    from omegaconf import OmegaConf
-
-    from ..config.validate import model_group
-
-    out = [model_choice(cfg.model.id, OmegaConf.to_container(cfg.model, resolve=True))]
-    for mid in allowed_models(cfg)[1:]:
-        group = model_group(mid) or {"id": mid, "dtype": cfg.model.dtype}
-        out.append(model_choice(mid, group))
-    return out
+    return [model_choice(mid, model_dict(mid, cfg)) for mid in allowed_models(cfg)]
 
 
 VIEWER_FILES = (VIEWER_HTML, DATA_JS, STATUS_JS)

@@ -211,17 +211,23 @@ def check_model(mid: str, cfg: DictConfig) -> None:
         raise FormError(403, f"modelid={mid!r} is not allowed on this server; valid: {', '.join(valid)}")
 
 
-def _model(req: JobRequest, cfg: DictConfig) -> dict:
-    default = cfg.model.id
-    mid = (req.modelid or default).strip()
-    if mid == default:
+def model_dict(mid: str, cfg: DictConfig) -> dict:
+    """The `model` config of model id `mid` on this server (unchecked): the server's own model, a model group
+    (with its settings), or an id with the server's dtype."""
+    if mid == cfg.model.id:
         return OmegaConf.to_container(cfg.model, resolve=True)
-    check_model(mid, cfg)
     group = model_group(mid)  # an allowed model may be a model group (with its settings)
     if group is not None:
         return group
     return {"id": mid, "revision": None, "pipeline": "auto", "variant": None, "config": None,
             "allow_pickle": False, "dtype": cfg.model.dtype}
+
+
+def _model(req: JobRequest, cfg: DictConfig) -> dict:
+    mid = (req.modelid or cfg.model.id).strip()
+    if mid != cfg.model.id:
+        check_model(mid, cfg)
+    return model_dict(mid, cfg)
 
 
 def first_value(value: Any) -> Any:
