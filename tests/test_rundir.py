@@ -296,12 +296,14 @@ def test_sigterm_finishes_the_batch_prints_the_summary_and_exits_143(tmp_path: P
 @pytest.mark.slow
 def test_submitit_job_past_its_time_limit_is_requeued_and_resumes(tmp_path: Path) -> None:
     """submitit_local with a 1-minute limit: USR2 comes 30 s before it; the job finishes its batch, submitit
-    requeues it (up to 3 times), the requeued job resumes; every image exactly once. Three 12-s batches: more
-    than one attempt holds, fewer than four attempts need, even on a loaded machine."""
+    requeues it (up to 3 times), the requeued job resumes; every image exactly once. Three 15-s batches: USR2
+    comes 30 s after the job started, i.e. before 30 s of generating, so always before the last batch (30-45 s)
+    even on a quiet machine (12-s batches let a fast start put it in the last one: nothing left to requeue);
+    fewer than four attempts are needed even on a loaded machine."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher.submitit_launcher")
     sweep = tmp_path / "sweep"
     env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "slowdown"), str(REPO)]),
-           "T2I_TEST_BATCH_DELAY": "12"}
+           "T2I_TEST_BATCH_DELAY": "15"}
     proc = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=1", *SWEEP[:3],
                    "seeds=[1,2]", *SWEEP[4:], f"hydra.sweep.dir={sweep}", env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
