@@ -95,6 +95,8 @@ class PromptEmbeds:
         self._cache: OrderedDict[tuple, tuple] = OrderedDict()
         self.warned = False  # the one warning that the syntax does not apply to this family
         self.encoded = 0  # prompts actually run through the text encoder(s) (tests and benchmarks read it)
+        # (prompt, negative) pairs whose emphasis left A1111's mean restore out (prompt.clip.MEAN_RESTORE_MIN)
+        self.unrestored: set[tuple[str, str]] = set()
 
     def clear(self) -> None:
         self._cache.clear()
@@ -148,7 +150,13 @@ class PromptEmbeds:
             self._cache.move_to_end(key)
             return self._cache[key]
         if syntax == "a1111":
-            out = _encode_a1111(pipe, kind, prompt, negative, skip, cfg)
+            unrestored: set = set()
+            out = _encode_a1111(pipe, kind, prompt, negative, skip, cfg, unrestored)
+            if unrestored and (prompt, negative) not in self.unrestored:
+                self.unrestored.add((prompt, negative))
+                log.warning("emphasis of %r / %r: the text encoder's output has a mean of ~0, so A1111's mean "
+                            "restore would divide by float noise (a black image in A1111); the weights are "
+                            "applied without it (recorded as emphasis_mean_restored=false)", prompt, negative)
         else:
             with clip_skip_compat(pipe, skip is not None):
                 if kind == "sdxl":
@@ -178,7 +186,8 @@ def _encoders(pipe: Any, kind: str, skip: int | None) -> list:
     return [Encoder(tok, te, layer, pooled=pooled) for tok, te, pooled in pairs if te is not None]
 
 
-def _encode_a1111(pipe: Any, kind: str, prompt: str, negative: str, skip: int | None, cfg: bool) -> tuple:
+def _encode_a1111(pipe: Any, kind: str, prompt: str, negative: str, skip: int | None, cfg: bool,
+                  unrestored: set | None = None) -> tuple:
     """(prompt, negative[, pooled, negative pooled]) embeddings by A1111's rules: tags removed from the prompt,
     the shorter of prompt and negative padded with empty-prompt chunks (A1111's "Pad prompt/negative prompt"),
     an empty SDXL negative prompt as zeros (A1111 and diffusers' force_zeros_for_empty_prompt)."""
@@ -191,14 +200,14 @@ def _encode_a1111(pipe: Any, kind: str, prompt: str, negative: str, skip: int | 
     device = pipe._execution_device
     text, _ = split_tags(prompt)
     n = max(chunk_count(encoders, text), chunk_count(encoders, negative) if cfg else 0)
-    pos, pooled = encode_text(encoders, text, device, n)
+    pos, pooled = encode_text(encoders, text, device, n, unrestored)
     neg = neg_pooled = None
     if cfg and kind == "sdxl" and negative == "" and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
         empty, _ = encode_text(encoders, "", device)
         neg = torch.cat([torch.zeros_like(empty), *[empty] * (n - 1)], dim=1)
         neg_pooled = torch.zeros_like(pooled)
     elif cfg:
-        neg, neg_pooled = encode_text(encoders, negative, device, n)
+        neg, neg_pooled = encode_text(encoders, negative, device, n, unrestored)
     dtype = encoders[-1].text_encoder.dtype
     cast = [None if t is None else t.to(dtype=dtype, device=device) for t in (pos, neg, pooled, neg_pooled)]
     return tuple(cast[:2]) if kind == "sd" else tuple(cast)

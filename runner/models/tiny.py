@@ -60,6 +60,22 @@ def _write_tokenizer(path: Path) -> int:
     return len(vocab)
 
 
+def condition_final_norm(text_encoder) -> None:
+    """Give a random CLIP text encoder's final LayerNorm a trained-looking affine part.
+
+    Freshly initialised it is weight 1, bias 0, so every token's output has mean 0 and A1111's emphasis mean
+    restore (old mean / new mean) divides float noise by float noise: its result then depended on the installed
+    versions' float rounding (a black image in one CI run). Real CLIP's final norm has a bias with a clear mean."""
+    import torch
+
+    norm = text_encoder.text_model.final_layer_norm if hasattr(text_encoder, "text_model") else \
+        text_encoder.final_layer_norm
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        norm.weight.copy_(1.0 + 0.1 * torch.randn(norm.weight.shape, generator=gen))
+        norm.bias.copy_(0.3 + 0.1 * torch.randn(norm.bias.shape, generator=gen))
+
+
 def build_tiny_pipeline(tmp: Path):
     """Build the deterministic tiny StableDiffusionPipeline (same weights on every machine)."""
     import torch
@@ -97,6 +113,7 @@ def build_tiny_pipeline(tmp: Path):
             projection_dim=32,
         )
     )
+    condition_final_norm(text_encoder)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
         steps_offset=1,

@@ -19,7 +19,7 @@ SETTINGS = ("prompt", "negative_prompt", "prompt_syntax", "seed", "steps", "guid
 SPECIAL = ("loras", "model", "device", "threads", "batch_size", "batch_invariant")
 DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_set_name",
            "lora_scale", "lora_blocks", "key", "file", "index",  # lora_blocks: the swept label; loras hold each one
-           "prompt_syntax_applied", "prompt_sr", "prompt_sr_base", "pad_conds")
+           "prompt_syntax_applied", "prompt_sr", "prompt_sr_base", "pad_conds", "emphasis_mean_restored")
 # `file`, `index`, `created` and `adopted` are in manifest lines only (the PNG holds no run-dir facts)
 PROVENANCE = ("record_version", "generator", "versions", "created", "adopted", "faults", "reproduced", "run_seed",
               "prompt_template", "prompt_seed")
@@ -37,7 +37,7 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
                  invariant: bool, config_hash: str = "") -> dict:
     """The full per-image record: every knob that changes pixels, plus provenance. `config_hash`: the model's
     pixel-changing configs (common.hashing.config_sha256)."""
-    from ..generate.prompt_embeds import clip_skip_applies, pads_conds, syntax_applies
+    from ..generate.prompt_embeds import clip_skip_applies, pads_conds, prompt_embeds, syntax_applies
     from ..models.memory import record as memory_record
     from .metadata import RECORD_VERSION, versions
 
@@ -54,6 +54,9 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         **({"prompt_template": job.template} if job.template else {}),
         **({"pad_conds": True} if job.prompt_syntax == "a1111" and (job.guidance_scale or 0) > 1
            and pads_conds(loaded.pipe, job.prompt, job.negative_prompt) else {}),
+        # False: the text encoder's mean was ~0, so A1111's mean restore was left out (prompt/clip.py)
+        **({"emphasis_mean_restored": False} if (job.prompt, job.negative_prompt) in prompt_embeds(loaded).unrestored
+           else {}),
         **({"prompt_sr": job.prompt_sr, "prompt_sr_base": job.base_prompt} if job.prompt_sr is not None else {}),
         "seed": job.seed,
         "steps": job.steps,

@@ -16,6 +16,11 @@ from .syntax import BREAK, parse_attention
 
 CHUNK = 75  # prompt tokens per chunk (77 with start and end)
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+# A1111 restores the chunk's mean by `z * (old_mean / new_mean)`. A text encoder whose output has a mean of ~0
+# relative to its magnitude (a LayerNorm with no bias: random or degenerate encoders) makes that ratio float noise
+# (1e8 and more: a NaN/black image in A1111). Below this relative size the mean is left as it is (A1111's
+# "No norm" for that chunk), with a warning and `emphasis_mean_restored: false` in the image's record.
+MEAN_RESTORE_MIN = 1e-4
 
 
 @dataclass
@@ -79,8 +84,9 @@ def _final_norm(te: Any) -> Any:
     return norm if norm is not None else te.text_model.final_layer_norm
 
 
-def encode_chunk(enc: Encoder, chunk: Chunk, device: Any) -> tuple[Any, Any]:
-    """One chunk through one encoder with A1111's "Original" emphasis: (z [1, 77, C], pooled [1, P] or None)."""
+def encode_chunk(enc: Encoder, chunk: Chunk, device: Any, unrestored: set | None = None) -> tuple[Any, Any]:
+    """One chunk through one encoder with A1111's "Original" emphasis: (z [1, 77, C], pooled [1, P] or None).
+    `unrestored` gets "mean" added where the mean restore was left out (MEAN_RESTORE_MIN)."""
     import torch
 
     ids = list(chunk.tokens)
@@ -102,13 +108,28 @@ def encode_chunk(enc: Encoder, chunk: Chunk, device: Any) -> tuple[Any, Any]:
         mult = torch.tensor(chunk.multipliers, device=z.device, dtype=z.dtype)
         original_mean = z.mean()
         z = z * mult.reshape(1, -1, 1).expand(z.shape)
-        z = z * (original_mean / z.mean())
+        new_mean = z.mean()
+        if mean_restore_ok(original_mean, new_mean, z):
+            z = z * (original_mean / new_mean)
+        elif unrestored is not None:
+            unrestored.add("mean")
     return z, pooled
 
 
-def encode_text(encoders: list[Encoder], text: str, device: Any, chunks_at_least: int = 0) -> tuple[Any, Any]:
+def mean_restore_ok(original_mean: Any, new_mean: Any, z: Any) -> bool:
+    """Whether A1111's mean restore `old_mean / new_mean` is a number and not float noise (MEAN_RESTORE_MIN)."""
+    import torch
+
+    scale = z.abs().mean()
+    return bool(torch.isfinite(original_mean / new_mean) and new_mean.abs() > MEAN_RESTORE_MIN * scale
+                and original_mean.abs() > MEAN_RESTORE_MIN * scale)
+
+
+def encode_text(encoders: list[Encoder], text: str, device: Any, chunks_at_least: int = 0,
+                unrestored: set | None = None) -> tuple[Any, Any]:
     """A prompt (tags already removed) → (embeddings [1, 77·k, ΣC], pooled or None), at least `chunks_at_least`
-    chunks (more are the empty prompt's chunk, as A1111 pads the shorter of prompt and negative prompt)."""
+    chunks (more are the empty prompt's chunk, as A1111 pads the shorter of prompt and negative prompt).
+    `unrestored`: see encode_chunk."""
     import torch
 
     parsed = parse_attention(text)
@@ -119,7 +140,7 @@ def encode_text(encoders: list[Encoder], text: str, device: Any, chunks_at_least
         empty = tokenize_chunks(enc.tokenizer, [("", 1.0)])[0]
         parts = []
         for i in range(count):
-            z, p = encode_chunk(enc, chunks[i] if i < len(chunks) else empty, device)
+            z, p = encode_chunk(enc, chunks[i] if i < len(chunks) else empty, device, unrestored)
             parts.append(z)
             if i == 0 and p is not None:
                 pooled = p

@@ -1,0 +1,101 @@
+"""A1111's emphasis mean restore on text encoders whose output mean is ~0 (issue 32).
+
+A1111 restores a weighted chunk's mean by `z * (old_mean / new_mean)`. On an encoder whose final LayerNorm has no
+bias (a random tiny model) both means are float noise, so the result depended on the installed versions' rounding:
+one CI run made an all-black image. The tiny models must not be degenerate, and the product must not make a black
+image when an encoder is.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runner.config import validate
+from runner.outputs.metadata import read_png_record
+from runner.run import run
+
+PROMPTS = ["a (red:1.4) fox", "(blur:1.2)", "a [snow] field, ((sharp))", "x"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir: Path):
+    from runner.models.loading import load_model
+
+    return load_model(validate({"model": {"id": str(tiny_dir)}, "device": "cpu"}).model, "cpu").pipe
+
+
+def _raw(pipe, prompt: str, skip: int | None):
+    """The chunk's encoder output before emphasis, read the way prompt/clip.py reads it."""
+    import torch
+
+    from runner.generate.prompt_embeds import _encoders
+    from runner.prompt.clip import _final_norm, tokenize_chunks
+    from runner.prompt.syntax import parse_attention
+
+    (enc,) = _encoders(pipe, "sd", skip)
+    (chunk,) = tokenize_chunks(enc.tokenizer, parse_attention(prompt))
+    with torch.inference_mode():
+        out = enc.text_encoder(torch.tensor([chunk.tokens]), output_hidden_states=True)
+        z = out[0] if skip is None else _final_norm(enc.text_encoder)(out.hidden_states[-(skip + 1)])
+    return z, torch.tensor(chunk.multipliers).reshape(1, -1, 1)
+
+
+@pytest.mark.parametrize("skip", [None, 2])
+def test_tiny_text_encoder_mean_is_well_conditioned(pipe, skip) -> None:
+    for prompt in PROMPTS:
+        z, mult = _raw(pipe, prompt, skip)
+        # a trained CLIP's means are a sizeable fraction of its magnitude; 1e-8 (a bias-free LayerNorm) is not
+        for t in (z, z * mult):
+            assert abs(float(t.mean())) > 0.05 * float(t.abs().mean()), (prompt, float(t.mean()))
+
+
+def test_emphasis_restores_the_mean_exactly_as_a1111(pipe) -> None:
+    from runner.generate.prompt_embeds import PromptEmbeds
+
+    z, mult = _raw(pipe, "a (red:1.4) fox", None)
+    want = z * mult
+    want = want * (z.mean() / want.mean())  # A1111 sd_emphasis.EmphasisOriginal
+    got = PromptEmbeds().call_kwargs(pipe, [("a (red:1.4) fox", "")], None, True, (), "a1111")["prompt_embeds"]
+    assert np.allclose(got.numpy(), want.numpy(), atol=1e-6)
+    assert not np.allclose(got.numpy(), (z * mult).numpy(), atol=1e-4)  # the restore did something
+
+
+def test_degenerate_encoder_leaves_the_restore_out_and_records_it(pipe, tiny_dir: Path, tmp_path: Path) -> None:
+    """A bias-free final norm: the weights apply without the restore (A1111's "No norm"), warned and recorded."""
+    import torch
+
+    from runner.generate.prompt_embeds import PromptEmbeds
+    from runner.prompt.clip import _final_norm
+
+    bad = copy.deepcopy(pipe)
+    norm = _final_norm(bad.text_encoder)
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+        norm.bias.zero_()
+    z, mult = _raw(bad, "a (red:1.4) fox", None)
+    cache = PromptEmbeds()
+    got = cache.call_kwargs(bad, [("a (red:1.4) fox", "(blur:1.2)")], None, True, (), "a1111")
+    assert torch.isfinite(got["prompt_embeds"]).all()
+    assert torch.allclose(got["prompt_embeds"], z * mult, atol=1e-6)
+    assert ("a (red:1.4) fox", "(blur:1.2)") in cache.unrestored
+
+    # end to end: a model folder with that encoder gives a real image and says so in its record
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model, ignore=shutil.ignore_patterns("loras"))
+    bad.text_encoder.save_pretrained(model / "text_encoder")
+    cfg = {"model": {"id": str(model)}, "prompts": ["a (red:1.4) fox", "a red fox"], "negative_prompt": "blur",
+           "seeds": [9], "steps": 2, "width": 32, "height": 32, "device": "cpu", "grid": {"enabled": False}}
+    result = run(validate(cfg), tmp_path / "out", progress=False)
+    recs = {e["prompt"]: read_png_record(str(tmp_path / "out" / e["file"]))[0] for e in result.entries}
+    assert recs["a (red:1.4) fox"]["emphasis_mean_restored"] is False
+    assert "emphasis_mean_restored" not in recs["a red fox"]  # no weights: nothing to restore
+    for e in result.entries:
+        from PIL import Image
+
+        assert np.asarray(Image.open(tmp_path / "out" / e["file"])).std() > 5
