@@ -8,7 +8,6 @@ image when an encoder is.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -64,38 +63,51 @@ def test_emphasis_restores_the_mean_exactly_as_a1111(pipe) -> None:
     assert not np.allclose(got.numpy(), (z * mult).numpy(), atol=1e-4)  # the restore did something
 
 
-def test_degenerate_encoder_leaves_the_restore_out_and_records_it(pipe, tiny_dir: Path, tmp_path: Path) -> None:
-    """A bias-free final norm: the weights apply without the restore (A1111's "No norm"), warned and recorded."""
-    import torch
+@pytest.fixture(scope="module")
+def degenerate_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a bias-free final norm (weight 1, bias 0): every token's output has mean 0."""
+    import shutil
 
-    from runner.generate.prompt_embeds import PromptEmbeds
+    import torch
+    from transformers import CLIPTextModel
+
     from runner.prompt.clip import _final_norm
 
-    bad = copy.deepcopy(pipe)
-    norm = _final_norm(bad.text_encoder)
+    model = tmp_path_factory.mktemp("degenerate") / "model"
+    shutil.copytree(tiny_dir, model, ignore=shutil.ignore_patterns("loras"))
+    te = CLIPTextModel.from_pretrained(tiny_dir / "text_encoder")
     with torch.no_grad():
-        norm.weight.fill_(1.0)
-        norm.bias.zero_()
+        _final_norm(te).weight.fill_(1.0)
+        _final_norm(te).bias.zero_()
+    te.save_pretrained(model / "text_encoder")
+    return model
+
+
+def test_degenerate_encoder_leaves_the_restore_out_and_records_it(degenerate_dir: Path, tmp_path: Path) -> None:
+    """A bias-free final norm: the weights apply without the restore (A1111's "No norm"), warned and recorded."""
+    import torch
+    from PIL import Image
+
+    from runner.generate.prompt_embeds import PromptEmbeds
+    from runner.models.loading import load_model
+
+    bad = load_model(validate({"model": {"id": str(degenerate_dir)}, "device": "cpu"}).model, "cpu").pipe
     z, mult = _raw(bad, "a (red:1.4) fox", None)
+    assert abs(float(z.mean())) < 1e-6 * float(z.abs().mean())  # the fixture is degenerate
     cache = PromptEmbeds()
-    got = cache.call_kwargs(bad, [("a (red:1.4) fox", "(blur:1.2)")], None, True, (), "a1111")
+    with torch.inference_mode():
+        got = cache.call_kwargs(bad, [("a (red:1.4) fox", "(blur:1.2)")], None, True, (), "a1111")
     assert torch.isfinite(got["prompt_embeds"]).all()
     assert torch.allclose(got["prompt_embeds"], z * mult, atol=1e-6)
     assert ("a (red:1.4) fox", "(blur:1.2)") in cache.unrestored
 
-    # end to end: a model folder with that encoder gives a real image and says so in its record
-    import shutil
-
-    model = tmp_path / "model"
-    shutil.copytree(tiny_dir, model, ignore=shutil.ignore_patterns("loras"))
-    bad.text_encoder.save_pretrained(model / "text_encoder")
-    cfg = {"model": {"id": str(model)}, "prompts": ["a (red:1.4) fox", "a red fox"], "negative_prompt": "blur",
-           "seeds": [9], "steps": 2, "width": 32, "height": 32, "device": "cpu", "grid": {"enabled": False}}
+    # end to end: the image is a real one and its record says the restore was left out
+    cfg = {"model": {"id": str(degenerate_dir)}, "prompts": ["a (red:1.4) fox", "a red fox"],
+           "negative_prompt": "blur", "seeds": [9], "steps": 2, "width": 32, "height": 32, "device": "cpu",
+           "grid": {"enabled": False}}
     result = run(validate(cfg), tmp_path / "out", progress=False)
     recs = {e["prompt"]: read_png_record(str(tmp_path / "out" / e["file"]))[0] for e in result.entries}
     assert recs["a (red:1.4) fox"]["emphasis_mean_restored"] is False
     assert "emphasis_mean_restored" not in recs["a red fox"]  # no weights: nothing to restore
     for e in result.entries:
-        from PIL import Image
-
         assert np.asarray(Image.open(tmp_path / "out" / e["file"])).std() > 5

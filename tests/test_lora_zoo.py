@@ -164,14 +164,17 @@ def test_block_presets_change_the_output_and_all_is_the_plain_lora(zoo: dict, ti
 
 
 def test_per_adapter_blocks_and_a1111_lists(zoo: dict, tiny_dir: Path, tmp_path: Path) -> None:
-    """`blocks` on one adapter (a list in the model's order: tiny UNet = BASE, IN03, M00, OUT00, OUT01)."""
+    """`blocks` on one adapter: a short list names the blocks with attention (tiny UNet: BASE, IN03, M00, OUT00,
+    OUT01) and gives the others 0, as the extension does; a full list names all ten (BASE, IN00…IN03, M00,
+    OUT00…OUT03)."""
     lora = {"source": str(zoo["lora"]), "name": "k"}
-    sets = [[{**lora, "blocks": "INS"}], [{**lora, "blocks": "1,1,0,0,0"}], [{**lora, "blocks": [1, 1, 1, 1, 1]}],
-            [lora]]
+    sets = [[{**lora, "blocks": "INS"}], [{**lora, "blocks": "1,1,0,0,0"}], [{**lora, "blocks": [1] * 10}],
+            [lora], [{**lora, "blocks": [1, 1, 1, 1, 1]}], [{**lora, "blocks": [1, 0, 0, 0, 1, 1, 1, 1, 0, 0]}]]
     result = run(cfg(tiny_dir, lora_sets=sets, grid={"enabled": False}), tmp_path / "r", progress=False)
     img = {e["lora_set"]: pixels(tmp_path / "r" / e["file"]) for e in result.entries}
     assert np.array_equal(img[0], img[1])  # INS on the tiny UNet = BASE + IN03 (its only attention input block)
-    assert np.array_equal(img[2], img[3]) and not np.array_equal(img[0], img[3])
+    assert np.array_equal(img[2], img[3]) and not np.array_equal(img[0], img[3])  # every block at 1: the plain LoRA
+    assert np.array_equal(img[4], img[5])  # the short list = the full list with 0 for the blocks it leaves out
 
 
 def _write_epochs(zoo_dir: Path, tiny_dir: Path) -> Path:
