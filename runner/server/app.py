@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -137,9 +138,12 @@ def make_queue(cfg: DictConfig, out: Path, keys: tuple[str, ...]) -> JobQueue:
     from .runs import own_root
 
     s = cfg.server
-    prio = dict(s.get("priorities") or {})
-    unknown = [k for k in prio if k not in keys]
-    if unknown:
+    prio = s.get("priorities") or {}
+    if not isinstance(prio, Mapping) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                for v in prio.values()):
+        raise ConfigError("server.priorities is not valid; give {KEY: INT, ...} for keys of server.api_keys "
+                          "(higher runs first; default 0)")
+    if any(k not in keys for k in prio):
         raise ConfigError("server.priorities names a key that is not in server.api_keys; give each key of "
                           "server.api_keys a priority (higher runs first; default 0)")
     limit = int(s.get("max_queued_images") or 0)

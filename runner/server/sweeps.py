@@ -141,7 +141,7 @@ def _keys(data: dict[str, Any], cfg: DictConfig) -> tuple[dict[str, Any], list[P
     return out, problems
 
 
-def _limits(spec: RunSpec, planned: int, server: DictConfig, steps: list[int]) -> list[Problem]:
+def _limits(spec: RunSpec, planned: int, server: DictConfig, steps: list[int], own_steps: bool) -> list[Problem]:
     problems = []
     if planned > server.max_images:
         problems.append(Problem("seeds", f"images={planned} is too many for this server; valid: 1 to "
@@ -154,7 +154,8 @@ def _limits(spec: RunSpec, planned: int, server: DictConfig, steps: list[int]) -
                                           "multiple of 8 (server.max_side)"))
     high = [s for s in steps if s is not None and s > server.max_steps]
     if high:
-        problems.append(Problem("steps", f"steps={high[0]} is above this server's limit; valid: 1 to "
+        default = "" if own_steps else " (the model's default)"
+        problems.append(Problem("steps", f"steps={high[0]}{default} is above this server's limit; valid: 1 to "
                                          f"{server.max_steps} (server.max_steps)"))
     return problems
 
@@ -215,7 +216,7 @@ def check_sweep(body: Any, cfg: DictConfig) -> Sweep:
     except ConfigError as exc:
         raise SweepError(422, [Problem(field_of(str(exc)), str(exc))]) from exc
     steps = sorted({s for p in plans for s in p.spec.steps if s is not None})
-    problems = _limits(spec, len(jobs), server, steps)
+    problems = _limits(spec, len(jobs), server, steps, "steps" in data)
     if problems:
         raise SweepError(422, problems)
     return Sweep(spec, len(jobs), text, plans[0].info.family.name, [p.info.config.id for p in plans])
