@@ -66,11 +66,16 @@ class Gate:
     def open(self) -> None:
         self.opened.set()
 
+    @classmethod
+    def install(cls, monkeypatch: pytest.MonkeyPatch) -> Gate:
+        g = cls()
+        monkeypatch.setattr(batch_mod, "generate", g)
+        return g
+
 
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
-    g = Gate()
-    monkeypatch.setattr(batch_mod, "generate", g)
+    g = Gate.install(monkeypatch)
     yield g
     g.open()
 

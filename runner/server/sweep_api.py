@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..config.validate import string_list
 from .forms import FormError, allowed_models
@@ -90,7 +90,9 @@ def sweeps_router(cfg: DictConfig, queue: JobQueue, roots: list[Root]) -> APIRou
     async def page(request: Request) -> Response:
         files = await run_in_threadpool(lora_files, cfg)
         s = cfg.server
+        prompts = OmegaConf.to_container(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else [cfg.prompts]
         ctx = {"yaml": starter_yaml(cfg, files), "models": allowed_models(cfg), "loras": files,
+               "prompts": [p if isinstance(p, str) else p.get("prompt", "") for p in prompts][:2],
                "max_images": s.max_images, "max_side": s.max_side, "max_steps": s.max_steps,
                "rate": queue.images_per_second()}
         return TEMPLATES.TemplateResponse(request, "sweep.html", ctx)
