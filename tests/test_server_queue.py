@@ -398,3 +398,35 @@ def test_twenty_clients_submitting_and_polling_lose_nothing(tmp_path: Path) -> N
             for path, n_images in given:
                 got = h.get(path).json()
                 assert got["status"] == "done" and got["done"] == got["total"] == n_images, got
+
+
+# 7. docs/server-sweeps.md: its commands, as written, against a server on 127.0.0.1
+
+
+@pytest.mark.slow
+def test_the_docs_commands_do_what_the_docs_say(tmp_path: Path, tiny_dir: Path) -> None:
+    import re
+
+    text = (REPO / "docs" / "server-sweeps.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    assert len(blocks) >= 6 and blocks[0].startswith("t2i-serve ")
+    port = str(free_port())  # the docs' port 8000 may be taken here
+    script = "set -e\n" + "\n".join(blocks).replace("127.0.0.1:8000", f"127.0.0.1:{port}").replace(
+        "--port 8000", f"--port {port}")
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert '"ok":true,"planned":6' in out
+    # the cancel stopped the second sweep (then resumed), or came after its end (then nothing to resume)
+    assert '"status":"queued","done":' in out or "is done; only a cancelled" in out
+    assert "width=4096 is too large; valid: 8 to 1024, a multiple of 8 (server.max_side)" in out
+    assert '"errors":[{"field":"width"' in out
+    assert out.rstrip().endswith("404")
+    runs = sorted((tmp_path / "outputs" / "team").glob("sweep-*"))
+    assert len(runs) == 2  # the refused sweep left nothing
+    for run_dir in runs:
+        assert_complete(run_dir, 6)
+    with sqlite3.connect(tmp_path / "outputs" / "team" / "queue.sqlite") as db:
+        assert sorted(s for (s,) in db.execute("SELECT state FROM items")) == ["done", "done"]
