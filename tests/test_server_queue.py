@@ -430,3 +430,32 @@ def test_the_docs_commands_do_what_the_docs_say(tmp_path: Path, tiny_dir: Path) 
         assert_complete(run_dir, 6)
     with sqlite3.connect(tmp_path / "outputs" / "team" / "queue.sqlite") as db:
         assert sorted(s for (s,) in db.execute("SELECT state FROM items")) == ["done", "done"]
+
+
+def test_a_job_cut_off_mid_run_is_finished_by_the_next_start(tmp_path: Path) -> None:
+    """What a kill -9 leaves of a single request (a row `running`, part of its images in the run dir): the next
+    start makes the missing images into the same run dir, and the job reports all of them."""
+    out = tmp_path / "out"
+    cfg = server_cfg(out, "batch_size=1")
+    req = {"text_prompt": "a lamp", "manual_seed": 3, "total_nm_img_prompt": 3, "inference_steps": 2, "width": 32,
+           "height": 32}
+    with TestClient(create_app(cfg)) as c:
+        job = c.post("/api/jobs", json=req).json()["id"]
+        first = wait(lambda: (s := status(c, "jobs", job))["status"] == "done" and s, "the job")
+    run_dir = next(p for p in out.iterdir() if p.is_dir() and p.name.endswith(job[:8]))
+    entries = manifest(run_dir)
+    kept = [e for e in entries if e["seed"] == 4]  # as if the process died after its second image
+    for e in entries:
+        if e not in kept:
+            (run_dir / e["file"]).unlink()
+    (run_dir / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
+    with sqlite3.connect(out / "queue.sqlite") as db:
+        db.execute("UPDATE items SET state = 'running' WHERE id = ?", (job,))
+    kept_file = (run_dir / kept[0]["file"]).stat()
+    with TestClient(create_app(cfg)) as c:
+        again = wait(lambda: (s := status(c, "jobs", job))["status"] == "done" and s, "the job, resumed")
+        assert again["done"] == 3 and again["images"] == first["images"]
+        assert c.get(f"/api/jobs/{job}/images/2.png").status_code == 200
+    assert_complete(run_dir, 3)
+    again_file = (run_dir / kept[0]["file"]).stat()
+    assert (again_file.st_ino, again_file.st_mtime_ns) == (kept_file.st_ino, kept_file.st_mtime_ns)  # not made again
