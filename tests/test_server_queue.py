@@ -269,9 +269,13 @@ def test_each_key_sees_and_cancels_only_its_own(tmp_path: Path, gate: Gate) -> N
             assert c.delete(path, headers=b).status_code == 404
         assert c.get("/api/sweeps", headers=b).json()["sweeps"] == []
         assert c.get(sa["viewer"], headers=b).status_code == 404
+        wait(lambda: c.get(f"/api/sweeps/{sa['id']}", headers=a).json()["status"] == "running", "key-a's sweep")
+        assert c.post("/sdapi/v1/interrupt", headers=b).status_code == 200  # not key-b's run: it goes on
         gate.open()
         wait(lambda: c.get(f"/api/jobs/{ja['id']}", headers=a).json()["status"] == "done", "key-a's job")
-        wait(lambda: c.get(f"/api/sweeps/{sa['id']}", headers=a).json()["status"] == "done", "key-a's sweep")
+        wait(lambda: c.get(f"/api/sweeps/{sa['id']}", headers=a).json()["status"] not in ("queued", "running"),
+             "key-a's sweep")
+        assert c.get(f"/api/sweeps/{sa['id']}", headers=a).json()["status"] == "done"
         runs_a = {r["path"] for r in c.get("/api/runs", headers=a).json()["runs"] if r["root"] == 0}
         runs_b = {r["path"] for r in c.get("/api/runs", headers=b).json()["runs"] if r["root"] == 0}
         assert sa["run_dir"] in runs_a and sa["run_dir"] not in runs_b and len(runs_b) == 1

@@ -349,9 +349,9 @@ class JobQueue:
 
     def interrupt(self) -> bool:
         """Stop the run in progress after its batch in flight (the core's Ctrl-C path); its jobs end as
-        `interrupted` with the images made so far. False when nothing runs."""
+        `interrupted` with the images made so far. False when nothing runs, or another key's run does."""
         with self._cond:
-            if self._running is None:
+            if self._running is None or self._running[0][0].owner != current_owner():
                 return False
             self._running[2].request()
             return True
