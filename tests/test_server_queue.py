@@ -126,6 +126,7 @@ def test_specs_go_through_the_store_unchanged(lora_a: dict) -> None:
 # 2. Sweeps through the API: cancel, resume, a restart in the middle
 
 
+@pytest.mark.slow  # a few runs and two server starts: end-to-end
 def test_sweeps_cancel_resume_and_survive_a_restart(tmp_path: Path, gate: Gate) -> None:
     out = tmp_path / "out"
     cfg = server_cfg(out)
@@ -203,24 +204,33 @@ BAD = [
 ]
 
 
+@pytest.fixture(scope="module")
+def idle(tmp_path_factory: pytest.TempPathFactory):
+    """A server that is only ever sent sweeps it refuses."""
+    out = tmp_path_factory.mktemp("idle") / "out"
+    with TestClient(create_app(server_cfg(out))) as c:
+        yield c, out
+
+
 @pytest.mark.parametrize(("body", "code", "field", "words"), BAD, ids=[b[3][:24] for b in BAD])
-def test_bad_sweeps_are_one_clear_error_and_queue_nothing(tmp_path: Path, body: str, code: int, field: str,
+def test_bad_sweeps_are_one_clear_error_and_queue_nothing(idle, body: str, code: int, field: str,
                                                           words: str) -> None:
-    with TestClient(create_app(server_cfg(tmp_path / "out"))) as c:
-        r = c.post("/api/sweeps", content=body, headers=YAML)
-        assert r.status_code == code, r.text
-        errors = r.json()["errors"]
-        assert len(errors) == 1 and errors[0]["field"] == field and words in errors[0]["message"], errors
-        assert "\n" not in r.json()["detail"]
-        assert c.post("/api/sweeps?dry_run=1", content=body, headers=YAML).status_code == code
-        assert c.get("/api/sweeps").json()["sweeps"] == []
-        assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith("sweep-")]
+    c, out = idle
+    r = c.post("/api/sweeps", content=body, headers=YAML)
+    assert r.status_code == code, r.text
+    errors = r.json()["errors"]
+    assert len(errors) == 1 and errors[0]["field"] == field and words in errors[0]["message"], errors
+    assert "\n" not in r.json()["detail"]
+    assert c.post("/api/sweeps?dry_run=1", content=body, headers=YAML).status_code == code
+    assert c.get("/api/sweeps").json()["sweeps"] == []
+    assert not [p for p in out.iterdir() if p.name.startswith("sweep-")]
 
 
-def test_bad_json_body_is_one_line(tmp_path: Path) -> None:
-    with TestClient(create_app(server_cfg(tmp_path / "out"))) as c:
-        r = c.post("/api/sweeps", content=b"{not json", headers={"content-type": "application/json"})
-        assert r.status_code == 400 and "the JSON body does not parse" in r.json()["detail"]
+def test_bad_json_body_is_one_line(idle) -> None:
+    c, _ = idle
+    r = c.post("/api/sweeps", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "the JSON body does not parse" in r.json()["detail"]
+    assert c.get("/api/sweeps").json()["sweeps"] == []
 
 
 def test_dry_run_counts_images_and_estimates_from_the_measured_rate(tmp_path: Path) -> None:
@@ -246,6 +256,7 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+@pytest.mark.slow  # a few runs and two server starts: end-to-end
 def test_each_key_sees_and_cancels_only_its_own(tmp_path: Path, gate: Gate) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -436,6 +447,7 @@ def test_the_docs_commands_do_what_the_docs_say(tmp_path: Path, tiny_dir: Path) 
         assert sorted(s for (s,) in db.execute("SELECT state FROM items")) == ["done", "done"]
 
 
+@pytest.mark.slow  # a few runs and two server starts: end-to-end
 def test_a_job_cut_off_mid_run_is_finished_by_the_next_start(tmp_path: Path) -> None:
     """What a kill -9 leaves of a single request (a row `running`, part of its images in the run dir): the next
     start makes the missing images into the same run dir, and the job reports all of them."""

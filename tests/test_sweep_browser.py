@@ -14,6 +14,7 @@ from runner.server.app import create_app
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.slow,  # two server starts and three sweeps: end-to-end
     pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium)"),
 ]
 
