@@ -126,7 +126,6 @@ def test_specs_go_through_the_store_unchanged(lora_a: dict) -> None:
 # 2. Sweeps through the API: cancel, resume, a restart in the middle
 
 
-@pytest.mark.slow  # a few runs and two server starts: end-to-end
 def test_sweeps_cancel_resume_and_survive_a_restart(tmp_path: Path, gate: Gate) -> None:
     out = tmp_path / "out"
     cfg = server_cfg(out)
@@ -256,7 +255,6 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.mark.slow  # a few runs and two server starts: end-to-end
 def test_each_key_sees_and_cancels_only_its_own(tmp_path: Path, gate: Gate) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -447,7 +445,6 @@ def test_the_docs_commands_do_what_the_docs_say(tmp_path: Path, tiny_dir: Path) 
         assert sorted(s for (s,) in db.execute("SELECT state FROM items")) == ["done", "done"]
 
 
-@pytest.mark.slow  # a few runs and two server starts: end-to-end
 def test_a_job_cut_off_mid_run_is_finished_by_the_next_start(tmp_path: Path) -> None:
     """What a kill -9 leaves of a single request (a row `running`, part of its images in the run dir): the next
     start makes the missing images into the same run dir, and the job reports all of them."""
