@@ -225,6 +225,14 @@ def test_bad_sweeps_are_one_clear_error_and_queue_nothing(idle, body: str, code:
     assert not [p for p in out.iterdir() if p.name.startswith("sweep-")]
 
 
+def test_every_bad_key_is_its_own_line(idle) -> None:
+    c, _ = idle
+    r = c.post("/api/sweeps", content="prompts: [a]\nsteps: 0\nscheduler: eulr\nseeds: [x]\n", headers=YAML)
+    assert r.status_code == 422
+    fields = [e["field"] for e in r.json()["errors"]]
+    assert sorted(fields) == ["scheduler", "seeds", "steps"], r.json()
+
+
 def test_bad_json_body_is_one_line(idle) -> None:
     c, _ = idle
     r = c.post("/api/sweeps", content=b"{not json", headers={"content-type": "application/json"})

@@ -160,6 +160,18 @@ def _limits(spec: RunSpec, planned: int, server: DictConfig, steps: list[int], o
     return problems
 
 
+def _validated(cfg: DictConfig, overrides: dict[str, Any], model: dict | None, fixed: dict[str, Any]) -> RunSpec:
+    try:
+        merged = OmegaConf.merge(cfg, overrides, fixed)
+        if model is not None:  # the sweep's model replaces the server's (a merge would mix two groups)
+            merged.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model)
+        return validate(merged)
+    except ConfigError as exc:
+        raise SweepError(422, [Problem(field_of(str(exc)), str(exc))]) from exc
+    except Exception as exc:  # noqa: BLE001 - OmegaConf's type errors are the sweep's (a list where a map goes)
+        raise SweepError(422, [Problem(field_of(str(exc)), first_line(exc))]) from exc
+
+
 def check_sweep(body: Any, cfg: DictConfig) -> Sweep:
     """The checked sweep of a request body on this server, or SweepError (400 unreadable, 403 not allowed,
     422 invalid or over the server's limits) with one line per problem."""
@@ -170,19 +182,21 @@ def check_sweep(body: Any, cfg: DictConfig) -> Sweep:
     if problems:
         raise SweepError(403 if all(p.field != "yaml" for p in problems) else 422, problems)
 
-    # 2. The server's config with the sweep's keys, checked by `t2i`'s own validation; the server's settings stay
+    # 2. The server's config with the sweep's keys, checked by `t2i`'s own validation; the server's settings stay.
+    #    validate() stops at the first bad value: the keys are then checked one at a time, for a line each.
     allowed_dirs = tuple(string_list("server.allowed_lora_dirs", server.allowed_lora_dirs))
     model = overrides.pop("model", None)
     fixed = {"output_dir": None, "shard": {"index": 0, "count": 1}, "resume": True, "lora_dirs": list(allowed_dirs)}
     try:
-        merged = OmegaConf.merge(cfg, {k: v for k, v in overrides.items()}, fixed)
-        if model is not None:  # the sweep's model replaces the server's (a merge would mix two groups)
-            merged.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model)
-        spec = validate(merged)
-    except ConfigError as exc:
-        raise SweepError(422, [Problem(field_of(str(exc)), str(exc))]) from exc
-    except Exception as exc:  # noqa: BLE001 - OmegaConf's type errors are the sweep's (a list where a map goes)
-        raise SweepError(422, [Problem(field_of(str(exc)), first_line(exc))]) from exc
+        spec = _validated(cfg, overrides, model, fixed)
+    except SweepError as exc:
+        alone = []
+        for key in overrides:
+            try:
+                _validated(cfg, {key: overrides[key]}, model, fixed)
+            except SweepError as one:
+                alone += [p for p in one.problems if p.message not in {q.message for q in alone}]
+        raise SweepError(422, alone or exc.problems) from exc
 
     # 3. Every LoRA file (sets and prompt tags) in the folders this server allows, every model allowed
     try:
