@@ -345,6 +345,7 @@ def test_kill_9_mid_sweep_loses_nothing(tmp_path: Path, tiny_dir: Path) -> None:
                                                     "width": 32, "height": 32}, timeout=60).json()["id"]
                 for i in range(2)]
         point = random.randint(1, 22)  # the kill lands anywhere in the sweep (mid-batch or between batches)
+        print(f"kill -9 after at least {point} images")  # shown if the test fails: the point to try again
         wait(lambda: httpx.get(f"{url}/api/sweeps/{sweep['id']}", timeout=10).json()["done"] >= point,
              f"{point} images")
         proc.send_signal(signal.SIGKILL)
