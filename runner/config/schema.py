@@ -89,6 +89,8 @@ class ServerConfig:
     run_dirs: list[str] = field(default_factory=list)  # more folders whose run dirs /runs lists and serves
     api_keys: Any = field(default_factory=list)  # bearer tokens every request must carry (none: no auth, loopback only)
     image_url_ttl: int = 3600  # seconds an OpenAI-API image URL (response_format=url) stays valid
+    priorities: Any = None  # {API key: int}: a higher one's jobs and sweeps run first (0)
+    max_queued_images: int = 1000  # images one API key (or everyone, without keys) may have waiting in the queue
 
 
 @dataclass

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -32,8 +33,12 @@ from ..outputs.viewer import DATA_JS, STATUS_JS, VIEWER_HTML, data_js, page_html
 from . import a1111, openai_api
 from .auth import ApiKeyMiddleware, api_keys, check_bind
 from .forms import FormError, JobRequest, SubmitForm, allowed_models, error_line, model_dict, parse_form, to_spec
-from .jobs import Job, JobQueue, QueueFull, wait_for
+from .jobs import Job, JobQueue, KeyLimit, QueueFull, wait_for
+from .owner import current_owner, visible
 from .runs import Root, find_runs, kind_of, resolve, run_roots, viewer_url
+from .store import DB_NAME, Store
+from .sweep_api import sweeps_router
+from .sweeps import SweepError
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("runner.server")
@@ -126,6 +131,29 @@ def job_json(queue: JobQueue, job: Job, roots: list[Root] | None = None) -> dict
 TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
 
 
+def make_queue(cfg: DictConfig, out: Path, keys: tuple[str, ...]) -> JobQueue:
+    """The job queue, kept in SQLite in the server's own output folder (one for every start, so a restart finds
+    what the last one left), with the keys' priorities and the per-key limit of queued images."""
+    from .owner import owner_of
+    from .runs import own_root
+
+    s = cfg.server
+    prio = s.get("priorities") or {}
+    if not isinstance(prio, Mapping) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                for v in prio.values()):
+        raise ConfigError("server.priorities is not valid; give {KEY: INT, ...} for keys of server.api_keys "
+                          "(higher runs first; default 0)")
+    if any(k not in keys for k in prio):
+        raise ConfigError("server.priorities names a key that is not in server.api_keys; give each key of "
+                          "server.api_keys a priority (higher runs first; default 0)")
+    limit = int(s.get("max_queued_images") or 0)
+    if limit < 1:
+        raise ConfigError(f"server.max_queued_images={limit} would refuse every job; valid: 1 or more")
+    store = Store(own_root(cfg) / DB_NAME)
+    return JobQueue(out, int(s.queue_size), int(s.merge_max_images), store,
+                    {owner_of(k): int(v) for k, v in prio.items()}, limit)
+
+
 def create_app(cfg: DictConfig) -> FastAPI:
     """The FastAPI app for a composed run config (its `server` section sets limits and the output dir)."""
     from ..models.loading import load_model
@@ -137,13 +165,15 @@ def create_app(cfg: DictConfig) -> FastAPI:
     keys = api_keys(cfg)
     loaded = load_model(base.model, base.device)
     out = server_dir(cfg)
-    queue = JobQueue(out, int(cfg.server.queue_size), int(cfg.server.merge_max_images))
+    queue = make_queue(cfg, out, keys)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         queue.start()
         yield
         await run_in_threadpool(queue.stop)
+        if queue.store is not None:
+            queue.store.close()
 
     # 2. The app. FastAPIOffline serves Swagger UI from packaged files: /docs works without the internet. No
     #    /redoc: ReDoc's bundle fetches its logo from a CDN.
@@ -161,7 +191,8 @@ def create_app(cfg: DictConfig) -> FastAPI:
 
     # 4. The routes: the form and job API, the run dirs and their viewers, A1111's and OpenAI's APIs.
     app.include_router(jobs_router(cfg, base.model.id, queue, out, roots))
-    app.include_router(runs_router(roots))
+    app.include_router(sweeps_router(cfg, queue, roots))
+    app.include_router(runs_router(roots, queue if keys else None))
     app.include_router(a1111.a1111_router(cfg, queue, loaded.sha256))
     app.include_router(openai_api.openai_router(cfg, queue, out, started=datetime.now().timestamp()))
     return app
@@ -188,6 +219,14 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FormError)
     async def _form_error(request: Request, exc: FormError) -> Response:
         return error_response(request, exc.status, exc.message, exc=exc)
+
+    @app.exception_handler(KeyLimit)
+    async def _key_limit(request: Request, exc: KeyLimit) -> Response:
+        return error_response(request, 429, str(exc))
+
+    @app.exception_handler(SweepError)
+    async def _sweep_error(request: Request, exc: SweepError) -> Response:
+        return JSONResponse(exc.as_json(), status_code=exc.status)
 
     @app.exception_handler(QueueFull)
     async def _busy(request: Request, exc: QueueFull) -> Response:
@@ -221,7 +260,7 @@ def jobs_router(cfg: DictConfig, model_id: str, queue: JobQueue, out: Path, root
 
     def find(job_id: str) -> Job:
         job = queue.get(job_id)
-        if job is None:
+        if job is None or job.kind != "job" or job.owner != current_owner():  # another key's: not there for this one
             raise FormError(404, f"no job {job_id!r} on this server")
         return job
 
@@ -270,6 +309,12 @@ def jobs_router(cfg: DictConfig, model_id: str, queue: JobQueue, out: Path, root
     async def get_job(job_id: str) -> dict[str, Any]:
         return job_json(queue, find(job_id), roots)
 
+    @router.delete("/api/jobs/{job_id}", summary="Cancel a job (a running one after its batch in flight)")
+    async def cancel_job(job_id: str) -> dict[str, Any]:
+        job = find(job_id)
+        queue.cancel(job)
+        return job_json(queue, job, roots)
+
     @router.get("/api/jobs/{job_id}/images/{name}", response_class=FileResponse, summary="Image k of a job",
                 responses={200: {"content": {"image/png": {}}}})
     async def get_image(job_id: str, name: str) -> Response:
@@ -293,20 +338,27 @@ def jobs_router(cfg: DictConfig, model_id: str, queue: JobQueue, out: Path, root
     return router
 
 
-def runs_router(roots: list[Root]) -> APIRouter:
+def runs_router(roots: list[Root], queue: JobQueue | None = None) -> APIRouter:
     """`/runs`: the run dirs this server may show (server.run_dirs and its own outputs), their files and viewers;
-    nothing outside those folders."""
+    nothing outside those folders. With a `queue` (server.api_keys set) a key sees its own runs and the shared
+    server.run_dirs only (owner.visible)."""
     router = APIRouter()
+
+    def shown(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if queue is None or queue.store is None:
+            return runs
+        dirs, owner = queue.store.all_run_dirs(), current_owner()
+        return [r for r in runs if visible(roots[r["root"]].path / r["path"], roots, dirs, owner)]
 
     @router.get("/runs", response_class=HTMLResponse,
                 summary="The run dirs this server may show, each with its viewer")
     async def runs_page(request: Request) -> Response:
-        runs = await run_in_threadpool(find_runs, roots)
+        runs = shown(await run_in_threadpool(find_runs, roots))
         return TEMPLATES.TemplateResponse(request, "runs.html", {"runs": runs, "roots": roots})
 
     @router.get("/api/runs", summary="The run dirs this server may show (JSON)")
     async def runs_json() -> dict[str, Any]:
-        runs = await run_in_threadpool(find_runs, roots)
+        runs = shown(await run_in_threadpool(find_runs, roots))
         return {"roots": [{"index": r.index, "path": r.label} for r in roots], "runs": runs}
 
     @router.get("/runs/{root}", include_in_schema=False)
@@ -326,6 +378,9 @@ def runs_router(roots: list[Root]) -> APIRouter:
 
     def run_file_response(request: Request, root: str, rel: str) -> Response:
         path = resolve(roots, root, rel)
+        if path is not None and queue is not None and queue.store is not None and \
+                not visible(path, roots, queue.store.all_run_dirs(), current_owner()):
+            path = None  # another key's run: not there, as far as this key knows
         if path is not None and path.is_dir():
             if not request.url.path.endswith("/"):
                 return RedirectResponse(request.url.path + "/")

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from ..common.errors import ConfigError, first_line
 from ..config.validate import string_list
 from .openai_api import FILES_PREFIX, OPENAI_PREFIX, error_response
+from .owner import owner_of, reset_owner, set_owner
 
 REALM = "t2i-serve"
 
@@ -108,7 +109,11 @@ class ApiKeyMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         key = presented_key(headers.get("authorization", ""))
         if key is not None and key_matches(key, self.keys):
-            await self.app(scope, receive, send)
+            token = set_owner(owner_of(key))  # what this request queues and sees is this key's
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                reset_owner(token)
             return
         await self.refusal(path, key)(scope, receive, send)
 
