@@ -72,6 +72,7 @@ class ModelPlan:
 def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
     """Resolve and check every model of the run before the first loads: its family, its settings (user keys,
     group settings, pipeline defaults), the keys its family cannot honour, memory modes and LoRA families."""
+    from .generate.scheduled import check_support
     from .lora.detect import check_family
     from .models.info import check_model, check_transformer_file, model_infos, spec_for
     from .models.memory import check_memory
@@ -85,6 +86,7 @@ def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
         check_model(spec, info, {k: getattr(mspec, k) for k in SETTING_KEYS}, where)
         check_memory(spec.memory, device, info.family, where)
         check_transformer_file(info, where)
+        check_support(mspec, info.family.is_sd, info.family.label, where)
         for s, loras in enumerate(lora_sets):
             for r in loras:
                 check_family(r.file, info.family, info.config.id, f"{where}lora_sets[{s}]: ")
