@@ -125,3 +125,29 @@ def test_batch_equals_each_image_alone(model, request) -> None:
     together = _run(pipe, *jobs)
     for job, image in zip(jobs, together, strict=True):
         assert np.array_equal(image, _run(pipe, job)[0]), job.prompt
+
+
+PROMPTS = [A, f"[{A}:{B}:0.5]", f"[{B}|{A}]", f"{A} AND {B}:0.7"]
+PERF = [{"channels_last": c, "fuse_qkv": q, "fuse_lora": f} for c, q, f in
+        ((False, False, False), (True, False, True), (False, True, True), (True, True, False))]
+
+
+@pytest.mark.slow
+def test_each_image_equals_itself_alone_in_a_fresh_process(tiny_dir: Path, lora_a: dict, tmp_path: Path) -> None:
+    from test_differential import alone, combo_name, pixels
+
+    from runner.run import run
+
+    def cfg(prompts: list[str], perf: dict) -> dict:
+        return {"model": {"id": str(tiny_dir)}, "prompts": prompts, "negative_prompt": f"[{NEG_A}|{NEG_B}]",
+                "seeds": [5], "steps": 4, "width": 32, "height": 32, "device": "cpu", "lora_sets": [[lora_a]],
+                "perf": perf, "grid": {"enabled": False}, "viewer": {"enabled": False}, "batch_size": 4}
+
+    ref = alone({f"{combo_name(p)}.{i}": cfg([t], p) for p in PERF for i, t in enumerate(PROMPTS)}, tmp_path / "alone")
+    for perf in PERF:
+        out = tmp_path / combo_name(perf)
+        result = run(validate(cfg(PROMPTS, perf)), out, progress=False)
+        assert result.generated == 4 and {e["batch_size"] for e in result.entries} == {4}
+        for e in result.entries:
+            i = PROMPTS.index(e["prompt"])
+            assert np.array_equal(pixels(out / e["file"]), ref[f"{combo_name(perf)}.{i}"]), (perf, e["prompt"])
