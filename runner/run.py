@@ -351,8 +351,9 @@ class _Batches:
                       if touches_text_encoder(r)))
         pipe = loaded.pipe
         for made in handler.generate(lambda js, te=te_state: generate(pipe, js, self.invariant, embeds, te), mine):
-            rec = build_record(made.job, loaded, self.lora_sets[made.job.lora_set], made.image.width,
-                               made.image.height, made.batch_size, self.invariant, plan.config_hash)
+            size = made.image.info.get("first_pass", made.image.size)  # hires. fix: A1111's Size is the first's
+            rec = build_record(made.job, loaded, self.lora_sets[made.job.lora_set], *size, made.batch_size,
+                               self.invariant, plan.config_hash)
             if self.run_seed is not None:
                 rec["run_seed"] = self.run_seed
             if self.spec.prompt_seed is not None:

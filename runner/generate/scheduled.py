@@ -95,8 +95,9 @@ def _repeat_last(z: Any, length: int) -> Any:
 
 
 def plan_rows(pipe: Any, kind: str, jobs: Sequence[Any], cfg: bool, skip: int | None, te_state: tuple,
-              embeds: Any) -> list[RowPlan]:
-    """Each job's RowPlan (embeddings in the text encoder's dtype, on the pipeline's device)."""
+              embeds: Any, hires_steps: int | None = None) -> list[RowPlan]:
+    """Each job's RowPlan (embeddings in the text encoder's dtype, on the pipeline's device); with `hires_steps`,
+    the plan of a hires. fix pass of that many steps (A1111's hires schedule: `when` past the first pass)."""
     import torch
 
     from ..prompt.clip import chunk_count
@@ -106,7 +107,9 @@ def plan_rows(pipe: Any, kind: str, jobs: Sequence[Any], cfg: bool, skip: int | 
     encoders = _encoders(pipe, kind, skip)
     device = pipe._execution_device
     dtype = encoders[-1].text_encoder.dtype
-    steps = jobs[0].steps * (2 if getattr(pipe.scheduler, "order", 1) == 2 else 1)  # A1111's total_steps
+    mult = 2 if getattr(pipe.scheduler, "order", 1) == 2 else 1  # A1111's total_steps
+    steps = jobs[0].steps * mult
+    hr = None if hires_steps is None else hires_steps * mult
     texts = _texts(embeds)
     key = (skip, te_state, kind)
     zeros_for_empty = kind == "sdxl" and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
@@ -121,8 +124,8 @@ def plan_rows(pipe: Any, kind: str, jobs: Sequence[Any], cfg: bool, skip: int | 
     plans = []
     for job in jobs:
         text, _ = split_tags(job.prompt)
-        subs = [(w, encoded(prompt_schedule(t, steps))) for t, w in split_and(text)]
-        negative = encoded(prompt_schedule(job.negative_prompt, steps), negative=True) if cfg else []
+        subs = [(w, encoded(prompt_schedule(t, steps, hr))) for t, w in split_and(text)]
+        negative = encoded(prompt_schedule(job.negative_prompt, steps, hr), negative=True) if cfg else []
         if len(subs) > 1 or subs[0][0] != 1.0:
             if not cfg:
                 raise ConfigError(f"prompt {job.prompt!r} uses AND or a :weight (composable diffusion), which "
@@ -143,11 +146,11 @@ def plan_rows(pipe: Any, kind: str, jobs: Sequence[Any], cfg: bool, skip: int | 
 
 
 def call_groups(pipe: Any, kind: str, jobs: Sequence[Any], cfg: bool, skip: int | None, te_state: tuple,
-                embeds: Any) -> list[tuple[list[int], dict, list[RowPlan]]]:
+                embeds: Any, hires_steps: int | None = None) -> list[tuple[list[int], dict, list[RowPlan]]]:
     """(rows, pipeline keywords for step 0, plans) per pipeline call; rows of one call share an embedding length."""
     import torch
 
-    plans = plan_rows(pipe, kind, jobs, cfg, skip, te_state, embeds)
+    plans = plan_rows(pipe, kind, jobs, cfg, skip, te_state, embeds, hires_steps)
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(plans):
         by_length.setdefault(p.subs[0][1][0].z.shape[1], []).append(i)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..common.errors import ConfigError
 from ..config import TORCH_DTYPES, LoraSpec, RunSpec, validate
+from ..config.hires import config_from_record as hires_config
 from ..outputs.record import SETTINGS
 from .inspect import FOREIGN, read_record
 
@@ -61,6 +62,7 @@ def record_config(rec: dict) -> dict:
     for key in ("steps", "guidance_scale", "width", "height", "clip_skip", "true_cfg_scale", "max_sequence_length"):
         if rec.get(key) is not None:
             out[key] = rec[key]
+    out["hires"] = hires_config(rec)
     if rec.get("source_format") == FOREIGN:
         for key in ("scheduler", "schedule"):
             if rec.get(key):

@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..common.errors import ConfigError, task_wrapper
+from ..config.hires import INFOTEXT_FIELDS as HIRES_FIELDS
+from ..config.hires import record_from_infotext as hires_record
 from ..outputs.metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
 
 FOREIGN = "a1111-infotext"  # `source_format` of a record mapped from A1111 infotext
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
 _MAPPED = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Clip skip", "Seed",
            "Size-1", "Size-2", "Model", "Model hash", "Lora hashes", "Lora weights", "Version", "Emphasis",
-           "Pad conds", "Template"}  # A1111 conditioning pads always; the template is the prompt as written
+           "Pad conds", "Template", *HIRES_FIELDS}  # A1111 pads always; the template is the prompt as written
 
 
 def _user_comment(raw: Any) -> str | None:
@@ -102,6 +104,7 @@ def record_from_infotext(text: str) -> dict[str, Any]:
         "versions": {"generator": p["Version"]} if "Version" in p else {},
         "ignored": {k: v for k, v in p.items() if k not in _MAPPED},
     }
+    rec.update(hires_record(p))  # hires. fix (an image before A1111 1.0 has its first-pass size here)
     return rec
 
 
