@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_fidelity import tiny_sdxl  # noqa: F401 - the SDXL fixture
 
 from runner.common.errors import ConfigError
 from runner.config.hires import (
@@ -66,3 +67,79 @@ def test_infotext_of_a1111_hires_images() -> None:
                                               "hires_upscaler": "Latent", "width": 640, "height": 448,
                                               "hires_resize": [1024, 768]}
     assert record_from_infotext(parse_infotext("a\nSteps: 20, Seed: 1, Size: 512x512, Model: x")) == {}
+
+
+def _job(prompt: str, hires: Hires | None, seed: int = 3, steps: int = 3, index: int = 0, size: int = 32):
+    from runner.plan import ImageJob
+
+    return ImageJob(index, prompt, "blurry", seed, steps, 7.0, size, size, None, 0, (), None, prompt_syntax="a1111",
+                    hires=hires)
+
+
+def _px(image):
+    import numpy as np
+
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_dir: Path):
+    from runner.config import validate
+    from runner.models.loading import load_model
+
+    return load_model(validate({"model": {"id": str(tiny_dir)}, "device": "cpu"}).model, "cpu").pipe
+
+
+def test_second_pass_is_diffusers_img2img_on_the_upscaled_latents(sd) -> None:
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from runner.generate.batch import generate
+    from runner.generate.prompt_embeds import PromptEmbeds
+
+    hr = Hires(2.0, 2, 0.5, "Latent (bicubic)")
+    (got,) = generate(sd, [_job("a red fox", hr)], True, PromptEmbeds())
+    f = sd.vae_scale_factor
+    assert got.size == (64, 64) and got.info["first_pass"] == (32, 32)
+    with torch.inference_mode():
+        text = PromptEmbeds().call_kwargs(sd, [("a red fox", "blurry")], None, True, (), "a1111")
+        lat = sd(**text, num_inference_steps=3, guidance_scale=7.0, width=32, height=32, output_type="latent",
+                 generator=[torch.Generator().manual_seed(3)]).images
+        up = torch.nn.functional.interpolate(lat, size=(64 // f, 64 // f), mode="bicubic", antialias=False)
+        i2i = StableDiffusionImg2ImgPipeline(**sd.components)
+        ref = i2i(**text, image=up, strength=(2 + 0.5) / 4, num_inference_steps=4, guidance_scale=7.0,
+                  generator=[torch.Generator().manual_seed(3)]).images[0]
+    assert np.array_equal(_px(got), _px(ref))
+
+
+def test_hires_batch_equals_each_image_alone_and_pixel_upscalers(sd) -> None:
+    import numpy as np
+
+    from runner.generate.batch import generate
+    from runner.generate.prompt_embeds import PromptEmbeds
+
+    for up in ("Latent", "Lanczos", "Nearest"):
+        hr = Hires(1.5, 2, 0.6, up)
+        jobs = [_job("a red fox", hr, seed=1), _job("a [red:blue:0.5] fox", hr, seed=2, index=1),
+                _job("a fox AND snow:0.5", hr, seed=3, index=2)]
+        together = generate(sd, jobs, True, PromptEmbeds())
+        assert {im.size for im in together} == {(48, 48)}
+        for job, im in zip(jobs, together, strict=True):
+            assert np.array_equal(_px(im), _px(generate(sd, [job], True, PromptEmbeds())[0])), (up, job.prompt)
+    one = generate(sd, [_job("a red fox", Hires(1.5, 2, 0.6, "Lanczos"))], True, PromptEmbeds())[0]
+    other = generate(sd, [_job("a red fox", Hires(1.5, 2, 0.6, "Nearest"))], True, PromptEmbeds())[0]
+    assert not np.array_equal(_px(one), _px(other))
+
+
+def test_sdxl_hires_and_resize(tiny_sdxl: Path) -> None:  # noqa: F811
+    from runner.config import validate
+    from runner.generate.batch import generate
+    from runner.generate.prompt_embeds import PromptEmbeds
+    from runner.models.loading import load_model
+
+    xl = load_model(validate({"model": {"id": str(tiny_sdxl)}, "device": "cpu"}).model, "cpu").pipe
+    (im,) = generate(xl, [_job("a [red:blue:2] fox", Hires(2.0, 2, 0.5, "Latent"))], True, PromptEmbeds())
+    assert im.size == (64, 64)
+    (im,) = generate(xl, [_job("a fox", Hires(1.0, 2, 0.5, "Lanczos", resize_x=48))], True, PromptEmbeds())
+    assert im.size == (48, 48)
