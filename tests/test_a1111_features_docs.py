@@ -40,7 +40,7 @@ def test_doc_command(argv: list[str], expect: str, tmp_path: Path) -> None:
     if expect == "exit 2":
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "error" in ln.lower()]
         assert proc.returncode == 2, proc.stderr
-        assert len(lines) == 1 and "cannot follow" in lines[0] and "prompt_syntax=plain" in lines[0], lines
+        assert len(lines) == 1 and "SD 1.x/2.x and SDXL" in lines[0], lines
         assert not (tmp_path / "outputs").exists()
         return
     assert proc.returncode == 0, proc.stderr
@@ -52,5 +52,12 @@ def test_doc_command(argv: list[str], expect: str, tmp_path: Path) -> None:
     for r in records:  # recorded as written (A1111's infotext keeps the syntax)
         assert r["prompt"] in prompts or r.get("prompt_sr_base", "") in prompts
     images = [np.asarray(Image.open(manifest.parent / r["file"])) for r in records]
-    for i in range(1, n):  # every switch point / prompt is its own image
+    for i in range(1, n):  # every switch point / prompt / hires setting is its own image
         assert not np.array_equal(images[0], images[i])
+    scale = next((float(a.split("=")[1]) for a in argv if a.startswith("hires.scale=")), 1.0)
+    for r, im in zip(records, images, strict=True):  # the record keeps A1111's Size: the first pass's
+        assert im.shape[:2] == (int(32 * scale), int(32 * scale)) and (r["width"], r["height"]) == (32, 32)
+    if "grid.x=hires_denoise" in argv:
+        assert {(r["hires_denoise"], r["lora_scale"]) for r in records} == {(0.3, 0.5), (0.3, 1.0), (0.6, 0.5),
+                                                                           (0.6, 1.0)}
+        assert list((manifest.parent / "grids").glob("*.png"))

@@ -233,7 +233,12 @@ def conditioning_switch(pipe: Any, plans: Sequence[RowPlan] | None) -> Iterator[
 
 def check_support(spec: Any, is_sd: bool, label: str, where: str = "") -> None:
     """Before anything loads: a family whose text encoders are not CLIP cannot follow prompt editing, alternation
-    or AND (A1111 conditions CLIP per step), and AND needs classifier-free guidance. Never the literal text."""
+    or AND (A1111 conditions CLIP per step), and AND needs classifier-free guidance. Never the literal text. Hires.
+    fix runs on the same families (their img2img pipelines take the first pass's latents)."""
+    hires = [h for h in getattr(spec, "hires", (None,)) if h is not None]
+    if hires and not is_sd:
+        raise ConfigError(f"{where}hires.scale={hires[0].scale:g} (A1111's Hires. fix) is not available for {label}: "
+                          "it runs on SD 1.x/2.x and SDXL; remove the hires keys")
     if spec.prompt_syntax != "a1111":
         return
     for i, p in enumerate(spec.prompts):
