@@ -143,3 +143,58 @@ def test_sdxl_hires_and_resize(tiny_sdxl: Path) -> None:  # noqa: F811
     assert im.size == (64, 64)
     (im,) = generate(xl, [_job("a fox", Hires(1.0, 2, 0.5, "Lanczos", resize_x=48))], True, PromptEmbeds())
     assert im.size == (48, 48)
+
+
+def _a1111_png(path: Path, text: str) -> Path:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (32, 32)).save(path, pnginfo=info)
+    return path
+
+
+def _from_image(img: Path, out: Path, *extra: str):
+    from runner.config.overrides import CONF_DIR
+    from runner.reproduce.from_image import prepare
+    from runner.run import run
+    from runner.server.app import compose_config
+
+    overrides = [f"from_image={img}", "device=cpu", *extra]
+    return run(prepare(compose_config(overrides), overrides, CONF_DIR), out, progress=False)
+
+
+@pytest.mark.parametrize(("fields", "size", "first", "hires"), [
+    ("Size: 32x32, Denoising strength: 0.5, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic), "
+     "Version: v1.10.1", (48, 48), (32, 32), {"hires_scale": 1.5, "hires_steps": 2, "hires_denoise": 0.5,
+                                              "hires_upscaler": "Latent (bicubic)"}),
+    ("Size: 32x48, Denoising strength: 0.6, Hires resize: 64x0, Hires upscaler: Lanczos, Version: v1.6.0",
+     (64, 96), (32, 48), {"hires_resize": [64, 0], "hires_upscaler": "Lanczos", "hires_denoise": 0.6}),
+    ("Size: 64x64, Denoising strength: 0.6, First pass size: 32x32", (64, 64), (32, 32),
+     {"hires_resize": [64, 64], "hires_upscaler": "Latent"}),
+])
+def test_from_image_of_a1111_hires_images(tiny_dir: Path, tmp_path: Path, fields: str, size: tuple, first: tuple,
+                                          hires: dict) -> None:
+    from PIL import Image
+
+    img = _a1111_png(tmp_path / "a1111.png", "a red fox\nNegative prompt: blurry\nSteps: 3, Sampler: Euler, "
+                     f"CFG scale: 7, Seed: 3, {fields}")
+    result = _from_image(img, tmp_path / "again", f"model.id={tiny_dir}")
+    (rec,) = result.entries
+    with Image.open(tmp_path / "again" / rec["file"]) as im:
+        assert im.size == size
+    assert (rec["width"], rec["height"]) == first and {k: rec.get(k) for k in hires} == hires
+
+
+def test_from_image_of_our_hires_image_is_identical(tiny_dir: Path, tmp_path: Path) -> None:
+    from runner.config import validate
+    from runner.run import run
+
+    cfg = {"model": {"id": str(tiny_dir)}, "prompts": ["a [red:blue:0.5] fox"], "seeds": [2], "steps": 2,
+           "width": 32, "height": 32, "device": "cpu", "hires": {"scale": 1.5, "denoise": 0.4, "steps": 2,
+                                                                  "upscaler": "Nearest", "prompt": "a blue fox"}}
+    (rec,) = run(validate(cfg), tmp_path / "first", progress=False).entries
+    assert "Hires prompt: a blue fox" in (tmp_path / "first" / rec["file"]).read_bytes().decode("latin-1")
+    (again,) = _from_image(tmp_path / "first" / rec["file"], tmp_path / "again").entries
+    assert again["reproduced"]["identical"] is True, again["reproduced"]

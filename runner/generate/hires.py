@@ -48,7 +48,8 @@ def upscale(pipe: Any, latents: Any, upscaler: str, width: int, height: int, tru
 
 
 def img2img_pipe(pipe: Any) -> Any:
-    """The loaded pipeline's img2img sibling, sharing every component (made once per pipeline)."""
+    """The loaded pipeline's img2img sibling, sharing every component (made once per pipeline; its components are
+    the loaded pipeline's current ones at every call: a run swaps the scheduler, a retry the VAE)."""
     cached = getattr(pipe, "_t2i_img2img", None)
     if cached is None:
         from diffusers import AutoPipelineForImage2Image
@@ -56,6 +57,9 @@ def img2img_pipe(pipe: Any) -> Any:
         cached = AutoPipelineForImage2Image.from_pipe(pipe)
         cached.set_progress_bar_config(disable=True)
         pipe._t2i_img2img = cached
+    for name, component in pipe.components.items():
+        if name in cached.components and cached.components[name] is not component:
+            setattr(cached, name, component)
     return cached
 
 
