@@ -79,6 +79,10 @@ class JobRequest(BaseModel):
     width: int | None = Field(None, description="multiple of 8; default: the model's size")
     height: int | None = None
     loras: list[LoraIn] = Field(default_factory=list, description="more LoRAs, each with its own scale")
+    hires_scale: float | None = Field(None, ge=1.0, le=8.0, description="A1111's Hires. fix upscale; not given = off")
+    hires_denoise: float | None = Field(None, ge=0.0, le=1.0, description="its denoising strength (default 0.7)")
+    hires_steps: int | None = Field(None, ge=0, description="its steps; 0 = the first pass's")
+    hires_upscaler: str | None = Field(None, description="Latent, Lanczos, … (default Latent)")
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +118,10 @@ class SubmitForm(BaseModel):
     cross_attention_kwargs: str | None = "1"
     width: str | None = None
     height: str | None = None
+    hires_scale: str | None = None
+    hires_denoise: str | None = None
+    hires_steps: str | None = None
+    hires_upscaler: str | None = None
 
 
 def error_line(errors: list[Any]) -> str:
@@ -293,6 +301,9 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
         "shard": {"index": 0, "count": 1},
         "resume": False,
         "grid": {"enabled": False},  # a merged run mixes requests; a grid of it would mean nothing
+        **({"hires": {k: v for k, v in (("scale", req.hires_scale), ("denoise", req.hires_denoise),
+                                        ("steps", req.hires_steps), ("upscaler", req.hires_upscaler))
+                      if v is not None}} if req.hires_scale is not None else {}),
         **extra,
     }
     model = overrides.pop("model")
