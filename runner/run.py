@@ -18,6 +18,7 @@ from .config.validate import SETTING_KEYS
 from .generate import faults
 from .generate.sizing import BatchSizer
 from .lora.tags import resolve_tags
+from .models.embeddings import resolve as resolve_embeddings
 from .outputs.record import build_record, perf_record, summary_note
 from .plan import RANDOM_SEED, expand, shard, with_prompt_loras
 
@@ -101,6 +102,7 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
     from .generate.prompt_embeds import clip_skip_applies
     from .lora.adapters import AdapterManager
     from .lora.blocks import block_resolver
+    from .models.embeddings import apply_embeddings
     from .models.loading import clear_cache, load_model
     from .models.memory import apply_memory
     from .models.schedulers import preflight
@@ -123,6 +125,7 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
                     "keep their own text-encoder layer); recorded with clip_skip_applied=false",
                     type(loaded.pipe).__name__)
     apply_memory(loaded, spec.memory)
+    apply_embeddings(loaded, spec.embeddings)
     _warn_long_prompts(loaded, spec)
     return loaded
 
@@ -163,6 +166,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     # 1. Check inputs before anything loads: the config, the grid axes, random seeds, a writable run dir
     spec = expand_checkpoints(cfg if isinstance(cfg, RunSpec) else validate(cfg))  # a glob: one set per file
     spec = with_prompt_loras(resolve_tags(spec))  # <lora:…> tags: found in lora_dirs, combined with lora_sets
+    spec = resolve_embeddings(spec)  # textual inversions the prompts name, found in embedding_dirs
     if spec.grid.enabled:
         from .outputs.grid import check_axes
 

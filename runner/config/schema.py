@@ -140,6 +140,8 @@ class RunConfig:
     lora_scales: Any = None  # e.g. [0.0, 0.5, 1.0]: multiplies every adapter's scale
     lora_blocks: Any = None  # block-weight specs swept for every adapter without its own `blocks` (presets/lists)
     lora_dirs: list[str] = field(default_factory=list)  # folders where LoRAs are found by file stem or hash
+    embedding_dirs: list[str] = field(default_factory=list)  # textual inversions named in prompts (file stem)
+    allow_pickle_embeddings: bool = False  # A1111's .pt embeddings (pickle)
     allow_pickle_lora: bool = False
     max_loaded_loras: int = 8
     resume: bool = True  # a run dir gets only the images it lacks; false: every image again, each in its own file

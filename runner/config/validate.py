@@ -108,6 +108,9 @@ class RunSpec:
     config_sets: int = 0
     prompt_sets: dict | None = None
     hires: tuple = (None,)  # hires. fix combinations (config/hires.py Hires); (None,) = off
+    embedding_dirs: tuple[str, ...] = ()  # textual-inversion folders (models/embeddings.py)
+    allow_pickle_embeddings: bool = False
+    embeddings: tuple = ()  # the embeddings the prompts name (models/embeddings.py resolve, before planning)
 
 
 def _plain(value: Any) -> Any:
@@ -519,6 +522,8 @@ def _validate(cfg: DictConfig) -> RunSpec:
         prompt_sr=sr,
         prompt_seed=int(_key(cfg, "prompt_seed")) if random_prompts else None,
         hires=hires_combos(cfg.get("hires")),
+        embedding_dirs=tuple(string_list("embedding_dirs", cfg.get("embedding_dirs"))),
+        allow_pickle_embeddings=bool(cfg.get("allow_pickle_embeddings", False)),
     )
 
 

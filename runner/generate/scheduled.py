@@ -239,6 +239,10 @@ def check_support(spec: Any, is_sd: bool, label: str, where: str = "") -> None:
     if hires and not is_sd:
         raise ConfigError(f"{where}hires.scale={hires[0].scale:g} (A1111's Hires. fix) is not available for {label}: "
                           "it runs on SD 1.x/2.x and SDXL; remove the hires keys")
+    if getattr(spec, "embeddings", ()) and not is_sd:
+        raise ConfigError(f"{where}textual-inversion embedding {spec.embeddings[0].name!r} "
+                          f"({spec.embeddings[0].path}) is not available for {label}: embeddings are CLIP token "
+                          "vectors (SD 1.x/2.x and SDXL); remove it from the prompt or the embedding_dirs")
     if spec.prompt_syntax != "a1111":
         return
     for i, p in enumerate(spec.prompts):

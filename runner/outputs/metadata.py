@@ -76,6 +76,8 @@ def infotext(rec: dict[str, Any]) -> str:
         fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo.get('autov3') or lo['sha256'][:12]}"
                                           for lo in rec["loras"])
         fields["Lora weights"] = ", ".join(f"{lo['name']}: {lo['scale']:g}" for lo in rec["loras"])
+    if rec.get("embeddings"):  # A1111: the first 10 hex digits of each file's sha256
+        fields["TI hashes"] = ", ".join(f"{e['name']}: {e['sha256'][:10]}" for e in rec["embeddings"])
     if rec.get("prompt_syntax") == "plain" and any(c in rec["prompt"] + rec.get("negative_prompt", "") for c in "(["):
         fields["Emphasis"] = "None"  # A1111's name for brackets read as text
     if rec.get("pad_conds"):

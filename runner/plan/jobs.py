@@ -54,6 +54,7 @@ class ImageJob:
     template: str | None = None  # the prompt as written, when variants/wildcards expanded it
     set_name: str | None = None  # the config's LoRA set label when the prompt's <lora:…> tags extend the set
     hires: Hires | None = None  # A1111's Hires. fix (config/hires.py); None = one pass
+    embeddings: tuple = ()  # textual inversions its prompts name (models/embeddings.py Embedding)
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:
@@ -89,6 +90,7 @@ class ImageJob:
              **({"true_cfg": self.true_cfg_scale} if self.true_cfg_scale is not None else {}),
              **({"max_seq": self.max_sequence_length} if self.max_sequence_length is not None else {}),
              **({"hires": dataclasses.astuple(self.hires)} if self.hires is not None else {}),
+             **({"ti": [[e.name, e.sha256] for e in self.embeddings]} if self.embeddings else {}),
              "loras": [[i, w] + ([spec_label(b)] if b is not None else [])
                        for i, w, b in zip(ids, self.adapter_weights, self.adapter_blocks, strict=True)]},
             sort_keys=True,
@@ -198,7 +200,7 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
         jobs.append(ImageJob(start + len(jobs), prompt, negative, seed, steps, cfg, w, h, sched, li,
                              loras, scale, model_key, skip, schedule, ids, tcfg, seq, model_index, blocks,
                              spec.prompt_syntax, sr, p.prompt if sr is not None else None, p.template, set_name,
-                             hr))
+                             hr, tuple(e for e in spec.embeddings if e.used_in(prompt, negative))))
     return jobs
 
 
