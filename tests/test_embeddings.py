@@ -88,3 +88,27 @@ def test_sdxl_embedding_has_clip_l_and_clip_g(tiny_sdxl: Path, tmp_path: Path) -
     assert rec["embeddings"][0]["name"] == "xlstyle"
     run(validate(_cfg(tiny_sdxl, "a (xlstyle:1.2) fox", [])), tmp_path / "xl0", progress=False)
     assert not np.array_equal(with_emb, _image(tmp_path / "xl0")[0])
+
+
+def test_from_image_finds_the_embeddings(tiny_dir: Path, emb_dir: Path, tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_hires import _a1111_png, _from_image
+
+    run(validate(_cfg(tiny_dir, "a fox, shinystyle", [str(emb_dir)])), tmp_path / "ours", progress=False)
+    (png,) = (tmp_path / "ours").glob("0*.png")
+    (again,) = _from_image(png, tmp_path / "again").entries  # the folder comes from the record
+    assert again["reproduced"]["identical"] is True and again["embeddings"][0]["name"] == "shinystyle"
+    # an A1111 image names them by hash: found in the embedding_dirs given, a wrong hash is an error
+    sha = hashlib.sha256((emb_dir / "shinystyle.safetensors").read_bytes()).hexdigest()[:10]
+    text = (f"a fox, shinystyle\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 4, Size: 32x32, "
+            f'TI hashes: "shinystyle: {sha}", Version: v1.10.1')
+    a1111 = _a1111_png(tmp_path / "a.png", text)
+    (made,) = _from_image(a1111, tmp_path / "a", f"model.id={tiny_dir}", f"embedding_dirs=[{emb_dir}]").entries
+    assert made["embeddings"][0]["sha256"].startswith(sha)
+    with pytest.raises(ConfigError, match="not in embedding_dirs"):
+        _from_image(a1111, tmp_path / "b", f"model.id={tiny_dir}")
+    wrong = _a1111_png(tmp_path / "w.png", text.replace(sha, "0123456789"))
+    with pytest.raises(ConfigError, match="has sha256"):
+        _from_image(wrong, tmp_path / "c", f"model.id={tiny_dir}", f"embedding_dirs=[{emb_dir}]")

@@ -129,3 +129,20 @@ def apply_embeddings(loaded: Any, embeddings: tuple[Embedding, ...]) -> None:
         if hasattr(cache, "scheduled_texts"):
             cache.scheduled_texts.cache.clear()
     log.info("textual-inversion embeddings: %s", ", ".join(e.name for e in embeddings) or "none")
+
+
+def check_recorded(img: str, recorded: list[dict], spec: Any) -> list[str]:
+    """Problems with the embeddings an image was made with (ours: `sha256`; A1111's `TI hashes`: 10 hex digits),
+    against those `embedding_dirs` gives this run; [] when each is found with its hash."""
+    have = {e.name: e for e in resolve(spec).embeddings} if spec.embedding_dirs else {}
+    out = []
+    for e in recorded:
+        got = have.get(e.get("name"))
+        if got is None:
+            where = ", ".join(spec.embedding_dirs) or "no embedding_dirs given"
+            out.append(f"{img} used textual-inversion embedding {e.get('name')!r}, which is not in embedding_dirs "
+                       f"({where}); give embedding_dirs=[FOLDER]")
+        elif not got.sha256.startswith(str(e.get("sha256") or "")):
+            out.append(f"embedding {got.name!r} ({got.path}) has sha256 {got.sha256[:10]}…, but {img} was made with "
+                       f"{str(e.get('sha256'))[:10]}…")
+    return out

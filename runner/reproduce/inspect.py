@@ -17,7 +17,7 @@ FOREIGN = "a1111-infotext"  # `source_format` of a record mapped from A1111 info
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
 _MAPPED = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Clip skip", "Seed",
            "Size-1", "Size-2", "Model", "Model hash", "Lora hashes", "Lora weights", "Version", "Emphasis",
-           "Pad conds", "Template", *HIRES_FIELDS}  # A1111 pads always; the template is the prompt as written
+           "Pad conds", "Template", "TI hashes", *HIRES_FIELDS}  # Pad conds: A1111 pads always
 
 
 def _user_comment(raw: Any) -> str | None:
@@ -105,6 +105,8 @@ def record_from_infotext(text: str) -> dict[str, Any]:
         "ignored": {k: v for k, v in p.items() if k not in _MAPPED},
     }
     rec.update(hires_record(p))  # hires. fix (an image before A1111 1.0 has its first-pass size here)
+    if p.get("TI hashes"):  # textual inversions: name and the first 10 hex digits of the file's sha256
+        rec["embeddings"] = [{"name": k, "sha256": v} for k, v in _pairs(p["TI hashes"]).items()]
     return rec
 
 
