@@ -34,8 +34,17 @@ def test_the_page_has_commands() -> None:
 
 
 @pytest.mark.parametrize(("argv", "expect"), doc_commands(), ids=lambda v: v if isinstance(v, str) else None)
-def test_doc_command(argv: list[str], expect: str, tmp_path: Path) -> None:
+def test_doc_command(argv: list[str], expect: str, tmp_path: Path, tiny_dir: Path) -> None:
     assert argv[0] == "t2i"
+    if any("/path/to/embeddings" in a for a in argv):  # the placeholder folder, with an embedding for the tiny model
+        import torch
+        from safetensors.torch import save_file
+        from transformers import CLIPTextConfig
+
+        width = CLIPTextConfig.from_pretrained(str(tiny_dir / "text_encoder")).hidden_size
+        (tmp_path / "emb").mkdir()
+        save_file({"emb_params": torch.ones(2, width)}, str(tmp_path / "emb" / "myembedding.safetensors"))
+        argv = [a.replace("/path/to/embeddings", str(tmp_path / "emb")) for a in argv]
     proc = run_program("t2i", *argv[1:], cwd=tmp_path)
     if expect == "exit 2":
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "error" in ln.lower()]
@@ -57,6 +66,8 @@ def test_doc_command(argv: list[str], expect: str, tmp_path: Path) -> None:
     scale = next((float(a.split("=")[1]) for a in argv if a.startswith("hires.scale=")), 1.0)
     for r, im in zip(records, images, strict=True):  # the record keeps A1111's Size: the first pass's
         assert im.shape[:2] == (int(32 * scale), int(32 * scale)) and (r["width"], r["height"]) == (32, 32)
+    if any(a.startswith("embedding_dirs=") for a in argv):
+        assert [e["name"] for r in records for e in r["embeddings"]] == ["myembedding"]
     if "grid.x=hires_denoise" in argv:
         assert {(r["hires_denoise"], r["lora_scale"]) for r in records} == {(0.3, 0.5), (0.3, 1.0), (0.6, 0.5),
                                                                            (0.6, 1.0)}
