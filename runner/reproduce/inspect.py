@@ -10,6 +10,7 @@ from typing import Any, BinaryIO
 
 from ..common.errors import ConfigError, task_wrapper
 from ..config.hires import INFOTEXT_FIELDS as HIRES_FIELDS
+from ..config.hires import infotext_fields as hires_infotext
 from ..config.hires import record_from_infotext as hires_record
 from ..outputs.metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
 
@@ -169,6 +170,12 @@ def describe(rec: dict[str, Any], path: str = "") -> str:
         out.append(_line("loras", text) if i == 0 else " " * 17 + text)
     if not rec.get("loras"):
         out.append(_line("loras", "none"))
+    if rec.get("hires_scale") is not None:
+        fields = {"Denoising strength": rec.get("hires_denoise"), **hires_infotext(rec)}
+        out.append(_line("hires. fix", ", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)))
+    if rec.get("embeddings"):
+        out.append(_line("embeddings", ", ".join(f"{e['name']} sha256 {str(e['sha256'])[:10]}"
+                                                 for e in rec["embeddings"])))
     if not foreign:
         inv = "batch-invariant" if rec.get("batch_invariant") else "not batch-invariant"
         threads = f", {rec['threads']} CPU threads" if rec.get("threads") else ""
