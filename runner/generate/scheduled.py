@@ -1,9 +1,9 @@
 """Conditioning that changes during sampling: A1111's prompt editing and alternation, and composable `AND` prompts.
 
 Each image gets a plan: its negative prompt's schedule and, per `AND` sub-prompt, a weight and a schedule, every
-text encoded once (runner/prompt/schedule.py gives the texts). While the pipeline runs, its UNet's forward is
-wrapped: call `i` (counted from 0, as A1111's CFGDenoiser counts them) gets each row's embeddings for step `i`, and
-an image with several sub-prompts (or a weight) gets A1111's composable-diffusion guidance
+text encoded once (runner/prompt/schedule.py gives the texts). While the pipeline runs, its calls to the UNet go
+through a stand-in: call `i` (counted from 0, as A1111's CFGDenoiser counts them) gets each row's embeddings for
+step `i`, and an image with several sub-prompts (or a weight) gets A1111's composable-diffusion guidance
 
     eps = u + cfg · Σ_k w_k (c_k − u)
 
@@ -174,6 +174,21 @@ def _rows_at(plans: Sequence[RowPlan], step: int, cfg: bool, sub: int = 0) -> tu
     return [e.z for e in rows], [e.pooled for e in rows]
 
 
+class _UNetCall:
+    """Stands in for the pipeline's UNet during one call: its calls go to `fn`, everything else to the UNet. The
+    UNet itself stays as it is (compiled, hooked, batch-split), so torch.compile never traces the per-step choice."""
+
+    def __init__(self, unet: Any, fn: Any) -> None:
+        object.__setattr__(self, "_unet", unet)
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._unet, name)
+
+
 @contextlib.contextmanager
 def conditioning_switch(pipe: Any, plans: Sequence[RowPlan] | None) -> Iterator[None]:
     """During one pipeline call, give its UNet each row's conditioning for the current step (and run AND)."""
@@ -183,8 +198,6 @@ def conditioning_switch(pipe: Any, plans: Sequence[RowPlan] | None) -> Iterator[
     import torch
 
     unet = pipe.unet
-    inner = unet.forward
-    previous = unet.__dict__.get("forward")
     calls = [0]
     batch = len(plans)
 
@@ -197,7 +210,7 @@ def conditioning_switch(pipe: Any, plans: Sequence[RowPlan] | None) -> Iterator[
         added = kwargs.get("added_cond_kwargs")
         if added is not None and pooled[0] is not None:
             kwargs["added_cond_kwargs"] = {**added, "text_embeds": torch.cat(pooled).to(dtype)}
-        out = inner(sample, timestep, torch.cat(zs).to(dtype), *args, **kwargs)
+        out = unet(sample, timestep, torch.cat(zs).to(dtype), *args, **kwargs)
         if not cfg or not any(p.composable for p in plans):
             return out
         pred = (out[0] if isinstance(out, tuple) else out.sample).clone()
@@ -215,20 +228,18 @@ def conditioning_switch(pipe: Any, plans: Sequence[RowPlan] | None) -> Iterator[
                     if entry.pooled is not None:
                         one["added_cond_kwargs"]["text_embeds"] = entry.pooled.to(dtype)
                 t = timestep[row:row + 1] if torch.is_tensor(timestep) and timestep.dim() > 0 else timestep
-                res = inner(sample[row:row + 1], t, entry.z.to(dtype), *args, **one)
+                res = unet(sample[row:row + 1], t, entry.z.to(dtype), *args, **one)
                 c_k = (res[0] if isinstance(res, tuple) else res.sample)[0]
                 total = total + (c_k - u) * plan.subs[k][0]
             pred[row] = u + total
         return (pred,) if isinstance(out, tuple) else type(out)(sample=pred)
 
-    unet.forward = forward
+    # the pipeline's attribute only (object.__setattr__: DiffusionPipeline would re-register a component)
+    object.__setattr__(pipe, "unet", _UNetCall(unet, forward))
     try:
         yield
     finally:
-        if previous is None:
-            del unet.forward
-        else:
-            unet.forward = previous
+        object.__setattr__(pipe, "unet", unet)
 
 
 def check_support(spec: Any, is_sd: bool, label: str, where: str = "") -> None:
