@@ -364,3 +364,5 @@ def test_form_offers_hires_fix(client: TestClient) -> None:
     assert "Denoising strength: 0.5" in infotext and "Hires upscale: 2, Hires upscaler: Lanczos" in infotext
     bad = client.post("/submit", data=seed_form(hires_scale="2", hires_upscaler="ESRGAN"))
     assert bad.status_code == 422 and "hires.upscaler='ESRGAN' is not known" in bad.text
+    big = client.post("/submit", data=seed_form(hires_scale="8", width="64", height="64"))  # 512 > max_side 256
+    assert big.status_code == 422 and "hires. fix to 512x512 is too large" in big.text
