@@ -15,6 +15,7 @@ from conftest import run_program
 from PIL import Image
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "a1111-features.md"
+pytestmark = pytest.mark.slow  # ten runs, like the README's commands (tests/test_readme.py)
 
 
 def doc_commands() -> list[tuple[list[str], str]]:
