@@ -18,6 +18,7 @@ from .config.validate import SETTING_KEYS
 from .generate import faults
 from .generate.sizing import BatchSizer
 from .lora.tags import resolve_tags
+from .models.embeddings import resolve as resolve_embeddings
 from .outputs.record import build_record, perf_record, summary_note
 from .plan import RANDOM_SEED, expand, shard, with_prompt_loras
 
@@ -72,6 +73,7 @@ class ModelPlan:
 def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
     """Resolve and check every model of the run before the first loads: its family, its settings (user keys,
     group settings, pipeline defaults), the keys its family cannot honour, memory modes and LoRA families."""
+    from .generate.scheduled import check_support
     from .lora.detect import check_family
     from .models.info import check_model, check_transformer_file, model_infos, spec_for
     from .models.memory import check_memory
@@ -85,6 +87,7 @@ def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
         check_model(spec, info, {k: getattr(mspec, k) for k in SETTING_KEYS}, where)
         check_memory(spec.memory, device, info.family, where)
         check_transformer_file(info, where)
+        check_support(mspec, info.family.is_sd, info.family.label, where)
         for s, loras in enumerate(lora_sets):
             for r in loras:
                 check_family(r.file, info.family, info.config.id, f"{where}lora_sets[{s}]: ")
@@ -99,6 +102,7 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
     from .generate.prompt_embeds import clip_skip_applies
     from .lora.adapters import AdapterManager
     from .lora.blocks import block_resolver
+    from .models.embeddings import apply_embeddings
     from .models.loading import clear_cache, load_model
     from .models.memory import apply_memory
     from .models.schedulers import preflight
@@ -121,6 +125,7 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
                     "keep their own text-encoder layer); recorded with clip_skip_applied=false",
                     type(loaded.pipe).__name__)
     apply_memory(loaded, spec.memory)
+    apply_embeddings(loaded, spec.embeddings)
     _warn_long_prompts(loaded, spec)
     return loaded
 
@@ -161,6 +166,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     # 1. Check inputs before anything loads: the config, the grid axes, random seeds, a writable run dir
     spec = expand_checkpoints(cfg if isinstance(cfg, RunSpec) else validate(cfg))  # a glob: one set per file
     spec = with_prompt_loras(resolve_tags(spec))  # <lora:…> tags: found in lora_dirs, combined with lora_sets
+    spec = resolve_embeddings(spec)  # textual inversions the prompts name, found in embedding_dirs
     if spec.grid.enabled:
         from .outputs.grid import check_axes
 
@@ -349,8 +355,9 @@ class _Batches:
                       if touches_text_encoder(r)))
         pipe = loaded.pipe
         for made in handler.generate(lambda js, te=te_state: generate(pipe, js, self.invariant, embeds, te), mine):
-            rec = build_record(made.job, loaded, self.lora_sets[made.job.lora_set], made.image.width,
-                               made.image.height, made.batch_size, self.invariant, plan.config_hash)
+            size = made.image.info.get("first_pass", made.image.size)  # hires. fix: A1111's Size is the first's
+            rec = build_record(made.job, loaded, self.lora_sets[made.job.lora_set], *size, made.batch_size,
+                               self.invariant, plan.config_hash)
             if self.run_seed is not None:
                 rec["run_seed"] = self.run_seed
             if self.spec.prompt_seed is not None:

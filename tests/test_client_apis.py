@@ -172,8 +172,10 @@ def test_webuiapi_lists_models_samplers_schedulers_loras_and_switches_options(se
     # what A1111 clients ask for on start and this server has none of: empty answers in A1111's shapes
     assert api.get_scripts() == {"txt2img": [], "img2img": []} and api.get_embeddings() == {"loaded": {},
                                                                                              "skipped": {}}
-    for path in ("script-info", "sd-vae", "prompt-styles", "upscalers"):
+    for path in ("script-info", "sd-vae", "prompt-styles"):
         assert api.session.get(f"{url}/sdapi/v1/{path}").json() == []
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]  # hires. fix's resamplers
+    assert [m["name"] for m in api.get_latent_upscale_modes()][0] == "Latent"
 
 
 def test_openai_url_format_and_models(server) -> None:
@@ -232,7 +234,8 @@ def test_progress_during_a_run_and_interrupt_after_the_batch_in_flight(server, m
 
 
 @pytest.mark.parametrize(("body", "status", "words"), [
-    ({"enable_hr": True}, 422, "enable_hr=true asks for hires. fix"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 422, "hr_upscaler='R-ESRGAN 4x+' is not available"),
+    ({"enable_hr": True, "hr_sampler_name": "DDIM"}, 422, "hr_sampler_name=\"DDIM\" asks for another sampler"),
     ({"script_name": "x/y/z plot"}, 422, "script_name"),
     ({"restore_faces": True}, 422, "face restoration"),
     ({"tiling": True}, 422, "tiling"),
@@ -403,3 +406,27 @@ def test_readme_client_examples_run(server, tmp_path: Path) -> None:
         printed.append(r.stdout)
     assert printed[0].startswith("a red fox\nSteps: 4, Sampler: Euler a") and "Seed: 5" in printed[0]  # webuiapi
     assert json.loads(Image.open(tmp_path / "fox.png").info["t2i-runner"])["prompt"] == "a red fox"  # OpenAI's PNG
+
+
+def test_a1111_hires_fix_fields_give_the_cli_image(server, tmp_path: Path) -> None:
+    """`enable_hr` with A1111's hr_* fields: the second pass at hr_scale, recorded as A1111 writes it, the same
+    pixels as `t2i … hires.*` (issue 25)."""
+    from conftest import run_cli
+
+    url, _ = server
+    r = a1111(url).txt2img(prompt="a [red:blue:0.5] fox", seed=3, steps=2, width=32, height=32, enable_hr=True,
+                           hr_scale=1.5, hr_upscaler="Latent (bicubic)", hr_second_pass_steps=2,
+                           denoising_strength=0.5)
+    assert r.image.size == (48, 48)
+    text = r.info["infotexts"][0]
+    assert "Size: 32x32" in text and "Denoising strength: 0.5, " in text
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic)" in text
+    proc = run_cli("model=tiny", "prompts=['a [red:blue:0.5] fox']", "seeds=[3]", "steps=2", "width=32",
+                   "height=32", "scheduler=euler_a", "schedule=uniform", "guidance_scale=7", "hires.scale=1.5",
+                   "hires.upscaler='Latent (bicubic)'", "hires.steps=2", "hires.denoise=0.5",
+                   f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (png,) = tmp_path.glob("0*.png")
+    ours, theirs = json.loads(Image.open(png).info["t2i-runner"]), json.loads(r.image.info["t2i-runner"])
+    assert {k: (v, theirs.get(k)) for k, v in ours.items() if k != "versions" and v != theirs.get(k)} == {}
+    assert np.array_equal(pixels(Image.open(png)), pixels(r.image))

@@ -68,9 +68,9 @@ def test_a1111_multiline_prompts_quoted_lora_hashes_and_hires() -> None:
     assert rec["model"] == {"id": None, "name": "v1-5-pruned-emaonly", "hash": "6ce0161689"}
     assert [(lo["name"], lo["sha256"], lo["source"]) for lo in rec["loras"]] == [
         ("add_detail", "7c6bad76eb54", None), ("epiNoiseoffset_v2", "d1131f7207d6", None)]
-    assert rec["ignored"]["Hires upscale"] == "2" and rec["ignored"]["Denoising strength"] == "0.45"
+    assert (rec["hires_scale"], rec["hires_denoise"]) == (2.0, 0.45) and "Hires upscale" not in rec["ignored"]
     assert rec["clip_skip"] == 2 and "Clip skip" not in rec["ignored"]
-    assert rec["ignored"]["TI hashes"] == "EasyNegative: c74b4e810b03"
+    assert rec["embeddings"] == [{"name": "EasyNegative", "sha256": "c74b4e810b03"}]  # issue 25: mapped
     assert rec["versions"] == {"generator": "v1.6.0"}
 
 

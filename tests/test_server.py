@@ -351,3 +351,18 @@ def test_serve_rejects_a_bad_override_with_one_line(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit) as exc:
         main(["model.id=/no/such/model"])
     assert exc.value.code == 2 and "/no/such/model" in capsys.readouterr().err
+
+
+def test_form_offers_hires_fix(client: TestClient) -> None:
+    parser = _Inputs()
+    parser.feed(client.get("/").text)
+    assert {"hires_scale", "hires_denoise", "hires_steps", "hires_upscaler"} <= set(parser.fields)
+    assert "<option>Latent (bicubic)</option>" in client.get("/").text
+    rec, infotext, pixels_ = png(client.post("/submit", data=seed_form(hires_scale="2", hires_denoise="0.5",
+                                                                       hires_upscaler="Lanczos")))
+    assert pixels_.shape[:2] == (64, 64) and (rec["width"], rec["height"]) == (32, 32)
+    assert "Denoising strength: 0.5" in infotext and "Hires upscale: 2, Hires upscaler: Lanczos" in infotext
+    bad = client.post("/submit", data=seed_form(hires_scale="2", hires_upscaler="ESRGAN"))
+    assert bad.status_code == 422 and "hires.upscaler='ESRGAN' is not known" in bad.text
+    big = client.post("/submit", data=seed_form(hires_scale="8", width="64", height="64"))  # 512 > max_side 256
+    assert big.status_code == 422 and "hires. fix to 512x512 is too large" in big.text

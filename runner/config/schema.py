@@ -53,6 +53,21 @@ class ViewerConfig:
 
 
 @dataclass
+class HiresConfig:
+    """A1111's Hires. fix (config/hires.py, generate/hires.py): off while `scale` (and resize_*) are unset. The
+    first four keys take lists (swept)."""
+
+    scale: Any = None  # A1111 "Hires upscale" (e.g. 2); null = off
+    steps: Any = 0  # A1111 "Hires steps"; 0 = the first pass's steps
+    denoise: Any = 0.7  # A1111 "Denoising strength" of the second pass
+    upscaler: Any = "Latent"  # A1111 "Hires upscaler": Latent, Latent (antialiased|bicubic|nearest…), Lanczos, Nearest
+    resize_x: int = 0  # A1111 "Resize width to" (instead of scale; 0 = from scale)
+    resize_y: int = 0
+    prompt: str = ""  # A1111 "Hires prompt"; "" = the image's prompt
+    negative_prompt: str = ""
+
+
+@dataclass
 class PerfConfig:
     """Fast-path options applied to the loaded pipeline (generate/fastpath.py); `auto` = what measured faster on
     this device (BENCHMARKS.md), resolved per run and recorded per image."""
@@ -127,6 +142,8 @@ class RunConfig:
     lora_scales: Any = None  # e.g. [0.0, 0.5, 1.0]: multiplies every adapter's scale
     lora_blocks: Any = None  # block-weight specs swept for every adapter without its own `blocks` (presets/lists)
     lora_dirs: list[str] = field(default_factory=list)  # folders where LoRAs are found by file stem or hash
+    embedding_dirs: list[str] = field(default_factory=list)  # textual inversions named in prompts (file stem)
+    allow_pickle_embeddings: bool = False  # A1111's .pt embeddings (pickle)
     allow_pickle_lora: bool = False
     max_loaded_loras: int = 8
     resume: bool = True  # a run dir gets only the images it lacks; false: every image again, each in its own file
@@ -136,6 +153,7 @@ class RunConfig:
     viewer: ViewerConfig = field(default_factory=ViewerConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    hires: HiresConfig = field(default_factory=HiresConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     from_image: str | None = None

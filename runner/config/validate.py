@@ -15,6 +15,7 @@ from ..common.errors import ConfigError, did_you_mean, first_line
 from ..common.paths import strip_weight_ext
 from ..prompt.expand import check_sr, parse_sr
 from .blocks import BlockSpec, parse_spec
+from .hires import hires_combos
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
 from .schema import GridConfig, MemoryConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig, ViewerConfig
 
@@ -106,6 +107,10 @@ class RunSpec:
     # extended by a prompt's <lora:…> tags; prompt_sets maps (prompt index, config set index) to the set used
     config_sets: int = 0
     prompt_sets: dict | None = None
+    hires: tuple = (None,)  # hires. fix combinations (config/hires.py Hires); (None,) = off
+    embedding_dirs: tuple[str, ...] = ()  # textual-inversion folders (models/embeddings.py)
+    allow_pickle_embeddings: bool = False
+    embeddings: tuple = ()  # the embeddings the prompts name (models/embeddings.py resolve, before planning)
 
 
 def _plain(value: Any) -> Any:
@@ -516,6 +521,9 @@ def _validate(cfg: DictConfig) -> RunSpec:
         prompt_syntax=_key(cfg, "prompt_syntax"),
         prompt_sr=sr,
         prompt_seed=int(_key(cfg, "prompt_seed")) if random_prompts else None,
+        hires=hires_combos(cfg.get("hires")),
+        embedding_dirs=tuple(string_list("embedding_dirs", cfg.get("embedding_dirs"))),
+        allow_pickle_embeddings=bool(cfg.get("allow_pickle_embeddings", False)),
     )
 
 

@@ -9,7 +9,9 @@ from typing import Any
 
 from ..models.families import Traits, call_kwargs, traits_of
 from ..plan import ImageJob
-from .prompt_embeds import PromptEmbeds
+from . import scheduled
+from .hires import second_pass
+from .prompt_embeds import PromptEmbeds, _kind, diffusers_clip_skip
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +116,18 @@ def batch_kwargs(traits: Traits, jobs: Sequence[ImageJob], embeds: PromptEmbeds 
 
 
 def _sd_text(pipe: Any, jobs: Sequence[ImageJob], embeds: PromptEmbeds | None,
-             te_state: tuple) -> list[tuple[list[int], dict[str, Any]]]:
+             te_state: tuple, hires_steps: int | None = None) -> list[tuple]:
     """SD-class pipelines: the prompts as (cached) embeddings with A1111's Clip skip and, with `prompt_syntax:
-    a1111`, its weights and chunks (prompt_embeds.py); one group of rows per embedding length."""
+    a1111`, its weights and chunks (prompt_embeds.py); one group of rows per embedding length, with each row's
+    per-step plan where prompts change during sampling."""
     first = jobs[0]
     # the pipelines' own rule for classifier-free guidance (negative prompts are encoded only when it is on)
     cfg = first.guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    if first.prompt_syntax == "a1111" and any(scheduled.needs_plan(j.prompt, j.negative_prompt) for j in jobs):
+        # prompt editing, alternation, AND: per-step conditioning (generate/scheduled.py); in a hires. fix pass
+        # by A1111's hires schedule
+        return scheduled.call_groups(pipe, _kind(pipe), jobs, cfg, diffusers_clip_skip(pipe, first.clip_skip),
+                                     te_state, embeds or PromptEmbeds(0), hires_steps)
     return (embeds or PromptEmbeds(0)).call_groups(
         pipe, [(j.prompt, j.negative_prompt) for j in jobs], first.clip_skip, cfg, te_state, first.prompt_syntax)
 
@@ -143,9 +151,15 @@ def _call(pipe: Any, traits: Traits, jobs: Sequence[ImageJob], invariant: bool, 
             groups = _sd_text(pipe, jobs, embeds, te_state)
         else:
             groups = [(list(range(len(jobs))), {})]
-        for rows, text in groups:  # one call, unless long prompts give embeddings of several lengths
+        for rows, text, *plans in groups:  # one call, unless long prompts give embeddings of several lengths
             seed_noise(pipe.scheduler, [jobs[i].seed for i in rows])
-            out = pipe(**kwargs, **text, generator=[generators[i] for i in rows], output_type="pil")
+            hires = traits.family.is_sd and jobs[0].hires is not None  # A1111's Hires. fix: latents, then img2img
+            with scheduled.conditioning_switch(pipe, plans[0] if plans else None):
+                out = pipe(**kwargs, **text, generator=[generators[i] for i in rows],
+                           output_type="latent" if hires else "pil")
+            if hires:
+                out.images = second_pass(pipe, [jobs[i] for i in rows], out.images, kwargs,
+                                         lambda hj, n: _sd_text(pipe, hj, embeds, te_state, n))
             for i, image in zip(rows, out.images, strict=True):
                 images[i] = image
     return images

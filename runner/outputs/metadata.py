@@ -51,6 +51,8 @@ def _cfg(value: float | None) -> str | None:
 
 def infotext(rec: dict[str, Any]) -> str:
     """A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value, …`."""
+    from ..config.hires import infotext_fields as hires_infotext
+
     distilled = rec.get("guidance_scale") is not None and (
         rec.get("true_cfg_scale") is not None or (rec.get("model") or {}).get("family") == "flux1")
     fields: dict[str, Any] = {
@@ -66,12 +68,16 @@ def infotext(rec: dict[str, Any]) -> str:
         "Size": f"{rec['width']}x{rec['height']}",
         "Model hash": rec["model"]["hash"][:10] if rec["model"].get("hash") else None,
         "Model": rec["model"]["name"],
+        "Denoising strength": rec.get("hires_denoise"),  # A1111 writes it for hires. fix (txt2img)
         "Clip skip": rec.get("clip_skip") if (rec.get("clip_skip") or 1) > 1 else None,
+        **hires_infotext(rec),
     }
     if rec.get("loras"):  # A1111 writes AutoV3 (the safetensors payload's sha256), as Civitai looks it up
         fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo.get('autov3') or lo['sha256'][:12]}"
                                           for lo in rec["loras"])
         fields["Lora weights"] = ", ".join(f"{lo['name']}: {lo['scale']:g}" for lo in rec["loras"])
+    if rec.get("embeddings"):  # A1111: the first 10 hex digits of each file's sha256
+        fields["TI hashes"] = ", ".join(f"{e['name']}: {e['sha256'][:10]}" for e in rec["embeddings"])
     if rec.get("prompt_syntax") == "plain" and any(c in rec["prompt"] + rec.get("negative_prompt", "") for c in "(["):
         fields["Emphasis"] = "None"  # A1111's name for brackets read as text
     if rec.get("pad_conds"):

@@ -15,7 +15,9 @@ from ..plan import ImageJob
 # cannot be left out of the comparison unnoticed. loras, model, device, threads and batch are compared by rules of
 # their own (reproduce/from_image.py: Original.differences).
 SETTINGS = ("prompt", "negative_prompt", "prompt_syntax", "seed", "steps", "guidance_scale", "width", "height",
-            "scheduler", "schedule", "clip_skip", "perf", "true_cfg_scale", "max_sequence_length", "memory")
+            "scheduler", "schedule", "clip_skip", "perf", "true_cfg_scale", "max_sequence_length", "memory",
+            "hires_scale", "hires_steps", "hires_denoise", "hires_upscaler", "hires_resize", "hires_prompt",
+            "hires_negative_prompt", "embeddings")
 SPECIAL = ("loras", "model", "device", "threads", "batch_size", "batch_invariant")
 DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_set_name",
            "lora_scale", "lora_blocks", "key", "file", "index",  # lora_blocks: the swept label; loras hold each one
@@ -70,6 +72,8 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         "clip_skip_applied": bool(job.clip_skip and job.clip_skip > 1 and clip_skip_applies(loaded.pipe)),
         "true_cfg_scale": job.true_cfg_scale,
         "max_sequence_length": job.max_sequence_length,
+        **(job.hires.record() if job.hires is not None else {}),  # width/height stay the first pass's (A1111)
+        **({"embeddings": [e.record() for e in job.embeddings]} if job.embeddings else {}),
         "sampler": sampler,
         "schedule_type": schedule_type,
         "scheduler_class": type(loaded.pipe.scheduler).__name__,

@@ -14,12 +14,14 @@ from functools import cached_property
 from ..common.paths import slug
 from ..config import LoraSpec, RunSpec, lora_name
 from ..config.blocks import BlockSpec, spec_label
+from ..config.hires import Hires
 from ..prompt import replace_sr
 
 KEY_VERSION = 2
 RANDOM_SEED = -1  # in `seeds`: draw one from the run seed
 AXES = ("prompt", "seed", "lora_set", "lora_scale", "lora_blocks", "steps", "guidance_scale", "scheduler",
-        "width", "height", "clip_skip", "schedule", "true_cfg_scale", "max_sequence_length", "prompt_sr")
+        "width", "height", "clip_skip", "schedule", "true_cfg_scale", "max_sequence_length", "prompt_sr",
+        "hires_scale", "hires_steps", "hires_denoise", "hires_upscaler")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class ImageJob:
     base_prompt: str | None = None  # the prompt before Prompt S/R (the grid's `prompt` axis)
     template: str | None = None  # the prompt as written, when variants/wildcards expanded it
     set_name: str | None = None  # the config's LoRA set label when the prompt's <lora:…> tags extend the set
+    hires: Hires | None = None  # A1111's Hires. fix (config/hires.py); None = one pass
+    embeddings: tuple = ()  # textual inversions its prompts name (models/embeddings.py Embedding)
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:
@@ -85,6 +89,8 @@ class ImageJob:
              # families with true CFG / a sequence length only: absent otherwise, so SD keys stay as they were
              **({"true_cfg": self.true_cfg_scale} if self.true_cfg_scale is not None else {}),
              **({"max_seq": self.max_sequence_length} if self.max_sequence_length is not None else {}),
+             **({"hires": dataclasses.astuple(self.hires)} if self.hires is not None else {}),
+             **({"ti": [[e.name, e.sha256] for e in self.embeddings]} if self.embeddings else {}),
              "loras": [[i, w] + ([spec_label(b)] if b is not None else [])
                        for i, w, b in zip(ids, self.adapter_weights, self.adapter_blocks, strict=True)]},
             sort_keys=True,
@@ -97,7 +103,8 @@ class ImageJob:
         return (self.model_index, self.lora_set, self.lora_scale, self.scheduler or "", self.steps,
                 -1.0 if self.guidance_scale is None else self.guidance_scale, self.width or 0, self.height or 0,
                 self.clip_skip or 0, self.schedule or "", self.true_cfg_scale or 0.0, self.max_sequence_length or 0,
-                self.blocks_label or "", self.prompt_syntax)
+                self.blocks_label or "", self.prompt_syntax,
+                dataclasses.astuple(self.hires) if self.hires is not None else ())
 
     @property
     def set_label(self) -> str:
@@ -129,6 +136,8 @@ class ImageJob:
             return self.set_label
         if axis == "lora_blocks":
             return self.blocks_label
+        if axis.startswith("hires_"):
+            return None if self.hires is None else getattr(self.hires, axis[len("hires_"):])
         return getattr(self, axis)
 
 
@@ -170,10 +179,10 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
     combos = itertools.product(
         enumerate(spec.prompts), seeds, enumerate(spec.lora_sets[: spec.config_sets or None]), spec.lora_scales,
         spec.lora_blocks, spec.steps, spec.guidance_scale, spec.scheduler, spec.width, spec.height, spec.clip_skip,
-        spec.schedule, spec.true_cfg_scale, spec.max_sequence_length, sr_values,
+        spec.schedule, spec.true_cfg_scale, spec.max_sequence_length, sr_values, spec.hires,
     )
     seen: set[tuple] = set()
-    for (pi, p), seed, (li, loras), mult, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq, sr in combos:
+    for (pi, p), seed, (li, loras), mult, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq, sr, hr in combos:
         prompt, negative = replace_sr(p.prompt, spec.prompt_sr, sr), replace_sr(p.negative_prompt, spec.prompt_sr, sr)
         set_name = None
         if (pi, li) in tagged:  # the prompt's <lora:…> tags extend set li (with_prompt_loras)
@@ -183,14 +192,15 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
         scale = mult if loras else None
         blocks = blocks if loras else None
         # a prompt without the S/R search term is the same image for every S/R value: made once
-        ident = (pi, seed, li, scale, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq, prompt, negative)
+        ident = (pi, seed, li, scale, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq, prompt, negative, hr)
         if ident in seen:  # the no-LoRA set is generated once, whatever the multipliers and blocks
             continue
         seen.add(ident)
         ids = tuple(lora_ids[li]) if lora_ids is not None else ()
         jobs.append(ImageJob(start + len(jobs), prompt, negative, seed, steps, cfg, w, h, sched, li,
                              loras, scale, model_key, skip, schedule, ids, tcfg, seq, model_index, blocks,
-                             spec.prompt_syntax, sr, p.prompt if sr is not None else None, p.template, set_name))
+                             spec.prompt_syntax, sr, p.prompt if sr is not None else None, p.template, set_name,
+                             hr, tuple(e for e in spec.embeddings if e.used_in(prompt, negative))))
     return jobs
 
 

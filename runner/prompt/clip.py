@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .embeddings import expand_tokens
 from .syntax import BREAK, parse_attention
 
 CHUNK = 75  # prompt tokens per chunk (77 with start and end)
@@ -33,7 +34,8 @@ def tokenize_chunks(tokenizer: Any, parsed: list[tuple[str, float]]) -> list[Chu
     """A1111's `tokenize_line`: the prompt's chunks, each 77 token ids with one weight per token."""
     id_start, id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
     comma = tokenizer.get_vocab().get(",</w>")
-    tokenized = tokenizer([t for t, _ in parsed], truncation=False, add_special_tokens=False)["input_ids"]
+    texts = [expand_tokens(tokenizer, t) for t, _ in parsed]  # multi-vector embeddings: a token per vector
+    tokenized = tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
     chunks: list[Chunk] = []
     chunk = Chunk()
     last_comma = -1

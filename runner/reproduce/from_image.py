@@ -12,6 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..common.errors import ConfigError
 from ..config import TORCH_DTYPES, LoraSpec, RunSpec, validate
+from ..config.hires import config_from_record as hires_config
+from ..models.embeddings import check_recorded
 from ..outputs.record import SETTINGS
 from .inspect import FOREIGN, read_record
 
@@ -61,6 +63,10 @@ def record_config(rec: dict) -> dict:
     for key in ("steps", "guidance_scale", "width", "height", "clip_skip", "true_cfg_scale", "max_sequence_length"):
         if rec.get(key) is not None:
             out[key] = rec[key]
+    out["hires"] = hires_config(rec)
+    files = [e["file"] for e in rec.get("embeddings") or [] if e.get("file")]
+    if files:  # ours: the folders the embeddings were in (A1111's infotext has hashes only: embedding_dirs=...)
+        out["embedding_dirs"] = sorted({str(Path(f).parent) for f in files})
     if rec.get("source_format") == FOREIGN:
         for key in ("scheduler", "schedule"):
             if rec.get(key):
@@ -249,6 +255,8 @@ def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpe
         _for_family(merged, rec, img, given)
     spec = validate(merged)
     strict = bool(cfg.get("strict", True))
+    for problem in check_recorded(img, rec.get("embeddings") or [], spec):
+        _complain(problem, strict)
     if foreign:
         _check_foreign(img, rec, given, strict)
     else:

@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..common.errors import ConfigError, task_wrapper
+from ..config.hires import INFOTEXT_FIELDS as HIRES_FIELDS
+from ..config.hires import infotext_fields as hires_infotext
+from ..config.hires import record_from_infotext as hires_record
 from ..outputs.metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
 
 FOREIGN = "a1111-infotext"  # `source_format` of a record mapped from A1111 infotext
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
 _MAPPED = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Clip skip", "Seed",
            "Size-1", "Size-2", "Model", "Model hash", "Lora hashes", "Lora weights", "Version", "Emphasis",
-           "Pad conds", "Template"}  # A1111 conditioning pads always; the template is the prompt as written
+           "Pad conds", "Template", "TI hashes", *HIRES_FIELDS}  # Pad conds: A1111 pads always
 
 
 def _user_comment(raw: Any) -> str | None:
@@ -102,6 +105,9 @@ def record_from_infotext(text: str) -> dict[str, Any]:
         "versions": {"generator": p["Version"]} if "Version" in p else {},
         "ignored": {k: v for k, v in p.items() if k not in _MAPPED},
     }
+    rec.update(hires_record(p))  # hires. fix (an image before A1111 1.0 has its first-pass size here)
+    if p.get("TI hashes"):  # textual inversions: name and the first 10 hex digits of the file's sha256
+        rec["embeddings"] = [{"name": k, "sha256": v} for k, v in _pairs(p["TI hashes"]).items()]
     return rec
 
 
@@ -164,6 +170,12 @@ def describe(rec: dict[str, Any], path: str = "") -> str:
         out.append(_line("loras", text) if i == 0 else " " * 17 + text)
     if not rec.get("loras"):
         out.append(_line("loras", "none"))
+    if rec.get("hires_scale") is not None:
+        fields = {"Denoising strength": rec.get("hires_denoise"), **hires_infotext(rec)}
+        out.append(_line("hires. fix", ", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)))
+    if rec.get("embeddings"):
+        out.append(_line("embeddings", ", ".join(f"{e['name']} sha256 {str(e['sha256'])[:10]}"
+                                                 for e in rec["embeddings"])))
     if not foreign:
         inv = "batch-invariant" if rec.get("batch_invariant") else "not batch-invariant"
         threads = f", {rec['threads']} CPU threads" if rec.get("threads") else ""

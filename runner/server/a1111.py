@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..common.errors import ConfigError, did_you_mean
 from ..common.paths import PICKLE_EXT, SAFE_EXT, strip_weight_ext
 from ..config import validate
+from ..config.hires import LATENT_MODES, PIXEL_UPSCALERS
 from ..config.schedulers import (
     A1111_AUTOMATIC,
     SCHEDULE_TABLE,
@@ -133,9 +134,6 @@ def _is(*values: Any):
 # What a request may leave at A1111's off/default values and this server does not do otherwise:
 # field -> (is it off?, what another value asks for, the value to send instead)
 UNSUPPORTED: dict[str, tuple[Any, str, Any]] = {
-    "enable_hr": (_is(False), "hires. fix", False),
-    "firstphase_width": (_is(0), "a first-pass size (old hires. fix)", 0),
-    "firstphase_height": (_is(0), "a first-pass size (old hires. fix)", 0),
     "restore_faces": (_is(None, False), "face restoration", False),
     "tiling": (_is(None, False), "tiling", False),
     "styles": (lambda v: not v, "prompt styles", []),
@@ -162,6 +160,29 @@ def check_supported(req: Txt2ImgRequest) -> None:
         if not off(value):
             raise FormError(422, f"{name}={json.dumps(value)} asks for {what}, which this server cannot do; send "
                                  f"{name}={json.dumps(instead)} or leave it out")
+
+
+def hires_fields(req: Txt2ImgRequest) -> dict[str, Any]:
+    """The `hires` config group of an `enable_hr` request (A1111's hr_* fields; 422 for an unknown upscaler)."""
+    from ..config.hires import UPSCALERS
+
+    same = {"hr_checkpoint_name": "Use same checkpoint", "hr_sampler_name": "Use same sampler",
+            "hr_scheduler": "Use same scheduler"}
+    for name, word in same.items():
+        value = getattr(req, name)
+        if value not in (None, "", word) and not (name == "hr_sampler_name" and value == req.sampler_name):
+            raise FormError(422, f"{name}={json.dumps(value)} asks for another {name[3:].split('_')[0]} in the "
+                                 f"hires. fix pass, which this server cannot do; send {name}={json.dumps(word)} "
+                                 "or leave it out")
+    upscaler = req.hr_upscaler or "Latent"
+    if upscaler not in UPSCALERS:
+        raise FormError(422, f"hr_upscaler={upscaler!r} is not available on this server"
+                             f"{did_you_mean(upscaler, UPSCALERS)}; valid: {', '.join(UPSCALERS)} (GET /upscalers)")
+    return {"scale": req.hr_scale, "steps": req.hr_second_pass_steps, "upscaler": upscaler,
+            # A1111's txt2img denoising_strength default (its processing class); the UI's slider starts at 0.7
+            "denoise": 0.75 if req.denoising_strength is None else req.denoising_strength,
+            "resize_x": req.hr_resize_x, "resize_y": req.hr_resize_y, "prompt": req.hr_prompt,
+            "negative_prompt": req.hr_negative_prompt}
 
 
 def schedule_label(value: str | None) -> str:
@@ -345,6 +366,10 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
         # the prompt goes to the core unchanged (with any <lora:…> tags); an explicit empty negative prompt stays
         extra = {"scheduler": scheduler, "schedule": schedule, "clip_skip": clip, "batch_size": req.batch_size,
                  "prompts": [{"prompt": req.prompt, "negative_prompt": req.negative_prompt}]}
+        if req.enable_hr:
+            extra["hires"] = hires_fields(req)
+            if req.firstphase_width or req.firstphase_height:  # A1111 < 1.0: the first pass at this size
+                job.width, job.height = req.firstphase_width or req.width, req.firstphase_height or req.height
         return to_spec(job, cfg, extra, NAMES)
 
     # 2. Generation: txt2img on the shared queue, its progress, interrupt (img2img: 501).
@@ -493,12 +518,14 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
     return router
 
 
-NONE_HERE = (  # (path, summary, the empty answer in A1111's shape)
+NONE_HERE = (  # (path, summary, the answer in A1111's shape: empty, or constant)
     ("/scripts", "Scripts (none)", {"txt2img": [], "img2img": []}),
     ("/script-info", "Scripts (none)", []),
     ("/sd-vae", "VAEs besides each model's own (none)", []),
     ("/prompt-styles", "Prompt styles (none)", []),
-    ("/upscalers", "Upscalers (none: no hires. fix)", []),
+    ("/upscalers", "Upscalers for hires. fix (A1111's built-in resamplers; latent modes: /latent-upscale-modes)",
+     [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in PIXEL_UPSCALERS]),
+    ("/latent-upscale-modes", "Latent upscale modes for hires. fix", [{"name": n} for n in LATENT_MODES]),
     ("/embeddings", "Textual-inversion embeddings (none)", {"loaded": {}, "skipped": {}}),
 )
 

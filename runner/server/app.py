@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..common.errors import ConfigError, first_line, task_wrapper
 from ..config import lora_name, validate
+from ..config.hires import UPSCALERS
 from ..outputs.viewer import DATA_JS, STATUS_JS, VIEWER_HTML, data_js, page_html, status_js
 from . import a1111, openai_api
 from .auth import ApiKeyMiddleware, api_keys, check_bind
@@ -272,7 +273,8 @@ def jobs_router(cfg: DictConfig, model_id: str, queue: JobQueue, out: Path, root
         steps = min(int(first["defaults"].get("steps") or 30), int(s.max_steps))
         ctx = {"model_id": model_id, "models": choices, "first": first, "steps": steps,
                "guidance": first["defaults"].get("guidance_scale"), "true_cfg": first["defaults"].get("true_cfg_scale"),
-               "max_steps": s.max_steps, "max_images": s.max_images, "max_side": s.max_side}
+               "max_steps": s.max_steps, "max_images": s.max_images, "max_side": s.max_side,
+               "hires_upscalers": UPSCALERS}
         return TEMPLATES.TemplateResponse(request, "index.html", ctx)
 
     @router.post("/submit", response_class=FileResponse, summary="Generate: 1 image = the PNG, N = a gallery",

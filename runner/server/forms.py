@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..common.errors import ConfigError
 from ..common.paths import is_hub_id
 from ..config import MAX_SEED, LoraSpec, ModelConfig, RunSpec, lora_name, validate
+from ..config.hires import target_size
 from ..config.validate import model_group, string_list
 from ..lora.files import GLOB_CHARS, checkpoint_files, resolve_loras
 from ..lora.tags import resolve_tags
@@ -79,6 +81,10 @@ class JobRequest(BaseModel):
     width: int | None = Field(None, description="multiple of 8; default: the model's size")
     height: int | None = None
     loras: list[LoraIn] = Field(default_factory=list, description="more LoRAs, each with its own scale")
+    hires_scale: float | None = Field(None, ge=1.0, le=8.0, description="A1111's Hires. fix upscale; not given = off")
+    hires_denoise: float | None = Field(None, ge=0.0, le=1.0, description="its denoising strength (default 0.7)")
+    hires_steps: int | None = Field(None, ge=0, description="its steps; 0 = the first pass's")
+    hires_upscaler: str | None = Field(None, description="Latent, Lanczos, … (default Latent)")
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +120,10 @@ class SubmitForm(BaseModel):
     cross_attention_kwargs: str | None = "1"
     width: str | None = None
     height: str | None = None
+    hires_scale: str | None = None
+    hires_denoise: str | None = None
+    hires_steps: str | None = None
+    hires_upscaler: str | None = None
 
 
 def error_line(errors: list[Any]) -> str:
@@ -293,6 +303,9 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
         "shard": {"index": 0, "count": 1},
         "resume": False,
         "grid": {"enabled": False},  # a merged run mixes requests; a grid of it would mean nothing
+        **({"hires": {k: v for k, v in (("scale", req.hires_scale), ("denoise", req.hires_denoise),
+                                        ("steps", req.hires_steps), ("upscaler", req.hires_upscaler))
+                      if v is not None}} if req.hires_scale is not None else {}),
         **extra,
     }
     model = overrides.pop("model")
@@ -314,6 +327,12 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
     if len(spec.prompts) > 1:  # variants {a|b} made several prompts: each gets every seed
         _limit("images (prompts x total_nm_img_prompt)", len(spec.prompts) * n, server.max_images, "max_images",
                f"too many images ({len(spec.prompts)} prompts from the variants x {n})")
+    for p in plans:  # hires. fix: its second pass is the image's size (A1111 has no limit; this server has one)
+        for hr, w, h in itertools.product(p.spec.hires, p.spec.width, p.spec.height):
+            size = target_size(w, h, hr.scale, hr.resize_x, hr.resize_y)[:2] if hr and w and h else (0, 0)
+            if max(size) > server.max_side:
+                raise FormError(422, f"hires. fix to {size[0]}x{size[1]} is too large; valid: up to "
+                                     f"{server.max_side} a side (server.max_side)")
     steps = max(s for p in plans for s in p.spec.steps if s is not None)
     if req.inference_steps is None and steps > server.max_steps:
         raise FormError(422, f"inference_steps={steps} (the model's default) is above this server's limit; "

@@ -1,0 +1,200 @@
+"""A1111's Hires. fix as configuration: upscaler names and the sizes and step counts of the second pass
+(modules/processing.py, `calculate_target_resolution`; tests/test_hires.py holds vectors computed by its code).
+Pure arithmetic, so config, the A1111 API and from_image share it with generation (generate/hires.py)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..common.errors import ConfigError, did_you_mean
+
+# A1111 `shared.latent_upscale_modes`: name -> (torch interpolate mode, antialias)
+LATENT_MODES = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")  # A1111's built-in resamplers (modules/upscaler.py)
+UPSCALERS = (*LATENT_MODES, *PIXEL_UPSCALERS)
+DEFAULT_UPSCALER = "Latent"  # A1111's latent_upscale_default_mode, used when no upscaler is named
+
+
+def check_upscaler(name: str, where: str = "hires.upscaler") -> str:
+    if name not in UPSCALERS:
+        raise ConfigError(f"{where}={name!r} is not known{did_you_mean(name, UPSCALERS)}; valid: "
+                          + ", ".join(UPSCALERS))
+    return name
+
+
+def target_size(width: int, height: int, scale: float, resize_x: int = 0, resize_y: int = 0,
+                latent_factor: int = 8) -> tuple[int, int, int, int]:
+    """(target width, target height, truncate_x, truncate_y) of the second pass, A1111's rules; truncate_* are
+    latent columns/rows cropped (centrally) when both resize sides are given (`latent_factor` pixels each)."""
+    if resize_x == 0 and resize_y == 0:
+        return int(width * scale), int(height * scale), 0, 0
+    if resize_y == 0:
+        return resize_x, resize_x * height // width, 0, 0
+    if resize_x == 0:
+        return resize_y * width // height, resize_y, 0, 0
+    if width / height < resize_x / resize_y:
+        tw, th = resize_x, resize_x * height // width
+    else:
+        tw, th = resize_y * width // height, resize_y
+    return tw, th, (tw - resize_x) // latent_factor, (th - resize_y) // latent_factor
+
+
+def old_first_pass(width: int, height: int) -> tuple[int, int]:
+    """The first-pass size A1111 before 1.0 chose for a hires image of `width`x`height` (`First pass size: 0x0`):
+    about 512x512 pixels, sides rounded up to multiples of 64."""
+    scale = math.sqrt(512 * 512 / (width * height))
+    return math.ceil(scale * width / 64) * 64, math.ceil(scale * height / 64) * 64
+
+
+def second_pass_steps(steps: int, denoise: float) -> tuple[int, float]:
+    """(num_inference_steps, strength) for diffusers' img2img so it runs exactly `steps` steps, the last ones of a
+    schedule of int(steps / denoise) (A1111's setup_img2img_steps with a given step count)."""
+    total = int(steps / min(denoise, 0.999)) if denoise > 0 else steps
+    return total, min(1.0, (steps + 0.5) / total)
+
+
+@dataclass(frozen=True)
+class Hires:
+    """One image's hires. fix settings (one value of each swept key)."""
+
+    scale: float
+    steps: int  # 0 = the first pass's steps
+    denoise: float
+    upscaler: str
+    resize_x: int = 0
+    resize_y: int = 0
+    prompt: str = ""  # "" = the image's prompt
+    negative_prompt: str = ""
+
+    def second_steps(self, first: int) -> int:
+        return self.steps or first
+
+    def record(self) -> dict:
+        """The image record's hires fields (flat, so grids and the viewer can use them as axes)."""
+        out = {"hires_scale": self.scale, "hires_steps": self.steps, "hires_denoise": self.denoise,
+               "hires_upscaler": self.upscaler}
+        if self.resize_x or self.resize_y:
+            out["hires_resize"] = [self.resize_x, self.resize_y]
+        if self.prompt:
+            out["hires_prompt"] = self.prompt
+        if self.negative_prompt:
+            out["hires_negative_prompt"] = self.negative_prompt
+        return out
+
+
+def _values(key: str, value: Any, kind: type, lo: float, hi: float) -> tuple:
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    out = []
+    for v in items:
+        try:
+            number = kind(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"hires.{key}={v!r} is not a number; e.g. hires.{key}={kind(hi / 2)!r}") from None
+        if isinstance(v, bool) or not lo <= number <= hi or (kind is int and number != float(v)):
+            raise ConfigError(f"hires.{key}={v!r} is out of range; valid: {lo:g} to {hi:g}")
+        out.append(number)
+    return tuple(dict.fromkeys(out))
+
+
+def hires_combos(raw: Any) -> tuple[Hires | None, ...]:
+    """The hires. fix values of a run (the `hires` config group): (None,) when off (`hires.scale` null), else one
+    Hires per combination of the swept keys (scale, steps, denoise, upscaler)."""
+    import itertools
+
+    from omegaconf import DictConfig, OmegaConf
+
+    from .schema import HiresConfig
+
+    if raw is None:
+        return (None,)
+    cfg = {**vars(HiresConfig()), **(OmegaConf.to_container(raw) if isinstance(raw, DictConfig) else dict(raw))}
+    unknown = set(cfg) - {f.name for f in fields(Hires)}
+    if unknown:
+        raise ConfigError(f"hires.{sorted(unknown)[0]} is not a key{did_you_mean(sorted(unknown)[0], HIRES_KEYS)}; "
+                          f"valid: {', '.join(HIRES_KEYS)}")
+    if cfg.get("scale") is None and not (cfg.get("resize_x") or cfg.get("resize_y")):
+        return (None,)
+    scales = _values("scale", 1.0 if cfg["scale"] is None else cfg["scale"], float, 1.0, 8.0)  # 1.0: resize_* rule
+    steps = _values("steps", cfg["steps"] or 0, int, 0, 1000)
+    denoise = _values("denoise", cfg["denoise"], float, 0.0, 1.0)
+    ups = cfg["upscaler"] or DEFAULT_UPSCALER
+    ups = tuple(dict.fromkeys(check_upscaler(str(u)) for u in (ups if isinstance(ups, list | tuple) else [ups])))
+    rx = _values("resize_x", cfg.get("resize_x") or 0, int, 0, 16384)[0]
+    ry = _values("resize_y", cfg.get("resize_y") or 0, int, 0, 16384)[0]
+    for key in ("prompt", "negative_prompt"):
+        if not isinstance(cfg.get(key) or "", str):
+            raise ConfigError(f"hires.{key} must be a string (one prompt for the second pass; \"\" = the image's)")
+    return tuple(Hires(s, n, d, u, rx, ry, cfg.get("prompt") or "", cfg.get("negative_prompt") or "")
+                 for s, n, d, u in itertools.product(scales, steps, denoise, ups))
+
+
+HIRES_KEYS = ("scale", "steps", "denoise", "upscaler", "resize_x", "resize_y", "prompt", "negative_prompt")
+
+
+# A1111 infotext fields of a hires. fix image (read by from_image; "First pass size" is A1111's before 1.0)
+INFOTEXT_FIELDS = ("Denoising strength", "Hires upscale", "Hires resize-1", "Hires resize-2", "Hires steps",
+                   "Hires upscaler", "Hires prompt", "Hires negative prompt", "First pass size-1",
+                   "First pass size-2")
+
+
+def infotext_fields(rec: dict) -> dict[str, Any]:
+    """A1111's infotext fields for a record's hires. fix, in A1111's order (None: not written)."""
+    if rec.get("hires_scale") is None:
+        return {}
+    rx, ry = rec.get("hires_resize") or (0, 0)
+    return {"Hires prompt": rec.get("hires_prompt") or None,
+            "Hires negative prompt": rec.get("hires_negative_prompt") or None,
+            "Hires upscale": f"{rec['hires_scale']:g}" if not (rx or ry) else None,
+            "Hires resize": f"{rx}x{ry}" if rx or ry else None,
+            "Hires steps": rec.get("hires_steps") or None,
+            "Hires upscaler": rec.get("hires_upscaler")}
+
+
+def record_from_infotext(p: dict[str, Any]) -> dict[str, Any]:
+    """The record keys of an A1111 hires. fix infotext (parsed, `Size-1`-style), {} for a one-pass image. An
+    image from A1111 before 1.0 (`First pass size: WxH`, `0x0` = about 512x512) has its final size as `Size`."""
+    def num(kind: type, key: str) -> Any:
+        try:
+            return kind(float(p[key])) if kind is int else kind(p[key])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    denoise = num(float, "Denoising strength")
+    old = "First pass size-1" in p
+    if not (old or "Hires upscale" in p or "Hires resize-1" in p):
+        return {}
+    out: dict[str, Any] = {"hires_denoise": 0.7 if denoise is None else denoise, "hires_steps": num(int, "Hires steps")
+                           or 0, "hires_upscaler": p.get("Hires upscaler") or DEFAULT_UPSCALER, "hires_scale": 1.0}
+    if old:
+        w, h = num(int, "Size-1"), num(int, "Size-2")
+        fw, fh = num(int, "First pass size-1") or 0, num(int, "First pass size-2") or 0
+        if w and h:
+            fw, fh = (fw, fh) if fw and fh else old_first_pass(w, h)
+            out.update(width=fw, height=fh, hires_resize=[w, h])
+    elif "Hires resize-1" in p:
+        out["hires_resize"] = [num(int, "Hires resize-1") or 0, num(int, "Hires resize-2") or 0]
+    else:
+        out["hires_scale"] = num(float, "Hires upscale") or 2.0
+    for key in ("Hires prompt", "Hires negative prompt"):
+        if p.get(key):
+            out[key.lower().replace(" ", "_")] = p[key]
+    return out
+
+
+def config_from_record(rec: dict) -> dict[str, Any]:
+    """The `hires` config group that regenerates a record's image (scale null: one pass)."""
+    if rec.get("hires_scale") is None:
+        return {"scale": None, "resize_x": 0, "resize_y": 0}
+    rx, ry = rec.get("hires_resize") or (0, 0)
+    return {"scale": rec["hires_scale"], "steps": rec.get("hires_steps") or 0, "denoise": rec["hires_denoise"],
+            "upscaler": rec["hires_upscaler"], "resize_x": rx, "resize_y": ry,
+            "prompt": rec.get("hires_prompt") or "", "negative_prompt": rec.get("hires_negative_prompt") or ""}
