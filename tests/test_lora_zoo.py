@@ -136,7 +136,7 @@ def test_hundred_switches_keep_memory_flat(zoo: dict, tiny_dir: Path) -> None:
     for i in range(100):
         mgr.activate(*sets[i % len(sets)])
     assert tensors() == before and mgr.loads == loads  # no copies, no reloads
-    assert _rss_kb() - rss < 32 * 1024  # a generous bound for allocator noise; BENCHMARKS.md has the numbers
+    assert _rss_kb() - rss < 32 * 1024  # a generous bound for allocator noise; docs/performance.md has the numbers
     mgr.activate((), ())
     mgr.engine.apply([])
 

@@ -379,7 +379,7 @@ def test_live_run_shows_new_images_as_they_land_from_file_and_from_the_server(vi
 
 @pytest.mark.slow
 def test_the_viewer_benchmark_runs(tmp_path: Path) -> None:
-    """bench/bench_viewer.py end to end on 300 images (what it measures is recorded in BENCHMARKS.md)."""
+    """bench/bench_viewer.py end to end on 300 images (what it measures is recorded in docs/performance.md)."""
     import subprocess
     import sys
 

@@ -8,6 +8,18 @@ set -euo pipefail
 cmd=${1:?start|stop}; dir=$(realpath -m "${2:?DIR}")
 
 stop() {
+  # jobs first: their slurmstepd processes outlive slurmd otherwise
+  if [[ -f $dir/slurmctld.pid ]] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
+    export SLURM_CONF=$dir/slurm.conf
+    jobs=$(squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')
+    if [[ -n ${jobs// /} ]]; then
+      scancel --full $jobs 2>/dev/null || true
+      for _ in $(seq 150); do
+        [[ -z $(squeue -h -t running,completing -o %A 2>/dev/null) ]] && break
+        sleep 0.2
+      done
+    fi
+  fi
   for d in slurmd slurmctld munged; do
     if [[ -f $dir/$d.pid ]]; then kill "$(cat "$dir/$d.pid")" 2>/dev/null || true; fi
   done
