@@ -152,6 +152,8 @@ def _workspace(ws: Path) -> None:
     (ws / "wildcards").mkdir()
     (ws / "wildcards" / "colors.txt").write_text("red\ngreen\nblue\n", encoding="utf-8")
     (ws / "prompts.txt").write_text("# foxes\na red fox\na (blue:1.2) lighthouse\n", encoding="utf-8")
+    for name in ("outputs", "multirun"):  # where t2i writes: the reader has run it before
+        (ws / name).mkdir()
 
 
 def _fill(args: list[str], ws: Path, tiny_dir: Path) -> list[str]:
