@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--switches", type=int, default=100)
     p.add_argument("--rank", type=int, default=None, help="rank of the files (quick: 2, full: 16)")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "t2i-bench"))
-    p.add_argument("--benchmarks", help="append the result to this markdown file (e.g. BENCHMARKS.md)")
+    p.add_argument("--benchmarks", help="append the result to this markdown file (e.g. docs/performance.md)")
     args = p.parse_args(argv)
 
     import torch

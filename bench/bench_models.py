@@ -6,7 +6,7 @@ then, in this one process, runs the one-model sweep of the first model (the one-
 one-model level). After each model's images it records the process RSS (and CUDA memory allocated); the previous
 model is released before the next loads, so each level must be within 5% of that model's one-model level.
 
-    python bench/bench_models.py [--device cpu|cuda] [--benchmarks BENCHMARKS.md]
+    python bench/bench_models.py [--device cpu|cuda] [--benchmarks docs/performance.md]
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{best.ips / rows[1].ips:.2f}x"
         )
         if args.benchmarks or full:
-            path = Path(args.benchmarks or Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
+            path = Path(args.benchmarks or Path(__file__).resolve().parent.parent / "docs" / "performance.md")
             cmd = "python bench/bench_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
             stamp = time.strftime("%Y-%m-%d %H:%M")
             with open(path, "a", encoding="utf-8") as f:

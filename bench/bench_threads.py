@@ -1,7 +1,7 @@
 """torch CPU threads, side by side in ONE process: the same tiny-model sweep with `threads=` 1, auto, … while
 background processes keep every core busy (a shared box), rounds interleaved so load changes hit every setting.
 
-    python bench/bench_threads.py [--threads 1,auto,4] [--burners N] [--rounds 3] [--benchmarks BENCHMARKS.md]
+    python bench/bench_threads.py [--threads 1,auto,4] [--burners N] [--rounds 3] [--benchmarks docs/performance.md]
 """
 
 from __future__ import annotations

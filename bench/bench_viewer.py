@@ -10,7 +10,7 @@ The records are synthetic (the shape of runner/outputs/record.py's, 10 prompts x
 the thumbnails are real 256 px JPEGs, the PNGs small placeholders (the grid never loads them).
 
     python bench/bench_viewer.py                      # 10,000 images, 3 trials, scroll 600 frames at 160 px
-    python bench/bench_viewer.py --images 500 --trials 1 --benchmarks BENCHMARKS.md
+    python bench/bench_viewer.py --images 500 --trials 1 --benchmarks docs/performance.md
 """
 
 from __future__ import annotations

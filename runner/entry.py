@@ -18,6 +18,8 @@ from .config.overrides import check_override
 from .config.schema import RunConfig
 from .outputs.rundir import check_writable, note_created
 
+_launched = [False]  # a multirun's jobs were launched (RunDirGuard.on_multirun_start)
+
 
 class RunDirGuard(Callback):
     """Hydra callback (conf/config.yaml): before Hydra creates the run dir, check that it can be written (one line,
@@ -49,6 +51,7 @@ class RunDirGuard(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(os.path.abspath(str(config.hydra.sweep.dir)))
         self._check(sweep, "hydra.sweep.dir")
+        _launched[0] = True  # the jobs may run elsewhere (submitit): a failure from now on is not a config error
         self._existing = {str(p) for p in sweep.iterdir()}
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -64,7 +67,7 @@ def run_app(app: Callable[[], Any], state: dict, schema: Any = RunConfig, prog: 
             groups: tuple[str, ...] = ("model", "lora", "server", "experiment")) -> None:
     """Pre-check the overrides against `schema` and the app's config `groups` (one line, exit 2), then run the
     Hydra `app`."""
-    state["task_started"] = False  # a process may run the app more than once (tests, a Python session)
+    state["task_started"] = _launched[0] = False  # a process may run the app more than once (tests, a Python session)
     args = sys.argv[1:]
     flags = [a for a in args if a.startswith("-")]
     if all(f in ("-m", "--multirun") for f in flags):  # other flags take values that are not overrides
@@ -78,6 +81,6 @@ def run_app(app: Callable[[], Any], state: dict, schema: Any = RunConfig, prog: 
     try:
         app()
     except SystemExit as exc:
-        if exc.code == 1 and not state["task_started"]:
+        if exc.code == 1 and not state["task_started"] and not _launched[0]:
             sys.exit(EXIT_CONFIG)  # Hydra rejected the config before the run began
         raise

@@ -102,6 +102,8 @@ PROGRAMS = {  # command -> (what `python -m` runs, the module whose main() is th
     "t2i-train": ("runner.train", "runner.train.cli"),
     "t2i-inspect": ("runner.reproduce.inspect", "runner.reproduce.inspect"),
     "t2i-serve": ("runner.server.app", "runner.server.app"),
+    "t2i-merge": ("runner.outputs.sweep", "runner.outputs.sweep"),
+    "t2i-tiny": ("runner.models.tiny", "runner.models.tiny"),
 }
 
 

@@ -120,3 +120,25 @@ def test_submit_error_without_javascript_is_an_html_page(live_server: str, brows
     page.goto(live_server + "/submit")  # reloading the result page is a GET
     assert page.text_content("h1") == "Error 405"
     context.close()
+
+
+def test_docs_screenshot_of_the_form(live_server: str, browser, tmp_path) -> None:
+    """The form picture of docs/index.md: the form after a 4-image request (tests/test_viewer_browser.py's
+    screenshot_path: docs/img/form.png with T2I_DOCS_SCREENSHOTS=1)."""
+    from PIL import Image
+    from test_viewer_browser import screenshot_path
+
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    page.goto(live_server + "/")
+    fill(page, "a red fox in the snow", images="4")
+    page.fill("input[name=width]", "64")
+    page.fill("input[name=height]", "64")
+    page.click("#submit")
+    page.wait_for_function("document.querySelectorAll('#result img').length === 4", timeout=300_000)
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('#result img')).every(i => i.complete && i.naturalWidth > 0)",
+        timeout=60_000)
+    shot = screenshot_path("form.png", tmp_path)
+    page.screenshot(path=str(shot), full_page=True)
+    assert Image.open(shot).size[0] == 1000
+    page.close()

@@ -393,7 +393,7 @@ def test_png_info_of_foreign_and_broken_images(server) -> None:
 def test_readme_client_examples_run(server, tmp_path: Path) -> None:
     url, _ = server
     port = url.rsplit(":", 1)[1]
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / "server.md").read_text(encoding="utf-8")
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "t2i-serve" in b or "/v1" in b]
     assert len(blocks) == 2 and "webuiapi" in blocks[0] and "OpenAI(" in blocks[1]
     printed = []

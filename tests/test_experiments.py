@@ -23,10 +23,10 @@ PRESETS = {  # preset -> the start of its README command line, and what its user
 
 
 def readme_overrides(prefix: str) -> list[str]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = "".join(p.read_text(encoding="utf-8") for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     lines = [ln for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
              for ln in b.replace("\\\n", " ").splitlines() if ln.startswith(prefix)]
-    assert len(lines) == 1, f"README has {len(lines)} lines starting {prefix!r}"
+    assert len(lines) == 1, f"the docs have {len(lines)} lines starting {prefix!r}"
     return [a for a in shlex.split(lines[0], comments=True)[1:] if a != "-m"]
 
 

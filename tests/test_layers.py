@@ -1,4 +1,4 @@
-"""The one-way flow of README's Architecture section: a package imports only from the packages above it."""
+"""The one-way flow of docs/architecture.md: a package imports only from the packages above it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 RUNNER = Path(__file__).resolve().parent.parent / "runner"
 ORDER = ["__init__", "common", "prompt", "config", "plan", "models", "lora", "generate", "outputs", "reproduce", "run",
-         "entry", "server", "train", "cli", "__main__"]  # the last ones are shells over run()
+         "entry", "launcher", "server", "train", "cli", "__main__"]  # the last ones are shells over run()
 EXCEPTIONS = {("models/tiny.py", "lora")}  # a fixture: the tiny model writes its example kohya LoRA with lora/kohya
 
 
@@ -26,7 +26,7 @@ def test_every_package_imports_only_from_those_above_it() -> None:
     for path in sorted(RUNNER.rglob("*.py")):
         rel = path.relative_to(RUNNER)
         own = rel.parts[0].removesuffix(".py")
-        assert own in ORDER, f"{rel}: add its package to ORDER (and to README's Architecture)"
+        assert own in ORDER, f"{rel}: add its package to ORDER (and to docs/architecture.md)"
         for target in imports(path):
             if target != own and ORDER.index(target) > ORDER.index(own) and (rel.as_posix(), target) not in EXCEPTIONS:
                 wrong.append(f"{rel} imports {target}")

@@ -136,7 +136,7 @@ def test_hundred_switches_keep_memory_flat(zoo: dict, tiny_dir: Path) -> None:
     for i in range(100):
         mgr.activate(*sets[i % len(sets)])
     assert tensors() == before and mgr.loads == loads  # no copies, no reloads
-    assert _rss_kb() - rss < 32 * 1024  # a generous bound for allocator noise; BENCHMARKS.md has the numbers
+    assert _rss_kb() - rss < 32 * 1024  # a generous bound for allocator noise; docs/performance.md has the numbers
     mgr.activate((), ())
     mgr.engine.apply([])
 
@@ -415,13 +415,13 @@ def test_sdxl_lycoris_with_kohya_sdxl_names(tiny_xl: Path, zoo: dict, tmp_path: 
 
 
 def test_readme_lora_examples_run(tmp_path: Path) -> None:
-    """The README's LoRA-format, block-weight and epoch-axis commands, as written (files made for the tiny model)."""
+    """docs/loras.md's LoRA-format, block-weight and epoch-axis commands, as written (files made for the tiny model)."""
     import shlex
 
     from runner.models.tiny import ensure_tiny
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("#### LoRA file formats"):readme.index("#### Hashes")]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "loras.md").read_text()
+    section = page[page.index("## LoRA file formats"):page.index("## Hashes")]
     commands = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()
                 if line.startswith(("t2i ", "t2i-inspect "))]
     assert len(commands) == 4

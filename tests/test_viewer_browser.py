@@ -379,7 +379,7 @@ def test_live_run_shows_new_images_as_they_land_from_file_and_from_the_server(vi
 
 @pytest.mark.slow
 def test_the_viewer_benchmark_runs(tmp_path: Path) -> None:
-    """bench/bench_viewer.py end to end on 300 images (what it measures is recorded in BENCHMARKS.md)."""
+    """bench/bench_viewer.py end to end on 300 images (what it measures is recorded in docs/performance.md)."""
     import subprocess
     import sys
 
@@ -391,3 +391,38 @@ def test_the_viewer_benchmark_runs(tmp_path: Path) -> None:
     rows = [line for line in md.read_text().splitlines() if line.startswith("| viewer") or line.startswith("| naive")]
     assert len(rows) == 4 and "300 images" in md.read_text() and "Ratio, first screen" in proc.stdout
     assert len(Manifest(tmp_path / "b" / "run").entries()) == 300
+
+
+def screenshot_path(name: str, tmp_path: Path) -> Path:
+    """docs/img/NAME with T2I_DOCS_SCREENSHOTS=1 (how the docs' pictures are made), else the test's tmp dir."""
+    import os
+
+    docs = Path(__file__).resolve().parent.parent / "docs" / "img"
+    return (docs if os.environ.get("T2I_DOCS_SCREENSHOTS") == "1" else tmp_path) / name
+
+
+def test_docs_screenshot_of_the_viewer(open_page, tmp_path: Path) -> None:
+    """The viewer picture of README.md and docs/index.md: 2 prompts x 3 LoRA sets x 3 seeds of the tiny model,
+    prompts down and LoRA sets across, from file://."""
+    from omegaconf import OmegaConf
+
+    from runner.config import RunConfig
+    from runner.run import run
+
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {
+        "model": {"id": "builtin:tiny"}, "device": "cpu", "steps": 4, "width": 64, "height": 64,
+        "prompts": ["a red fox in the snow", "a lighthouse at dusk"], "seeds": [1, 2, 3],
+        "lora_sets": [[], [{"source": "builtin:tiny/loras/tiny_style", "weight_name": "tiny_style.safetensors",
+                            "name": "style"}], [{"source": "builtin:tiny/loras/tiny_kohya.safetensors",
+                                                 "name": "kohya"}]],
+        "grid": {"x": "lora_set", "y": "prompt"}})
+    out = tmp_path / "run"
+    run(cfg, out, progress=False)
+    page = open_page((out / "index.html").as_uri(), 1100, 560)
+    page.select_option("#x-axis", "lora_set")
+    page.select_option("#y-axis", "prompt")
+    assert page.eval_on_selector_all(".cell", "els => els.length") == 6  # 2 prompts x 3 LoRA sets, 3 seeds each
+    page.wait_for_timeout(1500)  # the thumbnails decode
+    shot = screenshot_path("viewer.png", tmp_path)
+    page.screenshot(path=str(shot))
+    assert Image.open(shot).size == (1100, 560)

@@ -9,7 +9,9 @@ from typing import Any
 from ..common.errors import ConfigError, did_you_mean, first_line
 from .schema import RunConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
+# conf/ sits at the top of a checkout; a wheel carries it as runner/conf/ (setup.py)
+_PACKED_CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = _PACKED_CONF if _PACKED_CONF.is_dir() else Path(__file__).resolve().parent.parent.parent / "conf"
 _KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
 
 

@@ -12,13 +12,13 @@ from ..common.errors import ConfigError  # noqa: F401 - part of the schema's API
 
 @dataclass
 class ModelConfig:
-    id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    revision: str | None = None
-    pipeline: str = "auto"
-    dtype: str = "auto"
-    variant: str | None = None
+    id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, diffusers folder or .safetensors file
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    pipeline: str = "auto"  # auto = model_index.json's class; sd, sdxl or a diffusers pipeline class name
+    dtype: str = "auto"  # auto = fp16 on cuda/mps, fp32 on cpu; fp32, fp16, bf16
+    variant: str | None = None  # the weight files' variant (e.g. fp16)
     config: str | None = None  # diffusers config (dir or hub id) for single-file checkpoints
-    allow_pickle: bool = False
+    allow_pickle: bool = False  # load pickle (.bin/.ckpt) weights; safetensors only otherwise
     family: str | None = None  # the family a group's settings are for (runner/models/families.py); null = any
     settings: dict[str, Any] = field(default_factory=dict)  # the group's published defaults (steps, size, …)
     transformer: str | None = None  # a transformer checkpoint replacing the model's own (.gguf or .safetensors)
@@ -29,16 +29,16 @@ class MemoryConfig:
     """diffusers' memory switches for big models on small machines (recorded per image)."""
 
     offload: str = "none"  # none | model (enable_model_cpu_offload) | sequential (enable_sequential_cpu_offload)
-    vae_tiling: bool = False
-    vae_slicing: bool = False
+    vae_tiling: bool = False  # decode in tiles (pixels within a small tolerance of plain)
+    vae_slicing: bool = False  # decode a batch one image at a time (same pixels)
     attention_slicing: Any = False  # false | true (= auto) | auto | max | an int slice size
 
 
 @dataclass
 class GridConfig:
-    enabled: bool = True
-    x: str | None = None
-    y: str | None = None
+    enabled: bool = True  # write labelled comparison grids to RUN_DIR/grids/ after a run
+    x: str | None = None  # the axis across (prompt, seed, lora_set, …); null = from the swept axes
+    y: str | None = None  # the axis down
     max_size: int = 8192  # largest side of a grid image (at most 8192: no decompression-bomb errors)
     font_size: int = 0  # 0 = derived from cell size
     min_cell: int = 128  # cells never shrink below this side; a bigger grid is split into pages
@@ -48,7 +48,7 @@ class GridConfig:
 class ViewerConfig:
     """RUN_DIR/index.html, the interactive viewer (runner/outputs/viewer.py), and its thumbnails."""
 
-    enabled: bool = True
+    enabled: bool = True  # every run writes RUN_DIR/index.html
     thumb_size: int = 256  # longest side of the JPEG thumbnails in RUN_DIR/thumbs/
 
 
@@ -70,7 +70,7 @@ class HiresConfig:
 @dataclass
 class PerfConfig:
     """Fast-path options applied to the loaded pipeline (generate/fastpath.py); `auto` = what measured faster on
-    this device (BENCHMARKS.md), resolved per run and recorded per image."""
+    this device (docs/performance.md), resolved per run and recorded per image."""
 
     channels_last: bool = False  # measured slower on an H200 (extra layout copies) and on cpu
     fuse_qkv: bool = False  # with LoRA sets it merges them (a fused projection would bypass peft's layers)
@@ -81,8 +81,8 @@ class PerfConfig:
 
 @dataclass
 class ShardConfig:
-    index: int = 0
-    count: int = 1
+    index: int = 0  # this job's part of the plan, 0 … count-1
+    count: int = 1  # parts the plan is cut into (contiguous, sizes differ by at most 1)
 
 
 @dataclass
@@ -90,11 +90,11 @@ class ServerConfig:
     """`t2i-serve` settings (the `server` group; override e.g. server.port=9000); ignored by `t2i`. The server's
     model, device and batch size are the run config's own (model=..., device=..., batch_size=...)."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # another address than loopback needs api_keys
     port: int = 8000
     allowed_models: Any = field(default_factory=list)  # model ids allowed besides model.id (a list or one id)
     allowed_lora_dirs: Any = field(default_factory=list)  # local LoRA paths must lie inside one of these
-    allow_hub_loras: bool = True
+    allow_hub_loras: bool = True  # requests may name LoRAs by hub id
     max_steps: int = 150  # a request with more inference steps gets HTTP 422
     max_images: int = 8  # most images per request (total_nm_img_prompt)
     max_side: int = 1024  # largest width/height a request may ask for
@@ -113,7 +113,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # list keys are typed Any so a scalar is accepted too (`seeds=1`); validate.py makes every one a list
     prompts: Any = field(default_factory=lambda: ["a photograph of an astronaut riding a horse"])
-    negative_prompt: str = ""
+    negative_prompt: str = ""  # for every prompt without its own
     # the prompt language (runner/prompt/): A1111 syntax, variants/wildcards, prompts files, Prompt S/R
     prompt_syntax: str = "a1111"  # a1111: (weights), [less], BREAK, 75-token chunks, <lora:name:w>; plain: as is
     prompts_file: str | None = None  # one prompt a line (# comments); replaces `prompts`
@@ -123,14 +123,14 @@ class RunConfig:
     max_prompts: int = 1000  # more expanded prompts is an error, not a million-image plan
     wildcard_dirs: Any = field(default_factory=list)  # folders of __name__ files (name.txt, one value a line)
     prompt_sr: Any = None  # A1111 Prompt S/R axis: [search, replacement, ...]
-    seeds: Any = field(default_factory=lambda: [0])
+    seeds: Any = field(default_factory=lambda: [0])  # -1 draws one from the run seed
     models: Any = field(default_factory=list)  # a model axis: group names, ids or {group, id, …}; [] = model
     steps: Any = None  # null = the model's default (its group's settings, else the pipeline's own)
     guidance_scale: Any = None  # CFG; on Flux.1 the distilled guidance
     true_cfg_scale: Any = None  # Flux.1 / Qwen-Image: real CFG with the negative prompt when > 1
     max_sequence_length: Any = None  # T5/Qwen text encoders: tokens read from the prompt
     width: Any = None  # null = the model's default size; multiples of 8
-    height: Any = None
+    height: Any = None  # null = the model's default size; multiples of 8
     scheduler: Any = None  # A1111 "Sampler" (config/schedulers.py): null = the model's own; euler, euler_a, dpmpp_2m, …
     schedule: Any = None  # A1111 "Schedule type": null = the scheduler's own, karras, exponential, … (schedulers.py)
     clip_skip: Any = None  # A1111 "Clip skip": 1 = last CLIP layer (null/1 = off), 2 = penultimate, …
@@ -138,14 +138,14 @@ class RunConfig:
     threads: Any = "auto"  # CPU threads for torch: auto = the cores this process may use, or an int
     batch_size: Any = "auto"  # images with the same settings share one pipeline call
     batch_invariant: Any = "auto"  # auto = on cpu: an image is bit-identical whatever its batch-mates
-    lora_sets: Any = field(default_factory=lambda: [[]])
+    lora_sets: Any = field(default_factory=lambda: [[]])  # sets of {source, weight_name, scale, name}; [] = no LoRA
     lora_scales: Any = None  # e.g. [0.0, 0.5, 1.0]: multiplies every adapter's scale
     lora_blocks: Any = None  # block-weight specs swept for every adapter without its own `blocks` (presets/lists)
     lora_dirs: list[str] = field(default_factory=list)  # folders where LoRAs are found by file stem or hash
     embedding_dirs: list[str] = field(default_factory=list)  # textual inversions named in prompts (file stem)
     allow_pickle_embeddings: bool = False  # A1111's .pt embeddings (pickle)
-    allow_pickle_lora: bool = False
-    max_loaded_loras: int = 8
+    allow_pickle_lora: bool = False  # load pickle LoRA files (.bin, .ckpt, .pt)
+    max_loaded_loras: int = 8  # LoRA files kept loaded in one process
     resume: bool = True  # a run dir gets only the images it lacks; false: every image again, each in its own file
     run_seed: int | None = None  # seeds given as -1 are drawn from it; null = the run dir's (or the sweep's)
     output_dir: str | None = None  # the run dir; null = Hydra's run dir (hydra.run.dir)
@@ -156,10 +156,10 @@ class RunConfig:
     hires: HiresConfig = field(default_factory=HiresConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
-    from_image: str | None = None
-    strict: bool = True
+    from_image: str | None = None  # regenerate from an image's recorded settings (then these overrides)
+    strict: bool = True  # from_image: a LoRA or model whose sha256 differs is an error (false: a warning)
     nan_retry_fp32_vae: bool = False  # regenerate all-black (NaN) images with the VAE in fp32
-    verbose: bool = False
+    verbose: bool = False  # tracebacks for unexpected errors
 
 
 def register_resolvers() -> None:

@@ -1,6 +1,6 @@
 """Fast-path options (`perf:` config) applied to a loaded, cached pipeline before a run's first batch.
 
-Each option is off by default until measured faster (BENCHMARKS.md). `apply_perf` is idempotent and
+Each option is off by default until measured faster (docs/performance.md). `apply_perf` is idempotent and
 reversible: the pipeline is cached per process, so a run that turns an option off gets the plain one back.
 """
 
@@ -60,7 +60,7 @@ def _check_compile(device: str) -> None:
 
 # torch.compile repays its warm-up (~47 s for an SD1.5 UNet at batch 16 on an H200) once it has saved that much:
 # 1.78 ms per image-step at 512x512 there (0.2068 -> 0.1533 s/image at 30 steps), so from ~26,000 image-steps
-# (pixel-weighted; ~880 images of 30 steps at 512x512). BENCHMARKS.md has the measurement.
+# (pixel-weighted; ~880 images of 30 steps at 512x512). docs/performance.md has the measurement.
 COMPILE_AUTO_MIN_IMAGE_STEPS = 26_000
 
 
