@@ -16,7 +16,7 @@ from ..common.paths import strip_weight_ext
 from ..prompt.expand import check_sr, parse_sr
 from .blocks import BlockSpec, parse_spec
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
-from .schema import GridConfig, MemoryConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig, ViewerConfig
+from .schema import EvalConfig, GridConfig, MemoryConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig, ViewerConfig
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # model.dtype -> the torch dtype
 DTYPES = ("auto", *TORCH_DTYPES)
@@ -93,6 +93,7 @@ class RunSpec:
     max_sequence_length: tuple[int | None, ...] = (None,)
     models: tuple[ModelConfig, ...] = ()  # the model axis, outermost loop; () = (model,)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # checked by runner/eval (config.check_eval)
 
     @property
     def model_list(self) -> tuple[ModelConfig, ...]:
@@ -516,7 +517,14 @@ def _validate(cfg: DictConfig) -> RunSpec:
         prompt_syntax=_key(cfg, "prompt_syntax"),
         prompt_sr=sr,
         prompt_seed=int(_key(cfg, "prompt_seed")) if random_prompts else None,
+        eval=_eval(cfg.get("eval")),
     )
+
+
+def _eval(v: Any) -> EvalConfig:
+    if v is None:
+        return EvalConfig()
+    return EvalConfig(**OmegaConf.to_container(v, resolve=True)) if isinstance(v, DictConfig) else v
 
 
 def _viewer(v: Any) -> ViewerConfig:
