@@ -38,8 +38,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:
+    from .eval.scorers import models_of
+
     cfg = EvalConfig()
-    models = dict(cfg.models)
+    models = models_of(cfg)
     if args.clip_model:
         models["clip"] = args.clip_model
     if args.dino_model:
@@ -48,6 +50,8 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
             raise ConfigError(f"--model {item!r} is not NAME=ID_OR_DIR (e.g. --model dino=facebook/dino-vits16)")
+        if name not in models:
+            raise ConfigError(f"--model {item!r}: unknown scorer model {name!r}; valid: {', '.join(models)}")
         models[name] = value
     changes = {"models": models, "make_baseline": not args.no_make_baseline}
     if args.reference_dir:

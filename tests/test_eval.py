@@ -22,7 +22,7 @@ CLIP, DINO = "builtin:tiny-clip", "builtin:tiny-dino"
 
 def _cfg(**kw) -> EvalConfig:
     cfg = EvalConfig()
-    return dataclasses.replace(cfg, models={**cfg.models, "clip": CLIP, "dino": DINO}, **kw)
+    return dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, clip=CLIP, dino=DINO), **kw)
 
 
 def _pattern(seed: int, size: int = 64) -> Image.Image:
@@ -291,3 +291,47 @@ def test_absent_extra_is_skipped_with_one_line(sweep: Path, tmp_path: Path, caps
     out = capsys.readouterr().out
     assert "image_reward skipped: its package is not installed (pip install image-reward" in out
     assert {ln["scorer"] for ln in _lines(run)} == {"clip_t"}
+
+
+# 4. eval.metrics inside a run: the issue's tiny sweep, scored by the writer side
+
+
+def test_tiny_sweep_with_eval_metrics_scores_summarises_and_plots(tiny_dir: Path, tmp_path: Path,
+                                                                  capsys) -> None:
+    """2 LoRA sets x 3 weights x 2 checkpoints with eval.metrics=[clip_t,lora_effect]: metrics.jsonl, eval.md with
+    the table and the Pareto front, the plots and the viewer's metric data, the same scores t2i-eval gives."""
+    import shutil
+
+    out = tmp_path / "run"
+    r = run_cli(*sweep_args(tiny_dir, tmp_path / "ckpt", out, "eval.metrics=[clip_t,lora_effect]",
+                            f"eval.models.clip={CLIP}"))
+    assert r.returncode == 0, r.stderr
+    lines = _lines(out)
+    assert len([ln for ln in lines if ln["scorer"] == "clip_t"]) == 26
+    assert len([ln for ln in lines if ln["scorer"] == "lora_effect"]) == 24
+    md = (out / "eval.md").read_text()
+    assert "| LoRA set | weight | step |" in md and "- clip_t vs lora_effect: " in md
+    assert (out / "eval" / "tradeoff_clip_t_vs_lora_effect.png").is_file()
+    assert (out / "eval" / "clip_t_vs_step.svg").is_file()
+    assert "clip_t" in (out / "viewer-metrics.js").read_text()
+    # the writer side scores as t2i-eval does afterwards
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    (again / "metrics.jsonl").unlink()
+    assert eval_main([str(again), "--clip-model", CLIP, "--metrics", "clip_t,lora_effect"]) == 0
+    key = lambda ln: (ln["key"], ln["scorer"])  # noqa: E731
+    live = {key(ln): ln["values"] for ln in lines}
+    after = {key(ln): ln["values"] for ln in _lines(again)}
+    assert live.keys() == after.keys()
+    for k, v in live.items():
+        assert v == pytest.approx(after[k], rel=1e-5, abs=1e-5), k  # float32 batches of other sizes
+
+
+def test_run_with_lora_effect_and_no_baseline_is_refused_before_loading(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    kohya = tiny_dir / "loras" / "tiny_kohya.safetensors"
+    r = run_cli(f"model.id={tiny_dir}", "steps=2", f"lora_sets=[[{{source:'{kohya}'}}]]", "eval.metrics=[lora_effect]", "eval.make_baseline=false", f"output_dir={out}")
+    assert r.returncode == 2 and "no [] (no-LoRA baseline)" in r.stderr.strip().splitlines()[-1]
+    assert not out.exists()
+    r = run_cli(f"model.id={tiny_dir}", "steps=2", "eval.metrics=[clip_q]", f"output_dir={out}")
+    assert r.returncode == 2 and "unknown metric 'clip_q'" in r.stderr and not out.exists()

@@ -524,7 +524,7 @@ def _validate(cfg: DictConfig) -> RunSpec:
 def _eval(v: Any) -> EvalConfig:
     if v is None:
         return EvalConfig()
-    return EvalConfig(**OmegaConf.to_container(v, resolve=True)) if isinstance(v, DictConfig) else v
+    return OmegaConf.to_object(v) if isinstance(v, DictConfig) else v  # the schema's EvalConfig
 
 
 def _viewer(v: Any) -> ViewerConfig:

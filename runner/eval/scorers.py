@@ -16,6 +16,7 @@ A scorer's `version` goes into every line it writes: a formula change gives new 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import logging
@@ -75,6 +76,12 @@ def reference_images(folder: str) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXT and p.is_file())
 
 
+def models_of(cfg: EvalConfig) -> dict[str, str]:
+    """eval.models as a dict (a dataclass from the schema, a mapping from a hand-made config)."""
+    m = cfg.models
+    return dataclasses.asdict(m) if dataclasses.is_dataclass(m) else dict(m or {})
+
+
 def metric_names(value: Any) -> list[str]:
     """`eval.metrics` as a list of names (a comma-separated string too)."""
     if value is None:
@@ -111,7 +118,7 @@ def check_eval(cfg: EvalConfig, metrics: list[str] | None = None) -> list[str]:
                               "give the folder of the LoRA's training images")
     for n in names:
         key = SCORERS[n].model
-        if key and not (cfg.models or {}).get(key):
+        if key and not models_of(cfg).get(key):
             raise ConfigError(f"metric {n} needs eval.models.{key} (a hub id or a local folder)")
     return names
 
@@ -147,13 +154,13 @@ class Session:
             s = SCORERS[n]
             if s.module and importlib.util.find_spec(s.module) is None:
                 self.say(f"t2i-eval: {n} skipped: its package is not installed (pip install {s.pip}; model "
-                         f"eval.models.{s.model}={self.cfg.models.get(s.model)!r})")
+                         f"eval.models.{s.model}={models_of(self.cfg).get(s.model)!r})")
                 continue
             self.active.append(s)
         for s in self.active:
             for kind in self._spaces(s):
                 if kind not in self.embedders:
-                    self.embedders[kind] = load_embedder(kind, self.cfg.models[kind], self.device,
+                    self.embedders[kind] = load_embedder(kind, models_of(self.cfg)[kind], self.device,
                                                          self.cfg.batch_size, key=f"eval.models.{kind}")
             if s.module or s.name == "pickscore":
                 self.extras[s.name] = _load_extra(s, self.cfg, self.device)
@@ -179,7 +186,7 @@ class Session:
         elif s.model in SPACES:
             model = self.embedders[s.model].identity
         else:
-            model = resolve(self.cfg.models.get(s.model) or "")[1]
+            model = resolve(models_of(self.cfg).get(s.model) or "")[1]
         sig = {"version": s.version, "model": model}
         if s.reference:
             sig["ref"] = self.ref_id
@@ -209,7 +216,7 @@ def _load_extra(s: Scorer, cfg: EvalConfig, device: str) -> Callable[[list[dict]
     """The scoring function of an extra (its package's own API, its model from eval.models)."""
     from ..common.errors import first_line
 
-    source = cfg.models.get(s.model)
+    source = models_of(cfg).get(s.model)
     try:
         return EXTRA_LOADERS[s.name](source, cfg, device)
     except ConfigError:
@@ -224,7 +231,7 @@ def _pickscore(source: str, cfg: EvalConfig, device: str) -> Callable:
     import torch
     from transformers import AutoModel, AutoProcessor
 
-    proc_source = cfg.models.get("pickscore_processor") or source
+    proc_source = models_of(cfg).get("pickscore_processor") or source
     processor = AutoProcessor.from_pretrained(resolve(proc_source)[0])
     model = AutoModel.from_pretrained(resolve(source)[0]).to(device).eval()
 

@@ -19,7 +19,7 @@ from ..common.io import atomic_write_bytes
 from ..config.schema import EvalConfig
 from . import store
 from .models import resolve
-from .scorers import SCORERS, reference_identity
+from .scorers import SCORERS, models_of, reference_identity
 
 EVAL_MD = "eval.md"
 PLOTS_DIR = "eval"
@@ -106,7 +106,7 @@ def wanted_signature(scorer: str, cfg: EvalConfig | None) -> tuple | None:
         return None
     s = SCORERS[scorer]
     key = cfg.lora_effect_space if s.baseline else s.model
-    source = (cfg.models or {}).get(key or "")
+    source = models_of(cfg).get(key or "")
     if not source:
         return None
     ref = None
