@@ -330,7 +330,8 @@ def test_tiny_sweep_with_eval_metrics_scores_summarises_and_plots(tiny_dir: Path
 def test_run_with_lora_effect_and_no_baseline_is_refused_before_loading(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     kohya = tiny_dir / "loras" / "tiny_kohya.safetensors"
-    r = run_cli(f"model.id={tiny_dir}", "steps=2", f"lora_sets=[[{{source:'{kohya}'}}]]", "eval.metrics=[lora_effect]", "eval.make_baseline=false", f"output_dir={out}")
+    r = run_cli(f"model.id={tiny_dir}", "steps=2", f"lora_sets=[[{{source:'{kohya}'}}]]", "eval.metrics=[lora_effect]",
+                "eval.make_baseline=false", f"output_dir={out}")
     assert r.returncode == 2 and "no [] (no-LoRA baseline)" in r.stderr.strip().splitlines()[-1]
     assert not out.exists()
     r = run_cli(f"model.id={tiny_dir}", "steps=2", "eval.metrics=[clip_q]", f"output_dir={out}")
