@@ -7,6 +7,7 @@ columns); `summary_text()` is what `t2i-eval --summary` prints."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -34,8 +35,12 @@ FRONT_X = ("clip_i", "dino", "lora_effect")
 
 def lora_step(lora: dict) -> tuple[str, int | None]:
     """(the adapter's name without its checkpoint step, the step) from its file name or `step-N/` folder."""
-    name = str(lora.get("name") or "")
-    path = Path(str(lora.get("file") or lora.get("source") or ""))
+    return _name_step(str(lora.get("name") or ""), str(lora.get("file") or lora.get("source") or ""))
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_step(name: str, file: str) -> tuple[str, int | None]:
+    path = Path(file)
     m = _STEP.search(path.stem) if path.stem else None
     if m and len(m.group(1)) >= 2 or (m and m.group(0) != m.group(1)):
         base = _STEP.sub("", name) if _STEP.search(name) else name
