@@ -86,9 +86,15 @@ def evaluate(folders: list[Path], cfg: EvalConfig, device: str, metrics: list[st
     """Check, load, plan every folder, then score them: {folder: lines written}."""
     names = check_eval(cfg, metrics)
     session = Session(cfg, names, device, say).load()
+    from .summary import summarize, write_viewer_metrics
+
     plans = [plan(f, session) for f in folders]
     check_plans(plans, cfg, generate)
-    return {p.folder: execute(p, session, generate) for p in plans}
+    written = {}
+    for p in plans:
+        written[p.folder] = execute(p, session, generate)
+        write_viewer_metrics(summarize(p.folder, cfg))  # the viewer's metric columns, current
+    return written
 
 
 __all__ = ["SCORERS", "evaluate", "plan", "execute"]

@@ -243,9 +243,16 @@ def viewer_metrics(s: Summary) -> dict:
 
 
 def write_viewer_metrics(s: Summary) -> Path:
+    """RUN_DIR/viewer-metrics.js, and the viewer page anew when it is there (a page from before metrics existed
+    would not read it)."""
+    from ..outputs.viewer import VIEWER_HTML, page_html
+
     path = s.folder / METRICS_JS
     text = f"window.{METRICS_GLOBAL} = {json.dumps(viewer_metrics(s), allow_nan=False)};\n"
     atomic_write_bytes(path, text.encode("utf-8"))
+    page = s.folder / VIEWER_HTML
+    if page.is_file() and page.read_bytes() != page_html():
+        atomic_write_bytes(page, page_html())
     return path
 
 
