@@ -336,3 +336,38 @@ def test_run_with_lora_effect_and_no_baseline_is_refused_before_loading(tiny_dir
     assert not out.exists()
     r = run_cli(f"model.id={tiny_dir}", "steps=2", "eval.metrics=[clip_q]", f"output_dir={out}")
     assert r.returncode == 2 and "unknown metric 'clip_q'" in r.stderr and not out.exists()
+
+
+# 5. The server: a job's JSON and /runs show the scores
+
+
+def test_server_job_json_and_runs_show_scores(sweep: Path, tmp_path: Path) -> None:
+    import shutil
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from runner.server.app import compose_config, create_app
+
+    extra = tmp_path / "extra"
+    shutil.copytree(sweep, extra / "run")
+    assert eval_main([str(extra / "run"), "--clip-model", CLIP, "--metrics", "clip_t,lora_effect", "--summary"]) == 0
+    app = create_app(compose_config(["model=tiny", f"server.output_dir={tmp_path / 'out'}",
+                                     f"server.run_dirs=[{extra}]", "eval.metrics=[clip_t]", f"eval.models.clip={CLIP}"]))
+    with TestClient(app) as client:
+        job = client.post("/api/jobs", json={"text_prompt": "a red fox", "inference_steps": 1, "width": 32,
+                                             "height": 32, "total_nm_img_prompt": 2}).json()
+        for _ in range(600):
+            job = client.get(f"/api/jobs/{job['id']}").json()
+            if job["status"] in ("done", "error"):
+                break
+            time.sleep(0.1)
+        assert job["status"] == "done", job
+        assert len(job["scores"]) == 2 and all(0 < s["clip_t"] <= 100 for s in job["scores"])
+        runs = {r["path"]: r for r in client.get("/api/runs").json()["runs"]}
+        scored = runs["run"]["metrics"]
+        assert scored["columns"][:2] == ["clip_t", "lora_effect"] and scored["fronts"]["lora_effect"]
+        assert {r["n"] for r in scored["rows"]} == {2}
+        page = client.get("/runs").text
+        assert "front clip_t vs lora_effect: " + scored["fronts"]["lora_effect"][0] in page
+        assert client.get(runs["run"]["url"] + "viewer-metrics.js").text.startswith("window.T2I_VIEWER_METRICS = {")

@@ -26,6 +26,7 @@ EVAL_MD = "eval.md"
 PLOTS_DIR = "eval"
 METRICS_JS = "viewer-metrics.js"
 METRICS_GLOBAL = "T2I_VIEWER_METRICS"
+SUMMARY_JSON = "eval-summary.json"  # the table and fronts alone (t2i-serve's /runs reads it)
 NOLORA = "nolora"
 # a checkpoint's training step: `name-000400`, `name_step400`, `name-e12`, or a `step-000400/` folder (t2i-train)
 _STEP = re.compile(r"[-_.]?(?:step|steps|epoch|ep|e)?[-_]?(\d+)$", re.I)
@@ -243,13 +244,17 @@ def viewer_metrics(s: Summary) -> dict:
 
 
 def write_viewer_metrics(s: Summary) -> Path:
-    """RUN_DIR/viewer-metrics.js, and the viewer page anew when it is there (a page from before metrics existed
-    would not read it)."""
+    """RUN_DIR/viewer-metrics.js and eval-summary.json, and the viewer page anew when it is there (a page from
+    before metrics existed would not read them)."""
     from ..outputs.viewer import VIEWER_HTML, page_html
 
     path = s.folder / METRICS_JS
-    text = f"window.{METRICS_GLOBAL} = {json.dumps(viewer_metrics(s), allow_nan=False)};\n"
+    text = f"window.{METRICS_GLOBAL} = {json.dumps(viewer_metrics(s), allow_nan=False)};\n"  # a script: file://
     atomic_write_bytes(path, text.encode("utf-8"))
+    data = viewer_metrics(s)
+    small = {k: data[k] for k in ("columns", "higher", "fronts")}
+    small["rows"] = [{k: v for k, v in r.items() if k != "files"} | {"n": len(r["files"])} for r in data["rows"]]
+    atomic_write_bytes(s.folder / SUMMARY_JSON, json.dumps(small, allow_nan=False).encode("utf-8"))
     page = s.folder / VIEWER_HTML
     if page.is_file() and page.read_bytes() != page_html():
         atomic_write_bytes(page, page_html())
@@ -270,3 +275,19 @@ def write_summary(folder: Path, cfg: EvalConfig | None = None, plots: bool = Tru
     write_viewer_metrics(s)
     where = f"{Path(folder) / EVAL_MD}" + (f", {len(made)} plot files in {Path(folder) / PLOTS_DIR}" if made else "")
     return summary_text(s) + f"\n\nwritten: {where}, {Path(folder) / METRICS_JS}"
+
+
+def read_summary(folder: Path) -> dict | None:
+    """RUN_DIR/eval-summary.json (None when the run has no scores)."""
+    try:
+        return json.loads((Path(folder) / SUMMARY_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def image_scores(folder: Path, files: list[str | None]) -> list[dict[str, float] | None]:
+    """Each file's metric values in RUN_DIR/metrics.jsonl (the latest line per scorer), None where unscored."""
+    latest: dict[str, dict[str, float]] = defaultdict(dict)
+    for ln in store.read_lines(folder):
+        latest[ln["file"]].update({k: v for k, v in ln["values"].items() if isinstance(v, int | float)})
+    return [latest.get(f) or None if f else None for f in files]
