@@ -11,9 +11,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..common.errors import ConfigError
+from ..eval.summary import read_summary
 from ..outputs.manifest import MANIFEST
 from ..outputs.sweep import PARTS_DIR, SWEEP_MANIFEST
-from ..eval.summary import read_summary
 from ..outputs.viewer import STATUS_JS, read_status
 
 SKIP = frozenset({"thumbs", "grids"})  # folders inside a run dir that never hold run dirs
