@@ -353,7 +353,8 @@ def test_server_job_json_and_runs_show_scores(sweep: Path, tmp_path: Path) -> No
     shutil.copytree(sweep, extra / "run")
     assert eval_main([str(extra / "run"), "--clip-model", CLIP, "--metrics", "clip_t,lora_effect", "--summary"]) == 0
     app = create_app(compose_config(["model=tiny", f"server.output_dir={tmp_path / 'out'}",
-                                     f"server.run_dirs=[{extra}]", "eval.metrics=[clip_t]", f"eval.models.clip={CLIP}"]))
+                                     f"server.run_dirs=[{extra}]", "eval.metrics=[clip_t]",
+                                     f"eval.models.clip={CLIP}"]))
     with TestClient(app) as client:
         job = client.post("/api/jobs", json={"text_prompt": "a red fox", "inference_steps": 1, "width": 32,
                                              "height": 32, "total_nm_img_prompt": 2}).json()
