@@ -4,7 +4,9 @@ LoRA image whose baseline comes later or must be made) is scored when the run en
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 from pathlib import Path
@@ -16,6 +18,7 @@ from . import store
 from .scorers import Session, check_eval
 
 log = logging.getLogger(__name__)
+NICE = 10  # the scorer thread's niceness: scores may wait, the denoiser may not
 
 
 def check_run_eval(cfg: EvalConfig, lora_sets: tuple) -> list[str]:
@@ -53,6 +56,8 @@ class LiveScorer:
         self._q.put(entry)
 
     def _work(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):  # Linux: this thread (and the torch threads it starts)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)  # yields the CPU to the denoiser
         while True:
             batch = [self._q.get()]
             while batch[-1] is not None and len(batch) < self.session.cfg.batch_size:
