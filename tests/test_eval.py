@@ -372,3 +372,30 @@ def test_server_job_json_and_runs_show_scores(sweep: Path, tmp_path: Path) -> No
         page = client.get("/runs").text
         assert "front clip_t vs lora_effect: " + scored["fronts"]["lora_effect"][0] in page
         assert client.get(runs["run"]["url"] + "viewer-metrics.js").text.startswith("window.T2I_VIEWER_METRICS = {")
+
+
+def test_pareto_front_keeps_exactly_the_undominated_rows() -> None:
+    from runner.eval.summary import Row, pareto
+
+    def row(name: str, a: float, b: float) -> Row:
+        r = Row(name, 1.0, None)
+        r.values["clip_t"].append(a)
+        r.values["dino"].append(b)
+        return r
+
+    rows = [row("p", 1, 5), row("q", 2, 4), row("r", 3, 3), row("s", 2, 2), row("t", 3, 1), row("u", 1, 4)]
+    assert [r.set for r in pareto(rows, "clip_t", "dino")] == ["r", "q", "p"]  # by clip_t, best first
+    assert [r.set for r in pareto(rows + [row("v", 3, 3)], "clip_t", "dino")] == ["r", "v", "q", "p"]  # ties stay
+
+
+@pytest.mark.parametrize("lora, want", [
+    ({"name": "style-step-000400", "file": "/l/style/step-000400.safetensors"}, ("style", 400)),
+    ({"name": "mylora-000012", "file": "/l/mylora-000012.safetensors"}, ("mylora", 12)),
+    ({"name": "mylora", "file": "/out/checkpoints/step-000300/mylora.safetensors"}, ("mylora", 300)),
+    ({"name": "style2", "file": "/l/style2.safetensors"}, ("style2", None)),
+    ({"name": "tiny_kohya", "file": "/l/tiny_kohya.safetensors"}, ("tiny_kohya", None)),
+])
+def test_checkpoint_step_from_file_name_or_folder(lora: dict, want: tuple) -> None:
+    from runner.eval.summary import lora_step
+
+    assert lora_step(lora) == want

@@ -29,7 +29,7 @@ METRICS_GLOBAL = "T2I_VIEWER_METRICS"
 SUMMARY_JSON = "eval-summary.json"  # the table and fronts alone (t2i-serve's /runs reads it)
 NOLORA = "nolora"
 # a checkpoint's training step: `name-000400`, `name_step400`, `name-e12`, or a `step-000400/` folder (t2i-train)
-_STEP = re.compile(r"[-_.]?(?:step|steps|epoch|ep|e)?[-_]?(\d+)$", re.I)
+_STEP = re.compile(r"(?:^|[-_.])(?:step|steps|epoch|ep|e)?[-_]?(\d+)$", re.I)
 _STEP_DIR = re.compile(r"^(?:step|checkpoint|epoch)-?(\d+)$", re.I)
 FRONT_X = ("clip_i", "dino", "lora_effect")
 
@@ -43,7 +43,7 @@ def lora_step(lora: dict) -> tuple[str, int | None]:
 def _name_step(name: str, file: str) -> tuple[str, int | None]:
     path = Path(file)
     m = _STEP.search(path.stem) if path.stem else None
-    if m and len(m.group(1)) >= 2 or (m and m.group(0) != m.group(1)):
+    if m:
         base = _STEP.sub("", name) if _STEP.search(name) else name
         return base or name, int(m.group(1))
     d = _STEP_DIR.match(path.parent.name)
