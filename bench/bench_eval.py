@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=10_000, help="images of the synthetic run dir (0: skip)")
     ap.add_argument("--score-images", type=int, default=64, help="images for the throughput measurement")
     ap.add_argument("--full", action="store_true", help="also real-size scorer configs, random weights")
+    ap.add_argument("--full-images", type=int, default=256, help="images per --full throughput measurement")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--benchmarks", type=Path, help="append the results to this markdown file")
     args = ap.parse_args(argv)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.full:
         with tempfile.TemporaryDirectory() as tmp:
             clip, dino = full_models(Path(tmp))
-            for space, n in (("clip", 256), ("dino", 256)):
+            for space, n in (("clip", args.full_images), ("dino", args.full_images)):
                 t = throughput(_cfg(clip, dino, batch_size=32, lora_effect_space=space), n, 512, device)
                 out += [f"- real-size configs (CLIP ViT-L/14, DINO ViT-S/16; random weights) on {device}, 512 px, "
                         f"batch 32, lora_effect in {space}: clip_t {t['clip_t']:.1f} images/s, lora_effect "

@@ -399,3 +399,19 @@ def test_checkpoint_step_from_file_name_or_folder(lora: dict, want: tuple) -> No
     from runner.eval.summary import lora_step
 
     assert lora_step(lora) == want
+
+
+def test_t2i_eval_scores_a_merged_dir(sweep: Path, tmp_path: Path, capsys) -> None:
+    """A merged dir's images live in the run dirs it references: its scores and summary are its own."""
+    from runner.eval.summary import summarize
+    from runner.outputs.sweep import merge_main
+
+    merged = tmp_path / "merged"
+    assert merge_main([str(sweep), "-o", str(merged), "--no-grid"]) == 0
+    assert eval_main([str(merged), "--clip-model", CLIP, "--summary", "--metrics", "clip_t,lora_effect"]) == 0
+    lines = _lines(merged)
+    assert len(lines) == 26 + 24 and all(ln["file"].startswith("../") for ln in lines)
+    assert not (sweep / "metrics.jsonl").exists()  # the source run dir is left as it was
+    s = summarize(merged)
+    assert len(s.rows) == 13 and s.fronts["lora_effect"]
+    assert (merged / "eval.md").is_file()
