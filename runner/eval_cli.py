@@ -103,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = eval_config(args)
     metrics = _default_metrics(args, folders)
     check_eval(cfg, metrics)
-    device = resolve_device(args.device)
 
     # 2. Score (models loaded once for every folder; missing baselines made first)
     if metrics:
         from .eval.score import evaluate
+
+        device = resolve_device(args.device)  # (a summary alone never imports torch)
 
         written = evaluate(folders, cfg, device, metrics, None if args.no_make_baseline else _generate)
         for folder, n in written.items():
