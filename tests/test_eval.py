@@ -336,6 +336,10 @@ def test_run_with_lora_effect_and_no_baseline_is_refused_before_loading(tiny_dir
     assert not out.exists()
     r = run_cli(f"model.id={tiny_dir}", "steps=2", "eval.metrics=[clip_q]", f"output_dir={out}")
     assert r.returncode == 2 and "unknown metric 'clip_q'" in r.stderr and not out.exists()
+    r = run_cli(f"model.id={tiny_dir}", "steps=2", "eval.metrics=[clip_t]", "eval.models.clip=/no/such/clip",
+                f"output_dir={out}")
+    assert r.returncode == 2 and "eval.models.clip='/no/such/clip' does not load as a CLIP model" in r.stderr
+    assert not out.exists()
 
 
 # 5. The server: a job's JSON and /runs show the scores
@@ -415,3 +419,22 @@ def test_t2i_eval_scores_a_merged_dir(sweep: Path, tmp_path: Path, capsys) -> No
     s = summarize(merged)
     assert len(s.rows) == 13 and s.fronts["lora_effect"]
     assert (merged / "eval.md").is_file()
+
+
+def test_t2i_eval_scores_a_multirun_sweep_dir(tiny_dir: Path, tmp_path: Path) -> None:
+    """A multirun sweep dir (one run dir per job): one metrics.jsonl for the sweep, each LoRA image against the
+    baseline of its own job."""
+    from runner.eval.summary import summarize
+
+    sweep = tmp_path / "sweep"
+    kohya = tiny_dir / "loras" / "tiny_kohya.safetensors"
+    r = run_cli("-m", f"model.id={tiny_dir}", "steps=1", "width=32", "height=32", "prompts=[a fox]",
+                f"lora_sets=[[],[{{source:'{kohya}'}}]]", "lora_scales=[0.5,1.0]", "seeds=[1],[2]",
+                f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    assert eval_main([str(sweep), "--clip-model", CLIP, "--metrics", "clip_t,lora_effect"]) == 0
+    lines = _lines(sweep)
+    assert len([ln for ln in lines if ln["scorer"] == "clip_t"]) == 6
+    effect = [ln for ln in lines if ln["scorer"] == "lora_effect"]
+    assert len(effect) == 4 and all(ln["file"].split("/")[0] == ln["baseline"]["file"].split("/")[0] for ln in effect)
+    assert [r.set for r in summarize(sweep).rows][0] == "nolora"
