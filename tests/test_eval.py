@@ -438,3 +438,19 @@ def test_t2i_eval_scores_a_multirun_sweep_dir(tiny_dir: Path, tmp_path: Path) ->
     effect = [ln for ln in lines if ln["scorer"] == "lora_effect"]
     assert len(effect) == 4 and all(ln["file"].split("/")[0] == ln["baseline"]["file"].split("/")[0] for ln in effect)
     assert [r.set for r in summarize(sweep).rows][0] == "nolora"
+
+
+def test_summary_uses_one_model_per_metric_the_configured_else_the_latest() -> None:
+    from runner.eval.summary import pick_lines
+
+    def line(key: str, model: str, v: float) -> dict:
+        return store.make_line({"key": key, "file": f"{key}.png"}, "clip_t", {"version": 1, "model": model},
+                               {"clip_t": v})
+
+    lines = [line("a", "m1", 1.0), line("a", "m2", 2.0), line("b", "m1", 3.0)]
+    notes: list[str] = []
+    assert [ln["values"]["clip_t"] for ln in pick_lines(lines, None, notes)] == [1.0, 3.0]  # m1 wrote last
+    assert notes == ["clip_t: metrics.jsonl holds scores of 2 models/versions; this summary uses m1 (version 1) "
+                     "only (the latest)"]
+    cfg = dataclasses.replace(EvalConfig(), models=dataclasses.replace(EvalConfig().models, clip="m2"))
+    assert [ln["values"]["clip_t"] for ln in pick_lines(lines, cfg, [])] == [2.0]  # the configured model

@@ -126,13 +126,14 @@ def wanted_signature(scorer: str, cfg: EvalConfig | None) -> tuple | None:
 def pick_lines(lines: list[dict], cfg: EvalConfig | None, notes: list[str]) -> list[dict]:
     """One signature per scorer: the configured one when it has scores, else the latest written (noted)."""
     by: dict[str, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    latest: dict[str, tuple] = {}
     for ln in lines:
         by[ln["scorer"]][store.sig_of(ln)].append(ln)
+        latest[ln["scorer"]] = store.sig_of(ln)
     out = []
     for scorer, sigs in by.items():
         want = wanted_signature(scorer, cfg) if scorer in SCORERS else None
-        chosen = want if want in sigs else store.sig_of(list(sigs.values())[-1][-1]) if len(sigs) > 1 else next(
-            iter(sigs))
+        chosen = want if want in sigs else latest[scorer]
         if len(sigs) > 1:
             notes.append(f"{scorer}: metrics.jsonl holds scores of {len(sigs)} models/versions; this summary uses "
                          f"{chosen[1]} (version {chosen[0]}) only" + ("" if want in sigs else " (the latest)"))
