@@ -16,7 +16,17 @@ from ..common.paths import strip_weight_ext
 from ..prompt.expand import check_sr, parse_sr
 from .blocks import BlockSpec, parse_spec
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
-from .schema import EvalConfig, GridConfig, MemoryConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig, ViewerConfig
+from .schema import (
+    EvalConfig,
+    EvalModels,
+    GridConfig,
+    MemoryConfig,
+    ModelConfig,
+    PerfConfig,
+    RunConfig,
+    ShardConfig,
+    ViewerConfig,
+)
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # model.dtype -> the torch dtype
 DTYPES = ("auto", *TORCH_DTYPES)
@@ -522,9 +532,16 @@ def _validate(cfg: DictConfig) -> RunSpec:
 
 
 def _eval(v: Any) -> EvalConfig:
-    if v is None:
+    """The `eval` section (runner/eval checks its values): the schema's EvalConfig, or one made from a mapping."""
+    obj = OmegaConf.to_object(v) if isinstance(v, DictConfig) else v
+    if obj is None:
         return EvalConfig()
-    return OmegaConf.to_object(v) if isinstance(v, DictConfig) else v  # the schema's EvalConfig
+    if isinstance(obj, dict):
+        try:
+            return EvalConfig(**{**obj, "models": EvalModels(**(obj.get("models") or {}))})
+        except TypeError as exc:
+            raise ConfigError(f"eval: {first_line(exc)}; see `t2i --cfg job` for its keys") from None
+    return obj
 
 
 def _viewer(v: Any) -> ViewerConfig:
