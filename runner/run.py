@@ -178,15 +178,28 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     out = Path(output_dir)
     check_writable(out)
     try:
+        live = _live_scorer(spec, out)  # eval.metrics: checked and its models loaded before the first image
         with (stop or faults.InterruptGuard()) as stop:
-            return _run(spec, out, stop, progress, on_image)
+            return _run(spec, out, stop, progress, on_image, live)
     except ConfigError:
         remove_created(out)  # nothing was written: leave no trace but what was there before
         raise
 
 
+def _live_scorer(spec: RunSpec, out: Path) -> Any:
+    """The writer-side scorer of `eval.metrics` (runner/eval/live.py), or None."""
+    if not spec.eval.metrics:
+        return None
+    from .eval.live import LiveScorer, check_run_eval
+    from .models.source import resolve_device
+
+    names = check_run_eval(spec.eval, spec.lora_sets)
+    device = resolve_device(spec.device if spec.eval.device == "auto" else spec.eval.device)
+    return LiveScorer(out, spec.eval, names, device)
+
+
 def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
-         on_image: Callable[[dict], None] | None) -> RunResult:
+         on_image: Callable[[dict], None] | None, live: Any = None) -> RunResult:
     from tqdm import tqdm
 
     from .generate.threads import use_threads
@@ -225,6 +238,8 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
         invariant = loaded.device == "cpu" if spec.batch_invariant is None else spec.batch_invariant
         bar = tqdm(total=len(jobs), initial=result.skipped, unit="img", disable=not progress, dynamic_ncols=True)
         viewer, thumbs = _viewer(spec, out, run_dir.done.values(), len(jobs), result.skipped)
+        if live is not None:
+            live.start(list(run_dir.done.values()))
 
         lock = threading.Lock()
 
@@ -237,6 +252,8 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
                     viewer.add(entry)
                 if on_image is not None:
                     on_image(entry)
+                if live is not None:
+                    live.add(entry)
 
         # 5. Generate model by model (each loaded once, the previous one released), a claimed batch at a time
         writer = ImageWriter(run_dir, threads=spec.perf.writer_threads, on_done=finished, after_save=thumbs)
@@ -285,6 +302,14 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
 
         with run_dir.grids_lock():
             result.grids = write_grids(out, spec.grid)
+
+    # 7. Scores (eval.metrics): the rest of the images (missing baselines made), then the summary and plots
+    if live is not None:
+        live.close(lambda cfg, where: run(cfg, where, progress=False), finish=not result.interrupted)
+        if last and not result.interrupted:
+            from .eval.summary import write_summary
+
+            log.info("%s", write_summary(out, spec.eval))
     return result
 
 

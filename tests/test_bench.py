@@ -160,3 +160,10 @@ def test_bench_resume_prints_ms_per_entry_for_resume_decode_and_grids(tmp_path: 
     assert re.search(r"^resume: \d+\.\d+ ms/entry", proc.stdout, re.M), proc.stdout
     assert re.search(r"^decode \(the check resume did before\): \d+\.\d+ ms/entry", proc.stdout, re.M)
     assert re.search(r"^grids: \d+ pages for 60 images", proc.stdout, re.M), proc.stdout
+
+
+def test_bench_eval_prints_its_measurements() -> None:
+    proc = bench("bench_eval", "--rounds", "0", "--score-images", "4", "--images", "300")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"tiny scorers on cpu, 64 px: clip_t \d+ images/s, lora_effect \d+ images/s", proc.stdout)
+    assert re.search(r"--summary over cached scores of 300 images: [\d.]+ s wall, [\d.]+ s CPU", proc.stdout)

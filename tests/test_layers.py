@@ -6,8 +6,9 @@ import ast
 from pathlib import Path
 
 RUNNER = Path(__file__).resolve().parent.parent / "runner"
-ORDER = ["__init__", "common", "prompt", "config", "plan", "models", "lora", "generate", "outputs", "reproduce", "run",
-         "entry", "launcher", "server", "train", "cli", "__main__"]  # the last ones are shells over run()
+ORDER = ["__init__", "common", "prompt", "config", "plan", "models", "lora", "generate", "outputs", "reproduce", "eval",
+         "run", "entry", "launcher", "server", "train", "cli", "eval_cli",
+         "__main__"]  # the last ones are shells over run()
 EXCEPTIONS = {("models/tiny.py", "lora")}  # a fixture: the tiny model writes its example kohya LoRA with lora/kohya
 
 

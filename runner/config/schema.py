@@ -109,6 +109,33 @@ class ServerConfig:
 
 
 @dataclass
+class EvalModels:
+    """Each scorer's model: a hub id or a local folder (builtin:tiny-clip / builtin:tiny-dino: tiny random ones)."""
+
+    clip: str = "openai/clip-vit-large-patch14"  # torchmetrics CLIPScore's default
+    dino: str = "facebook/dino-vits16"  # the DreamBooth paper's DINO (ViT-S/16)
+    pickscore: str = "yuvalkirstain/PickScore_v1"
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    aesthetic: str = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
+    image_reward: str = "ImageReward-v1.0"
+    hpsv2: str = "v2.1"  # the HPS version its package loads
+
+
+@dataclass
+class EvalConfig:
+    """Scores of a run's images (runner/eval/): `eval.metrics=[clip_t,lora_effect]` scores images as they are
+    written; `t2i-eval RUN_DIR` scores existing run dirs. Results: RUN_DIR/metrics.jsonl."""
+
+    metrics: Any = field(default_factory=list)  # clip_t, clip_i, dino, lora_effect, and extras (runner/eval)
+    models: EvalModels = field(default_factory=lambda: EvalModels())
+    reference_dir: str | None = None  # clip_i / dino: the images to compare with (e.g. the LoRA's training set)
+    make_baseline: bool = True  # lora_effect: make a missing no-LoRA image (into RUN_DIR/baselines/)
+    lora_effect_space: str = "clip"  # lora_effect's embedding: clip | dino
+    batch_size: int = 16
+    device: str = "auto"  # auto = the run's device (t2i-eval: cuda, mps, then cpu)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # list keys are typed Any so a scalar is accepted too (`seeds=1`); validate.py makes every one a list
@@ -156,6 +183,7 @@ class RunConfig:
     hires: HiresConfig = field(default_factory=HiresConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     from_image: str | None = None  # regenerate from an image's recorded settings (then these overrides)
     strict: bool = True  # from_image: a LoRA or model whose sha256 differs is an error (false: a warning)
     nan_retry_fp32_vae: bool = False  # regenerate all-black (NaN) images with the VAE in fp32

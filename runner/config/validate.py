@@ -17,7 +17,17 @@ from ..prompt.expand import check_sr, parse_sr
 from .blocks import BlockSpec, parse_spec
 from .hires import hires_combos
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
-from .schema import GridConfig, MemoryConfig, ModelConfig, PerfConfig, RunConfig, ShardConfig, ViewerConfig
+from .schema import (
+    EvalConfig,
+    EvalModels,
+    GridConfig,
+    MemoryConfig,
+    ModelConfig,
+    PerfConfig,
+    RunConfig,
+    ShardConfig,
+    ViewerConfig,
+)
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # model.dtype -> the torch dtype
 DTYPES = ("auto", *TORCH_DTYPES)
@@ -94,6 +104,7 @@ class RunSpec:
     max_sequence_length: tuple[int | None, ...] = (None,)
     models: tuple[ModelConfig, ...] = ()  # the model axis, outermost loop; () = (model,)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # checked by runner/eval (config.check_eval)
 
     @property
     def model_list(self) -> tuple[ModelConfig, ...]:
@@ -524,7 +535,21 @@ def _validate(cfg: DictConfig) -> RunSpec:
         hires=hires_combos(cfg.get("hires")),
         embedding_dirs=tuple(string_list("embedding_dirs", cfg.get("embedding_dirs"))),
         allow_pickle_embeddings=bool(cfg.get("allow_pickle_embeddings", False)),
+        eval=_eval(cfg.get("eval")),
     )
+
+
+def _eval(v: Any) -> EvalConfig:
+    """The `eval` section (runner/eval checks its values): the schema's EvalConfig, or one made from a mapping."""
+    obj = OmegaConf.to_object(v) if isinstance(v, DictConfig) else v
+    if obj is None:
+        return EvalConfig()
+    if isinstance(obj, dict):
+        try:
+            return EvalConfig(**{**obj, "models": EvalModels(**(obj.get("models") or {}))})
+        except TypeError as exc:
+            raise ConfigError(f"eval: {first_line(exc)}; see `t2i --cfg job` for its keys") from None
+    return obj
 
 
 def _viewer(v: Any) -> ViewerConfig:

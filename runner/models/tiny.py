@@ -4,6 +4,7 @@
 `DIR/loras/`: a diffusers-format file with a non-default weight name and a kohya/A1111-format file.
 `t2i-tiny DIR --family F` writes a tiny pipeline of family F (tiny_families.py) and its example LoRAs: one in
 diffusers format and one in the family's commonest foreign format (tiny_loras.py).
+`t2i-tiny DIR --family clip|dino` writes a tiny random scorer model for `t2i-eval` (tiny_scorers.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from ..common.errors import ConfigError, task_wrapper
 from ..common.paths import cache_root
+from .tiny_scorers import BUILDERS as SCORERS
+from .tiny_scorers import SCORER_FAMILIES
 
 TINY_ID = "builtin:tiny"  # the SD1.5 tiny model; `builtin:tiny-<family>` for the others
 TINY_VERSION = "1"
@@ -201,6 +204,17 @@ def build_family(family: str, tmp: Path):
     return BUILDERS[family](tmp)
 
 
+def _save_pipeline(pipe, tmp: Path) -> None:
+    if pipe is None:
+        return
+    pipe.save_pretrained(tmp / "model", safe_serialization=True)
+    for scratch in ("tok", "clip-tok"):
+        shutil.rmtree(tmp / scratch, ignore_errors=True)
+    for item in (tmp / "model").iterdir():
+        item.rename(tmp / item.name)
+    (tmp / "model").rmdir()
+
+
 def write_tiny(dest: Path, loras: bool = True, family: str = "sd15") -> Path:
     """Write the tiny pipeline of `family` (and example LoRAs) to `dest` atomically; return `dest`."""
     dest = Path(dest)
@@ -208,13 +222,13 @@ def write_tiny(dest: Path, loras: bool = True, family: str = "sd15") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=dest.parent))
     _quiet()  # no progress bars: the model may be built on first use inside a run
     try:
-        pipe = build_family(family, tmp)
-        pipe.save_pretrained(tmp / "model", safe_serialization=True)
-        for scratch in ("tok", "clip-tok"):
-            shutil.rmtree(tmp / scratch, ignore_errors=True)
-        for item in (tmp / "model").iterdir():
-            item.rename(tmp / item.name)
-        (tmp / "model").rmdir()
+        if family in SCORER_FAMILIES:  # a scorer model for runner/eval: no pipeline, no LoRAs
+            SCORERS[family](tmp)
+            loras = False
+            pipe = None
+        else:
+            pipe = build_family(family, tmp)
+        _save_pipeline(pipe, tmp)
         if loras and family in ("sd15", "sdxl"):
             write_example_loras(tmp, tmp / "loras")
         elif loras:
@@ -249,7 +263,7 @@ def builtin_path(source: str) -> Path | None:
     if not source.startswith(TINY_ID):
         return None
     head, _, rest = source.partition("/")
-    family = tiny_family(head)
+    family = tiny_family(head) or next((f for f in SCORER_FAMILIES if head == f"{TINY_ID}-{f}"), None)
     if family is None:
         return None
     return ensure_tiny(family) / rest if rest else ensure_tiny(family)
@@ -273,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry: `t2i-tiny DIR`."""
     parser = argparse.ArgumentParser(prog="t2i-tiny", description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="destination folder (must not exist or be empty)")
-    parser.add_argument("--family", default="sd15", choices=TINY_FAMILIES,
-                        help="model family of the tiny pipeline (default: sd15)")
+    parser.add_argument("--family", default="sd15", choices=TINY_FAMILIES + SCORER_FAMILIES,
+                        help="model family of the tiny pipeline, or clip/dino: a tiny scorer model for t2i-eval "
+                             "(default: sd15)")
     parser.add_argument("--no-loras", action="store_true", help="skip the example LoRAs")
     parser.add_argument("--single-file", action="store_true",
                         help=f"also write DIR/{SINGLE_FILE}: the same weights as one LDM-layout checkpoint")
@@ -287,14 +302,15 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--single-file writes an SD1.5 (LDM) checkpoint; it does not apply to "
                           f"--family {args.family}")
     write_tiny(dest, loras=not args.no_loras, family=args.family)
-    print(f"tiny {args.family} model written to {dest} (load with model.id={dest})")
+    use = f"t2i-eval --{args.family}-model {dest}" if args.family in SCORER_FAMILIES else f"model.id={dest}"
+    print(f"tiny {args.family} model written to {dest} (load with {use})")
     if args.single_file:
         from .single_file import export_single_file
 
         export_single_file(dest, dest / SINGLE_FILE)
         print(f"single-file checkpoint: {dest / SINGLE_FILE} (load with model.id={dest / SINGLE_FILE} "
               f"model.config={dest})")
-    if not args.no_loras:
+    if not args.no_loras and args.family not in SCORER_FAMILIES:
         files = sorted(str(p) for p in (dest / "loras").rglob("*.safetensors"))
         print(f"example LoRAs: {', '.join(files)}")
     return 0

@@ -59,7 +59,9 @@ def page_html() -> bytes:
     html = (ASSETS / "index.html").read_text(encoding="utf-8")
     css = (ASSETS / "viewer.css").read_text(encoding="utf-8")
     js = (ASSETS / "viewer.js").read_text(encoding="utf-8")
-    return html.replace("/*VIEWER_CSS*/", css).replace("/*VIEWER_JS*/", js).encode("utf-8")
+    metrics = (ASSETS / "metrics.js").read_text(encoding="utf-8")  # RUN_DIR/viewer-metrics.js (runner/eval)
+    return html.replace("/*VIEWER_CSS*/", css).replace("/*VIEWER_JS*/", js).replace("/*METRICS_JS*/", metrics
+                                                                                     ).encode("utf-8")
 
 
 _PLAIN = frozenset({str, float, bool, type(None)})

@@ -30,6 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..common.errors import ConfigError, first_line, task_wrapper
 from ..config import lora_name, validate
 from ..config.hires import UPSCALERS
+from ..eval.store import METRICS
+from ..eval.summary import METRICS_JS, image_scores
 from ..outputs.viewer import DATA_JS, STATUS_JS, VIEWER_HTML, data_js, page_html, status_js
 from . import a1111, openai_api
 from .auth import ApiKeyMiddleware, api_keys, check_bind
@@ -126,7 +128,15 @@ def job_json(queue: JobQueue, job: Job, roots: list[Root] | None = None) -> dict
         "prompts": [p.prompt for p in job.spec.prompts], "gallery": f"/jobs/{job.id}",
         "loras": job_loras(job),
         "viewer": viewer,
+        "scores": job_scores(job),
     }
+
+
+def job_scores(job: Job) -> list[dict[str, float] | None] | None:
+    """Each image's metric values (eval.metrics in the server's config; runner/eval), or None when unscored."""
+    if job.run_dir is None or not (job.run_dir / METRICS).is_file():
+        return None
+    return image_scores(job.run_dir, [f.name if f is not None else None for f in job.files])
 
 
 TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
@@ -393,6 +403,8 @@ def runs_router(roots: list[Root], queue: JobQueue | None = None) -> APIRouter:
             return FileResponse(path, headers={"Cache-Control": "no-store"} if path.name in VIEWER_FILES else None)
         if path is not None and path.name in VIEWER_FILES and kind_of(path.parent):
             return viewer_file(path.parent, path.name)  # an older run dir: built now, nothing written
+        if path is not None and path.name == METRICS_JS and kind_of(path.parent):  # a run without scores
+            return Response(b"window.T2I_VIEWER_METRICS = null;\n", media_type="text/javascript")
         return error_response(request, 404, f"no file {rel!r} in the run dirs this server shows (see /runs)")
 
     return router

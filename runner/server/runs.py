@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..common.errors import ConfigError
+from ..eval.summary import read_summary
 from ..outputs.manifest import MANIFEST
 from ..outputs.sweep import PARTS_DIR, SWEEP_MANIFEST
 from ..outputs.viewer import STATUS_JS, read_status
@@ -95,7 +96,7 @@ def _info(root: Root, folder: Path, kind: str) -> dict[str, Any]:
         mtime = folder.stat().st_mtime
     return {"root": root.index, "path": rel, "kind": kind, "images": images, "state": prog.get("state"),
             "planned": prog.get("planned"), "mtime": mtime, "url": f"/runs/{root.index}/" + (f"{rel}/" if rel else ""),
-            "jobs": []}
+            "jobs": [], "metrics": read_summary(folder)}  # scores (runner/eval) where computed, else None
 
 
 def find_runs(roots: list[Root]) -> list[dict[str, Any]]:

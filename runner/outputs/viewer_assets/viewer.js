@@ -111,8 +111,10 @@
     });
     const mode = xa < 0 && ya < 0 ? "flat" : ya < 0 ? "wrap" : "table";
     const cells = new Map();
+    const M = window.T2I_METRICS_VIEW || null; // metric filter and sort (viewer_assets/metrics.js)
     let shown = 0;
     images.forEach((im, i) => {
+      if (M && !M.keep(im.f)) return;
       for (let k = 0; k < axes.length; k++) {
         if (want[k] >= 0 && im.a[k] !== want[k] && im.a[k] !== axes[k].wildcard) return;
       }
@@ -127,6 +129,7 @@
         cells.get(key).push(i);
       }
     });
+    if (M) for (const list of cells.values()) M.sortCell(list, (i) => images[i].f);
     const inner = S.size - 6;
     const fit = Math.max(1, Math.floor((inner + 2) / (MIN_TILE + 2))); // tiles per side that stay >= MIN_TILE
     let maxK = 1;
@@ -310,8 +313,10 @@
       if (flinging && !G.small && im.s) img.dataset.sharp = url(im.t);
       img.onerror = () => { if (tries.length) img.src = url(tries.shift()); };
       t.appendChild(img);
+      if (window.T2I_METRICS_VIEW) window.T2I_METRICS_VIEW.thumb(t, im.f);
       el.appendChild(t);
     });
+    if (window.T2I_METRICS_VIEW) window.T2I_METRICS_VIEW.cell(el, list.map((i) => images[i].f));
     if (list.length > G.limit) {
       const more = document.createElement("span");
       more.className = "more";
@@ -685,6 +690,7 @@
     use("generator");
     const v = use("versions") || {};
     row(t, "Versions", Object.entries(v).map(([k, x]) => k + " " + x).join(", "), "section");
+    if (window.T2I_METRICS_VIEW) window.T2I_METRICS_VIEW.record(rec.file, (name, value) => row(t, name, value));
     row(t, "File", use("file"));
     row(t, "Key", use("key"));
     use("index"); use("record_version");
@@ -1058,5 +1064,7 @@
   window.t2iViewer = { // for tests and benchmarks: the state and the layout
     state: S, layout: () => G, images: () => images, axes: () => axes, record, overrides, fromImageCommand,
     overridesCommand, baselineOf, ready: performance.now(),
+    render, openFile: (f) => openDetail(byFile.get(f)), // for viewer_assets/metrics.js
   };
+  document.dispatchEvent(new CustomEvent("t2i-ready"));
 })();
