@@ -87,6 +87,30 @@ def check_writable(path: str | os.PathLike, what: str = "output_dir") -> None:
         raise ConfigError(f"cannot write to {what}={path} ({reason}); give a folder you can write to") from exc
 
 
+_OURS = (STATE, ".hydra", "multirun.yaml", "sweep_manifest.jsonl")  # what only this tool's run/sweep dirs hold
+
+
+def check_not_foreign(path: str | os.PathLike, what: str = "output_dir") -> None:
+    """Refuse (one ConfigError line) a non-empty folder that is not this tool's run dir, sweep dir or merge: its
+    files (an index.html, a manifest.jsonl, grids/) would be overwritten or appended to. Ours: it holds `.t2i/`,
+    Hydra's `.hydra/` or a sweep's files, or a manifest whose lines are all ours (an earlier merge)."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    names = [n for n in os.listdir(path) if not n.startswith(".t2i-probe.")]  # a concurrent writer's probe
+    if not names or any((path / n).exists() for n in _OURS):
+        return
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        data = manifest.read_bytes()
+        lines = [ln for ln in data.split(b"\n") if ln.strip()]
+        if lines and len(parse_lines(data)) == len(lines):
+            return
+    shown = ", ".join(sorted(names)[:3]) + (", …" if len(names) > 3 else "")
+    raise ConfigError(f"{what}={path} is a non-empty folder that is not a t2i run dir (it holds {shown}); "
+                      "give a new or empty folder, or a run dir t2i made")
+
+
 def remove_created(run_dir: str | os.PathLike) -> None:
     """After a failed start: remove what this process created for `run_dir` (Hydra's `.hydra` and log, the state
     folder, the folders themselves, children first) — nothing at all once an image is in it, and never a folder
