@@ -87,7 +87,7 @@ def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
         check_transformer_file(info, where)
         for s, loras in enumerate(lora_sets):
             for r in loras:
-                check_family(r.file, info.family, info.config.id, f"{where}lora_sets[{s}]: ")
+                check_family(r.file, info.family, info.config.id, f"{where}{spec.lora_set_label(s)}: ")
         plans.append(ModelPlan(info, mspec, *info.identity(spec.device)))
     return plans
 

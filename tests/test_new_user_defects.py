@@ -70,3 +70,63 @@ def test_train_refuses_a_foreign_non_empty_folder(tmp_path: Path) -> None:
     r = run_program("t2i-train", "model=tiny", f"data.dir={tmp_path}", f"output_dir={t}", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a t2i run dir" in r.stderr, r.stderr
     assert _files(t) == before
+
+
+# -- 2. a <lora:NAME:W> weight is range-checked; no manifest holds a non-finite number; one request never fails another
+
+@pytest.mark.parametrize(("weight", "words"), [("1e400", "out of range; valid: -10 to 10"),
+                                               ("100", "out of range; valid: -10 to 10"),
+                                               ("nan", "'nan' is not a number")])
+def test_tag_weights_are_checked_like_lora_set_scales(weight: str, words: str) -> None:
+    from runner.config import ConfigError
+    from runner.prompt.syntax import split_tags
+
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+        split_tags(f"a fox <lora:x:{weight}>")
+    assert split_tags("a fox <lora:x:-10>")[1][0].unet == -10.0
+
+
+def test_a_non_finite_manifest_line_is_never_written_and_never_bricks_a_run_dir(tmp_path: Path) -> None:
+    from runner.outputs.manifest import Manifest, dumps, parse_lines
+
+    line = dumps({"key": "k", "file": "a.png", "scale": float("inf"), "x": [float("nan")]})
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == {"key": "k", "file": "a.png", "scale": None,
+                                                                         "x": [None]}
+    # a line written by an older build (`Infinity`) is skipped; every other line is kept, and runs go on
+    assert run_cli(*TINY, f"output_dir={tmp_path / 'r'}", cwd=tmp_path).returncode == 0
+    good = (tmp_path / "r" / "manifest.jsonl").read_text()
+    bad = good.replace('"seed": 1', '"seed": 2').replace('"index": 0', '"scale": Infinity, "index": 0')
+    (tmp_path / "r" / "manifest.jsonl").write_text(bad + good)
+    assert len(parse_lines((tmp_path / "r" / "manifest.jsonl").read_bytes())) == 1
+    r = run_cli(*TINY, "seeds=[1,3]", f"output_dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert r.returncode == 0 and "1 images generated, 1 already done" in r.stdout, r.stderr
+    assert merge_main([str(tmp_path / "r"), "-o", str(tmp_path / "m")]) == 0
+    assert len(Manifest(tmp_path / "m").entries()) == 2
+
+
+def test_one_bad_request_never_fails_another_merged_into_its_run(tmp_path: Path, tiny_dir: Path) -> None:
+    import shutil
+    import time
+
+    from runner.config import validate
+    from runner.lora.tags import resolve_tags
+    from runner.server.jobs import JobQueue
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    shutil.copy(tiny_dir / "loras" / "tiny_kohya.safetensors", loras / "gone.safetensors")
+    base = {"model": {"id": "builtin:tiny"}, "steps": 1, "width": 32, "height": 32, "seeds": [1], "device": "cpu",
+            "lora_dirs": [str(loras)], "grid": {"enabled": False}, "resume": False}
+    good = validate({**base, "prompts": ["a red cube"]})
+    bad = resolve_tags(validate({**base, "prompts": ["a cube <lora:gone:0.5>"]}))
+    (loras / "gone.safetensors").unlink()  # valid when asked; gone by the time the merged run starts
+    q = JobQueue(tmp_path / "out", 4)
+    with q._cond:  # both wait together, so the worker merges them into one run
+        jobs = [q.submit(bad), q.submit(good)]
+    end = time.monotonic() + 120
+    while not all(j.finished for j in jobs) and time.monotonic() < end:
+        time.sleep(0.05)
+    q.stop()
+    assert [j.status for j in jobs] == ["error", "done"], [j.error for j in jobs]
+    assert jobs[0].error_status == 422 and "gone" in jobs[0].error
+    assert jobs[1].files[0] is not None and jobs[1].files[0].is_file()

@@ -212,7 +212,7 @@ def resolve_loras(spec: RunSpec) -> list[tuple]:
     sets = []
     by_name: dict[str, str] = {}
     for i, specs in enumerate(spec.lora_sets):
-        resolved = resolve_set(specs, spec.allow_pickle_lora, f"lora_sets[{i}]")
+        resolved = resolve_set(specs, spec.allow_pickle_lora, spec.lora_set_label(i))
         for r in resolved:
             if by_name.setdefault(r.name, r.sha256) != r.sha256:
                 raise ConfigError(f"LoRA name {r.name!r} is used for two different files; give each a unique name")

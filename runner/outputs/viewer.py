@@ -29,6 +29,7 @@ from typing import Any
 
 from ..common.io import atomic_write_bytes
 from .grid import GRID_AXES, _ordered, axis_value, pick_axes, value_label
+from .manifest import loads
 from .record import PROVENANCE
 from .thumbs import THUMB_SIZE, ensure_thumbs, has_thumbs, thumb_rel
 
@@ -378,8 +379,10 @@ def sweep_source(sweep_dir: Path) -> tuple[list[dict], dict]:
         fresh = part.stat().st_mtime >= (plan.get("started") or 0) - 1
         for line in part.read_text(encoding="utf-8").splitlines():
             try:
-                item = json.loads(line)
+                item = loads(line)
             except ValueError:
+                continue
+            if not isinstance(item, dict):
                 continue
             if item.get("job") in running:
                 continue

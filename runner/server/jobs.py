@@ -246,6 +246,11 @@ class JobQueue:
             with self._cond:
                 self._running = None
         self._seconds = 0.7 * self._seconds + 0.3 * (time.perf_counter() - start)
+        if error is not None and len(group) > 1 and not guard.requested:
+            log.warning("run %d of %d merged requests failed; running each alone", self.runs, len(group))
+            for job in group:  # one request's bad input never fails another's
+                self._run([job])
+            return
         self._finish(group, error, status, guard.requested)
 
     def _finish(self, group: list[Job], error: str | None, status: int, interrupted: bool = False) -> None:
