@@ -130,3 +130,54 @@ def test_one_bad_request_never_fails_another_merged_into_its_run(tmp_path: Path,
     assert [j.status for j in jobs] == ["error", "done"], [j.error for j in jobs]
     assert jobs[0].error_status == 422 and "gone" in jobs[0].error
     assert jobs[1].files[0] is not None and jobs[1].files[0].is_file()
+
+
+# -- 3. a UTF-8 BOM is no part of the first prompt (prompts_file, training captions) ---------------------------------
+
+def test_a_bom_in_prompts_file_is_not_part_of_the_first_prompt(tmp_path: Path) -> None:
+    from runner.config import validate
+
+    (tmp_path / "bom.txt").write_bytes("\ufeffa red fox\na blue car\n".encode())
+    (tmp_path / "plain.txt").write_text("a red fox\na blue car\n")
+    specs = [validate({"model": {"id": "builtin:tiny"}, "prompts_file": str(tmp_path / n)}) for n in ("bom.txt",
+                                                                                                       "plain.txt")]
+    assert [p.prompt for p in specs[0].prompts] == ["a red fox", "a blue car"]
+    assert specs[0].prompts == specs[1].prompts
+
+
+def test_a_bom_in_a_training_caption_is_not_part_of_it(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from runner.train.config import DataConfig
+    from runner.train.data import scan
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "red.png")
+    (tmp_path / "red.txt").write_bytes("\ufeffa red square".encode())
+    assert [item.caption for item in scan(DataConfig(dir=str(tmp_path)))] == ["a red square"]
+
+
+# -- 5. brace escapes: `\{` is a literal brace, never a variant ------------------------------------------------------
+
+@pytest.mark.parametrize(("written", "encoder_text"), [(r"a \{red\} fox", "a {red} fox"),
+                                                       (r"a \{x|y\} fox", "a {x|y} fox"),
+                                                       (r"a \{x\|y\} fox", "a {x|y} fox")])
+def test_escaped_braces_are_literal_text(written: str, encoder_text: str) -> None:
+    from runner.prompt.expand import expand_template, is_template
+    from runner.prompt.syntax import parse_attention
+
+    (prompt,) = expand_template("prompts[0]", written, "combinatorial", 1, 0, [], 10)
+    assert prompt == written and not is_template(prompt)  # the record's prompt re-runs as itself
+    assert parse_attention(prompt) == [(encoder_text, 1.0)]
+    both = expand_template("prompts[0]", r"\{a\} {b|c}", "combinatorial", 1, 0, [], 10)
+    assert both == [r"\{a\} b", r"\{a\} c"]
+
+
+# -- 10. a wildcard name that leaves wildcard_dirs: one line, no dynamicprompts traceback ---------------------------
+
+def test_a_wildcard_leaving_its_folder_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "wc").mkdir()
+    (tmp_path / "wc" / "color.txt").write_text("red\nblue\n")
+    r = run_cli(*TINY[:1], "prompts=['__../../etc/passwd__ fox']", f"wildcard_dirs=[{tmp_path / 'wc'}]",
+                f"output_dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "leaves wildcard_dirs" in r.stderr
