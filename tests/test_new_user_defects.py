@@ -181,3 +181,22 @@ def test_a_wildcard_leaving_its_folder_is_one_line(tmp_path: Path) -> None:
                 f"output_dir={tmp_path / 'r'}", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "leaves wildcard_dirs" in r.stderr
+
+
+# -- 6. /runs never serves a hidden file, by its path or through a link ---------------------------------------------
+
+def test_a_link_to_a_hidden_file_in_a_served_run_dir_is_not_served(tmp_path: Path) -> None:
+    from runner.server.runs import Root, resolve
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("secret: 1\n")
+    (run / "00000_a.png").write_bytes(b"png")
+    (run / "config.yaml").symlink_to(run / ".hydra" / "config.yaml")
+    (run / "hydra").symlink_to(run / ".hydra")
+    (run / "pic.png").symlink_to(run / "00000_a.png")
+    roots = [Root(0, tmp_path.resolve(), str(tmp_path))]
+    assert resolve(roots, "0", "run/.hydra/config.yaml") is None
+    assert resolve(roots, "0", "run/config.yaml") is None
+    assert resolve(roots, "0", "run/hydra/config.yaml") is None
+    assert resolve(roots, "0", "run/pic.png") == (run / "00000_a.png").resolve()  # a link to a visible file is fine
