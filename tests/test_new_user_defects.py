@@ -200,3 +200,14 @@ def test_a_link_to_a_hidden_file_in_a_served_run_dir_is_not_served(tmp_path: Pat
     assert resolve(roots, "0", "run/config.yaml") is None
     assert resolve(roots, "0", "run/hydra/config.yaml") is None
     assert resolve(roots, "0", "run/pic.png") == (run / "00000_a.png").resolve()  # a link to a visible file is fine
+
+
+# -- 7. model.pipeline of another family than the model's: one line, exit 2, nothing left behind ----------------------
+
+@pytest.mark.parametrize(("model", "pipeline", "valid"), [("tiny", "sdxl", "valid: auto or sd"),
+                                                          ("tiny-sdxl", "sd", "valid: auto or sdxl")])
+def test_a_pipeline_of_another_family_is_one_line(tmp_path: Path, model: str, pipeline: str, valid: str) -> None:
+    r = run_cli(f"model={model}", f"model.pipeline={pipeline}", *TINY[1:], f"output_dir={tmp_path / 'r'}",
+                cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and valid in r.stderr, r.stderr
+    assert not (tmp_path / "r").exists()

@@ -169,6 +169,19 @@ def _single_file_pipeline(path: str, model: ModelConfig) -> str:
     return "StableDiffusionPipeline"
 
 
+def _check_forced_pipeline(model: ModelConfig, own: str, family: Family, where: str) -> None:
+    """`model.pipeline` forces a class; one of another family than the model's own cannot load its weights (an
+    SD1.5 UNet in an SDXL pipeline fails mid-run with a TypeError)."""
+    try:
+        own_family = family_for_pipeline(own)
+    except ConfigError:
+        return  # the folder's own class is no text-to-image pipeline we know: the forced one may be the fix
+    if own_family.name != family.name:
+        short = next((k for k, v in _LEGACY.items() if v == own), own)
+        raise ConfigError(f"{where}.pipeline={model.pipeline!r} ({family.label}) does not fit {where}.id={model.id!r}, "
+                          f"a {own} ({own_family.label}); valid: auto or {short}")
+
+
 def model_info(model: ModelConfig, where: str = "model") -> ModelInfo:
     """Resolve `model` and read what it is (pipeline, family, traits) without loading weights."""
     try:
@@ -193,6 +206,8 @@ def model_info(model: ModelConfig, where: str = "model") -> ModelInfo:
         family = family_for_pipeline(pipeline)
     except ConfigError as exc:
         raise ConfigError(f"{where}.id={model.id!r}: {exc}") from exc
+    if model.pipeline not in ("auto", "") and index.get("_class_name"):
+        _check_forced_pipeline(model, index["_class_name"], family, where)
     configs = {"model_index": index}
     if folder and family.denoiser == "transformer":
         configs["transformer"] = _folder_json(folder, "transformer/config.json", source.revision)
