@@ -211,3 +211,14 @@ def test_a_pipeline_of_another_family_is_one_line(tmp_path: Path, model: str, pi
                 cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and valid in r.stderr, r.stderr
     assert not (tmp_path / "r").exists()
+
+
+# -- 8. from_image of an image made with a <lora:…> tag takes the file its record names ------------------------------
+
+def test_from_image_of_a_tagged_image_needs_no_lora_dirs(tmp_path: Path, tiny_dir: Path) -> None:
+    r = run_cli(*TINY[:1], "prompts=['a fox <lora:tiny_kohya:0.7>']", *TINY[2:], f"lora_dirs=[{tiny_dir / 'loras'}]",
+                f"output_dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (png,) = (tmp_path / "r").glob("*.png")
+    r = run_cli(f"from_image={png}", f"output_dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert r.returncode == 0 and f"compared with {png}: identical" in r.stdout, r.stderr
