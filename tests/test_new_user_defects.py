@@ -222,3 +222,27 @@ def test_from_image_of_a_tagged_image_needs_no_lora_dirs(tmp_path: Path, tiny_di
     (png,) = (tmp_path / "r").glob("*.png")
     r = run_cli(f"from_image={png}", f"output_dir={tmp_path / 'again'}", cwd=tmp_path)
     assert r.returncode == 0 and f"compared with {png}: identical" in r.stdout, r.stderr
+
+
+# -- 9. t2i-inspect on a safetensors file with an unusual header: one line, exit 2 -----------------------------------
+
+@pytest.mark.parametrize("header", [
+    [1, 2],
+    {"__metadata__": ["a"], "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+    {"w": {"dtype": "F32", "data_offsets": [0, 4]}},
+    {"w": {"dtype": "F32", "shape": ["1"], "data_offsets": [0, 4]}},
+    {"w": {"dtype": "F32", "shape": None, "data_offsets": [0, 4]}},
+    {"w": [1, 2]},
+    "text",
+])
+def test_inspect_of_an_odd_safetensors_header_is_one_line(tmp_path: Path, capsys, header: object) -> None:
+    import struct
+
+    from runner.reproduce.inspect import main as inspect_main
+
+    blob = json.dumps(header).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * 4)
+    assert inspect_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a readable safetensors file" in err, err
