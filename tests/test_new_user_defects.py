@@ -246,3 +246,25 @@ def test_inspect_of_an_odd_safetensors_header_is_one_line(tmp_path: Path, capsys
     assert inspect_main([str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a readable safetensors file" in err, err
+
+
+# -- 11, 18. t2i-serve: a bad port, a port in use, a limit of 0: one line at start, exit 2 ------------------------
+
+def test_serve_start_errors_are_one_line(tmp_path: Path) -> None:
+    import socket
+
+    from conftest import run_program
+
+    cases = [(["--port", "99999"], "--port=99999 is out of range; valid: 1 to 65535"),
+             (["server.port=0"], "server.port=0 is out of range"),
+             (["server.max_images=0"], "server.max_images=0 is out of range; valid: 1 or more"),
+             (["server.max_steps=-1"], "server.max_steps=-1 is out of range")]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cases.append((["--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1:"))
+        for args, words in cases:
+            r = run_program("t2i-serve", "model=tiny", f"server.output_dir={tmp_path / 'out'}", *args, cwd=tmp_path)
+            assert r.returncode == 2, (args, r.stderr)
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("t2i-serve: error: ") and words in lines[0], r.stderr
