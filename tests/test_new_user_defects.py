@@ -268,3 +268,21 @@ def test_serve_start_errors_are_one_line(tmp_path: Path) -> None:
             assert r.returncode == 2, (args, r.stderr)
             lines = r.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("t2i-serve: error: ") and words in lines[0], r.stderr
+
+
+# -- 13. t2i-train with a target module the model lacks: one line, exit 2, nothing left -------------------------------
+
+def test_train_with_a_target_module_the_model_lacks_is_one_line(tmp_path: Path) -> None:
+    from conftest import run_program
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(data / "red.png")
+    (data / "red.txt").write_text("a red square")
+    r = run_program("t2i-train", "model=tiny", f"data.dir={data}", "data.resolution=32", "train.steps=1",
+                    "lora.target_modules=[to_q,nonexistent]", f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'nonexistent' names no layer of the model" in lines[0] and "to_k" in lines[0], lines
+    assert not (tmp_path / "run").exists()

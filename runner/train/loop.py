@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..common.errors import ConfigError, did_you_mean
 from ..common.io import atomic_write_bytes
 from ..common.paths import slug
 from .checkpoint import (
@@ -116,6 +117,19 @@ class _Denoiser:
             return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
 
+def _check_targets(key: str, targets: Any, model: Any) -> None:
+    """Each target names a layer of `model` as peft matches it (the full name or its last parts); peft itself
+    ignores a wrong name beside a right one, and raises a raw ValueError when none matches."""
+    import torch
+
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in layers):
+            names = sorted({n.rsplit(".", 1)[-1] for n in layers})
+            raise ConfigError(f"{key}: {t!r} names no layer of the model{did_you_mean(t, names)}; valid layer "
+                              f"names: {', '.join(names[:24])}{', …' if len(names) > 24 else ''}")
+
+
 def _add_lora(spec: TrainSpec, unet: Any, te: Any) -> tuple[dict[str, Any], list]:
     """peft LoRA layers on the UNet (and the text encoder with lora.text_encoder): the modules and their
     trainable parameters, kept in fp32 under mixed precision."""
@@ -127,9 +141,11 @@ def _add_lora(spec: TrainSpec, unet: Any, te: Any) -> tuple[dict[str, Any], list
         return LoraConfig(r=lo.rank, lora_alpha=spec.alpha, lora_dropout=lo.dropout, init_lora_weights="gaussian",
                           target_modules=list(targets))
 
+    _check_targets("lora.target_modules", lo.target_modules, unet)
     unet.add_adapter(lora_config(lo.target_modules))
     modules = {"unet": unet}
     if lo.text_encoder:
+        _check_targets("lora.text_encoder_target_modules", lo.text_encoder_target_modules, te)
         te.add_adapter(lora_config(lo.text_encoder_target_modules))
         modules["text_encoder"] = te
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
