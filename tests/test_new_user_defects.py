@@ -286,3 +286,18 @@ def test_train_with_a_target_module_the_model_lacks_is_one_line(tmp_path: Path) 
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "'nonexistent' names no layer of the model" in lines[0] and "to_k" in lines[0], lines
     assert not (tmp_path / "run").exists()
+
+
+# -- 21. a resume removes the temp files writers killed mid-write left, thumbnails' too -------------------------------
+
+def test_a_resume_removes_stale_thumbnail_temp_files(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    assert run_cli(*TINY, f"output_dir={run}", cwd=tmp_path).returncode == 0
+    stale = [run / ".00001_b.png.4242.tmp", run / "thumbs" / ".00004_x.jpg.4242.tmp",
+             run / "thumbs" / "small" / ".00004_x.jpg.4242.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    r = run_cli(*TINY, "seeds=[1,2]", f"output_dir={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [p for p in stale if p.exists()] == []
+    assert [p for p in run.rglob("*.tmp")] == []

@@ -32,6 +32,7 @@ from ..common.errors import ConfigError
 from ..common.io import TMP_SUFFIX, atomic_write_bytes
 from ..plan import KEY_VERSION, ImageJob
 from .manifest import MANIFEST, Manifest, Tail, append_line, dumps, one_per_file, parse_lines
+from .thumbs import SMALL_DIR, THUMB_DIR
 
 log = logging.getLogger(__name__)
 STATE = ".t2i"
@@ -381,10 +382,18 @@ class RunDir:
                  self.path)
 
     def _remove_stale_temp(self, names: set[str], busy: set[str]) -> None:
+        """Temp files of writers that died mid-write: in the run dir, and the thumbnails' in thumbs/ and
+        thumbs/small/ (`.<stem>.jpg.<pid>.tmp`); those of an image a live writer is making stay."""
         for name in names:
             m = _TEMP.match(name)
             if m and m.group(1) not in busy:
                 (self.path / name).unlink(missing_ok=True)
+        for folder in (self.path / THUMB_DIR, self.path / THUMB_DIR / SMALL_DIR):
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(folder):
+                    m = _TEMP.match(entry.name)
+                    if m and f"{os.path.splitext(m.group(1))[0]}.png" not in busy:
+                        Path(entry.path).unlink(missing_ok=True)
 
     def _adopt(self, names: Sequence[str]) -> list[dict]:
         """Lines for image files a killed writer renamed into place but had not listed yet (read from the record
