@@ -301,3 +301,66 @@ def test_a_resume_removes_stale_thumbnail_temp_files(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert [p for p in stale if p.exists()] == []
     assert [p for p in run.rglob("*.tmp")] == []
+
+
+# -- 17. t2i-train on SIGTERM: finishes the step, checkpoints it, exits 143; the re-run resumes, one loss row a step -
+
+@pytest.mark.slow
+def test_train_on_sigterm_checkpoints_and_the_same_command_resumes(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from PIL import Image
+
+    from runner.train.losslog import LossLog
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rgb in (("red", (220, 30, 30)), ("blue", (30, 40, 220))):
+        Image.new("RGB", (32, 32), rgb).save(data / f"{name}.png")
+        (data / f"{name}.txt").write_text(f"a {name} square")
+    out = tmp_path / "run"
+    common = [f"data.dir={data}", "model=tiny", "data.resolution=32", "lora.rank=4", "train.checkpoint_every=1000",
+              "validation.prompts=[]", "progress=false", f"output_dir={out}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "runner.train", *common, "train.steps=100000"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while len(LossLog(out / "loss.csv").rows()) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "t2i-train: error: interrupted" in err
+    (ckpt,) = (out / "checkpoints").glob("step-*")
+    last = int(ckpt.name.split("-")[1])
+    assert last >= 3 and [int(r["step"]) for r in LossLog(out / "loss.csv").rows()] == list(range(1, last + 1))
+    r = subprocess.run([sys.executable, "-m", "runner.train", *common, f"train.steps={last + 2}"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and f"steps {last}->{last + 2}" in r.stdout, r.stderr
+    assert [int(r["step"]) for r in LossLog(out / "loss.csv").rows()] == list(range(1, last + 3))
+
+
+def test_a_fresh_training_start_does_not_append_to_an_earlier_loss_log(tmp_path: Path) -> None:
+    from runner.train.losslog import LossLog
+
+    log = LossLog(tmp_path / "loss.csv")
+    for step in range(1, 21):  # an attempt killed before its first checkpoint
+        log.append(step, 0.5, 1e-4, 0.1)
+    from PIL import Image
+
+    from runner.train.loop import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(data / "red.png")
+    (data / "red.txt").write_text("a red square")
+    train({"model": {"id": "builtin:tiny"}, "data": {"dir": str(data), "resolution": 32}, "lora": {"rank": 4},
+           "train": {"steps": 3, "checkpoint_every": 100}, "validation": {"prompts": []}, "progress": False},
+          tmp_path)
+    assert [int(r["step"]) for r in log.rows()] == [1, 2, 3]
