@@ -364,3 +364,28 @@ def test_a_fresh_training_start_does_not_append_to_an_earlier_loss_log(tmp_path:
            "train": {"steps": 3, "checkpoint_every": 100}, "validation": {"prompts": []}, "progress": False},
           tmp_path)
     assert [int(r["step"]) for r in log.rows()] == [1, 2, 3]
+
+
+# -- 15. flow-model schedules: karras / exponential / beta with flow_euler and flow_lcm, as the README lists ----------
+
+@pytest.mark.parametrize("scheduler", ["flow_euler", "flow_lcm"])
+def test_flow_schedulers_take_the_sigma_schedules(scheduler: str) -> None:
+    import diffusers
+    import numpy as np
+
+    from runner.config.schedulers import check_pair
+    from runner.models.schedulers import build_scheduler
+
+    base = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    plain = build_scheduler(base, scheduler, None)
+    plain.set_timesteps(8)
+    for schedule, option in (("karras", "use_karras_sigmas"), ("exponential", "use_exponential_sigmas"),
+                             ("beta", "use_beta_sigmas")):
+        assert check_pair(scheduler, schedule) is None
+        sched = build_scheduler(base, scheduler, schedule)
+        assert sched.config[option] is True
+        sched.set_timesteps(8)
+        assert not np.allclose(sched.sigmas.numpy(), plain.sigmas.numpy()), schedule  # the transform is applied
+    assert "valid: karras, exponential, beta" in check_pair(scheduler, "uniform")
+    # the model's own scheduler class with a schedule works too; a refusal on a flow model hints flow_euler
+    assert build_scheduler(base, None, "karras").config.use_karras_sigmas is True
