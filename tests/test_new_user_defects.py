@@ -389,3 +389,54 @@ def test_flow_schedulers_take_the_sigma_schedules(scheduler: str) -> None:
     assert "valid: karras, exponential, beta" in check_pair(scheduler, "uniform")
     # the model's own scheduler class with a schedule works too; a refusal on a flow model hints flow_euler
     assert build_scheduler(base, None, "karras").config.use_karras_sigmas is True
+
+
+# -- 20. messages: a LoRA as model.id, a tag's set on the server, webuiapi's default sampler on a flow server -------
+
+def test_a_lora_given_as_model_id_is_called_a_lora(tmp_path: Path, tiny_dir: Path) -> None:
+    lora = tiny_dir / "loras" / "tiny_kohya.safetensors"
+    r = run_cli(f"model.id={lora}", *TINY[1:], f"output_dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "is a LoRA, not a model" in r.stderr and "single-file checkpoint" not in r.stderr
+
+
+def test_a_server_tag_error_names_the_prompt_not_an_internal_lora_set(tmp_path: Path) -> None:
+    import glob
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from test_server import make_app, seed_form
+
+    from runner.models.tiny import builtin_path
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (xl,) = glob.glob(str(builtin_path("builtin:tiny-sdxl") / "loras" / "*.safetensors"))
+    shutil.copy(xl, loras / "xl.safetensors")
+    with TestClient(make_app(tmp_path, f"server.allowed_lora_dirs=[{loras}]")) as c:
+        r = c.post("/submit", data=seed_form(text_prompt="a cube <lora:xl:0.5>"))
+    assert r.status_code == 422 and "lora_sets[" not in r.json()["detail"], r.text
+    assert "<lora:" in r.json()["detail"] and "Stable Diffusion XL" in r.json()["detail"]
+
+
+def test_webuiapi_default_sampler_runs_on_a_flow_model_server(tiny_flux_dir: Path, tmp_path: Path) -> None:
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from runner.outputs.metadata import parse_infotext
+    from runner.server.app import compose_config, create_app
+
+    app = create_app(compose_config([f"model.id={tiny_flux_dir}", "device=cpu", f"server.output_dir={tmp_path}"]))
+    with TestClient(app) as client:  # what webuiapi.WebUIApi().txt2img(prompt=...) sends by default
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red fox", "seed": 3, "steps": 2, "width": 32,
+                                                   "height": 32, "sampler_name": "Euler a", "sampler_index": "Euler a",
+                                                   "scheduler": "automatic"})
+        assert r.status_code == 200, r.text
+        karras = client.post("/sdapi/v1/txt2img", json={"prompt": "a red fox", "steps": 2, "width": 32, "height": 32,
+                                                        "sampler_name": "Euler a", "scheduler": "Karras"})
+        assert karras.status_code == 422  # an ancestral sampler asked for with a schedule is not silently changed
+    with Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))) as im:
+        assert parse_infotext(im.info["parameters"])["Sampler"] == "Euler"
