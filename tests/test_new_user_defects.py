@@ -440,3 +440,44 @@ def test_webuiapi_default_sampler_runs_on_a_flow_model_server(tiny_flux_dir: Pat
         assert karras.status_code == 422  # an ancestral sampler asked for with a schedule is not silently changed
     with Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))) as im:
         assert parse_infotext(im.info["parameters"])["Sampler"] == "Euler"
+
+
+# -- 16. the epoch axis reads t2i-train's own checkpoints -----------------------------------------------------------
+
+def _train_like_checkpoints(root: Path, tiny_dir: Path) -> Path:
+    """checkpoints/step-N/{sq,sq_kohya,training_state}.safetensors as t2i-train writes them (two steps)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    lora = load_file(str(tiny_dir / "loras" / "tiny_kohya.safetensors"))
+    for n, step in enumerate((3, 6)):
+        d = root / "checkpoints" / f"step-{step:06d}"
+        d.mkdir(parents=True)
+        weights = {k: v * (1 + n) if k.endswith("lora_up.weight") else v for k, v in lora.items()}
+        save_file(weights, str(d / "sq.safetensors"))
+        save_file(weights, str(d / "sq_kohya.safetensors"))
+        save_file({"generator": torch.zeros(4, dtype=torch.uint8), "optimizer.0.exp_avg": torch.zeros(2)},
+                  str(d / "training_state.safetensors"))
+    return root / "checkpoints"
+
+
+def test_the_epoch_axis_reads_t2i_train_checkpoints(tmp_path: Path, tiny_dir: Path, caplog) -> None:
+    from runner.config import validate
+    from runner.lora.files import expand_checkpoints, resolve_loras
+
+    ckpts = _train_like_checkpoints(tmp_path, tiny_dir)
+    base = {"model": {"id": "builtin:tiny"}}
+    spec = expand_checkpoints(validate({**base, "lora_sets": [[{"source": f"{ckpts}/*/*.safetensors",
+                                                                 "name": "sq"}]]}))
+    assert [[lo.name for lo in s] for s in spec.lora_sets] == [["sq-step-000003-sq"], ["sq-step-000006-sq"]]
+    assert len({r.sha256 for (r,) in resolve_loras(spec)}) == 2  # no name clash, both files
+    one = expand_checkpoints(validate({**base, "lora_sets": [[{"source": str(ckpts / "step-000003")}]]}))
+    assert [[Path(lo.source).name for lo in s] for s in one.lora_sets] == [["sq.safetensors"]]
+    # byte-identical files in a glob make the same images: said, not silently one column fewer
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("e1", "e2"):
+        (flat / f"{name}.safetensors").write_bytes((ckpts / "step-000003" / "sq.safetensors").read_bytes())
+    with caplog.at_level("WARNING"):
+        expand_checkpoints(validate({**base, "lora_sets": [[{"source": f"{flat}/*.safetensors"}]]}))
+    assert "byte-identical" in caplog.text
