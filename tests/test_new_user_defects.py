@@ -481,3 +481,28 @@ def test_the_epoch_axis_reads_t2i_train_checkpoints(tmp_path: Path, tiny_dir: Pa
     with caplog.at_level("WARNING"):
         expand_checkpoints(validate({**base, "lora_sets": [[{"source": f"{flat}/*.safetensors"}]]}))
     assert "byte-identical" in caplog.text
+
+
+# -- 14. model-axis comparison: the README's command gives one page, models across, seeds down, every cell full -------
+
+def test_the_readme_model_axis_command_gives_one_full_page(tmp_path: Path) -> None:
+    import shlex
+
+    from conftest import REPO
+
+    from runner.outputs.grid import read_grid_info
+    from runner.outputs.manifest import Manifest
+    from runner.outputs.viewer import viewer_axes
+
+    (line,) = [ln for ln in (REPO / "README.md").read_text().splitlines() if "grid.x=model" in ln and
+               ln.startswith("t2i ")]
+    args = shlex.split(line.split("  #")[0])
+    assert args[:2] == ["t2i", "models=[tiny,tiny-flux1]"]
+    r = run_cli(*args[1:], f"output_dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (page,) = (tmp_path / "r" / "grids").glob("*.png")
+    info = read_grid_info(page)
+    assert (info["x"], info["y"]) == ("model", "seed")
+    assert len(info["cells"]) == 2 and all(len(row) == 2 and all(row) for row in info["cells"])
+    axes, _ = viewer_axes(Manifest(tmp_path / "r").entries())
+    assert [a["name"] for a in axes] == ["model", "seed"]  # no spurious per-model-default axis

@@ -119,7 +119,9 @@ def _columns(entries: list[dict]) -> dict[str, list]:
     """Candidate axes and each entry's value: the grid's axes first (same values and labels as the PNG
     grids), then any other scalar record field that varies, then one level into dict fields, then multirun
     overrides. (Fields that do not vary are dropped early: a run dir may hold 10,000 records.)"""
-    cols: dict[str, list] = {a: [axis_value(e, a) for e in entries] for a in GRID_AXES}
+    # the model first: a setting that differs only with the models' defaults (steps, guidance) is then the
+    # model's, not an axis of its own that would hide the model axis
+    cols: dict[str, list] = {a: [axis_value(e, a) for e in entries] for a in ("model", *GRID_AXES)}
     loras = [e.get("loras") or [] for e in entries]
     if not _constant(loras):  # finer than lora_set when sets share adapter names (it is dropped otherwise)
         cols["loras"] = [json.dumps([{k: v for k, v in lo.items() if k not in ("scale", "file")} for lo in x],
