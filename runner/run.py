@@ -37,6 +37,7 @@ class RunResult:
     interrupted: bool = False  # stopped early by Ctrl-C / SIGTERM / preemption (the finished images are kept)
     grids: list[Path] = field(default_factory=list)  # comparison grids written (outputs/grid.py)
     by_others: int = 0  # images of this plan that other writers of the same run dir made meanwhile
+    with_others: int = 0  # images of this plan other writers were still making when this one finished
     signal: int | None = None  # the signal that stopped the run
     hand_over: Callable[[], None] | None = None  # passes a preemption signal on to submitit (requeue)
     viewer: Path | None = None  # RUN_DIR/index.html (outputs/viewer.py), when viewer.enabled
@@ -52,6 +53,7 @@ class RunResult:
 
     def summary(self) -> str:
         others = f", {self.by_others} by other writers" if self.by_others else ""
+        others += f", {self.with_others} still being made by other writers" if self.with_others else ""
         return (f"t2i: {self.generated} images generated, {self.skipped} already done{others}, in "
                 f"{self.seconds:.1f} s ({self.images_per_second:.2f} images/s) -> {self.output_dir}"
                 + (" (interrupted; re-run the same command to finish)" if self.interrupted else "")
@@ -267,6 +269,7 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
     result.by_others = sum(1 for j in jobs if j.key in done and j.key not in made and j.key not in done_before)
     left = [j for j in jobs if j.key not in done or (j.key in replace and j.key not in made)]
     result.interrupted = stop.requested and bool(left)
+    result.with_others = 0 if stop.requested else len(left)  # claimed by live writers: the counts add up
     result.signal = stop.signum
     result.hand_over = stop.hand_over if stop.preempted and result.interrupted else None
 

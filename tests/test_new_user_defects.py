@@ -506,3 +506,42 @@ def test_the_readme_model_axis_command_gives_one_full_page(tmp_path: Path) -> No
     assert len(info["cells"]) == 2 and all(len(row) == 2 and all(row) for row in info["cells"])
     axes, _ = viewer_axes(Manifest(tmp_path / "r").entries())
     assert [a["name"] for a in axes] == ["model", "seed"]  # no spurious per-model-default axis
+
+
+# -- 19. the summary adds up with other writers; a short manifest write is an error, never a counted image ----------
+
+def test_the_summary_counts_images_other_writers_are_still_making(tmp_path: Path, monkeypatch) -> None:
+    from runner.config import validate
+    from runner.outputs.rundir import RunDir
+    from runner.run import run
+
+    real = RunDir.claim
+    held: list[str] = []
+
+    def claim(self, jobs, replace=()):  # a live peer holds the plan's last image (claimed, not yet made)
+        jobs = list(jobs)
+        if not held and len(jobs) > 0:
+            held.append(jobs[-1].key)
+            jobs = jobs[:-1]
+        return real(self, [j for j in jobs if j.key not in held], replace)
+
+    monkeypatch.setattr(RunDir, "claim", claim)
+    spec = validate({"model": {"id": "builtin:tiny"}, "prompts": ["a"], "seeds": [1, 2, 3], "steps": 1,
+                     "width": 32, "height": 32, "device": "cpu", "grid": {"enabled": False}})
+    result = run(spec, tmp_path / "r", progress=False)
+    assert result.generated + result.skipped + result.by_others + result.with_others == result.planned == 3
+    assert result.with_others == 1 and "1 still being made by other writers" in result.summary()
+
+
+def test_a_short_manifest_write_is_an_error(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from runner.outputs import manifest
+
+    real = os.write
+    monkeypatch.setattr(manifest.os, "write", lambda fd, data: real(fd, data[: len(data) // 2]))
+    with pytest.raises(OSError):
+        manifest.append_line(tmp_path / "m.jsonl", manifest.dumps({"key": "k", "file": "a.png"}))
+    monkeypatch.setattr(manifest.os, "write", real)
+    manifest.append_line(tmp_path / "m.jsonl", manifest.dumps({"key": "k2", "file": "b.png"}))
+    assert [e["key"] for e in manifest.parse_lines((tmp_path / "m.jsonl").read_bytes())] == ["k2"]

@@ -7,6 +7,7 @@ Writers that share a run dir serialise appends and rewrites with the run dir's l
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -177,7 +178,8 @@ def append_line(path: Path, line: str, lock: threading.Lock | None = None) -> No
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data
-            os.write(fd, data)
+            if os.write(fd, data) != len(data):  # a full disk may take part of it: the line is not there
+                raise OSError(errno.ENOSPC, f"short write to {path}")
             os.fsync(fd)
         finally:
             os.close(fd)
