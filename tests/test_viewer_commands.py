@@ -51,3 +51,17 @@ def test_every_copyable_command_remakes_the_image_for_every_family(browser, tmp_
             (made,) = Manifest(out).entries()
             assert made["model"]["id"] == next(e for e in entries if e["file"] == file)["model"]["id"], command
             assert np.array_equal(_pixels(out / made["file"]), want), command
+
+
+def test_a_run_without_images_says_so_at_the_top(browser, tmp_path: Path) -> None:
+    from runner.outputs import viewer
+
+    viewer.write_viewer(tmp_path, [], viewer.progress("done", 0, 0, 0.0))
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto((tmp_path / "index.html").resolve().as_uri())
+    page.wait_for_function("window.t2iViewer !== undefined")
+    assert page.is_visible("#empty") and page.text_content("#empty") == "This run has no images."
+    box = page.locator("#empty").bounding_box()
+    view = page.locator("#view").bounding_box()
+    page.close()
+    assert box["y"] + box["height"] <= view["y"] + 1  # above the (empty) image panel, not under it
