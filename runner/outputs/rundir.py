@@ -88,7 +88,8 @@ def check_writable(path: str | os.PathLike, what: str = "output_dir") -> None:
         raise ConfigError(f"cannot write to {what}={path} ({reason}); give a folder you can write to") from exc
 
 
-_OURS = (STATE, ".hydra", "multirun.yaml", "sweep_manifest.jsonl")  # what only this tool's run/sweep dirs hold
+# what only this tool's run/sweep dirs hold (a writer starting beside another sees Hydra's log before `.t2i/`)
+_OURS = (STATE, ".hydra", "multirun.yaml", "sweep_manifest.jsonl", "t2i.log", "t2i-train.log")
 
 
 def check_not_foreign(path: str | os.PathLike, what: str = "output_dir") -> None:
