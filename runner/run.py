@@ -69,6 +69,7 @@ class ModelPlan:
     spec: RunSpec  # the run with this model's resolved settings
     key: str = ""  # the model part of every image key
     config_hash: str = ""  # the hash of its pixel-changing configs (recorded)
+    name: str = ""  # its name in records when the axis holds another model of the same folder name
 
 
 def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
@@ -91,6 +92,10 @@ def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
             for r in loras:
                 check_family(r.file, info.family, info.config.id, f"{where}{spec.lora_set_label(s)}: ")
         plans.append(ModelPlan(info, mspec, *info.identity(spec.device)))
+    for p in plans:  # two folders named alike (runs/a/model, runs/b/model): the model axis tells them apart
+        same = [q for q in plans if q.info.source.display == p.info.source.display and q.key != p.key]
+        if same:
+            p.name = "/".join(Path(p.info.source.location).parts[-2:])
     return plans
 
 
@@ -354,6 +359,8 @@ class _Batches:
         for made in handler.generate(lambda js, te=te_state: generate(pipe, js, self.invariant, embeds, te), mine):
             rec = build_record(made.job, loaded, self.lora_sets[made.job.lora_set], made.image.width,
                                made.image.height, made.batch_size, self.invariant, plan.config_hash)
+            if plan.name:
+                rec["model"]["name"] = plan.name
             if self.run_seed is not None:
                 rec["run_seed"] = self.run_seed
             if self.spec.prompt_seed is not None:

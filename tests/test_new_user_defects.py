@@ -545,3 +545,22 @@ def test_a_short_manifest_write_is_an_error(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setattr(manifest.os, "write", real)
     manifest.append_line(tmp_path / "m.jsonl", manifest.dumps({"key": "k2", "file": "b.png"}))
     assert [e["key"] for e in manifest.parse_lines((tmp_path / "m.jsonl").read_bytes())] == ["k2"]
+
+
+def test_two_model_folders_of_one_name_are_two_columns(tmp_path: Path) -> None:
+    import shutil
+
+    from runner.models.tiny import builtin_path
+    from runner.outputs.grid import read_grid_info
+    from runner.outputs.manifest import Manifest
+
+    for parent, builtin in (("a", "builtin:tiny"), ("b", "builtin:tiny-sdxl")):
+        shutil.copytree(builtin_path(builtin), tmp_path / parent / "model")
+    r = run_cli(f"models=[{tmp_path / 'a' / 'model'},{tmp_path / 'b' / 'model'}]", "prompts=[a red fox]",
+                "seeds=[1,2]", "steps=1", "width=32", "height=32", "grid.x=model", f"output_dir={tmp_path / 'r'}",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert {e["model"]["name"] for e in Manifest(tmp_path / "r").entries()} == {"a/model", "b/model"}
+    (page,) = (tmp_path / "r" / "grids").glob("*.png")
+    info = read_grid_info(page)
+    assert info["x"] == "model" and all(len(row) == 2 and all(row) for row in info["cells"])
