@@ -95,13 +95,15 @@ _OURS = (STATE, ".hydra", "multirun.yaml", "sweep_manifest.jsonl", "t2i.log", "t
 def check_not_foreign(path: str | os.PathLike, what: str = "output_dir") -> None:
     """Refuse (one ConfigError line) a non-empty folder that is not this tool's run dir, sweep dir or merge: its
     files (an index.html, a manifest.jsonl, grids/) would be overwritten or appended to. Ours: it holds `.t2i/`,
-    Hydra's `.hydra/` or a sweep's files, or a manifest whose lines are all ours (an earlier merge)."""
+    Hydra's `.hydra/` or log, a sweep's files, run dirs, or a manifest whose lines are all ours (a merge)."""
     path = Path(path)
     if not path.is_dir():
         return
     names = [n for n in os.listdir(path) if not n.startswith(".t2i-probe.")]  # a concurrent writer's probe
     if not names or any((path / n).exists() for n in _OURS):
         return
+    if any((path / n / STATE).is_dir() or (path / n / MANIFEST).is_file() for n in names):
+        return  # a sweep or shards' parent: its subfolders are run dirs (t2i-merge writes beside them)
     manifest = path / MANIFEST
     if manifest.is_file():
         data = manifest.read_bytes()
