@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from .common.errors import EXIT_CONFIG, ConfigError, error
 from .config.overrides import check_override
 from .config.schema import RunConfig
-from .outputs.rundir import check_writable, note_created
+from .outputs.rundir import check_not_foreign, check_writable, note_created
 
 _launched = [False]  # a multirun's jobs were launched (RunDirGuard.on_multirun_start)
 
@@ -32,6 +32,7 @@ class RunDirGuard(Callback):
 
     def _check(self, path: Path, what: str) -> None:
         try:
+            check_not_foreign(path, what)
             check_writable(path, what)
         except ConfigError as exc:
             error(str(exc), self.prog)

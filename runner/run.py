@@ -38,6 +38,7 @@ class RunResult:
     interrupted: bool = False  # stopped early by Ctrl-C / SIGTERM / preemption (the finished images are kept)
     grids: list[Path] = field(default_factory=list)  # comparison grids written (outputs/grid.py)
     by_others: int = 0  # images of this plan that other writers of the same run dir made meanwhile
+    with_others: int = 0  # images of this plan other writers were still making when this one finished
     signal: int | None = None  # the signal that stopped the run
     hand_over: Callable[[], None] | None = None  # passes a preemption signal on to submitit (requeue)
     viewer: Path | None = None  # RUN_DIR/index.html (outputs/viewer.py), when viewer.enabled
@@ -53,6 +54,7 @@ class RunResult:
 
     def summary(self) -> str:
         others = f", {self.by_others} by other writers" if self.by_others else ""
+        others += f", {self.with_others} still being made by other writers" if self.with_others else ""
         return (f"t2i: {self.generated} images generated, {self.skipped} already done{others}, in "
                 f"{self.seconds:.1f} s ({self.images_per_second:.2f} images/s) -> {self.output_dir}"
                 + (" (interrupted; re-run the same command to finish)" if self.interrupted else "")
@@ -68,6 +70,7 @@ class ModelPlan:
     spec: RunSpec  # the run with this model's resolved settings
     key: str = ""  # the model part of every image key
     config_hash: str = ""  # the hash of its pixel-changing configs (recorded)
+    name: str = ""  # its name in records when the axis holds another model of the same folder name
 
 
 def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
@@ -90,8 +93,12 @@ def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
         check_support(mspec, info.family.is_sd, info.family.label, where)
         for s, loras in enumerate(lora_sets):
             for r in loras:
-                check_family(r.file, info.family, info.config.id, f"{where}lora_sets[{s}]: ")
+                check_family(r.file, info.family, info.config.id, f"{where}{spec.lora_set_label(s)}: ")
         plans.append(ModelPlan(info, mspec, *info.identity(spec.device)))
+    for p in plans:  # two folders named alike (runs/a/model, runs/b/model): the model axis tells them apart
+        same = [q for q in plans if q.info.source.display == p.info.source.display and q.key != p.key]
+        if same:
+            p.name = "/".join(Path(p.info.source.location).parts[-2:])
     return plans
 
 
@@ -290,6 +297,7 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
     result.by_others = sum(1 for j in jobs if j.key in done and j.key not in made and j.key not in done_before)
     left = [j for j in jobs if j.key not in done or (j.key in replace and j.key not in made)]
     result.interrupted = stop.requested and bool(left)
+    result.with_others = 0 if stop.requested else len(left)  # claimed by live writers: the counts add up
     result.signal = stop.signum
     result.hand_over = stop.hand_over if stop.preempted and result.interrupted else None
 
@@ -383,6 +391,8 @@ class _Batches:
             size = made.image.info.get("first_pass", made.image.size)  # hires. fix: A1111's Size is the first's
             rec = build_record(made.job, loaded, self.lora_sets[made.job.lora_set], *size, made.batch_size,
                                self.invariant, plan.config_hash)
+            if plan.name:
+                rec["model"]["name"] = plan.name
             if self.run_seed is not None:
                 rec["run_seed"] = self.run_seed
             if self.spec.prompt_seed is not None:

@@ -94,7 +94,8 @@ def test_axes_come_from_any_record_field_and_one_per_way_of_splitting_the_images
     by_name = {a["name"]: a for a in axes}
     # sampler is decided by scheduler, model.id by model, the negative prompt by steps: no axes of their
     # own; a field nobody told the viewer about (block_preset), a nested one and a multirun override are axes
-    assert [a["name"] for a in axes] == ["steps", "scheduler", "model", "block_preset", "model.dtype",
+    # (the model first: a setting that follows the models' defaults is the model's, issue 31)
+    assert [a["name"] for a in axes] == ["model", "steps", "scheduler", "block_preset", "model.dtype",
                                          "perf.fuse_qkv"]
     assert by_name["steps"]["values"] == [4, 8]  # numbers ascending, like the grids
     assert by_name["scheduler"]["labels"] == ["scheduler: default", "scheduler: ddim"]
@@ -102,7 +103,7 @@ def test_axes_come_from_any_record_field_and_one_per_way_of_splitting_the_images
     assert by_name["perf.fuse_qkv"]["values"] == ["false", "true"]
     for e, idx in zip(entries, index, strict=True):
         got = [a["values"][k] for a, k in zip(axes, idx, strict=True)]
-        assert got == [e["steps"], e["scheduler"], e["model"]["name"], e["block_preset"], e["model"]["dtype"],
+        assert got == [e["model"]["name"], e["steps"], e["scheduler"], e["block_preset"], e["model"]["dtype"],
                        e["overrides"][0].split("=")[1]]
 
 

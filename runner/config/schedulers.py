@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 # takes the option (tests/test_schedulers.py checks each row against diffusers' signatures).
 SIGMA_SCHEDULES = ("uniform", "karras", "exponential", "beta", "sgm_uniform")
 SPACING_SCHEDULES = ("uniform", "sgm_uniform")
+FLOW_SCHEDULES = ("karras", "exponential", "beta")  # the FlowMatch classes' sigma options (no timestep spacing)
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,9 @@ SCHEDULER_TABLE: dict[str, Scheduler] = {
     # flow-matching models (Flux, SD3, Qwen-Image, Z-Image, Flux.2): their pipelines pass custom sigmas and a
     # resolution shift, which only the FlowMatch schedulers take (runner/models/families.py picks the kind);
     # A1111 labels come after the SD rows', so an A1111 "Euler" image imports as euler
-    "flow_euler": Scheduler("FlowMatchEulerDiscreteScheduler", "Euler", schedules=(), kdiffusion=False),
-    "flow_lcm": Scheduler("FlowMatchLCMScheduler", "LCM", schedules=(), kdiffusion=False),
+    # (their sigma transforms: `uniform` is the pipeline's own spacing, so it is no schedule of theirs)
+    "flow_euler": Scheduler("FlowMatchEulerDiscreteScheduler", "Euler", schedules=FLOW_SCHEDULES, kdiffusion=False),
+    "flow_lcm": Scheduler("FlowMatchLCMScheduler", "LCM", schedules=FLOW_SCHEDULES, kdiffusion=False),
 }
 SCHEDULERS = tuple(SCHEDULER_TABLE)
 
@@ -205,7 +207,7 @@ def for_flow(scheduler: str | None, schedule: str | None) -> tuple[str | None, s
         return None, None, lost
     if schedule in FLOW_OWN_SCHEDULES:
         schedule = None
-    if schedule is not None and check_pair(flows[0], schedule):
+    if schedule is not None:  # Forge's Karras/Beta on a flow model are its own maths, not checked against ours
         return flows[0], None, [f"Schedule type: {SCHEDULE_TABLE[schedule].a1111} with {label} on a flow model"]
     return flows[0], schedule, []
 

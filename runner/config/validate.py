@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ..common.errors import ConfigError, did_you_mean, first_line
 from ..common.paths import strip_weight_ext
 from ..prompt.expand import check_sr, parse_sr
+from ..prompt.syntax import LORA_SCALE_RANGE
 from .blocks import BlockSpec, parse_spec
 from .hires import hires_combos
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
@@ -122,6 +123,15 @@ class RunSpec:
     embedding_dirs: tuple[str, ...] = ()  # textual-inversion folders (models/embeddings.py)
     allow_pickle_embeddings: bool = False
     embeddings: tuple = ()  # the embeddings the prompts name (models/embeddings.py resolve, before planning)
+
+    def lora_set_label(self, i: int) -> str:
+        """How a message names LoRA set `i`: `lora_sets[i]` for the config's own, else the prompt whose `<lora:…>`
+        tags made it (the user never wrote a `lora_sets[i]` for it)."""
+        if self.config_sets and i >= self.config_sets:
+            p = min((pi for (pi, _), s in (self.prompt_sets or {}).items() if s == i), default=None)
+            if p is not None:
+                return f"prompts[{p}]'s <lora:…> tags"
+        return f"lora_sets[{i}]"
 
 
 def _plain(value: Any) -> Any:
@@ -353,7 +363,7 @@ def _lora(where: str, item: Any) -> LoraSpec:
     weight = None if weight in (None, "", "null") else weight
     if weight is not None and (not isinstance(weight, str) or "/" in weight or "\\" in weight or ".." in weight):
         raise ConfigError(f"{where}.weight_name={weight!r} is not a plain file name")
-    scale = _number(f"{where}.scale", item.get("scale", 1.0), float, -10.0, 10.0)
+    scale = _number(f"{where}.scale", item.get("scale", 1.0), float, *LORA_SCALE_RANGE)
     name = item.get("name")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise ConfigError(f"{where}.name={name!r} is not a non-empty string")
@@ -510,7 +520,7 @@ def _validate(cfg: DictConfig) -> RunSpec:
         clip_skip=tuple(None if v in (None, 1) else _number("clip_skip", v, int, 1, 12)
                         for v in _as_list("clip_skip", cfg.clip_skip)),
         lora_sets=_lora_sets(cfg),
-        lora_scales=tuple(_number("lora_scales", v, float, -10.0, 10.0) for v in scales),
+        lora_scales=tuple(_number("lora_scales", v, float, *LORA_SCALE_RANGE) for v in scales),
         device=cfg.device,
         batch_size=None if batch == "auto" else batch,
         batch_invariant=None if inv == "auto" else bool(inv),

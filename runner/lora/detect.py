@@ -518,10 +518,19 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str,
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as exc:
         raise ConfigError(f"{path} is not a readable safetensors file ({exc})") from exc
-    meta = header.pop("__metadata__", None) or {}
+    # the format's rules (safetensors checks them when it loads): an object of {dtype, shape, data_offsets} per
+    # tensor and an optional string-to-string __metadata__; anything else is one line here, not a TypeError later
+    meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    bad = not isinstance(header, dict) or not isinstance(meta or {}, dict) or any(
+        not isinstance(v, dict) or not isinstance(v.get("dtype"), str) or not isinstance(v.get("shape"), list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v["shape"])
+        for v in header.values())
+    if bad:
+        raise ConfigError(f"{path} is not a readable safetensors file (its header is not a map of tensors, each "
+                          "with a dtype and a shape, and string metadata)")
     shapes = {k: tuple(v["shape"]) for k, v in header.items()}
     dtypes = {k: v["dtype"] for k, v in header.items()}
-    return shapes, dtypes, {str(k): str(v) for k, v in meta.items()}
+    return shapes, dtypes, {str(k): str(v) for k, v in (meta or {}).items()}
 
 
 def detect_file(path: str | Path) -> LoraInfo:

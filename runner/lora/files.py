@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import itertools
+import logging
 import os
 import re
 from collections.abc import Iterable
@@ -19,6 +20,8 @@ from ..config import LoraSpec, RunSpec, lora_name
 from ..config.blocks import spec_label
 from ..config.validate import check_unique_names
 from ..models.tiny import builtin_path
+
+log = logging.getLogger(__name__)
 
 DEFAULT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")  # the seed's two defaults
 
@@ -212,7 +215,7 @@ def resolve_loras(spec: RunSpec) -> list[tuple]:
     sets = []
     by_name: dict[str, str] = {}
     for i, specs in enumerate(spec.lora_sets):
-        resolved = resolve_set(specs, spec.allow_pickle_lora, f"lora_sets[{i}]")
+        resolved = resolve_set(specs, spec.allow_pickle_lora, spec.lora_set_label(i))
         for r in resolved:
             if by_name.setdefault(r.name, r.sha256) != r.sha256:
                 raise ConfigError(f"LoRA name {r.name!r} is used for two different files; give each a unique name")
@@ -229,20 +232,63 @@ def natural_key(text: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
 
 
+def _adapters_only(files: list[Path]) -> list[Path]:
+    """`files` without what is no adapter (t2i-train's training_state.safetensors: optimizer and random state) and
+    without the kohya copy `X_kohya.safetensors` that t2i-train writes beside `X.safetensors` (the same LoRA)."""
+    from .detect import read_header
+
+    def adapter(f: Path) -> bool:
+        try:
+            keys = read_header(f)[0]
+        except ConfigError:
+            return True  # unreadable: resolving it reports that
+        return not any(k == "generator" or k.startswith("optimizer.") for k in keys)
+
+    names = {f.name for f in files}
+    return [f for f in files if adapter(f) and not (f.stem.endswith("_kohya") and
+                                                    f"{f.stem.removesuffix('_kohya')}.safetensors" in names)]
+
+
+def _by_path(f: Path) -> list:
+    return [natural_key(p) for p in f.parts]
+
+
 def checkpoint_files(spec: LoraSpec) -> list[Path] | None:
     """The files a glob `source` (or a folder of several checkpoints) names, in natural order; None otherwise."""
     source = os.path.expanduser(spec.source)
     if any(c in spec.source for c in GLOB_CHARS) and not Path(source).exists():
         files = [Path(f) for f in glob.glob(source, recursive=True) if f.endswith(WEIGHT_EXT) and Path(f).is_file()]
+        files = _adapters_only(files)
         if not files:
             raise ConfigError(f"LoRA source {spec.source!r} matches no weight file (.safetensors); check the "
                               "pattern and the folder")
-        return sorted(files, key=lambda f: natural_key(f.name))
+        return sorted(files, key=_by_path)  # checkpoints/step-N/x.safetensors: by step
     folder = Path(source)
     if folder.is_dir() and not spec.weight_name and _default_in_dir(folder) is None:
-        found = sorted(folder.glob("*.safetensors"), key=lambda f: natural_key(f.name))
-        return found if len(found) > 1 else None
+        every = sorted(folder.glob("*.safetensors"), key=lambda f: natural_key(f.name))
+        found = _adapters_only(every)
+        return found if len(found) > 1 or (found and len(found) < len(every)) else None
     return None
+
+
+def checkpoint_names(files: list[Path]) -> list[str]:
+    """A unique name per checkpoint file: its stem, or (t2i-train's checkpoints/step-N/NAME.safetensors, all one
+    stem) the shortest tail of its path that tells it apart."""
+    for depth in range(1, max(len(f.parts) for f in files) + 1):
+        names = ["-".join((*f.parent.parts[-(depth - 1):], f.stem) if depth > 1 else (f.stem,)) for f in files]
+        if len(set(names)) == len(names):
+            return names
+    return [str(f) for f in files]
+
+
+def _warn_identical(source: str, files: list[Path]) -> None:
+    """Byte-identical checkpoints make the same images (one key): say so, not drop a column silently."""
+    seen: dict[str, Path] = {}
+    for f in files:
+        first = seen.setdefault(file_sha256(f), f)
+        if first is not f:
+            log.warning("LoRA source %r: %s and %s are byte-identical; they make the same images, shown once",
+                        source, first.name if first.name != f.name else first, f)
 
 
 def expand_checkpoints(spec: RunSpec) -> RunSpec:
@@ -256,8 +302,10 @@ def expand_checkpoints(spec: RunSpec) -> RunSpec:
             if files is None:
                 options.append([s])
                 continue
+            _warn_identical(s.source, files)
             options.append([dataclasses.replace(s, source=str(f), weight_name=None,
-                                                name=f"{s.name}-{f.stem}" if s.name else f.stem) for f in files])
+                                                name=f"{s.name}-{stem}" if s.name else stem)
+                            for f, stem in zip(files, checkpoint_names(files), strict=True)])
         sets += [tuple(combo) for combo in itertools.product(*options)]
     return dataclasses.replace(spec, lora_sets=tuple(sets))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 
 from ..common.errors import ConfigError
 from ..config import LoraSpec, RunSpec
@@ -17,6 +18,8 @@ def resolve_tags(spec: RunSpec, hashes: dict[str, str] | None = None) -> RunSpec
     if spec.prompt_syntax != "a1111":
         return spec
     hashes = hashes if hashes is not None else spec.extra.get("lora_hashes")  # from_image: the image's hashes
+    # from_image: the files the image's record names (checked by hash with its other LoRAs) come first
+    recorded = {n: f for n, f in (spec.extra.get("lora_files") or {}).items() if os.path.isfile(f)}
     prompts = []
     for i, p in enumerate(spec.prompts):
         _, tags = split_tags(p.prompt)
@@ -27,7 +30,8 @@ def resolve_tags(spec: RunSpec, hashes: dict[str, str] | None = None) -> RunSpec
                                   "which is not supported; give one weight, <lora:NAME:W>")
             if any(lo.name == tag.name for lo in loras):
                 raise ConfigError(f"prompts[{i}] has two tags for LoRA {tag.name!r}; give it once")
-            file = _find(f"prompts[{i}]", tag.name, spec.lora_dirs, (hashes or {}).get(tag.name))
+            file = recorded.get(tag.name) or _find(f"prompts[{i}]", tag.name, spec.lora_dirs,
+                                                   (hashes or {}).get(tag.name))
             loras.append(LoraSpec(str(file), None, tag.te, tag.name))
         prompts.append(dataclasses.replace(p, loras=tuple(loras)) if loras else p)
     return dataclasses.replace(spec, prompts=tuple(prompts))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,10 @@ def _folder_json(folder: str | Path, name: str, revision: str | None = None) -> 
         return {}
 
 
+# keys only an adapter file holds (kohya/diffusers/peft LoRA, LyCORIS LoHa/LoKr, DoRA), never a model's
+_ADAPTER_KEY = re.compile(r"lora|hada_|lokr_|\.alpha$|dora_scale$", re.IGNORECASE)
+
+
 class _Shapes:
     """Keys and shapes of a safetensors file, without reading its tensors (for diffusers' type inference)."""
 
@@ -153,6 +158,9 @@ def _single_file_pipeline(path: str, model: ModelConfig) -> str:
         shapes = _Shapes(path)
     except (SafetensorError, OSError) as exc:
         raise ConfigError(f"model.id={path!r} is not a readable .safetensors file ({first_line(exc)})") from exc
+    if shapes._keys and all(_ADAPTER_KEY.search(k) for k in shapes._keys):
+        raise ConfigError(f"model.id={path!r} is a LoRA, not a model; give a model (e.g. model=sd15) and this file "
+                          f"as a LoRA: lora_sets=[[{{source: {path}}}]] or a <lora:NAME:W> tag with lora_dirs")
     if any(k.startswith("conditioner.embedders.1") for k in shapes):
         return "StableDiffusionXLPipeline"
     if any(k.startswith("model.diffusion_model.input_blocks") for k in shapes):
@@ -167,6 +175,19 @@ def _single_file_pipeline(path: str, model: ModelConfig) -> str:
         if kind.startswith(prefix):
             return cls
     return "StableDiffusionPipeline"
+
+
+def _check_forced_pipeline(model: ModelConfig, own: str, family: Family, where: str) -> None:
+    """`model.pipeline` forces a class; one of another family than the model's own cannot load its weights (an
+    SD1.5 UNet in an SDXL pipeline fails mid-run with a TypeError)."""
+    try:
+        own_family = family_for_pipeline(own)
+    except ConfigError:
+        return  # the folder's own class is no text-to-image pipeline we know: the forced one may be the fix
+    if own_family.name != family.name:
+        short = next((k for k, v in _LEGACY.items() if v == own), own)
+        raise ConfigError(f"{where}.pipeline={model.pipeline!r} ({family.label}) does not fit {where}.id={model.id!r}, "
+                          f"a {own} ({own_family.label}); valid: auto or {short}")
 
 
 def model_info(model: ModelConfig, where: str = "model") -> ModelInfo:
@@ -193,6 +214,8 @@ def model_info(model: ModelConfig, where: str = "model") -> ModelInfo:
         family = family_for_pipeline(pipeline)
     except ConfigError as exc:
         raise ConfigError(f"{where}.id={model.id!r}: {exc}") from exc
+    if model.pipeline not in ("auto", "") and index.get("_class_name"):
+        _check_forced_pipeline(model, index["_class_name"], family, where)
     configs = {"model_index": index}
     if folder and family.denoiser == "transformer":
         configs["transformer"] = _folder_json(folder, "transformer/config.json", source.revision)

@@ -36,10 +36,13 @@ def scheduler_options(base: Any, name: str | None, schedule: str | None) -> tupl
         options = {**options, **SIGMA_OPTIONS, **SCHEDULE_TABLE[schedule].options}
     # (a schedule only implied by a combined name is in that row's own options)
     accepted = inspect.signature(cls.__init__).parameters
-    unknown = sorted(k for k, v in options.items() if k not in accepted and v is not False)
+    flow = cls.__name__.startswith("FlowMatch")  # the pipeline passes its own sigmas: no timestep spacing to set
+    unknown = sorted(k for k, v in options.items() if k not in accepted and v is not False
+                     and not (flow and k == "timestep_spacing"))
     if unknown:
         raise ConfigError(f"schedule={schedule} is not available for this model's scheduler {cls.__name__} "
-                          f"(it has no {unknown[0]} option); name a scheduler, e.g. scheduler=euler")
+                          f"(it has no {unknown[0]} option); name a scheduler, e.g. "
+                          f"scheduler={'flow_euler' if flow else 'euler'}")
     return cls, {k: v for k, v in options.items() if k in accepted}
 
 

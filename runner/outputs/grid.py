@@ -123,6 +123,8 @@ def _follows_model(entries: list[dict], axis: str) -> bool:
 def pick_axes(entries: list[dict], x: str | None, y: str | None) -> tuple[str | None, str | None]:
     """`grid.x`/`grid.y`, filling a null one with the last swept axes (those with more than one value)."""
     free = [a for a in _swept(entries, AUTO_AXES) if a not in (x, y)]
+    if _distinct(entries, "model") > 1:  # settings that differ only with the models' defaults belong to the model
+        free = [a for a in free if a == "model" or not _follows_model(entries, a)]
     if x is None and free:
         x = free.pop()
     if y is None and free:

@@ -7,7 +7,9 @@ Writers that share a run dir serialise appends and rewrites with the run dir's l
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import threading
 from collections.abc import Iterable
@@ -31,17 +33,41 @@ def png_complete(path: Path) -> bool:
 
 
 def dumps(entry: dict) -> str:
-    return json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n"
+    """One manifest line: strict JSON (a non-finite number, which JSON has no form for, is written as null, so no
+    reader — ours, the viewer's, jq — ever meets `Infinity`)."""
+    try:
+        return json.dumps(entry, ensure_ascii=False, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError:
+        return json.dumps(_finite(entry), ensure_ascii=False, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _finite(obj: object) -> object:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(line: str) -> object:
+    """A JSON line read strictly: `NaN`/`Infinity` (which Python reads but JSON has not) raise ValueError."""
+    return json.loads(line, parse_constant=_no_constant)
 
 
 def parse_lines(data: bytes) -> list[dict]:
-    """The valid manifest lines of `data` (a torn or foreign line is skipped)."""
+    """The valid manifest lines of `data` (a torn, foreign or non-JSON line is skipped; every other is kept)."""
     out = []
     for line in data.decode("utf-8", errors="replace").split("\n"):  # JSON strings hold no raw newline
         if not line:
             continue
         try:
-            entry = json.loads(line)
+            entry = loads(line)  # `NaN`/`Infinity`: not a line of ours
         except ValueError:
             continue
         if isinstance(entry, dict) and isinstance(entry.get("file"), str) and "key" in entry:
@@ -152,7 +178,8 @@ def append_line(path: Path, line: str, lock: threading.Lock | None = None) -> No
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data
-            os.write(fd, data)
+            if os.write(fd, data) != len(data):  # a full disk may take part of it: the line is not there
+                raise OSError(errno.ENOSPC, f"short write to {path}")
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -32,6 +32,7 @@ from ..common.errors import ConfigError
 from ..common.io import TMP_SUFFIX, atomic_write_bytes
 from ..plan import KEY_VERSION, ImageJob
 from .manifest import MANIFEST, Manifest, Tail, append_line, dumps, one_per_file, parse_lines
+from .thumbs import SMALL_DIR, THUMB_DIR
 
 log = logging.getLogger(__name__)
 STATE = ".t2i"
@@ -85,6 +86,33 @@ def check_writable(path: str | os.PathLike, what: str = "output_dir") -> None:
         remove_created(path)
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"cannot write to {what}={path} ({reason}); give a folder you can write to") from exc
+
+
+# what only this tool's run/sweep dirs hold (a writer starting beside another sees Hydra's log before `.t2i/`)
+_OURS = (STATE, ".hydra", "multirun.yaml", "sweep_manifest.jsonl", "t2i.log", "t2i-train.log")
+
+
+def check_not_foreign(path: str | os.PathLike, what: str = "output_dir") -> None:
+    """Refuse (one ConfigError line) a non-empty folder that is not this tool's run dir, sweep dir or merge: its
+    files (an index.html, a manifest.jsonl, grids/) would be overwritten or appended to. Ours: it holds `.t2i/`,
+    Hydra's `.hydra/` or log, a sweep's files, run dirs, or a manifest whose lines are all ours (a merge)."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    names = [n for n in os.listdir(path) if not n.startswith(".t2i-probe.")]  # a concurrent writer's probe
+    if not names or any((path / n).exists() for n in _OURS):
+        return
+    if any((path / n / STATE).is_dir() or (path / n / MANIFEST).is_file() for n in names):
+        return  # a sweep or shards' parent: its subfolders are run dirs (t2i-merge writes beside them)
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        data = manifest.read_bytes()
+        lines = [ln for ln in data.split(b"\n") if ln.strip()]
+        if lines and len(parse_lines(data)) == len(lines):
+            return
+    shown = ", ".join(sorted(names)[:3]) + (", …" if len(names) > 3 else "")
+    raise ConfigError(f"{what}={path} is a non-empty folder that is not a t2i run dir (it holds {shown}); "
+                      "give a new or empty folder, or a run dir t2i made")
 
 
 def remove_created(run_dir: str | os.PathLike) -> None:
@@ -357,10 +385,18 @@ class RunDir:
                  self.path)
 
     def _remove_stale_temp(self, names: set[str], busy: set[str]) -> None:
+        """Temp files of writers that died mid-write: in the run dir, and the thumbnails' in thumbs/ and
+        thumbs/small/ (`.<stem>.jpg.<pid>.tmp`); those of an image a live writer is making stay."""
         for name in names:
             m = _TEMP.match(name)
             if m and m.group(1) not in busy:
                 (self.path / name).unlink(missing_ok=True)
+        for folder in (self.path / THUMB_DIR, self.path / THUMB_DIR / SMALL_DIR):
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(folder):
+                    m = _TEMP.match(entry.name)
+                    if m and f"{os.path.splitext(m.group(1))[0]}.png" not in busy:
+                        Path(entry.path).unlink(missing_ok=True)
 
     def _adopt(self, names: Sequence[str]) -> list[dict]:
         """Lines for image files a killed writer renamed into place but had not listed yet (read from the record

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..common.errors import ConfigError, first_line, task_wrapper
 from ..common.io import atomic_write_bytes
 from .manifest import MANIFEST, Manifest
+from .rundir import check_not_foreign, check_writable
 
 log = logging.getLogger(__name__)
 SWEEP_MANIFEST = "sweep_manifest.jsonl"
@@ -182,7 +183,8 @@ def merge(run_dirs: list[Path], out: Path) -> tuple[list[dict], int]:
     if mine:
         raise ConfigError(f"--output {out} is a run dir with {mine} image(s) of its own; merging into it would "
                           "mix its manifest with other dirs' lines: give it as an input and --output a new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    check_not_foreign(out, "--output")
+    check_writable(out, "--output")  # a file or a read-only place: one line, not a raw OSError
     merged: dict[str, dict] = {}
     duplicates = 0
     for d in run_dirs:

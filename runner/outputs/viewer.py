@@ -29,6 +29,7 @@ from typing import Any
 
 from ..common.io import atomic_write_bytes
 from .grid import GRID_AXES, _ordered, axis_value, pick_axes, value_label
+from .manifest import loads
 from .record import PROVENANCE
 from .thumbs import THUMB_SIZE, ensure_thumbs, has_thumbs, thumb_rel
 
@@ -120,7 +121,9 @@ def _columns(entries: list[dict]) -> dict[str, list]:
     """Candidate axes and each entry's value: the grid's axes first (same values and labels as the PNG
     grids), then any other scalar record field that varies, then one level into dict fields, then multirun
     overrides. (Fields that do not vary are dropped early: a run dir may hold 10,000 records.)"""
-    cols: dict[str, list] = {a: [axis_value(e, a) for e in entries] for a in GRID_AXES}
+    # the model first: a setting that differs only with the models' defaults (steps, guidance) is then the
+    # model's, not an axis of its own that would hide the model axis
+    cols: dict[str, list] = {a: [axis_value(e, a) for e in entries] for a in ("model", *GRID_AXES)}
     loras = [e.get("loras") or [] for e in entries]
     if not _constant(loras):  # finer than lora_set when sets share adapter names (it is dropped otherwise)
         cols["loras"] = [json.dumps([{k: v for k, v in lo.items() if k not in ("scale", "file")} for lo in x],
@@ -380,8 +383,10 @@ def sweep_source(sweep_dir: Path) -> tuple[list[dict], dict]:
         fresh = part.stat().st_mtime >= (plan.get("started") or 0) - 1
         for line in part.read_text(encoding="utf-8").splitlines():
             try:
-                item = json.loads(line)
+                item = loads(line)
             except ValueError:
+                continue
+            if not isinstance(item, dict):
                 continue
             if item.get("job") in running:
                 continue

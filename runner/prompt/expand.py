@@ -24,7 +24,7 @@ def read_prompts_file(path: str) -> list[str]:
     """One prompt per line (UTF-8); `#` starts a comment line, blank lines are skipped."""
     file = Path(path).expanduser()
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # a BOM (Notepad) is no part of the first prompt
     except FileNotFoundError:
         raise ConfigError(f"prompts_file={path!r} does not exist; give a UTF-8 text file, one prompt a line") from None
     except UnicodeDecodeError as exc:
@@ -38,9 +38,27 @@ def read_prompts_file(path: str) -> list[str]:
     return prompts
 
 
+# `\{` `\}` `\|` are literal text, not variant syntax (the error message advises them); dynamicprompts has no
+# escapes, so they pass it as private-use characters and come back escaped: the prompt re-runs the same (the
+# record's prompt expands to itself) and A1111's parser turns `\{` into `{` for the text encoder (prompt/syntax.py)
+_ESCAPES = {"\\{": "\ue000", "\\}": "\ue001", "\\|": "\ue002"}
+
+
+def _protect(text: str) -> str:
+    for escape, mark in _ESCAPES.items():
+        text = text.replace(escape, mark)
+    return text
+
+
+def _restore(text: str) -> str:
+    for escape, mark in _ESCAPES.items():
+        text = text.replace(mark, escape)
+    return text
+
+
 def is_template(text: str) -> bool:
-    """Whether `text` has variants or wildcards for dynamicprompts to expand."""
-    return "{" in text or _WILDCARD.search(text) is not None
+    """Whether `text` has variants or wildcards for dynamicprompts to expand (escaped braces are text)."""
+    return "{" in _protect(text) or _WILDCARD.search(text) is not None
 
 
 def _manager(wildcard_dirs: Sequence[str]):
@@ -54,6 +72,9 @@ def _manager(wildcard_dirs: Sequence[str]):
 def _check_wildcards(where: str, text: str, manager, wildcard_dirs: Sequence[str]) -> None:
     for m in _WILDCARD.finditer(text):
         name = m.group(1)
+        if ".." in name or name.startswith(("/", "~")) or "\\" in name:  # (dynamicprompts logs tracebacks)
+            raise ConfigError(f"{where}: wildcard __{name}__ leaves wildcard_dirs; name a file inside them, e.g. "
+                              "__colors__ or __sub/colors__ for sub/colors.txt")
         if "*" in name or manager.get_values(name):
             continue
         if not wildcard_dirs:
@@ -74,18 +95,19 @@ def expand_template(where: str, text: str, mode: str, count: int, seed: int, wil
 
     manager = _manager(wildcard_dirs)
     _check_wildcards(where, text, manager, wildcard_dirs)
+    written, text = text, _protect(text)
     try:
         if mode == "random":
             out = RandomPromptGenerator(manager, seed=seed).generate(text, count)
         else:
             out = CombinatorialPromptGenerator(manager).generate(text, max_prompts=limit + 1)
     except Exception as exc:  # noqa: BLE001 - pyparsing and dynamicprompts raise many kinds
-        raise ConfigError(f"{where}={text!r} is not a valid variant/wildcard template ({first_line(exc, 120)}); "
+        raise ConfigError(f"{where}={written!r} is not a valid variant/wildcard template ({first_line(exc, 120)}); "
                           r"write {a|b}, {2$$a|b|c}, __name__, or escape a brace as \{") from None
     if len(out) > limit:
-        raise ConfigError(f"{where}={text!r} expands to more than max_prompts={limit} prompts; raise max_prompts, "
+        raise ConfigError(f"{where}={written!r} expands to more than max_prompts={limit} prompts; raise max_prompts, "
                           "or use prompt_mode=random with prompt_count=N")
-    return [str(p) for p in out]
+    return [_restore(str(p)) for p in out]
 
 
 def parse_sr(value: object) -> tuple[str, ...]:

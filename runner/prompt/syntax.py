@@ -8,6 +8,7 @@ weight that is not a number is an error here, an unbalanced bracket a warning).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 
@@ -111,11 +112,20 @@ class LoraTag:
             f"<lora:{self.name}:{self.te:g}:{self.unet:g}>"
 
 
+LORA_SCALE_RANGE = (-10.0, 10.0)  # a LoRA's scale, as a `<lora:NAME:W>` weight or a `lora_sets` scale
+
+
 def _tag_number(tag: str, value: str) -> float:
     try:
-        return float(value)
+        weight = float(value)
     except ValueError:
-        raise ConfigError(f"{tag}: weight {value!r} is not a number; write <lora:NAME:0.8>") from None
+        weight = math.nan
+    if math.isnan(weight):
+        raise ConfigError(f"{tag}: weight {value!r} is not a number; write <lora:NAME:0.8>")
+    lo, hi = LORA_SCALE_RANGE
+    if not lo <= weight <= hi:
+        raise ConfigError(f"{tag}: weight {value} is out of range; valid: {lo:g} to {hi:g}")
+    return weight
 
 
 def _lora_tag(tag: str, args: str) -> LoraTag:

@@ -274,7 +274,10 @@ def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpe
                                   f"device=cpu to regenerate it anyway (pixels will differ) ({exc})") from exc
     extra = {**spec.extra, "from_image": img, "compare": Original(img, rec).compare,
              # a prompt's <lora:…> tags whose file was renamed are found by the hash the image recorded
-             "lora_hashes": {lo["name"]: lo["sha256"] for lo in rec.get("loras") or [] if lo.get("sha256")}}
+             "lora_hashes": {lo["name"]: lo["sha256"] for lo in rec.get("loras") or [] if lo.get("sha256")},
+             # ... and found first in the file the image's record names (no lora_dirs needed)
+             "lora_files": {} if foreign else {lo.name: str(Path(lo.source, lo.weight_name or "")) for lo in
+                                               (spec.lora_sets[0] if spec.lora_sets else ()) if lo.name}}
     return dataclasses.replace(spec, extra=extra)
 
 

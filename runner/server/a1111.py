@@ -354,6 +354,10 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
         scheduler, schedule = sampler_pair(req)
         mid, clip = settings(req)
         if on_flow(mid):  # A1111/Forge's "Euler" on Flux & co. is flow Euler
+            if scheduler == "euler_a" and req.scheduler in (None, "", "automatic", "Automatic"):
+                # a client's default sampler (webuiapi sends "Euler a" unasked), on a model family that has no
+                # ancestral flow sampler: run the family's Euler, as an unnamed sampler is (the image says Euler)
+                scheduler, schedule = "euler", None
             scheduler, schedule, lost = for_flow(scheduler, schedule)
             if lost:
                 raise FormError(422, f"sampler_name={req.sampler_name or req.sampler_index or 'Euler'!r} with "

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
@@ -165,6 +166,20 @@ def make_queue(cfg: DictConfig, out: Path, keys: tuple[str, ...]) -> JobQueue:
                     {owner_of(k): int(v) for k, v in prio.items()}, limit)
 
 
+# server.KEY: the smallest value that lets a request through (0 would refuse every request: "valid: 1 to 0")
+_LIMITS = {"max_steps": 1, "max_images": 1, "max_side": 8, "queue_size": 1, "merge_max_images": 1,
+           "image_url_ttl": 1}
+
+
+def check_limits(cfg: DictConfig) -> None:
+    """Each server limit is a whole number a request can meet; one ConfigError line at start otherwise."""
+    for key, low in _LIMITS.items():
+        value = cfg.server.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"server.{key}={value!r} is out of range; valid: {low} or more (a smaller value would "
+                              "refuse every request)")
+
+
 def create_app(cfg: DictConfig) -> FastAPI:
     """The FastAPI app for a composed run config (its `server` section sets limits and the output dir)."""
     from ..models.loading import load_model
@@ -172,6 +187,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
     # 1. Check everything the config names now, not on the first request: the run config, server.run_dirs, the
     #    API keys, and the model (a model that does not load fails with the one line `t2i` prints).
     base = validate(cfg)
+    check_limits(cfg)
     roots = run_roots(cfg)
     keys = api_keys(cfg)
     loaded = load_model(base.model, base.device)
@@ -420,14 +436,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny server.max_images=4")
     args = parser.parse_intermixed_args(argv)
     cfg = compose_config(args.overrides)
-    check_bind(args.host or cfg.server.host, api_keys(cfg))
+    host = args.host or cfg.server.host
+    port = args.port if args.port is not None else int(cfg.server.port)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{'--port' if args.port is not None else 'server.port'}={port} is out of range; "
+                          "valid: 1 to 65535")
+    check_bind(host, api_keys(cfg))
     app = create_app(cfg)
     import uvicorn
 
+    sock = listen(host, port)  # here, not in uvicorn: a port in use is one line, not a log and exit 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.info("model %s, images -> %s", cfg.model.id, app.state.output_dir)
-    uvicorn.run(app, host=args.host or cfg.server.host, port=args.port or int(cfg.server.port))
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port)).run(sockets=[sock])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for the server (one ConfigError line when the address is taken or wrong)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); give another --port "
+                          "(or stop what uses it)") from exc
+    return sock
 
 
 if __name__ == "__main__":

@@ -446,6 +446,11 @@ class JobQueue:
                 self.store.set_meta("rate", [self._made, self._spent])
         if first.kind == "sweep" and result is not None:
             first.take_manifest()  # the count the run dir holds, whoever wrote it
+        if error is not None and len(group) > 1 and not guard.requested:
+            log.warning("run %d of %d merged requests failed; running each alone", self.runs, len(group))
+            for job in group:  # one request's bad input never fails another's
+                self._run([job])
+            return
         self._finish(group, error, status, guard.requested)
 
     def _finish(self, group: list[Job], error: str | None, status: int, interrupted: bool = False) -> None:

@@ -77,6 +77,8 @@ def resolve(roots: list[Root], root: str, rel: str) -> Path | None:
     real = Path(os.path.realpath(base.joinpath(*parts)))
     if real != base and not str(real).startswith(str(base) + os.sep):
         return None
+    if any(p.startswith(".") for p in real.relative_to(base).parts):  # a link to a hidden file is hidden too
+        return None
     return real
 
 

@@ -22,7 +22,7 @@ class Example:
 
 def _jsonl_captions(path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -76,7 +76,7 @@ def scan(cfg: DataConfig) -> list[Example]:
         elif cfg.captions == "jsonl" or path.name in jsonl:
             caption = jsonl.get(path.name)
         elif txt.is_file():
-            caption = txt.read_text(encoding="utf-8").strip()
+            caption = txt.read_text(encoding="utf-8-sig").strip()
         else:
             caption = None
         if caption is None and cfg.captions == "auto":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,8 +13,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..common.errors import ConfigError, did_you_mean
 from ..common.io import atomic_write_bytes
 from ..common.paths import slug
+from ..generate.faults import Interrupted, InterruptGuard
 from .checkpoint import (
     apply_optimizer_settings,
     changed_settings,
@@ -116,6 +119,19 @@ class _Denoiser:
             return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
 
+def _check_targets(key: str, targets: Any, model: Any) -> None:
+    """Each target names a layer of `model` as peft matches it (the full name or its last parts); peft itself
+    ignores a wrong name beside a right one, and raises a raw ValueError when none matches."""
+    import torch
+
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in layers):
+            names = sorted({n.rsplit(".", 1)[-1] for n in layers})
+            raise ConfigError(f"{key}: {t!r} names no layer of the model{did_you_mean(t, names)}; valid layer "
+                              f"names: {', '.join(names[:24])}{', …' if len(names) > 24 else ''}")
+
+
 def _add_lora(spec: TrainSpec, unet: Any, te: Any) -> tuple[dict[str, Any], list]:
     """peft LoRA layers on the UNet (and the text encoder with lora.text_encoder): the modules and their
     trainable parameters, kept in fp32 under mixed precision."""
@@ -127,9 +143,11 @@ def _add_lora(spec: TrainSpec, unet: Any, te: Any) -> tuple[dict[str, Any], list
         return LoraConfig(r=lo.rank, lora_alpha=spec.alpha, lora_dropout=lo.dropout, init_lora_weights="gaussian",
                           target_modules=list(targets))
 
+    _check_targets("lora.target_modules", lo.target_modules, unet)
     unet.add_adapter(lora_config(lo.target_modules))
     modules = {"unet": unet}
     if lo.text_encoder:
+        _check_targets("lora.text_encoder_target_modules", lo.text_encoder_target_modules, te)
         te.add_adapter(lora_config(lo.text_encoder_target_modules))
         modules["text_encoder"] = te
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -234,6 +252,8 @@ def train(
         log.warning("resuming from %s (step %d): LoRA weights, optimizer state, random state and loss log come from "
                     "the checkpoint; %s", ckpt, start_step, f"changed settings applied: {news}" if news else
                     "settings unchanged")
+    else:
+        losses.truncate(0)  # a fresh start (no checkpoint to resume): an earlier attempt's rows are not this run's
     if not (run_dir / CONFIG_FILE).exists() or ckpt is None:
         cfg_obj = OmegaConf.structured(dataclasses.asdict(spec))
         atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg_obj).encode("utf-8"))
@@ -244,6 +264,9 @@ def train(
     bar = tqdm(total=t.steps, initial=start_step, unit="step", disable=not spec.progress, dynamic_ncols=True)
     began = time.perf_counter()
     last = None
+    # Ctrl-C / SIGTERM (SLURM preemption, a time limit: a grace period comes before the kill): finish the step,
+    # checkpoint it, exit 130 / 143; the same command resumes from there
+    guard = InterruptGuard().__enter__()
     try:
         for step in range(start_step + 1, t.steps + 1):
             t0 = time.perf_counter()
@@ -265,9 +288,17 @@ def train(
             if step % t.checkpoint_every == 0 or step == t.steps:
                 folder = save_checkpoint(run_dir, step, state, t.keep_checkpoints)
                 plot(losses.rows(), run_dir / "loss.png")
-                render(spec, prompts, folder / f"{name}.safetensors", name, size,
-                       run_dir / "validation" / f"step-{step:06d}")
+                if not guard.requested:  # a kill follows a SIGTERM soon: no validation images then
+                    render(spec, prompts, folder / f"{name}.safetensors", name, size,
+                           run_dir / "validation" / f"step-{step:06d}")
+            elif guard.requested:
+                save_checkpoint(run_dir, step, state, t.keep_checkpoints)
+                plot(losses.rows(), run_dir / "loss.png")
+            if guard.requested and step < t.steps:
+                log.warning("stopped at step %d of %d; checkpoint written", step, t.steps)
+                raise Interrupted(guard.signum or signal.SIGINT)
     finally:
+        guard.__exit__()
         bar.close()
 
     # 6. Write the LoRA (diffusers + kohya files) and the loss plot.

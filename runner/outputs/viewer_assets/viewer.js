@@ -757,7 +757,7 @@
     const out = [];
     const m = rec.model || {};
     let id = m.kind === "dir" || m.kind === "file" ? m.location : m.id;
-    if (m.kind === "builtin") id = "builtin:tiny";
+    if (m.kind === "builtin") id = m.location || "builtin:tiny";  // builtin:tiny-<family>: the family's tiny model
     out.push(["model.id", id], ["model.revision", m.kind === "hub" ? m.revision : null],
       ["model.pipeline", PIPELINES[m.pipeline] || "auto"], ["model.dtype", DTYPES[m.dtype] || "auto"],
       ["model.variant", m.variant === undefined ? null : m.variant], ["model.config", m.config === undefined ? null : m.config],
