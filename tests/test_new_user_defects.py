@@ -483,7 +483,7 @@ def test_the_epoch_axis_reads_t2i_train_checkpoints(tmp_path: Path, tiny_dir: Pa
     assert "byte-identical" in caplog.text
 
 
-# -- 14. model-axis comparison: the README's command gives one page, models across, seeds down, every cell full -------
+# -- 14. model-axis comparison: the documented command (docs/families.md) gives one page, models across, seeds down, every cell full -------
 
 def test_the_readme_model_axis_command_gives_one_full_page(tmp_path: Path) -> None:
     import shlex
@@ -494,7 +494,7 @@ def test_the_readme_model_axis_command_gives_one_full_page(tmp_path: Path) -> No
     from runner.outputs.manifest import Manifest
     from runner.outputs.viewer import viewer_axes
 
-    (line,) = [ln for ln in (REPO / "README.md").read_text().splitlines() if "grid.x=model" in ln and
+    (line,) = [ln for ln in (REPO / "docs" / "families.md").read_text().splitlines() if "grid.x=model" in ln and
                ln.startswith("t2i ")]
     args = shlex.split(line.split("  #")[0])
     assert args[:2] == ["t2i", "models=[tiny,tiny-flux1]"]
