@@ -153,6 +153,7 @@ import os, sys, time
 import runner.generate.batch as g
 real = g.generate
 def slow(*args, **kwargs):  # each batch takes at least T2I_TEST_BATCH_DELAY s, so signals land mid-run
+    print("t2i-test: batch starts", file=sys.stderr, flush=True)  # an event a test can wait for
     time.sleep(float(os.environ.get("T2I_TEST_BATCH_DELAY", "0.5")))
     return real(*args, **kwargs)
 g.generate = slow
