@@ -328,7 +328,6 @@ def test_a_lora_for_another_family_names_both(tiny_dir: Path, tmp_path: Path) ->
     _bad(tiny_dir, tmp_path, r"xl.safetensors is a LoRA for Stable Diffusion XL, but the model '.*' is Stable "
          r"Diffusion 1.x/2.x; use a Stable Diffusion 1.x/2.x LoRA or another model",
          lora_sets=[[{"source": str(xl)}]])
-    assert re  # used above
 
 
 def test_inspect_describes_each_file_kind(zoo: dict, tiny_dir: Path, tmp_path: Path, capsys) -> None:
