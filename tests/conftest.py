@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's chromium, driven by Playwright (never `playwright install`)
+# Debian's chromium, driven by Playwright (never `playwright install`); T2I_CHROMIUM names another path (.ci/run sets
+# it to the one it installed, so CI and the browser tests agree on where it is)
+CHROMIUM = Path(os.environ.get("T2I_CHROMIUM") or "/usr/bin/chromium")
+NO_CHROMIUM = f"no chromium at {CHROMIUM} (apt-get install chromium, or set T2I_CHROMIUM to its path)"
+# Under CI=true every skip fails the session, except these (nodeid substring -> why CI may skip it): a test CI expects
+# to run must not pass silently by skipping (a chromium off its path once skipped 12 browser tests unnoticed).
+CI_MAY_SKIP: dict[str, str] = {}
+_ci_skips: list[tuple[str, str]] = []
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 _SESSION_CACHE = Path(os.environ.get("T2I_TEST_CACHE", "")) if os.environ.get("T2I_TEST_CACHE") else None
 
@@ -28,6 +35,36 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["T2I_CACHE"] = str(cache)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Note every skipped test (not xfail) that CI_MAY_SKIP does not allow."""
+    if report.skipped and not hasattr(report, "wasxfail") and _in_ci():
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not any(part in report.nodeid for part in CI_MAY_SKIP):
+            _ci_skips.append((report.nodeid, reason))
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    """A whole module skipped at collection (pytest.importorskip) counts too."""
+    pytest_runtest_logreport(report)  # type: ignore[arg-type]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _ci_skips:
+        terminalreporter.section("skipped under CI=true (not in tests/conftest.py CI_MAY_SKIP)", red=True)
+        for nodeid, reason in _ci_skips:
+            terminalreporter.line(f"{nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under CI=true a skipped test fails the session (exit 1), so a missing tool cannot hide a test."""
+    if _ci_skips and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +99,7 @@ def lora_b(tiny_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def browser():
-    """Chromium launched once per test module (the browser tests skip when /usr/bin/chromium is missing)."""
+    """Chromium (CHROMIUM) launched once per test module (the browser tests skip without it; CI fails then)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
