@@ -143,17 +143,26 @@ def test_two_family_model_list_makes_one_grid_with_a_model_axis(tmp_path: Path) 
 
 def test_memory_modes_pixels_and_record(dirs: dict, tmp_path: Path) -> None:
     """VAE slicing: same pixels; attention slicing: same up to float rounding; VAE tiling: within a tolerance."""
+    images = {}
+
     def image(name: str, model: Path, **mem) -> np.ndarray:
         entries = run(cfg(model, seeds=[1, 2], width=128, height=128, memory=mem), tmp_path / name,
                       progress=False).entries
         e = next(x for x in entries if x["seed"] == 2)
         assert all(e["memory"][k] == v for k, v in mem.items())
-        return pixels(tmp_path / name / e["file"])
+        images[name] = {x["seed"]: pixels(tmp_path / name / x["file"]) for x in entries}
+        return images[name][2]
 
     plain = image("plain", dirs["sd15"])
     assert np.array_equal(image("slicing", dirs["sd15"], vae_slicing=True), plain)
     assert np.abs(image("attn", dirs["sd15"], attention_slicing="max") - plain).max() <= 2
-    assert 0 < np.abs(image("tiling", dirs["sd15"], vae_tiling=True) - plain).mean() <= 8
+    # tiled decoding blends tiles, so it is not exact (measured: mean 2.1, 3% of pixels off by more than 8); a wrong
+    # image (the other seed's) is off by a mean of 44 with most pixels off by more than 8
+    tiled = np.abs(image("tiling", dirs["sd15"], vae_tiling=True) - plain)
+    wrong = np.abs(images["plain"][1] - plain)
+    assert wrong.mean() > 20 and (wrong.max(axis=2) > 8).mean() > 0.5
+    assert 0 < tiled.mean() <= 4 and tiled.mean() < wrong.mean() / 8, (tiled.mean(), wrong.mean())
+    assert (tiled.max(axis=2) > 8).mean() < 0.1
     assert np.array_equal(image("plain-again", dirs["sd15"]), plain), "switches are undone for later runs"
 
 
