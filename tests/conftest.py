@@ -108,6 +108,39 @@ def browser():
         b.close()
 
 
+def wait_until(probe: Any, done: Any, what: str, timeout: float = 300.0, every: float = 0.05) -> Any:
+    """Call `probe()` until `done(value)`, sleeping `every` s between tries; the value, or an AssertionError after
+    `timeout` s naming `what` (a bound for a hang, never a speed check: it is far above any loaded machine's time)."""
+    end = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if done(value):
+            return value
+        assert time.monotonic() < end, f"{what}: not within {timeout} s (last: {value!r})"[:2000]
+        time.sleep(every)
+
+
+def job_done(client: Any, job_id: str, timeout: float = 300.0) -> dict:
+    """The server's job `job_id` once it has finished (any final status), polled through its JSON API."""
+    return wait_until(lambda: client.get(f"/api/jobs/{job_id}").json(),
+                      lambda job: job["status"] not in ("queued", "running"), f"job {job_id} to finish", timeout)
+
+
+def frozen_clock(monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """The manifest lines written from now on are `created` at `when` (ISO 8601, UTC): runs told apart without
+    waiting for the clock's second to change."""
+    from datetime import datetime
+
+    import runner.outputs.writer as writer
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):  # noqa: ANN206 - datetime's signature
+            return datetime.fromisoformat(when).astimezone(tz)
+
+    monkeypatch.setattr(writer, "datetime", Frozen)
+
+
 def live_tensors() -> tuple[int, int]:
     """(count, bytes) of the distinct tensor storages alive in this process: a leak of LoRA copies or merge-engine
     copies shows here byte for byte, where the process RSS moves with allocator noise."""

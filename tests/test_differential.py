@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, job_done
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -178,8 +178,7 @@ def test_server_requests_in_turn_match_the_images_alone(tiny_dir: Path, tmp_path
     with TestClient(app) as client:
         for name, loras in requests:
             job = client.post("/api/jobs", json={**body, "loras": loras}).json()
-            while (state := client.get(f"/api/jobs/{job['id']}").json())["status"] in ("queued", "running"):
-                pass
+            state = job_done(client, job["id"])
             assert state["status"] == "done", state
             img = client.get(state["images"][0])
             with Image.open(__import__("io").BytesIO(img.content)) as im:

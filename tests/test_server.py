@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import job_done, run_cli, wait_until
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -245,10 +245,13 @@ def test_json_api_reports_progress_and_serves_images(client: TestClient, lora_b:
     job = resp.json()
     assert job["total"] == 2 and job["seeds"] == [3, 4]
     seen = set()
-    while job["status"] in ("queued", "running"):
-        seen.add(job["progress"])
-        time.sleep(0.05)
-        job = client.get(f"/api/jobs/{job['id']}").json()
+
+    def poll() -> dict:
+        now = client.get(f"/api/jobs/{job['id']}").json()
+        seen.add(now["progress"])
+        return now
+
+    job = wait_until(poll, lambda j: j["status"] not in ("queued", "running"), "the job to finish")
     assert job["status"] == "done" and job["progress"] == "2/2" and seen <= {"0/2", "1/2", "2/2"}
     assert [u.rsplit("/", 1)[1] for u in job["images"]] == ["0.png", "1.png"]
     rec = png(client.get(job["images"][1]))[0]
@@ -259,8 +262,7 @@ def test_json_api_reports_progress_and_serves_images(client: TestClient, lora_b:
 def test_image_urls_cannot_leave_the_output_dir(client: TestClient) -> None:
     job = client.post("/api/jobs", json={"text_prompt": "x", "inference_steps": 2, "width": 32, "height": 32})
     jid = job.json()["id"]
-    while client.get(f"/api/jobs/{jid}").json()["status"] != "done":
-        time.sleep(0.05)
+    assert job_done(client, jid)["status"] == "done"
     assert client.get(f"/api/jobs/{jid}/images/0.png").status_code == 200
     images = f"/api/jobs/{jid}/images"
     for path in (f"{images}/1.png", f"{images}/-1.png", f"{images}/..%2Fmanifest.jsonl",
