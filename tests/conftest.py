@@ -235,11 +235,20 @@ def run_cli(*args: str, **kw: Any) -> subprocess.CompletedProcess:
 
 
 SLOW_CLI = """
-import os, sys, time
+import glob, os, sys, time
 import runner.generate.batch as g
 real = g.generate
+barrier = os.environ.get("T2I_TEST_BARRIER")  # PATH:N: the first batch waits until N processes reach theirs
 def slow(*args, **kwargs):  # each batch takes at least T2I_TEST_BATCH_DELAY s, so signals land mid-run
+    global barrier
     print("t2i-test: batch starts", file=sys.stderr, flush=True)  # an event a test can wait for
+    if barrier:
+        path, n = barrier.rsplit(":", 1)
+        open(f"{path}.{os.getpid()}", "w").close()
+        end = time.monotonic() + 600
+        while len(glob.glob(path + ".*")) < int(n) and time.monotonic() < end:
+            time.sleep(0.05)
+        barrier = None
     time.sleep(float(os.environ.get("T2I_TEST_BATCH_DELAY", "0.5")))
     return real(*args, **kwargs)
 g.generate = slow
@@ -249,9 +258,13 @@ main()
 """
 
 
-def start_slow(args: list[str], cwd: Path, delay: float = 0.5) -> subprocess.Popen:
-    """Start `t2i ARGS` in a subprocess whose every batch takes at least `delay` seconds."""
+def start_slow(args: list[str], cwd: Path, delay: float = 0.5, barrier: tuple[Path, int] | None = None
+               ) -> subprocess.Popen:
+    """Start `t2i ARGS` in a subprocess whose every batch takes at least `delay` seconds; with `barrier=(PATH, N)`
+    its first batch starts only once N such processes have reached theirs (so they surely overlap)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "T2I_TEST_BATCH_DELAY": str(delay)}
+    if barrier:
+        env["T2I_TEST_BARRIER"] = f"{barrier[0]}:{barrier[1]}"
     return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 

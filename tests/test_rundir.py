@@ -269,7 +269,9 @@ def _wait_for_writer(d: Path, proc: subprocess.Popen) -> bool:
 @pytest.mark.slow
 def test_two_writers_started_together_make_each_image_once(tmp_path: Path) -> None:
     d = tmp_path / "run"
-    procs = [start_slow([*SWEEP, f"hydra.run.dir={d}"], tmp_path, delay=1.0) for _ in range(2)]
+    # a barrier, not a head start: both reach their first batch before either generates, so both share the work
+    procs = [start_slow([*SWEEP, f"hydra.run.dir={d}"], tmp_path, delay=1.0, barrier=(tmp_path / "ready", 2))
+             for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     entries = check_run_dir(d)
