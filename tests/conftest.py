@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's chromium, driven by Playwright (never `playwright install`)
+# Debian's chromium, driven by Playwright (never `playwright install`); T2I_CHROMIUM names another path (.ci/run sets
+# it to the one it installed, so CI and the browser tests agree on where it is)
+CHROMIUM = Path(os.environ.get("T2I_CHROMIUM") or "/usr/bin/chromium")
+NO_CHROMIUM = f"no chromium at {CHROMIUM} (apt-get install chromium, or set T2I_CHROMIUM to its path)"
+# Under CI=true every skip fails the session, except these (nodeid substring -> why CI may skip it): a test CI expects
+# to run must not pass silently by skipping (a chromium off its path once skipped 12 browser tests unnoticed).
+CI_MAY_SKIP: dict[str, str] = {}
+_ci_skips: list[tuple[str, str]] = []
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 _SESSION_CACHE = Path(os.environ.get("T2I_TEST_CACHE", "")) if os.environ.get("T2I_TEST_CACHE") else None
 
@@ -28,6 +35,36 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["T2I_CACHE"] = str(cache)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Note every skipped test (not xfail) that CI_MAY_SKIP does not allow."""
+    if report.skipped and not hasattr(report, "wasxfail") and _in_ci():
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not any(part in report.nodeid for part in CI_MAY_SKIP):
+            _ci_skips.append((report.nodeid, reason))
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    """A whole module skipped at collection (pytest.importorskip) counts too."""
+    pytest_runtest_logreport(report)  # type: ignore[arg-type]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _ci_skips:
+        terminalreporter.section("skipped under CI=true (not in tests/conftest.py CI_MAY_SKIP)", red=True)
+        for nodeid, reason in _ci_skips:
+            terminalreporter.line(f"{nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under CI=true a skipped test fails the session (exit 1), so a missing tool cannot hide a test."""
+    if _ci_skips and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -62,13 +99,62 @@ def lora_b(tiny_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def browser():
-    """Chromium launched once per test module (the browser tests skip when /usr/bin/chromium is missing)."""
+    """Chromium (CHROMIUM) launched once per test module (the browser tests skip without it; CI fails then)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+def wait_until(probe: Any, done: Any, what: str, timeout: float = 300.0, every: float = 0.05) -> Any:
+    """Call `probe()` until `done(value)`, sleeping `every` s between tries; the value, or an AssertionError after
+    `timeout` s naming `what` (a bound for a hang, never a speed check: it is far above any loaded machine's time)."""
+    end = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if done(value):
+            return value
+        assert time.monotonic() < end, f"{what}: not within {timeout} s (last: {value!r})"[:2000]
+        time.sleep(every)
+
+
+def job_done(client: Any, job_id: str, timeout: float = 300.0) -> dict:
+    """The server's job `job_id` once it has finished (any final status), polled through its JSON API."""
+    return wait_until(lambda: client.get(f"/api/jobs/{job_id}").json(),
+                      lambda job: job["status"] not in ("queued", "running"), f"job {job_id} to finish", timeout)
+
+
+def frozen_clock(monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """The manifest lines written from now on are `created` at `when` (ISO 8601, UTC): runs told apart without
+    waiting for the clock's second to change."""
+    from datetime import datetime
+
+    import runner.outputs.writer as writer
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):  # noqa: ANN206 - datetime's signature
+            return datetime.fromisoformat(when).astimezone(tz)
+
+    monkeypatch.setattr(writer, "datetime", Frozen)
+
+
+def live_tensors() -> tuple[int, int]:
+    """(count, bytes) of the distinct tensor storages alive in this process: a leak of LoRA copies or merge-engine
+    copies shows here byte for byte, where the process RSS moves with allocator noise."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return len(storages), sum(storages.values())
 
 
 @contextlib.contextmanager
@@ -151,10 +237,20 @@ def run_cli(*args: str, **kw: Any) -> subprocess.CompletedProcess:
 
 
 SLOW_CLI = """
-import os, sys, time
+import glob, os, sys, time
 import runner.generate.batch as g
 real = g.generate
+barrier = os.environ.get("T2I_TEST_BARRIER")  # PATH:N: the first batch waits until N processes reach theirs
 def slow(*args, **kwargs):  # each batch takes at least T2I_TEST_BATCH_DELAY s, so signals land mid-run
+    global barrier
+    print("t2i-test: batch starts", file=sys.stderr, flush=True)  # an event a test can wait for
+    if barrier:
+        path, n = barrier.rsplit(":", 1)
+        open(f"{path}.{os.getpid()}", "w").close()
+        end = time.monotonic() + 600
+        while len(glob.glob(path + ".*")) < int(n) and time.monotonic() < end:
+            time.sleep(0.05)
+        barrier = None
     time.sleep(float(os.environ.get("T2I_TEST_BATCH_DELAY", "0.5")))
     return real(*args, **kwargs)
 g.generate = slow
@@ -164,9 +260,13 @@ main()
 """
 
 
-def start_slow(args: list[str], cwd: Path, delay: float = 0.5) -> subprocess.Popen:
-    """Start `t2i ARGS` in a subprocess whose every batch takes at least `delay` seconds."""
+def start_slow(args: list[str], cwd: Path, delay: float = 0.5, barrier: tuple[Path, int] | None = None
+               ) -> subprocess.Popen:
+    """Start `t2i ARGS` in a subprocess whose every batch takes at least `delay` seconds; with `barrier=(PATH, N)`
+    its first batch starts only once N such processes have reached theirs (so they surely overlap)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "T2I_TEST_BATCH_DELAY": str(delay)}
+    if barrier:
+        env["T2I_TEST_BARRIER"] = f"{barrier[0]}:{barrier[1]}"
     return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 

@@ -20,7 +20,8 @@ def targets(pipe, conv: bool, te: bool = True, sdxl: bool = False) -> dict[str, 
     """kohya module name -> (module path, base weight) for the modules a LyCORIS file would adapt.
 
     `sdxl`: kohya's SDXL names: UNet modules by their LDM path (`lora_unet_input_blocks_4_1_…`), `lora_te1_`
-    and `lora_te2_` for the two text encoders.
+    and `lora_te2_` for the two text encoders. The UNet names come from the runner's LDM mapper, which
+    test_lora_zoo.py::test_kohya_sdxl_names_are_the_real_ones pins to real kohya SDXL names (and diffusers' reader).
     """
     from runner.models.single_file import ldm_module_name, unet_rules
 

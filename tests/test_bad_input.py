@@ -146,11 +146,30 @@ def test_security_defaults() -> None:
     assert ModelConfig().allow_pickle is False and RunConfig().allow_pickle_lora is False
 
 
-def test_cli_verbose_gives_the_traceback_for_a_runtime_failure(tmp_path, files):
-    proc = run_cli(*FAST, lora(files["not_a_lora.safetensors"]), "verbose=true",
-                   f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "not a LoRA" in proc.stderr
+def test_cli_verbose_gives_the_traceback_for_a_runtime_failure_only(tmp_path, files, monkeypatch):
+    """A failure that is not the user's input (here the denoiser raising) is one line with a hint, and its
+    traceback with verbose=true; a config error stays one line with verbose=true."""
+    import runner.generate.batch as batch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom from inside the denoiser")
+
+    monkeypatch.setattr(batch, "generate", broken)
+    quiet = run_cli(*FAST, f"hydra.run.dir={tmp_path / 'quiet'}", cwd=tmp_path)
+    assert quiet.returncode == 1, quiet.stderr
+    assert "Traceback" not in quiet.stderr
+    assert error_lines(quiet.stderr) == ["t2i: error: RuntimeError: boom from inside the denoiser (run with "
+                                         "verbose=true for the traceback)"], quiet.stderr
+    loud = run_cli(*FAST, "verbose=true", f"hydra.run.dir={tmp_path / 'loud'}", cwd=tmp_path)
+    assert loud.returncode == 1, loud.stderr
+    assert "Traceback (most recent call last)" in loud.stderr, loud.stderr
+    assert re.search(r'File ".*test_bad_input\.py", line \d+, in broken', loud.stderr), loud.stderr
+    assert "RuntimeError: boom from inside the denoiser" in loud.stderr
+    config = run_cli(*FAST, lora(files["not_a_lora.safetensors"]), "verbose=true",
+                     f"hydra.run.dir={tmp_path / 'config'}", cwd=tmp_path)
+    assert config.returncode == 2, config.stderr
+    assert "Traceback" not in config.stderr
+    assert len(error_lines(config.stderr)) == 1 and "not a LoRA" in config.stderr, config.stderr
 
 
 def test_unreadable_lora_file_is_one_clear_error(tmp_path, tiny_dir, monkeypatch):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CHROMIUM, uvicorn_thread
+from conftest import CHROMIUM, NO_CHROMIUM, uvicorn_thread
 
 from runner.server.app import compose_config, create_app
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium)"),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=NO_CHROMIUM),
 ]
 
 

@@ -6,6 +6,7 @@ makes images; a foreign-format LoRA loads, changes the output and gives the base
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,58 @@ def test_family_makes_images_and_foreign_lora_works(family_runs: dict, family: s
     assert with_lora["loras"][0]["sha256"] and with_lora["loras"][0]["file"] == str(r["lora"])
     png_rec, text = read_png_record(str(r["run"] / with_lora["file"]))
     assert png_rec["model"]["family"] == family and "Lora hashes" in parse_infotext(text)
+
+
+# The layers each family's example LoRA names, counted by hand from runner/models/tiny_loras.py's layouts: one per
+# LoRA module, and three for Flux's fused double-block qkv (diffusers' separate to_q/to_k/to_v, add_q/k/v_proj).
+LAYERS = {"sd15": 40, "sdxl": 80, "flux1": 9, "sd3": 15, "qwenimage": 16, "zimage": 16, "flux2": 10}
+
+
+def layers_named(file: Path) -> int:
+    """How many model layers the LoRA file names (read from its keys, not through the runner)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        keys = list(f.keys())
+    modules = {re.split(r"[._]lora[._]", k)[0] for k in keys if re.search(r"lora_(down|A)\.weight$", k)}
+    return sum(3 if re.search(r"double_blocks[._]\d+[._](img|txt)_attn[._]qkv", m) else 1 for m in modules)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_foreign_lora_lands_on_every_layer_it_names(family_runs: dict, family: str) -> None:
+    """Merged at 1.0 (what perf.fuse_lora does), the run's LoRA changes exactly the layers the file names: a loader
+    that dropped layers (a one-layer LoRA) or spread one over others fails the count."""
+    import torch
+
+    from runner.config.validate import LoraSpec
+    from runner.lora.adapters import AdapterManager
+    from runner.lora.files import resolve_lora
+    from runner.models.loading import load_model
+
+    r = family_runs[family]
+    assert layers_named(r["lora"]) == LAYERS[family]
+    loaded = load_model(cfg(r["dir"]).model, "cpu")  # the run's pipeline (the process cache)
+    manager = loaded.adapters = loaded.adapters or AdapterManager(loaded.pipe)
+    lora = resolve_lora(LoraSpec(source=str(r["lora"]), name="L"))
+    manager.ensure((lora,))
+    parts = {n: m for n in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+             if isinstance(m := getattr(loaded.pipe, n, None), torch.nn.Module)}
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {f"{n}.{k}": v.detach().clone() for n, m in parts.items() for k, v in m.state_dict().items()}
+
+    before, merge = weights(), manager.merge
+    try:
+        manager.merge = True
+        manager.activate((lora,), (1.0,))
+        after = weights()
+    finally:
+        manager.activate((), ())
+        manager.merge = merge
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == LAYERS[family], changed
+    assert all(k.endswith(".weight") for k in changed), changed
+    assert all(torch.equal(before[k], v) for k, v in weights().items())  # the base weights back, bit for bit
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

@@ -8,6 +8,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -240,18 +241,49 @@ def test_sigint_finishes_the_batch_writes_summary_exits_130_and_resumes(tmp_path
     assert len(_check_consistent(out)) == 12
 
 
+class _Stderr:
+    """A child's stderr read line by line in a thread, so a test can wait (bounded) for a line to appear."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 240) -> None:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: any(text in ln for ln in self.lines), timeout)
+        assert ok, f"no {text!r} on stderr in {timeout} s: {''.join(self.lines)[-2000:]}"
+
+    def text(self) -> str:
+        self._thread.join(60)
+        return "".join(self.lines)
+
+
 @pytest.mark.slow
 def test_second_sigint_aborts_at_once(tmp_path):
     out = tmp_path / "run"
-    proc = _start([*SWEEP, f"hydra.run.dir={out}"], tmp_path)
-    _wait_for_images(out, 1, proc)
+    # every batch sleeps 120 s first: the second Ctrl-C lands inside the batch that the first one lets finish
+    proc = start_slow([*SWEEP, "batch_size=1", f"hydra.run.dir={out}"], tmp_path, delay=120)
+    err = _Stderr(proc)
+    err.wait_for("t2i-test: batch starts")  # generating: the run's Ctrl-C handler is in place
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)
+    err.wait_for("finishing the current batch, then stopping (Ctrl-C again to abort now)")  # the first is handled
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == 130
+    proc.wait(timeout=60)  # at once: well within the batch's 120 s
+    stdout = proc.stdout.read()
+    stderr = err.text()
+    assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert "aborted" in stderr or "interrupted" in stderr
+    assert f"t2i: error: aborted; the finished images are kept in {out}; re-run the same command to resume" in stderr
+    assert "images generated" not in stdout and "images generated" not in stderr, stdout  # no summary
+    assert manifest_lines(out) == []  # the batch in flight was not finished
     _check_consistent(out)
 
 

@@ -31,12 +31,17 @@ def cfg(model_dir: Path, **kw):
     return OmegaConf.merge(OmegaConf.structured(RunConfig), base, kw)
 
 
+# factors of this spread make a LoHa that moves tiny Flux's pixels well beyond rounding (at 0.3 the whole LoHa moved
+# them by a mean of 0.05, so an image test could not tell it from no LoHa at all)
+LOHA_STD = 1.0
+
+
 def loha(out_features: int, in_features: int, g: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """LoHa tensors for one [out, in] weight and the delta they mean: (w1a @ w1b) * (w2a @ w2b) * alpha / rank."""
-    t = {"hada_w1_a": torch.randn(out_features, RANK, generator=g) * 0.3,
-         "hada_w1_b": torch.randn(RANK, in_features, generator=g) * 0.3,
-         "hada_w2_a": torch.randn(out_features, RANK, generator=g) * 0.3,
-         "hada_w2_b": torch.randn(RANK, in_features, generator=g) * 0.3,
+    t = {"hada_w1_a": torch.randn(out_features, RANK, generator=g) * LOHA_STD,
+         "hada_w1_b": torch.randn(RANK, in_features, generator=g) * LOHA_STD,
+         "hada_w2_a": torch.randn(out_features, RANK, generator=g) * LOHA_STD,
+         "hada_w2_b": torch.randn(RANK, in_features, generator=g) * LOHA_STD,
          "alpha": torch.tensor(ALPHA)}
     delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * (ALPHA / RANK)
     return t, delta
@@ -93,16 +98,20 @@ def test_each_part_of_a_fused_flux_module_lands_on_its_own_module(flux: dict) ->
 def test_flux_loha_scale_0_is_the_baseline_and_equals_a_fresh_process(flux: dict, tmp_path: Path) -> None:
     source = str(flux["file"])
     out = tmp_path / "sweep"
-    result = run(cfg(flux["dir"], lora_sets=[[], [{"source": source, "name": "loha"}]], lora_scales=[0.0, 1.0]),
-                 out, progress=False)
-    img = {(e["lora_set"], e["lora_scale"]): pixels(out / e["file"]) for e in result.entries}
-    assert len(img) == 3
+    result = run(cfg(flux["dir"], lora_sets=[[], [{"source": source, "name": "loha"}]],
+                     lora_scales=[0.0, 0.5, 1.0]), out, progress=False)
+    img = {(e["lora_set"], e["lora_scale"]): pixels(out / e["file"]).astype(int) for e in result.entries}
+    assert len(img) == 4
     assert np.array_equal(img[(1, 0.0)], img[(0, None)]), "scale 0 must give the baseline's exact pixels"
-    assert np.abs(img[(1, 1.0)].astype(int) - img[(0, None)]).max() > 0, "the LoHa must change the output"
-    # differential: the LoHa image, made alone by `t2i` in a new process, is the same image
+    # the LoHa acts, and at its scale: half way is neither the baseline nor the full LoHa (a LoHa merged at 1.0
+    # whatever the scale, or not at all, fails); the merged weights themselves are checked against lycoris above
+    base, half, full = img[(0, None)], img[(1, 0.5)], img[(1, 1.0)]
+    assert np.abs(full - base).mean() > np.abs(half - base).mean() > 2, "the LoHa must change the output"
+    assert np.abs(full - half).max() > 4 and np.abs(half - base).max() > 4
+    # differential: the half-scale LoHa image, made alone by `t2i` in a new process, is the same image
     proc = run_cli(f"model.id={flux['dir']}", "prompts=[a red fox]", "seeds=[3]", "steps=2", "width=32",
-                   "height=32", "device=cpu", f"lora_sets=[[{{source: '{source}', name: loha}}]]",
+                   "height=32", "device=cpu", f"lora_sets=[[{{source: '{source}', name: loha}}]]", "lora_scales=[0.5]",
                    "grid.enabled=false", f"hydra.run.dir={tmp_path / 'alone'}", cwd=tmp_path, isolated=True)
     assert proc.returncode == 0, proc.stderr
     (alone,) = (tmp_path / "alone").glob("*.png")
-    assert np.array_equal(pixels(alone), img[(1, 1.0)])
+    assert np.array_equal(pixels(alone), half)

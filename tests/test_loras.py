@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import resource
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import live_tensors, run_cli
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -223,11 +222,6 @@ def _tuner_layers(pipe) -> list:
     ]
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() // 1024
-
-
 def test_fifty_switches_keep_memory_flat(tiny_dir: Path, lora_a: dict, lora_b: dict) -> None:
     mgr = manager(tiny_dir)
     mgr.max_loaded = 8
@@ -240,13 +234,11 @@ def test_fifty_switches_keep_memory_flat(tiny_dir: Path, lora_a: dict, lora_b: d
     def params() -> int:
         return sum(p.numel() for comp in (pipe.unet, pipe.text_encoder) for p in comp.parameters())
 
-    before, rss, loads = params(), _rss_kb(), mgr.loads
+    before, live, loads = params(), live_tensors(), mgr.loads
     for i in range(50):
         mgr.activate(*sets[i % len(sets)])
     assert params() == before and mgr.loads == loads
-    assert (
-        _rss_kb() - rss < 32 * 1024
-    )  # switching allocates no weights (a generous bound for allocator noise)
+    assert live_tensors() == live  # switching keeps no tensor it made (a leak of one LoRA copy would show)
 
 
 def test_lru_eviction_gives_the_same_pixels(

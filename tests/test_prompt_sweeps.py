@@ -130,7 +130,7 @@ def test_prompt_sr_run_and_grid(tiny_dir: Path, tmp_path: Path) -> None:
     assert px.shape[0] == 32
     again = run(validate(cfg), tmp_path, progress=False)  # resume: nothing new
     assert again.generated == 0 and again.skipped == 4
-    assert json.loads(json.dumps(info))  # a plain JSON description
+    assert json.loads(json.dumps(info)) == info  # a plain JSON description (no tuples, paths or numpy)
 
 
 def test_readme_prompt_language_commands_run(tmp_path: Path) -> None:

@@ -93,6 +93,19 @@ def test_a1111_short_prompt_is_diffusers_encoding_bit_for_bit(pipe, skip) -> Non
                        _embeds(pipe, "red fox ")["prompt_embeds"])
 
 
+def red_at_1_5(tokenizer):
+    """A1111's multipliers for "a (red:1.5) fox", one per token position of the 77-token chunk, written out: the
+    tiny tokenizer reads it as <bos> a</w> re d</w> f o x</w> <eos> <pad>..., so 1.5 goes at positions 2 and 3 only
+    (start, end and padding tokens weigh 1.0)."""
+    import torch
+
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("a red fox").input_ids)
+    assert tokens == ["<|startoftext|>", "a</w>", "re", "d</w>", "f", "o", "x</w>", "<|endoftext|>"]
+    mult = torch.ones(1, 77, 1)
+    mult[0, 2:4] = 1.5
+    return mult
+
+
 def test_emphasis_is_a1111_original_scale_then_restore_mean(pipe) -> None:
     import torch
 
@@ -100,9 +113,9 @@ def test_emphasis_is_a1111_original_scale_then_restore_mean(pipe) -> None:
 
     base = _embeds(pipe, "a red fox")["prompt_embeds"]
     weighted = _embeds(pipe, "a (red:1.5) fox")["prompt_embeds"]
+    mult = red_at_1_5(pipe.tokenizer)
     (chunk,) = tokenize_chunks(pipe.tokenizer, parse_attention("a (red:1.5) fox"))
-    mult = torch.tensor(chunk.multipliers).reshape(1, -1, 1)
-    assert sorted(set(chunk.multipliers)) == [1.0, 1.5]
+    assert torch.equal(torch.tensor(chunk.multipliers).reshape(1, -1, 1), mult)
     expected = base * mult
     expected = expected * (base.mean() / expected.mean())
     assert torch.allclose(weighted, expected, atol=1e-6)
@@ -208,8 +221,10 @@ def test_sdxl_both_encoders_and_pooled_follow_a1111(xl_pipe) -> None:
     assert not empty["negative_prompt_embeds"].any() and not empty["negative_pooled_prompt_embeds"].any()
     # weights: each encoder's embedding scaled and its mean restored on its own; the pooled vector is unweighted
     weighted = _embeds(xl_pipe, "a (red:1.5) fox", "blurry")
-    (chunk,) = tokenize_chunks(xl_pipe.tokenizer, parse_attention("a (red:1.5) fox"))
-    mult = torch.tensor(chunk.multipliers).reshape(1, -1, 1)
+    mult = red_at_1_5(xl_pipe.tokenizer)
+    for tokenizer in (xl_pipe.tokenizer, xl_pipe.tokenizer_2):
+        (chunk,) = tokenize_chunks(tokenizer, parse_attention("a (red:1.5) fox"))
+        assert torch.equal(torch.tensor(chunk.multipliers).reshape(1, -1, 1), mult)
     parts = []
     for z in a1111["prompt_embeds"].split(32, dim=-1):
         scaled = z * mult

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli, start_slow
+from conftest import REPO, frozen_clock, run_cli, start_slow
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -89,17 +89,18 @@ def test_a_stray_file_with_the_next_name_is_never_overwritten(tmp_path: Path) ->
     assert [e["file"] for e in lines(d)] == ["00001_a_s1_nolora.png"]
 
 
-def test_resume_false_regenerates_in_place_with_one_line_per_file(tmp_path: Path) -> None:
+def test_resume_false_regenerates_in_place_with_one_line_per_file(tmp_path: Path, monkeypatch) -> None:
     d = tmp_path / "run"
+    frozen_clock(monkeypatch, "2026-01-01T00:00:00+00:00")
     run(cfg(prompts=["a"], seeds=[1, 2]), d, progress=False)
     names = sorted(e["file"] for e in lines(d))
-    time.sleep(1.1)  # the lines' `created` second changes
+    frozen_clock(monkeypatch, "2026-01-01T00:00:05+00:00")  # the lines' `created` second changes
     redo = run(cfg(prompts=["a"], seeds=[1, 2, 3], resume=False), d, progress=False)
     assert (redo.generated, redo.skipped) == (3, 0)
     entries = check_run_dir(d)
     assert len(entries) == 3
     assert names == sorted(e["file"] for e in entries)[:2]  # the two images kept their own files
-    assert len({e["created"] for e in entries}) == 1  # every line is this run's
+    assert {e["created"] for e in entries} == {"2026-01-01T00:00:05+00:00"}  # every line is this run's
     assert len(snapshot(d)) == 3
 
 
@@ -195,15 +196,17 @@ def test_multirun_shards_draw_the_same_random_seeds(tmp_path: Path, monkeypatch)
 
 # -- stable bytes, O(1) resume --------------------------------------------------------------------------------------
 
-def test_same_config_gives_the_same_png_bytes_in_any_run_dir(tmp_path: Path) -> None:
+def test_same_config_gives_the_same_png_bytes_in_any_run_dir(tmp_path: Path, monkeypatch) -> None:
+    frozen_clock(monkeypatch, "2026-01-01T00:00:00+00:00")
     a = run(cfg(prompts=["a"], seeds=[5]), tmp_path / "a", progress=False)
-    time.sleep(1.1)
+    frozen_clock(monkeypatch, "2026-01-01T00:00:05+00:00")  # written at another time: the bytes do not say when
     run(cfg(prompts=["b"], seeds=[1, 2]), tmp_path / "b", progress=False)
     b = run(cfg(prompts=["a"], seeds=[5]), tmp_path / "b", progress=False)  # number 2 in a dir with others
     data_a = (tmp_path / "a" / a.entries[0]["file"]).read_bytes()
     data_b = (tmp_path / "b" / b.entries[0]["file"]).read_bytes()
     assert a.entries[0]["file"] != b.entries[0]["file"] and data_a == data_b
-    assert a.entries[0]["created"]  # run-time facts stay in the manifest line
+    assert [a.entries[0]["created"], b.entries[0]["created"]] == ["2026-01-01T00:00:00+00:00",
+                                                                  "2026-01-01T00:00:05+00:00"]
 
 
 def test_resume_reads_the_manifest_without_decoding_images(tmp_path: Path, monkeypatch) -> None:
@@ -266,7 +269,9 @@ def _wait_for_writer(d: Path, proc: subprocess.Popen) -> bool:
 @pytest.mark.slow
 def test_two_writers_started_together_make_each_image_once(tmp_path: Path) -> None:
     d = tmp_path / "run"
-    procs = [start_slow([*SWEEP, f"hydra.run.dir={d}"], tmp_path, delay=1.0) for _ in range(2)]
+    # a barrier, not a head start: both reach their first batch before either generates, so both share the work
+    procs = [start_slow([*SWEEP, f"hydra.run.dir={d}"], tmp_path, delay=1.0, barrier=(tmp_path / "ready", 2))
+             for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     entries = check_run_dir(d)

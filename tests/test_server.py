@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import job_done, run_cli, wait_until
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -143,11 +144,24 @@ def test_submit_returns_the_png_with_matching_metadata(client: TestClient) -> No
     assert dict(LOADS) == loads
 
 
-def test_tiny_lora_changes_the_image_and_its_scale_is_applied(client: TestClient, lora_a: dict) -> None:
+def test_tiny_lora_changes_the_image_and_its_scale_is_applied(client: TestClient, lora_a: dict,
+                                                               tmp_path: Path) -> None:
     _, _, base = png(client.post("/submit", data=seed_form(manual_seed="11")))
     lora = {"lora_hugging_face_1": lora_a["source"], "weight_name_1": lora_a["weight_name"]}
     rec, infotext, styled = png(client.post("/submit", data=seed_form(manual_seed="11", **lora)))
-    assert np.abs(styled.astype(int) - base.astype(int)).max() > 0
+    _, _, half = png(client.post("/submit", data=seed_form(manual_seed="11", cross_attention_kwargs='{"scale": 0.5}',
+                                                           **lora)))
+    # the form's LoRA at 1.0 and at an in-between 0.5 are the images `t2i` makes with that LoRA at those scales
+    proc = run_cli("model=tiny", "prompts=[a red cube]", "seeds=[11]", "steps=2", "width=32", "height=32",
+                   "guidance_scale=7.5", "grid.enabled=false", "lora_scales=[0.5,1.0]",
+                   f"lora_sets=[[{{source: '{lora_a['source']}', weight_name: {lora_a['weight_name']}}}]]",
+                   f"hydra.run.dir={tmp_path / 'cli'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cli = {e["lora_scale"]: np.asarray(Image.open(tmp_path / "cli" / e["file"]).convert("RGB"))
+           for e in map(json.loads, (tmp_path / "cli" / "manifest.jsonl").read_text().splitlines())}
+    assert np.array_equal(styled, cli[1.0]) and np.array_equal(half, cli[0.5])
+    for a, b in ((half, base), (styled, half)):  # and the scale matters: half way is neither end
+        assert np.abs(a.astype(int) - b.astype(int)).max() > 4
     assert [(lo["name"], lo["scale"], lo["weight_name"]) for lo in rec["loras"]] == [
         ("tiny_style", 1.0, "tiny_style.safetensors")]
     assert "Lora hashes: " in infotext
@@ -231,10 +245,13 @@ def test_json_api_reports_progress_and_serves_images(client: TestClient, lora_b:
     job = resp.json()
     assert job["total"] == 2 and job["seeds"] == [3, 4]
     seen = set()
-    while job["status"] in ("queued", "running"):
-        seen.add(job["progress"])
-        time.sleep(0.05)
-        job = client.get(f"/api/jobs/{job['id']}").json()
+
+    def poll() -> dict:
+        now = client.get(f"/api/jobs/{job['id']}").json()
+        seen.add(now["progress"])
+        return now
+
+    job = wait_until(poll, lambda j: j["status"] not in ("queued", "running"), "the job to finish")
     assert job["status"] == "done" and job["progress"] == "2/2" and seen <= {"0/2", "1/2", "2/2"}
     assert [u.rsplit("/", 1)[1] for u in job["images"]] == ["0.png", "1.png"]
     rec = png(client.get(job["images"][1]))[0]
@@ -245,8 +262,7 @@ def test_json_api_reports_progress_and_serves_images(client: TestClient, lora_b:
 def test_image_urls_cannot_leave_the_output_dir(client: TestClient) -> None:
     job = client.post("/api/jobs", json={"text_prompt": "x", "inference_steps": 2, "width": 32, "height": 32})
     jid = job.json()["id"]
-    while client.get(f"/api/jobs/{jid}").json()["status"] != "done":
-        time.sleep(0.05)
+    assert job_done(client, jid)["status"] == "done"
     assert client.get(f"/api/jobs/{jid}/images/0.png").status_code == 200
     images = f"/api/jobs/{jid}/images"
     for path in (f"{images}/1.png", f"{images}/-1.png", f"{images}/..%2Fmanifest.jsonl",

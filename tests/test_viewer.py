@@ -150,7 +150,9 @@ def test_live_viewer_follows_the_images_as_they_land_throttled_then_writes_the_f
         time.sleep(0.02)
     _wait(lambda: (viewer.read_data(tmp_path) or {}).get("progress", {}).get("done") == 40)
     during = [t for t in writes if t >= start]
-    assert 2 <= len(during) <= 12, len(during)
+    # throttled whatever the machine's load: never two writes within an interval (so far fewer than one per image)
+    gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
+    assert 1 <= len(during) < 40 and all(g >= 0.2 - 1e-3 for g in gaps), gaps
     assert viewer.read_status(tmp_path)["progress"]["state"] == "running"
     live.close("interrupted")
     status = viewer.read_status(tmp_path)["progress"]

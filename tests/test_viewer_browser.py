@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-from conftest import CHROMIUM, uvicorn_thread
+from conftest import CHROMIUM, NO_CHROMIUM, uvicorn_thread
 from PIL import Image
 
 from runner.outputs import viewer
@@ -22,7 +22,7 @@ from runner.server.app import compose_config, create_app
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium)"),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=NO_CHROMIUM),
 ]
 FOX, HTML_PROMPT = "a red fox", 'a <img src=x onerror="window.pwned=1"> car'
 
