@@ -483,7 +483,7 @@ def test_the_epoch_axis_reads_t2i_train_checkpoints(tmp_path: Path, tiny_dir: Pa
     assert "byte-identical" in caplog.text
 
 
-# -- 14. model-axis comparison: the documented command (docs/families.md) gives one page, models across, seeds down, every cell full -------
+# -- 14. model-axis comparison: the documented command gives one page, models across, seeds down, cells full ------
 
 def test_the_readme_model_axis_command_gives_one_full_page(tmp_path: Path) -> None:
     import shlex
