@@ -53,11 +53,12 @@ def test_the_documented_editable_install_runs_the_quick_start(tmp_path: Path) ->
     # The venv the install line makes sees this test's installed packages (a .pth file), so pip finds torch and the
     # extras already satisfied and installs only the project: the line and the packaging are what is tested here,
     # not the registry (a from-scratch install of everything is `.ci/run` itself, and took 18 min on a shared box).
-    import site
+    import sys
 
     subprocess.run(["python3", "-m", "venv", str(src / ".venv")], check=True)
     (pth,) = (src / ".venv" / "lib").glob("python3*/site-packages")
-    (pth / "zz_test_site_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    seen = [p for p in sys.path if p.endswith("site-packages")]  # this venv's, and any it sees through a .pth
+    (pth / "zz_test_site_packages.pth").write_text("\n".join(seen) + "\n")
     _sh(install, src)
     assert "6 images generated" in _sh(quick, src)
 
