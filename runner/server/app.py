@@ -448,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     sock = listen(host, port)  # here, not in uvicorn: a port in use is one line, not a log and exit 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.info("model %s, images -> %s", cfg.model.id, app.state.output_dir)
+    bound = sock.getsockname()
+    # uvicorn names the address only when it binds the socket itself; the URL is what the user opens
+    log.info("serving on http://%s:%d (Ctrl-C to stop)", f"[{bound[0]}]" if ":" in bound[0] else bound[0], bound[1])
     uvicorn.Server(uvicorn.Config(app, host=host, port=port)).run(sockets=[sock])
     return 0
 
