@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cleanup import clean_text
 from .syntax import BREAK, parse_attention
 
 CHUNK = 75  # prompt tokens per chunk (77 with start and end)
@@ -28,7 +29,7 @@ def tokenize_chunks(tokenizer: Any, parsed: list[tuple[str, float]]) -> list[Chu
     """A1111's `tokenize_line`: the prompt's chunks, each 77 token ids with one weight per token."""
     id_start, id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
     comma = tokenizer.get_vocab().get(",</w>")
-    tokenized = tokenizer([t for t, _ in parsed], truncation=False, add_special_tokens=False)["input_ids"]
+    tokenized = tokenizer([clean_text(t) for t, _ in parsed], truncation=False, add_special_tokens=False)["input_ids"]
     chunks: list[Chunk] = []
     chunk = Chunk()
     last_comma = -1
@@ -99,10 +100,14 @@ def encode_chunk(enc: Encoder, chunk: Chunk, device: Any) -> tuple[Any, Any]:
             z = _final_norm(te)(z)
     pooled = out[0] if enc.pooled else None  # CLIPTextModelWithProjection: text_embeds
     if any(m != 1.0 for m in chunk.multipliers):
-        mult = torch.tensor(chunk.multipliers, device=z.device, dtype=z.dtype)
+        # in float32 whatever the encoder's dtype: A1111's multipliers are a float32 tensor, so its fp16 maths
+        # promotes (half precision here was up to 0.0137 off)
+        dtype = z.dtype
+        mult = torch.tensor(chunk.multipliers, device=z.device, dtype=torch.float32)
+        z = z.float()
         original_mean = z.mean()
         z = z * mult.reshape(1, -1, 1).expand(z.shape)
-        z = z * (original_mean / z.mean())
+        z = (z * (original_mean / z.mean())).to(dtype)
     return z, pooled
 
 
