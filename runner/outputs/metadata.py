@@ -69,9 +69,10 @@ def infotext(rec: dict[str, Any]) -> str:
         "Clip skip": rec.get("clip_skip") if (rec.get("clip_skip") or 1) > 1 else None,
     }
     if rec.get("loras"):  # A1111 writes AutoV3 (the safetensors payload's sha256), as Civitai looks it up
-        fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo.get('autov3') or lo['sha256'][:12]}"
+        # names without `:` and `,`, which separate the entries (A1111's extra_networks_lora.py drops them too)
+        fields["Lora hashes"] = ", ".join(f"{re.sub('[:,]', '', lo['name'])}: {lo.get('autov3') or lo['sha256'][:12]}"
                                           for lo in rec["loras"])
-        fields["Lora weights"] = ", ".join(f"{lo['name']}: {lo['scale']:g}" for lo in rec["loras"])
+        fields["Lora weights"] = ", ".join(f"{re.sub('[:,]', '', lo['name'])}: {lo['scale']:g}" for lo in rec["loras"])
     if rec.get("prompt_syntax") == "plain" and any(c in rec["prompt"] + rec.get("negative_prompt", "") for c in "(["):
         fields["Emphasis"] = "None"  # A1111's name for brackets read as text
     if rec.get("pad_conds"):
