@@ -233,7 +233,8 @@ def checkpoint_files(spec: LoraSpec) -> list[Path] | None:
     """The files a glob `source` (or a folder of several checkpoints) names, in natural order; None otherwise."""
     source = os.path.expanduser(spec.source)
     if any(c in spec.source for c in GLOB_CHARS) and not Path(source).exists():
-        files = [Path(f) for f in glob.glob(source, recursive=True) if f.lower().endswith(WEIGHT_EXT) and Path(f).is_file()]
+        files = [Path(f) for f in glob.glob(source, recursive=True)
+                 if f.lower().endswith(WEIGHT_EXT) and Path(f).is_file()]
         if not files:
             raise ConfigError(f"LoRA source {spec.source!r} matches no weight file (.safetensors); check the "
                               "pattern and the folder")
