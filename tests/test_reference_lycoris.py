@@ -47,14 +47,15 @@ def reference_delta(t: dict[str, torch.Tensor], alpha: float | None) -> torch.Te
     return t["diff"]
 
 
-def reference_weight(w0: torch.Tensor, t: dict[str, torch.Tensor], alpha: float | None, s: float) -> torch.Tensor:
+def reference_change(w0: torch.Tensor, t: dict[str, torch.Tensor], alpha: float | None) -> torch.Tensor:
+    """The change to `w0` at multiplier 1 (DoRA: the decomposed weight minus `w0`)."""
     delta = reference_delta(t, alpha).reshape(w0.shape).float()
     if "dora_scale" not in t:
-        return w0.float() + s * delta
+        return delta
     wd_on_out = t["dora_scale"].shape[0] == w0.shape[0] and t["dora_scale"].shape[1] == 1
     merged = lycoris_functional.general.weight_decompose(w0.float() + delta, t["dora_scale"].float(), 1,
                                                          wd_on_out, backend="torch")
-    return w0.float() + s * (merged - w0.float())
+    return merged - w0.float()
 
 
 def _dora(state: dict, key: str, w: torch.Tensor, per_out: bool, gen: torch.Generator) -> None:
@@ -106,12 +107,13 @@ def check(pipe, tmp: Path, targets: dict, kind: str) -> int:
     pristine = {p: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
                 for p, (m, _, _) in modules.items()}
     scales = (0.0, 1.0) if kind.startswith("dora") else SCALES
+    changes = {p: reference_change(pristine[p][0], tensors, alpha) for p, (_, tensors, alpha) in modules.items()}
     try:
         for s in scales:
             manager.activate((r,), (s,))
-            for p, (m, tensors, alpha) in modules.items():
+            for p, (m, tensors, _) in modules.items():
                 w0, b0 = pristine[p]
-                want = reference_weight(w0, tensors, alpha, s)
+                want = w0.float() + s * changes[p]
                 torch.testing.assert_close(m.weight.detach().float(), want, rtol=1e-5, atol=2e-6,
                                            msg=lambda e, p=p, s=s: f"{kind} {p} at {s}: {e}")
                 if "diff_b" in tensors:
