@@ -64,3 +64,25 @@ def test_lora_hashes_of_names_with_separators_read_back(name: str) -> None:
 def test_dyn_is_refused_with_its_reason(tag: str) -> None:
     with pytest.raises(ConfigError, match="dyn.*dynamic rank.*differences-from-a1111"):
         split_tags(f"a fox {tag}")
+
+
+@pytest.mark.parametrize(("prompt", "why"), [("a fox <lora:x:0.5:1>", "different weights"),
+                                             ("a fox <lora:x:0.5> <lora:x:0.7>", "two tags for LoRA 'x'")])
+def test_documented_tag_refusals(tmp_path: Path, prompt: str, why: str) -> None:
+    """Rows of docs/differences-from-a1111.md: one weight per tag, one tag per LoRA."""
+    from runner.config import validate
+    from runner.lora.tags import resolve_tags
+
+    _lora(tmp_path / "loras" / "x.safetensors")
+    spec = validate({"model": {"id": "tiny"}, "prompts": [prompt], "lora_dirs": [str(tmp_path / "loras")]})
+    with pytest.raises(ConfigError, match=why):
+        resolve_tags(spec)
+
+
+def test_other_network_tags_are_removed_with_a_warning(caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        text, tags = split_tags("a fox <hypernet:anime:1>")
+    assert "<hypernet" not in text and not tags
+    assert any("hypernet" in r.getMessage() for r in caplog.records)
