@@ -171,3 +171,26 @@ def test_diff_b_on_a_layer_without_bias_is_one_line(sd_pipe, tmp_path: Path) -> 
               str(path))
     with pytest.raises(ConfigError, match=r"diff_b.*has no bias"):
         AdapterManager(sd_pipe).ensure((resolved(path),))
+
+
+def test_sd1_kohya_lora_in_ldm_names_is_applied(sd_pipe, tmp_path: Path) -> None:
+    """SD 1.x kohya files naming UNet modules by their LDM path (`lora_unet_input_blocks_4_1_…`): A1111 applies
+    them; diffusers' loader refused them, so the merge engine (which maps LDM names) applies them."""
+    from runner.models.single_file import ldm_module_name, unet_rules
+
+    rules = unet_rules(dict(sd_pipe.unet.config))
+    gen = torch.Generator().manual_seed(3)
+    state: dict = {}
+    want: dict = {}
+    mods: dict = {}
+    for name, m in sd_pipe.unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn2.to_k", "ff.net.2")):
+            stem = "lora_unet_" + ldm_module_name(name, rules).replace(".", "_")
+            assert "_blocks_" in stem and not stem.startswith("lora_unet_down_blocks")
+            want[name] = pair(state, stem, m, gen, 1.0) * (1.0 / RANK)
+            mods[name] = m
+    path = tmp_path / "sd1_ldm_names.safetensors"
+    save_file(state, str(path))
+    changes = merged_changes(sd_pipe, path, 0.5, mods)
+    for k in mods:
+        torch.testing.assert_close(changes[k], want[k] * 0.5, rtol=1e-4, atol=1e-5, msg=k)

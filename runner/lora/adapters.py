@@ -176,12 +176,15 @@ class AdapterManager:
         peft_state = state
         if not info.needs_merge:
             peft_state = _alphas_baked(state, info)
-            expected = self._expected(r, peft_state)
+            try:
+                expected = self._expected(r, peft_state)
+            except ConfigError:
+                if self._merged(r, state, info):  # e.g. a Flux kohya file whose CLIP-L part diffusers cannot read
+                    return
+                raise
         if info.needs_merge or (info.is_adapter and _short(info, expected)):
             self.engine.register(r.adapter, file_deltas(self.pipe, state, info, r.file))
-            self.merge_only.add(r.adapter)
-            self.loads += 1
-            log.info("loaded %s %s (%s) as %s: %s", info.format, r.name, r.file, r.adapter, info.components)
+            self._loaded_merged(r, info)
             return
         # 3. Everything else: diffusers' loader (with its own format conversions) into peft layers.
         with _captured_diffusers_log() as messages:
@@ -189,7 +192,10 @@ class AdapterManager:
                 self.pipe.load_lora_weights(peft_state, adapter_name=r.adapter)
             except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/RuntimeError/KeyError here
                 msg = _mismatch(r, str(exc)) or f"{r.file} is not a LoRA for this model ({first_line(exc, 300)})"
-                raise self._fail(r.adapter, msg) from exc
+                error = self._fail(r.adapter, msg)
+                if self._merged(r, state, info):  # e.g. SD 1.x kohya files in LDM names (A1111 reads them)
+                    return
+                raise error from exc
         got = self.layers(r.adapter)
         missing = {c: len(v) - got.get(c, 0) for c, v in expected.items() if len(v) > got.get(c, 0)}
         if missing or not any(got.values()):
@@ -206,6 +212,24 @@ class AdapterManager:
             raise self._fail(r.adapter, msg)
         self.loads += 1
         log.info("loaded LoRA %s (%s) as %s: %s", r.name, r.file, r.adapter, got)
+
+    def _loaded_merged(self, r: ResolvedLora, info: Any) -> None:
+        self.merge_only.add(r.adapter)
+        self.loads += 1
+        log.info("loaded %s %s (%s) as %s: %s", info.format, r.name, r.file, r.adapter, info.components)
+
+    def _merged(self, r: ResolvedLora, state: dict, info: Any) -> bool:
+        """A file diffusers' loader refuses, applied by the merge engine when it can place every module (as A1111
+        does); False (the loader's error stands) when it cannot."""
+        if not info.is_adapter:
+            return False
+        try:
+            deltas = file_deltas(self.pipe, state, info, r.file)
+        except ConfigError:
+            return False
+        self.engine.register(r.adapter, deltas)
+        self._loaded_merged(r, info)
+        return True
 
     def _forget(self, adapter: str) -> None:
         from diffusers import ModelMixin
