@@ -51,3 +51,13 @@ def test_emphasis_maths_in_float32_for_a_bf16_encoder(pipe) -> None:
     want = (scaled * (zf.mean() / scaled.mean())).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mode", ["No norm", "Ignore"])
+def test_unsupported_emphasis_modes_are_reported_not_read_as_original(mode: str) -> None:
+    from runner.reproduce.inspect import record_from_infotext
+
+    rec = record_from_infotext(f"a (red:1.3) fox\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, Emphasis: {mode}")
+    assert f"Emphasis: {mode}" in rec["no_equivalent"]
+    ok = record_from_infotext("a (red:1.3) fox\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, Emphasis: None")
+    assert ok["prompt_syntax"] == "plain" and not any("Emphasis" in x for x in ok["no_equivalent"])
