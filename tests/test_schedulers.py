@@ -65,6 +65,8 @@ def test_table_matches_diffusers_signatures() -> None:
             pytest.fail(f"{row.cls} is a dummy: a module it needs ({row.requires}) is not installed")
         assert set(row.options) <= params, name
         offered = tuple(s for s in SCHEDULES if set(SCHEDULE_TABLE[s].options) <= params)
+        if row.a1111 in ("DDIM", "PLMS", "UniPC"):  # A1111's timestep samplers ignore the Schedule type
+            offered = ()
         assert row.schedules == offered, (name, offered)
 
 
