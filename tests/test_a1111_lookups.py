@@ -86,3 +86,22 @@ def test_other_network_tags_are_removed_with_a_warning(caplog) -> None:
         text, tags = split_tags("a fox <hypernet:anime:1>")
     assert "<hypernet" not in text and not tags
     assert any("hypernet" in r.getMessage() for r in caplog.records)
+
+
+def test_hash_in_sshs_model_hash_metadata_counts_as_the_file_hash(tmp_path: Path) -> None:
+    """A1111 writes a file's `sshs_model_hash` metadata as its hash, stale or not: that hash finds the file."""
+    f = _lora(tmp_path / "loras" / "renamed.safetensors", {"sshs_model_hash": "0123456789ab" + "0" * 52})
+    assert find_in_lora_dirs([str(tmp_path / "loras")], None, "0123456789ab") == f
+
+
+def test_from_image_falls_back_to_the_name_when_no_hash_matches(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from runner.reproduce.from_image import foreign_loras
+
+    f = _lora(tmp_path / "loras" / "style.safetensors")
+    rec = {"prompt": "a fox <lora:style:0.6>", "loras": [{"name": "style", "sha256": "deadbeef0000", "scale": None}]}
+    with caplog.at_level(logging.WARNING):
+        (found,) = foreign_loras(rec, [str(tmp_path / "loras")])
+    assert found == {"source": str(f), "name": "style", "scale": 0.6}
+    assert any("found by name" in r.getMessage() for r in caplog.records)

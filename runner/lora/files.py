@@ -272,13 +272,17 @@ def _weight_files(dirs: Iterable[str]) -> list[Path]:
     return out
 
 
-def _alias(f: Path) -> str | None:
+def _meta(f: Path, key: str) -> str | None:
     from .detect import read_header
 
     try:
-        return read_header(f)[2].get("ss_output_name")
+        return read_header(f)[2].get(key)
     except ConfigError:
         return None
+
+
+def _alias(f: Path) -> str | None:
+    return _meta(f, "ss_output_name")
 
 
 def find_in_lora_dirs(dirs: Iterable[str], name: str | None = None, hash_: str | None = None) -> Path | None:
@@ -293,7 +297,10 @@ def find_in_lora_dirs(dirs: Iterable[str], name: str | None = None, hash_: str |
     def matches(f: Path) -> bool:
         if not want:
             return True
-        return file_sha256(f).startswith(want) or (len(want) <= 12 and addnet_sha256(f).startswith(want))
+        if file_sha256(f).startswith(want) or (len(want) <= 12 and addnet_sha256(f).startswith(want)):
+            return True
+        # A1111 takes a file's `sshs_model_hash` metadata as its hash when present (even when stale)
+        return is_safetensors(f) and str(_meta(f, "sshs_model_hash") or "").lower().startswith(want)
 
     if name:
         for f in files:
