@@ -69,6 +69,8 @@ def test_table_matches_diffusers_signatures() -> None:
             offered = tuple(s for s in SCHEDULES if sigma[s] and sigma[s] <= params)
         else:
             offered = tuple(s for s in SCHEDULES if set(SCHEDULE_TABLE[s].options) <= params)
+        if row.a1111 in ("DDIM", "PLMS", "UniPC"):  # A1111's timestep samplers ignore the Schedule type
+            offered = ()
         assert row.schedules == offered, (name, offered)
 
 

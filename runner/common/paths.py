@@ -16,7 +16,7 @@ WEIGHT_EXT = SAFE_EXT + PICKLE_EXT
 
 def is_safetensors(path: str | os.PathLike) -> bool:
     """A safetensors file by its name: read without unpickling, its header tells what it holds."""
-    return str(path).endswith(SAFE_EXT)
+    return str(path).lower().endswith(SAFE_EXT)  # `X.SAFETENSORS` too (AutoV3 is hashed from its payload)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")

@@ -67,9 +67,10 @@ SCHEDULER_TABLE: dict[str, Scheduler] = {
                                    auto_schedule="exponential", eta=1.0),
     "dpmpp_sde": Scheduler("DPMSolverSDEScheduler", "DPM++ SDE", auto_schedule="karras", requires=("torchsde",),
                            eta=1.0),
-    "ddim": Scheduler("DDIMScheduler", "DDIM", schedules=SPACING_SCHEDULES, kdiffusion=False, eta=0.0),
-    "pndm": Scheduler("PNDMScheduler", "PLMS", {"skip_prk_steps": True}, schedules=SPACING_SCHEDULES, kdiffusion=False),
-    "unipc": Scheduler("UniPCMultistepScheduler", "UniPC", kdiffusion=False),
+    # A1111's timestep samplers (modules/sd_samplers_timesteps.py) ignore the Schedule type: none is offered
+    "ddim": Scheduler("DDIMScheduler", "DDIM", schedules=(), kdiffusion=False, eta=0.0),
+    "pndm": Scheduler("PNDMScheduler", "PLMS", {"skip_prk_steps": True}, schedules=(), kdiffusion=False),
+    "unipc": Scheduler("UniPCMultistepScheduler", "UniPC", schedules=(), kdiffusion=False),
     "lcm": Scheduler("LCMScheduler", "LCM", schedules=SPACING_SCHEDULES),
     "ddpm": Scheduler("DDPMScheduler", None, schedules=SPACING_SCHEDULES, kdiffusion=False),
     # flow-matching models (Flux, SD3, Qwen-Image, Z-Image, Flux.2): their pipelines pass custom sigmas and a
@@ -123,6 +124,9 @@ def check_pair(scheduler: str | None, schedule: str | None) -> str | None:
     if schedule is not None and row.schedule is not None and schedule != row.schedule:
         return (f"scheduler={scheduler} already means schedule={row.schedule}; use scheduler="
                 f"{scheduler.removesuffix('_' + row.schedule)} schedule={schedule}")
+    if schedule is not None and not row.schedules and row.a1111 and not row.kdiffusion:
+        return (f"schedule={schedule} with scheduler={scheduler}: A1111 ignores the Schedule type for its timestep "
+                f"sampler {row.a1111}; leave schedule unset (the sampler's own timesteps)")
     if schedule is not None and schedule not in row.schedules:
         return (f"schedule={schedule} is not available for scheduler={scheduler} ({row.cls}); valid: "
                 f"{', '.join(row.schedules)}")
@@ -180,7 +184,9 @@ def from_a1111(sampler: str, schedule_type: str | None) -> tuple[str | None, str
     schedule = labels.get(sched_label) if sched_label else None
     if sched_label and schedule is None:
         lost.append(f"Schedule type: {sched_label}")
-    if scheduler is None and schedule is not None:  # a schedule for the model's own scheduler is a guess
+    if scheduler is not None and not SCHEDULER_TABLE[scheduler].kdiffusion and not SCHEDULER_TABLE[scheduler].schedules:
+        schedule = None  # A1111's timestep samplers ignore the Schedule type its infotext may still carry
+    elif scheduler is None and schedule is not None:  # a schedule for the model's own scheduler is a guess
         lost.append(f"Schedule type: {sched_label}")
         schedule = None
     elif schedule is not None and check_pair(scheduler, schedule):

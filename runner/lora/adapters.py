@@ -58,6 +58,40 @@ def _mismatch(r: ResolvedLora, text: str) -> str | None:
             "e.g. SDXL on SD 1.5?)")
 
 
+def _copied(state: dict) -> dict:
+    return {k: v.clone() if hasattr(v, "clone") else v for k, v in state.items()}
+
+
+def _alphas_baked(state: dict, info: Any) -> dict:
+    """A kohya file whose modules have different alphas (or some none): each module's alpha/rank multiplied into
+    its `lora_up` (copies) and the `.alpha`s dropped, so every module gets its own scale as A1111 and kohya read it
+    (no alpha: alpha = rank). diffusers gives the SD UNet one alpha per file and, for a module without one, the
+    file's most common alpha."""
+    alphas = {m.alpha for m in info.modules.values()}
+    if len(alphas) <= 1:
+        return state  # one alpha everywhere (or none): diffusers' reading is A1111's
+    out = dict(state)
+    for key, m in info.modules.items():
+        up = key + ".lora_up.weight"
+        if m.kind in ("lora", "locon") and "mid" not in m.roles and up in state and m.rank:
+            out[up] = state[up] * (m.alpha / m.rank if m.alpha is not None else 1.0)
+            out.pop(key + ".alpha", None)
+    return out
+
+
+def _short(info: Any, expected: dict[str, list[str]]) -> str | None:
+    """A component of the file with fewer layers after diffusers' conversion than modules in the file (diffusers
+    drops what it cannot convert, e.g. Flux.1 T5 keys `lora_te3_…`, at INFO level), or None."""
+    have: dict[str, int] = {}
+    for m in info.modules.values():
+        have[m.component] = have.get(m.component, 0) + 1
+    for comp, n in have.items():
+        names = ("unet", "transformer") if comp == "denoiser" else (comp,)
+        if sum(len(expected.get(c, [])) for c in names) < n:
+            return comp
+    return None
+
+
 class AdapterManager:
     """Loads each adapter once into a pipeline and switches sets with `set_adapters` (base never reloaded)."""
 
@@ -98,7 +132,8 @@ class AdapterManager:
         try:
             # SD-class loaders map SGM block names with the UNet config; transformer families take none
             kw = {"unet_config": unet.config} if unet is not None else {}
-            converted = type(self.pipe).lora_state_dict(dict(state), **kw)
+            # copies: diffusers' converters scale tensors in place (`*=`), and load_lora_weights converts again
+            converted = type(self.pipe).lora_state_dict(_copied(state), **kw)
             converted = converted[0] if isinstance(converted, tuple) else converted
         except Exception as exc:  # noqa: BLE001 - diffusers' converters raise ValueError/KeyError/...
             raise ConfigError(f"{r.file} is not a LoRA diffusers can read ({first_line(exc, 200)})") from exc
@@ -135,21 +170,32 @@ class AdapterManager:
                 raise ConfigError(f"{r.file} cannot be applied: {why}")
             check_base(info, self.pipe, r.file)
         check_finite(state, r.file)
-        # 2. LyCORIS, Tucker LoCon and DoRA: Deltas for the merge engine (diffusers cannot apply them faithfully).
-        if info.needs_merge:
+        # 2. LyCORIS, Tucker LoCon and DoRA: Deltas for the merge engine (diffusers cannot apply them faithfully);
+        # so is any file whose diffusers conversion drops modules (every module is applied, or the file refused).
+        expected: dict[str, list[str]] = {}
+        peft_state = state
+        if not info.needs_merge:
+            peft_state = _alphas_baked(state, info)
+            try:
+                expected = self._expected(r, peft_state)
+            except ConfigError:
+                if self._merged(r, state, info):  # e.g. a Flux kohya file whose CLIP-L part diffusers cannot read
+                    return
+                raise
+        if info.needs_merge or (info.is_adapter and _short(info, expected)):
             self.engine.register(r.adapter, file_deltas(self.pipe, state, info, r.file))
-            self.merge_only.add(r.adapter)
-            self.loads += 1
-            log.info("loaded %s %s (%s) as %s: %s", info.format, r.name, r.file, r.adapter, info.components)
+            self._loaded_merged(r, info)
             return
         # 3. Everything else: diffusers' loader (with its own format conversions) into peft layers.
-        expected = self._expected(r, state)
         with _captured_diffusers_log() as messages:
             try:
-                self.pipe.load_lora_weights(state, adapter_name=r.adapter)
+                self.pipe.load_lora_weights(peft_state, adapter_name=r.adapter)
             except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/RuntimeError/KeyError here
                 msg = _mismatch(r, str(exc)) or f"{r.file} is not a LoRA for this model ({first_line(exc, 300)})"
-                raise self._fail(r.adapter, msg) from exc
+                error = self._fail(r.adapter, msg)
+                if self._merged(r, state, info):  # e.g. SD 1.x kohya files in LDM names (A1111 reads them)
+                    return
+                raise error from exc
         got = self.layers(r.adapter)
         missing = {c: len(v) - got.get(c, 0) for c, v in expected.items() if len(v) > got.get(c, 0)}
         if missing or not any(got.values()):
@@ -166,6 +212,24 @@ class AdapterManager:
             raise self._fail(r.adapter, msg)
         self.loads += 1
         log.info("loaded LoRA %s (%s) as %s: %s", r.name, r.file, r.adapter, got)
+
+    def _loaded_merged(self, r: ResolvedLora, info: Any) -> None:
+        self.merge_only.add(r.adapter)
+        self.loads += 1
+        log.info("loaded %s %s (%s) as %s: %s", info.format, r.name, r.file, r.adapter, info.components)
+
+    def _merged(self, r: ResolvedLora, state: dict, info: Any) -> bool:
+        """A file diffusers' loader refuses, applied by the merge engine when it can place every module (as A1111
+        does); False (the loader's error stands) when it cannot."""
+        if not info.is_adapter:
+            return False
+        try:
+            deltas = file_deltas(self.pipe, state, info, r.file)
+        except ConfigError:
+            return False
+        self.engine.register(r.adapter, deltas)
+        self._loaded_merged(r, info)
+        return True
 
     def _forget(self, adapter: str) -> None:
         from diffusers import ModelMixin

@@ -142,10 +142,10 @@ def resolve_lora(spec: LoraSpec, allow_pickle: bool = False) -> ResolvedLora:
     else:
         raise ConfigError(f"LoRA source {source!r} not found (no such file or folder, "
                           "and not a hub id owner/name)")
-    if file.suffix not in (".safetensors", *PICKLE_EXT):  # never unpickle a file of unknown kind
+    if file.suffix.lower() not in (".safetensors", *PICKLE_EXT):  # never unpickle a file of unknown kind
         raise ConfigError(f"LoRA file {file} is not a LoRA weights file; valid: .safetensors (or "
                           f"{', '.join(PICKLE_EXT)} with allow_pickle_lora=true)")
-    if file.suffix in PICKLE_EXT and not allow_pickle:
+    if file.suffix.lower() in PICKLE_EXT and not allow_pickle:
         raise ConfigError(f"LoRA file {file} is a pickle file; convert it to .safetensors or set "
                           "allow_pickle_lora=true if you trust it")
     if not os.access(file, os.R_OK):
@@ -257,7 +257,8 @@ def checkpoint_files(spec: LoraSpec) -> list[Path] | None:
     """The files a glob `source` (or a folder of several checkpoints) names, in natural order; None otherwise."""
     source = os.path.expanduser(spec.source)
     if any(c in spec.source for c in GLOB_CHARS) and not Path(source).exists():
-        files = [Path(f) for f in glob.glob(source, recursive=True) if f.endswith(WEIGHT_EXT) and Path(f).is_file()]
+        files = [Path(f) for f in glob.glob(source, recursive=True)
+                 if f.lower().endswith(WEIGHT_EXT) and Path(f).is_file()]
         files = _adapters_only(files)
         if not files:
             raise ConfigError(f"LoRA source {spec.source!r} matches no weight file (.safetensors); check the "
@@ -315,12 +316,26 @@ def _weight_files(dirs: Iterable[str]) -> list[Path]:
     out = []
     for d in dirs:
         for root, _, files in os.walk(os.path.expanduser(d)):
-            out += [Path(root) / f for f in sorted(files) if f.endswith(WEIGHT_EXT)]
+            out += [Path(root) / f for f in sorted(files) if f.lower().endswith(WEIGHT_EXT)]
     return out
 
 
+def _meta(f: Path, key: str) -> str | None:
+    from .detect import read_header
+
+    try:
+        return read_header(f)[2].get(key)
+    except ConfigError:
+        return None
+
+
+def _alias(f: Path) -> str | None:
+    return _meta(f, "ss_output_name")
+
+
 def find_in_lora_dirs(dirs: Iterable[str], name: str | None = None, hash_: str | None = None) -> Path | None:
-    """A file in `dirs` whose stem is `name` or whose hash starts with `hash_` (full SHA-256, AutoV2 or AutoV3).
+    """A file in `dirs` whose stem (or else alias, `ss_output_name`) is `name` or whose hash starts with `hash_`
+    (full SHA-256, AutoV2 or AutoV3).
 
     A name match is taken when its hash agrees (or no hash is given); otherwise every file is hashed (cached).
     """
@@ -330,11 +345,17 @@ def find_in_lora_dirs(dirs: Iterable[str], name: str | None = None, hash_: str |
     def matches(f: Path) -> bool:
         if not want:
             return True
-        return file_sha256(f).startswith(want) or (len(want) <= 12 and addnet_sha256(f).startswith(want))
+        if file_sha256(f).startswith(want) or (len(want) <= 12 and addnet_sha256(f).startswith(want)):
+            return True
+        # A1111 takes a file's `sshs_model_hash` metadata as its hash when present (even when stale)
+        return is_safetensors(f) and str(_meta(f, "sshs_model_hash") or "").lower().startswith(want)
 
     if name:
         for f in files:
             if f.stem == name and matches(f):
+                return f
+        for f in files:  # A1111's alias: the name kohya trained it under (`ss_output_name`), what its UI inserts
+            if is_safetensors(f) and _alias(f) == name and matches(f):
                 return f
     if want:
         for f in files:

@@ -120,10 +120,23 @@ def _flux_bfl_names(transformer: Any) -> dict[str, Target]:
     return out
 
 
+def t5_component(pipe: Any) -> str | None:
+    """The pipeline attribute holding the T5 encoder (Flux.1: `text_encoder_2`, SD3: `text_encoder_3`), or None."""
+    for comp in ("text_encoder_3", "text_encoder_2"):
+        model = getattr(pipe, comp, None)
+        if model is not None and type(model).__name__.startswith(("T5", "UMT5")):
+            return comp
+    return None
+
+
 def module_index(pipe: Any) -> dict[str, dict[str, Target]]:
     """Per component (`denoiser`, `text_encoder`, …): flat module name -> module path in the pipeline (or the
-    `Rows` of a fused original-layout module)."""
+    `Rows` of a fused original-layout module).
+
+    kohya's `lora_te3_` is the T5 encoder wherever the pipeline keeps it (sd-scripts writes Flux.1's T5 as
+    `lora_te3_`, and A1111/Forge/ComfyUI apply it there), so `text_encoder_3` names the T5 component."""
     index: dict[str, dict[str, Target]] = {}
+    t5 = t5_component(pipe)
     for comp in (*DENOISERS, "text_encoder", "text_encoder_2", "text_encoder_3"):
         model = getattr(pipe, comp, None)
         if model is None or not hasattr(model, "named_modules"):
@@ -131,6 +144,8 @@ def module_index(pipe: Any) -> dict[str, dict[str, Target]]:
         key = "denoiser" if comp in DENOISERS else comp
         if key not in index:
             index[key] = dict(_flat_names(comp, model))
+        if comp == t5 and comp != "text_encoder_3":
+            index["text_encoder_3"] = dict(_flat_names(comp, model))
         name = type(model).__name__
         if comp == "transformer" and name.startswith("Flux") and not name.startswith("Flux2"):
             index[key].update(_flux_bfl_names(model))

@@ -19,6 +19,7 @@ from typing import Any
 from ..common.errors import ConfigError
 from .detect import LoraInfo, Module, _split_key
 from .kohya import Rows, module_index, module_path
+from .merge import BIAS
 
 
 def _f32(t: Any, base: Any) -> Any:
@@ -277,12 +278,18 @@ def file_deltas(pipe: Any, state: Mapping[str, Any], info: LoraInfo, file: str) 
                     break
                 deltas[path] = RowsDelta(module_delta(mod, tensors[mkey], (target.rows, *need[1:])), target.rows,
                                          pieces)
+                if "diff_b" in mod.roles:
+                    _check_bias(pipe, file, mkey, mod, path, rows)
+                    deltas[path + BIAS] = RowsDelta(FullDelta(tensors[mkey]["diff_b"]), target.rows, pieces)
             continue
         need = tuple(_weight(pipe, target).shape)
         if not have or _numel(have) != _numel(need) or have[0] != need[0]:
             wrong.append((target, have, need))
             continue
         deltas[target] = module_delta(mod, tensors[mkey], need)
+        if "diff_b" in mod.roles:  # A1111 (network_full.py) and LyCORIS add the stored bias change too
+            _check_bias(pipe, file, mkey, mod, target, need[0])
+            deltas[target + BIAS] = FullDelta(tensors[mkey]["diff_b"])
     # 3. One line for what does not fit.
     total = len(info.modules)
     if wrong:
@@ -303,6 +310,18 @@ def file_deltas(pipe: Any, state: Mapping[str, Any], info: LoraInfo, file: str) 
 def _weight(pipe: Any, path: str) -> Any:
     comp, _, rest = path.partition(".")
     return getattr(pipe, comp).get_submodule(rest).weight
+
+
+def _check_bias(pipe: Any, file: str, mkey: str, mod: Module, path: str, rows: int) -> None:
+    """A `diff_b` must meet a bias of its module's rows; A1111 would create a missing bias, which this runner
+    refuses (the base model's module structure stays as loaded)."""
+    comp, _, rest = path.partition(".")
+    bias = getattr(getattr(pipe, comp).get_submodule(rest), "bias", None)
+    diff_b = mod.roles["diff_b"]
+    if bias is None or _numel(diff_b) != (mod.weight_shape() or (rows,))[0]:
+        what = "has no bias" if bias is None else f"has a bias of {rows} values"
+        raise ConfigError(f"{file} cannot be applied: module {mkey} has a bias change (diff_b) of shape "
+                          f"{list(diff_b)}, but the model's {path} {what}")
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 Block = Callable[[str], float] | None  # per-module multiplier (LoRA block weights); None = 1.0 everywhere
+BIAS = "#bias"  # a Delta path ending in this changes the module's bias (LyCORIS `full`'s `diff_b`), not its weight
 
 
 class Delta(Protocol):
@@ -82,11 +83,12 @@ def peft_deltas(pipe: Any, adapter: str, components: dict[str, Any]) -> dict[str
 
 
 def _weight(pipe: Any, path: str) -> Any:
-    """The base weight parameter of the module at `path` (a peft layer's base layer's weight)."""
-    comp, _, rest = path.partition(".")
+    """The base weight parameter of the module at `path` (a peft layer's base layer's weight; its bias for a
+    path ending in `BIAS`)."""
+    comp, _, rest = path.removesuffix(BIAS).partition(".")
     module = getattr(pipe, comp).get_submodule(rest)
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    return base.weight
+    return base.bias if path.endswith(BIAS) else base.weight
 
 
 class MergeEngine:
@@ -141,7 +143,7 @@ class MergeEngine:
         with torch.no_grad():
             for path in sorted(touched):
                 base = self._pristine[path]
-                terms = [(s * (b(path) if b else 1.0), self.adapters[a][path]) for a, s, b in wanted
+                terms = [(s * (b(path.removesuffix(BIAS)) if b else 1.0), self.adapters[a][path]) for a, s, b in wanted
                          if path in self.adapters[a]]
                 terms = [(s, d) for s, d in terms if s != 0]
                 param = self._params[path]

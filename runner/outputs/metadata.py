@@ -73,9 +73,10 @@ def infotext(rec: dict[str, Any]) -> str:
         **hires_infotext(rec),
     }
     if rec.get("loras"):  # A1111 writes AutoV3 (the safetensors payload's sha256), as Civitai looks it up
-        fields["Lora hashes"] = ", ".join(f"{lo['name']}: {lo.get('autov3') or lo['sha256'][:12]}"
+        # names without `:` and `,`, which separate the entries (A1111's extra_networks_lora.py drops them too)
+        fields["Lora hashes"] = ", ".join(f"{re.sub('[:,]', '', lo['name'])}: {lo.get('autov3') or lo['sha256'][:12]}"
                                           for lo in rec["loras"])
-        fields["Lora weights"] = ", ".join(f"{lo['name']}: {lo['scale']:g}" for lo in rec["loras"])
+        fields["Lora weights"] = ", ".join(f"{re.sub('[:,]', '', lo['name'])}: {lo['scale']:g}" for lo in rec["loras"])
     if rec.get("embeddings"):  # A1111: the first 10 hex digits of each file's sha256
         fields["TI hashes"] = ", ".join(f"{e['name']}: {e['sha256'][:10]}" for e in rec["embeddings"])
     if rec.get("prompt_syntax") == "plain" and any(c in rec["prompt"] + rec.get("negative_prompt", "") for c in "(["):

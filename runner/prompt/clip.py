@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cleanup import clean_text
 from .embeddings import expand_tokens
 from .syntax import BREAK, parse_attention
 
@@ -34,7 +35,8 @@ def tokenize_chunks(tokenizer: Any, parsed: list[tuple[str, float]]) -> list[Chu
     """A1111's `tokenize_line`: the prompt's chunks, each 77 token ids with one weight per token."""
     id_start, id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
     comma = tokenizer.get_vocab().get(",</w>")
-    texts = [expand_tokens(tokenizer, t) for t, _ in parsed]  # multi-vector embeddings: a token per vector
+    # cleaned as CLIP's tokenizer cleans (A1111), then multi-vector embeddings as a token per vector
+    texts = [expand_tokens(tokenizer, clean_text(t)) for t, _ in parsed]
     tokenized = tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
     chunks: list[Chunk] = []
     chunk = Chunk()
@@ -107,7 +109,11 @@ def encode_chunk(enc: Encoder, chunk: Chunk, device: Any, unrestored: set | None
             z = _final_norm(te)(z)
     pooled = out[0] if enc.pooled else None  # CLIPTextModelWithProjection: text_embeds
     if any(m != 1.0 for m in chunk.multipliers):
-        mult = torch.tensor(chunk.multipliers, device=z.device, dtype=z.dtype)
+        # in float32 whatever the encoder's dtype: A1111's multipliers are a float32 tensor, so its fp16 maths
+        # promotes (half precision here was up to 0.0137 off)
+        dtype = z.dtype
+        mult = torch.tensor(chunk.multipliers, device=z.device, dtype=torch.float32)
+        z = z.float()
         original_mean = z.mean()
         z = z * mult.reshape(1, -1, 1).expand(z.shape)
         new_mean = z.mean()
@@ -115,6 +121,7 @@ def encode_chunk(enc: Encoder, chunk: Chunk, device: Any, unrestored: set | None
             z = z * (original_mean / new_mean)
         elif unrestored is not None:
             unrestored.add("mean")
+        z = z.to(dtype)
     return z, pooled
 
 

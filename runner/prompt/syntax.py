@@ -142,8 +142,9 @@ def _lora_tag(tag: str, args: str) -> LoraTag:
     unknown = set(named) - {"te", "unet", "dyn"}
     if unknown:
         raise ConfigError(f"{tag}: unknown argument {sorted(unknown)[0]!r}; valid: te=, unet=")
-    if "dyn" in named:
-        raise ConfigError(f"{tag}: dyn= (dynamic LoRA rank) is not supported; remove it")
+    if "dyn" in named or len(positional) == 4:  # A1111's 4th positional argument is dyn (extra_networks_lora.py)
+        raise ConfigError(f"{tag}: dyn (A1111's dynamic rank: only the first N ranks of the LoRA) is not supported; "
+                          "remove it (docs/differences-from-a1111.md)")
     te = _tag_number(tag, named.get("te", positional[1] if len(positional) > 1 else "1"))
     unet = _tag_number(tag, named.get("unet", positional[2] if len(positional) > 2 else str(te)))
     if len(positional) > 3:

@@ -181,6 +181,9 @@ def foreign_loras(rec: dict, dirs: Sequence[str]) -> list[dict]:
     out = []
     for lo in rec.get("loras") or []:
         found = find_in_lora_dirs(dirs, lo.get("name"), lo.get("sha256"))
+        if found is None and lo.get("name") and (found := find_in_lora_dirs(dirs, lo["name"])) is not None:
+            log.warning("LoRA %r: no file in lora_dirs has hash %s; using %s, found by name", lo["name"],
+                        lo.get("sha256"), found)
         if found is None:
             raise ConfigError(f"LoRA {lo.get('name')!r} (hash {lo.get('sha256')}) is not in lora_dirs "
                               f"({', '.join(dirs)}); add the folder that holds it, or give lora_sets=[[...]]")

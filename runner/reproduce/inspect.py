@@ -81,6 +81,8 @@ def record_from_infotext(text: str) -> dict[str, Any]:
     p = parse_infotext(text)
     sampler = p.get("Sampler")
     scheduler, schedule, lost = from_a1111(sampler, p.get("Schedule type")) if sampler else (None, None, [])
+    if p.get("Emphasis") in ("No norm", "Ignore"):  # A1111 emphasis modes this runner does not have (only Original)
+        lost.append(f"Emphasis: {p['Emphasis']}")
     weights = _pairs(p.get("Lora weights"))
     loras = [{"name": name, "sha256": h, "scale": _num(float, weights.get(name)), "source": None,
               "weight_name": None, "file": None} for name, h in _pairs(p.get("Lora hashes")).items()]
