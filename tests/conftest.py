@@ -67,6 +67,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Whatever a test's in-process Hydra app added to the root logger goes with the test: a handler left on that
+    test's captured stderr (closed after it) made a later test's one-line error 83 lines of logging errors."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in [h for h in root.handlers if h not in handlers and not type(h).__module__.startswith("_pytest")]:
+        root.removeHandler(h)
+        h.close()
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny diffusers model folder written by `t2i-tiny`, with example LoRAs in loras/."""
