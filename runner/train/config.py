@@ -11,6 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..common.errors import ConfigError
 from ..config import DEVICES, ModelConfig
 from ..config.validate import _choice, _number, _side
+from .families import PRESETS
+from .objective import SAMPLING
 
 CAPTION_SOURCES = ("auto", "txt", "jsonl", "fixed")
 CROPS = ("center", "random")
@@ -35,7 +37,8 @@ class LoraConfig:
     rank: int = 16
     alpha: float | None = None  # null = rank (scale 1.0)
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGETS))
+    preset: str = "attn"  # attn | attn_mlp | all_linear: the family's target modules (runner/train/families.py)
+    target_modules: list[str] | None = None  # explicit module names (peft suffix match); null = the preset
     text_encoder: bool = False  # also train a LoRA on the text encoder
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
     name: str | None = None  # file stem of the saved LoRA; null = the data folder's name
@@ -55,6 +58,11 @@ class OptimConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     noise_offset: float = 0.0
+    timestep_sampling: str = "sigmoid"  # flow families: uniform | sigmoid | logit_normal | shift (objective.py)
+    logit_mean: float = 0.0  # logit_normal sampling
+    logit_std: float = 1.0
+    timestep_shift: float | None = None  # shift sampling; null = the model scheduler's shift
+    guidance_scale: float = 1.0  # Flux.1-dev's distilled guidance embedding during training (ai-toolkit: 1.0)
     mixed_precision: str = "auto"  # auto = bf16 (fp16 if unsupported) on CUDA, fp32 on cpu/mps | no | fp16 | bf16
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -141,7 +149,9 @@ def validate_train(cfg: DictConfig | dict) -> TrainSpec:
     if lo.alpha is not None:
         _number("lora.alpha", lo.alpha, float, 1e-6, 1e6)
     _number("lora.dropout", lo.dropout, float, 0.0, 0.99)
-    lo.target_modules = _modules("lora.target_modules", lo.target_modules)
+    _choice("lora.preset", lo.preset, PRESETS)
+    if lo.target_modules is not None:
+        lo.target_modules = _modules("lora.target_modules", lo.target_modules)
     lo.text_encoder_target_modules = _modules(
         "lora.text_encoder_target_modules", lo.text_encoder_target_modules
     )
@@ -155,6 +165,11 @@ def validate_train(cfg: DictConfig | dict) -> TrainSpec:
     _number("train.lr_warmup_steps", t.lr_warmup_steps, int, 0, 10_000_000)
     _number("train.max_grad_norm", t.max_grad_norm, float, 0.0, 1e9)
     _number("train.noise_offset", t.noise_offset, float, 0.0, 1.0)
+    _choice("train.timestep_sampling", t.timestep_sampling, SAMPLING)
+    _number("train.logit_std", t.logit_std, float, 1e-6, 100.0)
+    if t.timestep_shift is not None:
+        _number("train.timestep_shift", t.timestep_shift, float, 1e-3, 1000.0)
+    _number("train.guidance_scale", t.guidance_scale, float, 0.0, 100.0)
     _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     _number("train.seed", t.seed, int, 0, 2**32 - 1)
     _number("train.checkpoint_every", t.checkpoint_every, int, 1, 10_000_000)

@@ -1,0 +1,152 @@
+"""Write a trained LoRA twice: diffusers/peft format and the A1111/Forge/ComfyUI (kohya) format of its family.
+
+- `NAME.safetensors`: the pipeline class's own `save_lora_weights` (`unet.`/`transformer.`/`text_encoder.` keys,
+  peft `lora_A`/`lora_B`, the peft config as `lora_adapter_metadata`), what diffusers' `load_lora_weights` reads.
+- `NAME_kohya.safetensors`: kohya names (`lora_unet_…`, `lora_te_…`/`lora_te1_…`, `lora_down`/`lora_up`/`alpha`)
+  with the module naming A1111/Forge/ComfyUI resolve for the family: diffusers paths for SD 1.x (kohya's own
+  SD 1.x names), the original LDM paths for SDXL (kohya's SDXL names), the BFL names for Flux.1 (fused
+  `img_attn_qkv`/`linear1`, block-diagonal, as kohya's `split_qkv=False` files), and the diffusers paths as flat
+  kohya names for the other transformer families (ComfyUI's `lora_unet_<diffusers path>` key for them).
+  Both files carry kohya's `ss_*` training metadata.
+Written to a temp folder and renamed, so a reader never sees half a LoRA.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TE_PREFIX = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
+SAVE_KWARG = {"unet": "unet_lora_layers", "transformer": "transformer_lora_layers",
+              "text_encoder": "text_encoder_lora_layers", "text_encoder_2": "text_encoder_2_lora_layers"}
+
+
+def lora_states(modules: dict[str, Any]) -> dict[str, dict]:
+    """Per component (`unet`/`transformer`/`text_encoder…`), its adapter weights in peft naming."""
+    from peft import get_peft_model_state_dict
+
+    return {name: get_peft_model_state_dict(m) for name, m in modules.items()}
+
+
+def save_lora(folder: Path, name: str, pipe: Any, family: str, modules: dict[str, Any], metadata: dict[str, str],
+              alpha: float) -> Path:
+    """Write `name.safetensors` (diffusers) and `name_kohya.safetensors` into `folder` atomically."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import save_file
+
+    states = lora_states(modules)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=folder))
+    try:
+        kwargs: dict[str, Any] = {}
+        for comp, state in states.items():
+            kwargs[SAVE_KWARG[comp]] = convert_state_dict_to_diffusers(state)
+            kwargs[SAVE_KWARG[comp].replace("_layers", "_adapter_metadata")] = modules[comp].peft_config[
+                "default"].to_dict()
+        type(pipe).save_lora_weights(tmp, weight_name=f"{name}.safetensors", **kwargs)
+        _add_metadata(tmp / f"{name}.safetensors", metadata)
+        kohya = to_kohya_family(family, pipe, states, alpha)
+        save_file({k: v.detach().float().contiguous() for k, v in kohya.items()},
+                  str(tmp / f"{name}_kohya.safetensors"), metadata=metadata)
+        for f in tmp.iterdir():
+            f.replace(folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / f"{name}.safetensors"
+
+
+def _add_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Add the `ss_*` keys to a safetensors file diffusers wrote (it keeps its own metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    save_file(tensors, str(path), metadata={**meta, **extra})
+
+
+def _pairs(state: dict) -> dict[str, tuple[Any, Any]]:
+    """peft state -> {module path: (A, B)} (plain LoRA factors; DoRA magnitudes are written by `_extra`)."""
+    out: dict[str, dict] = {}
+    for key, value in state.items():
+        module, kind = key.rsplit(".lora_", 1)
+        if kind.startswith(("A", "B")):
+            out.setdefault(module, {})[kind[0]] = value
+    return {m: (ab["A"], ab["B"]) for m, ab in out.items() if "A" in ab and "B" in ab}
+
+
+def to_kohya_family(family: str, pipe: Any, states: dict[str, dict], alpha: float) -> dict:
+    """The kohya/A1111 state dict of a trained LoRA (see the module docstring for the naming per family)."""
+    import torch
+
+    out: dict[str, Any] = {}
+
+    def put(stem: str, a: Any, b: Any, al: float) -> None:
+        out[f"{stem}.lora_down.weight"] = a
+        out[f"{stem}.lora_up.weight"] = b
+        out[f"{stem}.alpha"] = torch.tensor(float(al))
+
+    denoiser = "unet" if "unet" in states else "transformer"
+    pairs = _pairs(states.get(denoiser, {}))
+    if family == "flux1":
+        pairs = _flux_bfl(pipe.transformer, pairs, alpha, put)
+    rename = _ldm_names(pipe.unet) if family == "sdxl" else {}
+    for module, (a, b) in pairs.items():
+        put("lora_unet_" + rename.get(module, module).replace(".", "_"), a, b, alpha)
+    te_count = sum(1 for c in states if c.startswith("text_encoder"))
+    for comp, state in states.items():
+        if not comp.startswith("text_encoder"):
+            continue
+        prefix = "lora_te_" if te_count == 1 and family == "sd15" else TE_PREFIX[comp]
+        for module, (a, b) in _pairs(state).items():
+            module = module if module.startswith("text_model.") else "text_model." + module
+            put(prefix + module.replace(".", "_"), a, b, alpha)
+    return out
+
+
+def _ldm_names(unet: Any) -> dict[str, str]:
+    """diffusers UNet module path -> the original (LDM) path, as kohya's SDXL files name them."""
+    from ..models.single_file import ldm_module_name, unet_rules
+
+    rules = unet_rules(dict(unet.config))
+    out = {}
+    for name, _ in unet.named_modules():
+        ldm = ldm_module_name(name, rules)
+        if ldm:
+            out[name] = ldm
+    return out
+
+
+def _flux_bfl(transformer: Any, pairs: dict, alpha: float, put: Any) -> dict:
+    """Write Flux.1 modules under BFL names (fusing q/k/v and linear1 block-diagonally); return the rest."""
+    import torch
+
+    from ..lora.kohya import _flux_bfl_names
+
+    rest = dict(pairs)
+    for bfl, target in _flux_bfl_names(transformer).items():
+        if isinstance(target, str):
+            module = target.removeprefix("transformer.")
+            if module in rest:
+                a, b = rest.pop(module)
+                put("lora_unet_" + bfl, a, b, alpha)
+            continue
+        parts = [(p.removeprefix("transformer."), rows) for p, rows in target.parts]
+        if len(parts) < 2 or not any(p in rest for p, _ in parts):
+            continue
+        r = next(rest[p][0].shape[0] for p, _ in parts if p in rest)
+        width = next(rest[p][0].shape[1] for p, _ in parts if p in rest)
+        downs, up = [], torch.zeros(target.rows, r * len(parts))
+        for i, (p, rows) in enumerate(parts):
+            a, b = rest.pop(p) if p in rest else (torch.zeros(r, width), None)
+            downs.append(a)
+            if b is not None:
+                (lo, hi), = rows
+                up[lo:hi, i * r:(i + 1) * r] = b
+        # the file's rank is r x parts: alpha scales with it so that alpha / rank stays the trained scale
+        put("lora_unet_" + bfl, torch.cat(downs), up, alpha * len(parts))
+    return rest
+
