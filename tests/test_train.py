@@ -223,8 +223,8 @@ def test_killed_cli_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
 
 
 def _corrupt(folder: Path) -> list[str]:
-    make_images(folder)
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")  # the only image: nothing left
     (folder / "broken.txt").write_text("broken")
     return [f"data.dir={folder}"]
 
@@ -244,7 +244,7 @@ def _empty(folder: Path) -> list[str]:
 CASES = {
     "missing folder": (lambda f: [f"data.dir={f / 'nope'}"], "is not a folder"),
     "empty folder": (_empty, "has no images"),
-    "corrupt image": (_corrupt, "broken.png is not a readable image"),
+    "only a corrupt image": (_corrupt, "none of its 1 images can be used"),
     "caption missing": (_no_caption, "caption missing for blue.png"),
     "rank zero": (lambda f: [f"data.dir={make_images(f)}", "lora.rank=0"], "lora.rank=0 is out of range"),
     "resolution": (lambda f: [f"data.dir={make_images(f)}", "data.resolution=60"], "not a multiple of 8"),

@@ -137,13 +137,22 @@ class AdapterManager:
         check_finite(state, r.file)
         # 2. LyCORIS, Tucker LoCon and DoRA: Deltas for the merge engine (diffusers cannot apply them faithfully).
         if info.needs_merge:
-            self.engine.register(r.adapter, file_deltas(self.pipe, state, info, r.file))
-            self.merge_only.add(r.adapter)
-            self.loads += 1
-            log.info("loaded %s %s (%s) as %s: %s", info.format, r.name, r.file, r.adapter, info.components)
+            self._register_merge(r, state, info)
             return
         # 3. Everything else: diffusers' loader (with its own format conversions) into peft layers.
-        expected = self._expected(r, state)
+        kohya = info.is_adapter and info.layout == "kohya"
+        try:
+            expected = self._expected(r, state)
+        except ConfigError:
+            if not kohya:
+                raise
+            expected = {}
+        if kohya and (not expected or any(c not in self._components() for c in expected)):
+            # diffusers' kohya converters assume the published widths (Flux.1's BFL layout: 3072) and know no
+            # kohya names for some families (SD3, Qwen-Image, Z-Image, Flux.2): the merge engine maps the file's
+            # own module names onto this model's modules instead
+            self._register_merge(r, state, info)
+            return
         with _captured_diffusers_log() as messages:
             try:
                 self.pipe.load_lora_weights(state, adapter_name=r.adapter)
@@ -166,6 +175,12 @@ class AdapterManager:
             raise self._fail(r.adapter, msg)
         self.loads += 1
         log.info("loaded LoRA %s (%s) as %s: %s", r.name, r.file, r.adapter, got)
+
+    def _register_merge(self, r: ResolvedLora, state: dict, info: Any) -> None:
+        self.engine.register(r.adapter, file_deltas(self.pipe, state, info, r.file))
+        self.merge_only.add(r.adapter)
+        self.loads += 1
+        log.info("loaded %s %s (%s) as %s: %s", info.format, r.name, r.file, r.adapter, info.components)
 
     def _forget(self, adapter: str) -> None:
         from diffusers import ModelMixin

@@ -29,7 +29,14 @@ class DataConfig:
     captions: str = "auto"  # auto | txt (same-name .txt) | jsonl (metadata.jsonl: file_name, text) | fixed
     resolution: int | None = None  # square side in pixels, multiple of 8; null = the model's native size
     crop: str = "center"  # center | random
+    buckets: list[int] | None = None  # aspect-ratio buckets at these resolutions (sides of the square of equal area,
+    # e.g. [512, 768, 1024]: every image at each, at its own aspect ratio); null = one square data.resolution
     flip: bool = False  # random horizontal flip
+    trigger: str | None = None  # replaces `[trigger]` in captions; prepended ("TRIGGER, caption") where absent
+    caption_dropout: float = 0.0  # probability of training a sample on the empty caption
+    shuffle_tags: bool = False  # shuffle the comma-separated tags of each caption every time it is drawn
+    keep_tokens: int = 0  # ... keeping the first N tags in place (kohya's keep_tokens)
+    min_size: int = 32  # images with a side below this (pixels) are skipped, one line each
 
 
 @dataclass
@@ -144,7 +151,17 @@ def validate_train(cfg: DictConfig | dict) -> TrainSpec:
             "data.captions=fixed needs data.caption (the instance prompt), e.g. data.caption='a sks cat'"
         )
     _side("data.resolution", d.resolution)
+    if d.buckets is not None:
+        if not d.buckets:
+            raise ConfigError("data.buckets=[] is empty; give resolutions such as [512, 768] or null")
+        for side in d.buckets:
+            _side("data.buckets", side)
     _choice("data.crop", d.crop, CROPS)
+    if d.trigger is not None and not d.trigger.strip():
+        raise ConfigError("data.trigger='' is empty; give the trigger word (data.trigger=sks) or null")
+    _number("data.caption_dropout", d.caption_dropout, float, 0.0, 1.0)
+    _number("data.keep_tokens", d.keep_tokens, int, 0, 1000)
+    _number("data.min_size", d.min_size, int, 1, 100_000)
     _number("lora.rank", lo.rank, int, 1, 1024)
     if lo.alpha is not None:
         _number("lora.alpha", lo.alpha, float, 1e-6, 1e6)

@@ -28,7 +28,15 @@ from .checkpoint import (
     settings,
 )
 from .config import TrainSpec, validate_train
-from .data import Example, load_pixels, sample_order, scan
+from .data import (
+    Example,
+    bucket_batch,
+    bucket_items,
+    load_pixels,
+    sample_order,
+    scan,
+    training_caption,
+)
 from .families import Flux1, make_adapter, target_modules
 from .losslog import LossLog, plot
 from .metadata import kohya_metadata
@@ -63,18 +71,27 @@ class TrainResult:
         )
 
 
-def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int):
+def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int, buckets: list | None = None):
+    """The micro-batch at `position` of the seeded sample stream: pixels (one size) and training captions."""
     import torch
 
     d, t = spec.data, spec.train
-    idx = sample_order(len(examples), t.seed, position, t.batch_size)
+    if buckets:
+        chosen = bucket_batch(buckets, t.seed, t.batch_size, position // t.batch_size)
+        idx, sizes = [i for i, _ in chosen], [s for _, s in chosen]
+    else:
+        idx = sample_order(len(examples), t.seed, position, t.batch_size)
+        sizes = [size] * len(idx)
     pixels = [
         load_pixels(
-            examples[i], size, d.crop, d.flip, torch.Generator().manual_seed((t.seed << 32) + position + j)
+            examples[i], sizes[j], d.crop, d.flip, torch.Generator().manual_seed((t.seed << 32) + position + j)
         )
         for j, i in enumerate(idx)
     ]
-    return torch.stack(pixels), [examples[i].caption for i in idx]
+    # the caption's own draws (dropout, tag order) from a generator of its own: the pixels stay as without them
+    captions = [training_caption(examples[i].caption, d, torch.Generator().manual_seed(
+        ((t.seed << 32) + position + j) ^ 0x9E3779B97F4A7C15)) for j, i in enumerate(idx)]
+    return torch.stack(pixels), captions
 
 
 def _add_lora(spec: TrainSpec, adapter: Any) -> tuple[dict[str, Any], list]:
@@ -93,6 +110,9 @@ def _add_lora(spec: TrainSpec, adapter: Any) -> tuple[dict[str, Any], list]:
     if not targets:
         raise ConfigError(f"lora.preset={lo.preset} matches no module of this {fam.name} model; give "
                           "lora.target_modules=[...] explicitly")
+    if lo.text_encoder and not fam.text_encoders:
+        raise ConfigError(f"lora.text_encoder=true: a {fam.name} LoRA holds the transformer only (its diffusers "
+                          "loader takes no text-encoder LoRA); valid: false")
     denoiser.add_adapter(lora_config(targets))
     modules = {fam.denoiser: denoiser}
     if lo.text_encoder:
@@ -170,6 +190,11 @@ def train(
     if size % factor:
         raise ConfigError(f"data.resolution={size} is not a multiple of {factor} (this {family} model's latent "
                           f"factor); try {max(factor, size // factor * factor)} or {(size // factor + 1) * factor}")
+    for side in spec.data.buckets or []:
+        if side % factor:
+            raise ConfigError(f"data.buckets has {side}, not a multiple of {factor} (this {family} model's latent "
+                              f"factor); try {max(factor, side // factor * factor)} or {(side // factor + 1) * factor}")
+    buckets = bucket_items(examples, list(spec.data.buckets), factor) if spec.data.buckets else None
     noise_sched = None if adapter.spec.flow else DDPMScheduler.from_config(pipe.scheduler.config)
     for module in adapter.frozen():
         module.requires_grad_(False)
@@ -226,7 +251,7 @@ def train(
             for k in range(t.gradient_accumulation):
                 position = ((step - 1) * t.gradient_accumulation + k) * t.batch_size
                 with torch.enable_grad():  # loading a model turns autograd off process-wide (models/loading.py)
-                    loss = step_loss_of(*_batch(examples, spec, size, position))
+                    loss = step_loss_of(*_batch(examples, spec, size, position, buckets))
                     scaled = loss / t.gradient_accumulation
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 step_loss += float(loss.detach()) / t.gradient_accumulation

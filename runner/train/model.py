@@ -35,6 +35,9 @@ def load_pipe(spec: TrainSpec) -> tuple[Any, str]:
 
     info = model_info(spec.model)
     family_spec(info.family.name, f"{info.pipeline} ({info.family.label})")  # found before loading
+    if info.pipeline == "Flux2Pipeline":  # Flux.2 [dev]: a Mistral text encoder the Flux.2 adapter does not call
+        raise ConfigError(f"model.id={spec.model.id!r} is Flux.2 [dev] (Flux2Pipeline); t2i-train trains Flux.2 "
+                          "[klein] (Flux2KleinPipeline) of that family")
     _quiet_libraries()
     try:
         pipe = _from_pretrained(info, torch.float32)

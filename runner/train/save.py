@@ -33,7 +33,6 @@ def lora_states(modules: dict[str, Any]) -> dict[str, dict]:
 def save_lora(folder: Path, name: str, pipe: Any, family: str, modules: dict[str, Any], metadata: dict[str, str],
               alpha: float) -> Path:
     """Write `name.safetensors` (diffusers) and `name_kohya.safetensors` into `folder` atomically."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import save_file
 
     states = lora_states(modules)
@@ -42,9 +41,11 @@ def save_lora(folder: Path, name: str, pipe: Any, family: str, modules: dict[str
     try:
         kwargs: dict[str, Any] = {}
         for comp, state in states.items():
-            kwargs[SAVE_KWARG[comp]] = convert_state_dict_to_diffusers(state)
-            kwargs[SAVE_KWARG[comp].replace("_layers", "_adapter_metadata")] = modules[comp].peft_config[
-                "default"].to_dict()
+            kwargs[SAVE_KWARG[comp]] = state  # peft `lora_A`/`lora_B` names, as train_dreambooth_lora_* save them
+            config = modules[comp].peft_config["default"].to_dict()
+            if isinstance(config.get("target_modules"), (set, list)):  # a set: its order varies between runs
+                config["target_modules"] = sorted(config["target_modules"])
+            kwargs[SAVE_KWARG[comp].replace("_layers", "_adapter_metadata")] = config
         type(pipe).save_lora_weights(tmp, weight_name=f"{name}.safetensors", **kwargs)
         _add_metadata(tmp / f"{name}.safetensors", metadata)
         kohya = to_kohya_family(family, pipe, states, alpha)
@@ -94,8 +95,9 @@ def to_kohya_family(family: str, pipe: Any, states: dict[str, dict], alpha: floa
     if family == "flux1":
         pairs = _flux_bfl(pipe.transformer, pairs, alpha, put)
     rename = _ldm_names(pipe.unet) if family == "sdxl" else {}
+    prefix = "lora_transformer_" if family == "sd3" else "lora_unet_"  # ComfyUI's kohya-style SD3 prefix
     for module, (a, b) in pairs.items():
-        put("lora_unet_" + rename.get(module, module).replace(".", "_"), a, b, alpha)
+        put(prefix + rename.get(module, module).replace(".", "_"), a, b, alpha)
     te_count = sum(1 for c in states if c.startswith("text_encoder"))
     for comp, state in states.items():
         if not comp.startswith("text_encoder"):
