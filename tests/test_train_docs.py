@@ -60,7 +60,8 @@ def test_training_page_commands_run_as_written(tmp_path: Path) -> None:
     # what the page says the training command writes
     assert (runs / "photos.safetensors").is_file() and (runs / "photos_kohya.safetensors").is_file()
     assert sorted(p.name for p in (runs / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
-    assert (runs / "loss.csv").is_file() and (runs / "loss.png").is_file() and (runs / "validation").is_dir()
+    assert (runs / "loss.csv").is_file() and (runs / "loss.png").is_file()
+    assert (runs / "samples" / "manifest.jsonl").is_file()  # the sample sweep, a runner run dir
     from safetensors import safe_open
 
     with safe_open(str(runs / "photos_kohya.safetensors"), "pt") as f:
@@ -104,7 +105,8 @@ BAD = {
         lambda t: ["model=tiny-zimage", f"data.dir={photos(t / 'data')}", "data.resolution=40"],
         "data.resolution=40 is not a multiple of 16"),
     "bucket not a multiple of the latent factor": (
-        lambda t: ["model=tiny-zimage", f"data.dir={photos(t / 'data')}", "data.resolution=32", "data.buckets=[32,40]"],
+        lambda t: ["model=tiny-zimage", f"data.dir={photos(t / 'data')}", "data.resolution=32",
+                   "data.buckets=[32,40]"],
         "data.buckets has 40, not a multiple of 16"),
     "text-encoder LoRA where the loader takes none": (
         lambda t: ["model=tiny-qwenimage", f"data.dir={photos(t / 'data')}", "lora.text_encoder=true",

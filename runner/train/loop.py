@@ -265,8 +265,7 @@ def train(
             if step % t.checkpoint_every == 0 or step == t.steps:
                 folder = save_checkpoint(run_dir, step, state, t.keep_checkpoints)
                 plot(losses.rows(), run_dir / "loss.png")
-                render(spec, prompts, folder / f"{name}.safetensors", name, size,
-                       run_dir / "validation" / f"step-{step:06d}")
+                render(spec, prompts, folder / f"{name}.safetensors", name, size, run_dir / "samples", step)
     finally:
         bar.close()
 
