@@ -224,6 +224,7 @@ def fingerprint(spec: TrainSpec, name: str) -> dict:
     lo = spec.lora
     return {
         "model": spec.model.id,
+        "type": lo.type,
         "rank": lo.rank,
         "alpha": spec.alpha,
         "targets": list(lo.target_modules or []),

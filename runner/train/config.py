@@ -39,8 +39,12 @@ class DataConfig:
     min_size: int = 32  # images with a side below this (pixels) are skipped, one line each
 
 
+ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")
+
+
 @dataclass
 class LoraConfig:
+    type: str = "lora"  # lora | dora | loha | lokr (peft's LoraConfig / use_dora / LoHaConfig / LoKrConfig)
     rank: int = 16
     alpha: float | None = None  # null = rank (scale 1.0)
     dropout: float = 0.0
@@ -162,6 +166,7 @@ def validate_train(cfg: DictConfig | dict) -> TrainSpec:
     _number("data.caption_dropout", d.caption_dropout, float, 0.0, 1.0)
     _number("data.keep_tokens", d.keep_tokens, int, 0, 1000)
     _number("data.min_size", d.min_size, int, 1, 100_000)
+    _choice("lora.type", lo.type, ADAPTER_TYPES)
     _number("lora.rank", lo.rank, int, 1, 1024)
     if lo.alpha is not None:
         _number("lora.alpha", lo.alpha, float, 1e-6, 1e6)

@@ -97,13 +97,17 @@ def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int, b
 def _add_lora(spec: TrainSpec, adapter: Any) -> tuple[dict[str, Any], list]:
     """peft adapters on the denoiser (and the text encoders with lora.text_encoder): the modules by pipeline
     component name and their trainable parameters, kept in fp32 under mixed precision."""
-    from peft import LoraConfig
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     lo, fam = spec.lora, adapter.spec
 
-    def lora_config(targets: Any) -> LoraConfig:
+    def lora_config(targets: Any) -> Any:
+        if lo.type == "loha":
+            return LoHaConfig(r=lo.rank, alpha=spec.alpha, module_dropout=lo.dropout, target_modules=list(targets))
+        if lo.type == "lokr":
+            return LoKrConfig(r=lo.rank, alpha=spec.alpha, module_dropout=lo.dropout, target_modules=list(targets))
         return LoraConfig(r=lo.rank, lora_alpha=spec.alpha, lora_dropout=lo.dropout, init_lora_weights="gaussian",
-                          target_modules=list(targets))
+                          use_dora=lo.type == "dora", target_modules=list(targets))
 
     denoiser = adapter.denoiser
     targets = target_modules(fam, lo.preset, lo.target_modules, denoiser)
@@ -308,6 +312,7 @@ def _micro_batch_loss(adapter: Any, noise_sched: Any, spec: TrainSpec, gen: Any,
 def _lora_writer(name: str, pipe: Any, family: str, modules: dict[str, Any], spec: TrainSpec
                  ) -> Callable[[Path], Path]:
     def write(folder: Path) -> Path:
-        return save_lora(folder, name, pipe, family, modules, kohya_metadata(spec, family, name), spec.alpha)
+        return save_lora(folder, name, pipe, family, modules, kohya_metadata(spec, family, name), spec.alpha,
+                         spec.lora.rank)
 
     return write

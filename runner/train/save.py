@@ -31,7 +31,7 @@ def lora_states(modules: dict[str, Any]) -> dict[str, dict]:
 
 
 def save_lora(folder: Path, name: str, pipe: Any, family: str, modules: dict[str, Any], metadata: dict[str, str],
-              alpha: float) -> Path:
+              alpha: float, rank: int) -> Path:
     """Write `name.safetensors` (diffusers) and `name_kohya.safetensors` into `folder` atomically."""
     from safetensors.torch import save_file
 
@@ -48,7 +48,7 @@ def save_lora(folder: Path, name: str, pipe: Any, family: str, modules: dict[str
             kwargs[SAVE_KWARG[comp].replace("_layers", "_adapter_metadata")] = config
         type(pipe).save_lora_weights(tmp, weight_name=f"{name}.safetensors", **kwargs)
         _add_metadata(tmp / f"{name}.safetensors", metadata)
-        kohya = to_kohya_family(family, pipe, states, alpha)
+        kohya = to_kohya_family(family, pipe, states, alpha, rank)
         save_file({k: v.detach().float().contiguous() for k, v in kohya.items()},
                   str(tmp / f"{name}_kohya.safetensors"), metadata=metadata)
         for f in tmp.iterdir():
@@ -69,43 +69,62 @@ def _add_metadata(path: Path, extra: dict[str, str]) -> None:
     save_file(tensors, str(path), metadata={**meta, **extra})
 
 
-def _pairs(state: dict) -> dict[str, tuple[Any, Any]]:
-    """peft state -> {module path: (A, B)} (plain LoRA factors; DoRA magnitudes are written by `_extra`)."""
+# peft key suffix -> kohya/LyCORIS suffix (DoRA's magnitude becomes a per-output `dora_scale`, LyCORIS wd_on_out)
+_KOHYA_SUFFIX = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                 "lora_magnitude_vector.weight": "dora_scale", "lora_magnitude_vector": "dora_scale",
+                 **{f"hada_{p}": f"hada_{p}" for p in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+                 **{f"lokr_{p}": f"lokr_{p}" for p in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")}}
+
+
+def _modules(state: dict) -> dict[str, dict[str, Any]]:
+    """peft state -> {module path: {kohya suffix: tensor}}."""
     out: dict[str, dict] = {}
     for key, value in state.items():
-        module, kind = key.rsplit(".lora_", 1)
-        if kind.startswith(("A", "B")):
-            out.setdefault(module, {})[kind[0]] = value
-    return {m: (ab["A"], ab["B"]) for m, ab in out.items() if "A" in ab and "B" in ab}
+        suffix = next((s for s in sorted(_KOHYA_SUFFIX, key=len, reverse=True) if key.endswith("." + s)), None)
+        if suffix is None:
+            continue
+        module = key[: -len(suffix) - 1]
+        if _KOHYA_SUFFIX[suffix] == "dora_scale":
+            value = value.reshape(-1, 1)
+        out.setdefault(module, {})[_KOHYA_SUFFIX[suffix]] = value
+    return out
 
 
-def to_kohya_family(family: str, pipe: Any, states: dict[str, dict], alpha: float) -> dict:
-    """The kohya/A1111 state dict of a trained LoRA (see the module docstring for the naming per family)."""
+def to_kohya_family(family: str, pipe: Any, states: dict[str, dict], alpha: float, rank: int) -> dict:
+    """The kohya/A1111 state dict of a trained adapter (see the module docstring for the naming per family).
+
+    LoHa/LoKr/DoRA modules keep LyCORIS suffixes (`hada_w1_a`, `lokr_w1`, `dora_scale`) and diffusers module
+    paths (no BFL fusion: a fused DoRA or Kronecker factor is not a sum of parts)."""
     import torch
 
     out: dict[str, Any] = {}
-
-    def put(stem: str, a: Any, b: Any, al: float) -> None:
-        out[f"{stem}.lora_down.weight"] = a
-        out[f"{stem}.lora_up.weight"] = b
-        out[f"{stem}.alpha"] = torch.tensor(float(al))
-
     denoiser = "unet" if "unet" in states else "transformer"
-    pairs = _pairs(states.get(denoiser, {}))
-    if family == "flux1":
-        pairs = _flux_bfl(pipe.transformer, pairs, alpha, put)
+    mods = _modules(states.get(denoiser, {}))
+    plain = all(set(t) == {"lora_down.weight", "lora_up.weight"} for t in mods.values())
+
+    def put(stem: str, tensors: dict[str, Any], al: float) -> None:
+        for suffix, value in tensors.items():
+            out[f"{stem}.{suffix}"] = value
+        if "lokr_w1" in tensors and "lokr_w2" in tensors:
+            # A1111/LyCORIS ignore alpha for two full Kronecker factors: peft's alpha/r goes into w1
+            out[f"{stem}.lokr_w1"] = tensors["lokr_w1"] * (al / rank)
+        else:
+            out[f"{stem}.alpha"] = torch.tensor(float(al))
+
+    if family == "flux1" and plain:
+        mods = _flux_bfl(pipe.transformer, mods, alpha, put)
     rename = _ldm_names(pipe.unet) if family == "sdxl" else {}
     prefix = "lora_transformer_" if family == "sd3" else "lora_unet_"  # ComfyUI's kohya-style SD3 prefix
-    for module, (a, b) in pairs.items():
-        put(prefix + rename.get(module, module).replace(".", "_"), a, b, alpha)
+    for module, tensors in mods.items():
+        put(prefix + rename.get(module, module).replace(".", "_"), tensors, alpha)
     te_count = sum(1 for c in states if c.startswith("text_encoder"))
     for comp, state in states.items():
         if not comp.startswith("text_encoder"):
             continue
-        prefix = "lora_te_" if te_count == 1 and family == "sd15" else TE_PREFIX[comp]
-        for module, (a, b) in _pairs(state).items():
+        te_prefix = "lora_te_" if te_count == 1 and family == "sd15" else TE_PREFIX[comp]
+        for module, tensors in _modules(state).items():
             module = module if module.startswith("text_model.") else "text_model." + module
-            put(prefix + module.replace(".", "_"), a, b, alpha)
+            put(te_prefix + module.replace(".", "_"), tensors, alpha)
     return out
 
 
@@ -122,19 +141,19 @@ def _ldm_names(unet: Any) -> dict[str, str]:
     return out
 
 
-def _flux_bfl(transformer: Any, pairs: dict, alpha: float, put: Any) -> dict:
+def _flux_bfl(transformer: Any, mods: dict, alpha: float, put: Any) -> dict:
     """Write Flux.1 modules under BFL names (fusing q/k/v and linear1 block-diagonally); return the rest."""
     import torch
 
     from ..lora.kohya import _flux_bfl_names
 
-    rest = dict(pairs)
+    rest = {m: (t["lora_down.weight"], t["lora_up.weight"]) for m, t in mods.items()}
     for bfl, target in _flux_bfl_names(transformer).items():
         if isinstance(target, str):
             module = target.removeprefix("transformer.")
             if module in rest:
                 a, b = rest.pop(module)
-                put("lora_unet_" + bfl, a, b, alpha)
+                put("lora_unet_" + bfl, {"lora_down.weight": a, "lora_up.weight": b}, alpha)
             continue
         parts = [(p.removeprefix("transformer."), rows) for p, rows in target.parts]
         if len(parts) < 2 or not any(p in rest for p, _ in parts):
@@ -149,6 +168,5 @@ def _flux_bfl(transformer: Any, pairs: dict, alpha: float, put: Any) -> dict:
                 (lo, hi), = rows
                 up[lo:hi, i * r:(i + 1) * r] = b
         # the file's rank is r x parts: alpha scales with it so that alpha / rank stays the trained scale
-        put("lora_unet_" + bfl, torch.cat(downs), up, alpha * len(parts))
-    return rest
-
+        put("lora_unet_" + bfl, {"lora_down.weight": torch.cat(downs), "lora_up.weight": up}, alpha * len(parts))
+    return {m: {"lora_down.weight": a, "lora_up.weight": b} for m, (a, b) in rest.items()}
