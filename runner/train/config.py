@@ -13,6 +13,7 @@ from ..config import DEVICES, ModelConfig
 from ..config.validate import _choice, _number, _side
 from .families import PRESETS
 from .objective import SAMPLING
+from .optim import OPTIMIZERS, check_optimizer
 
 CAPTION_SOURCES = ("auto", "txt", "jsonl", "fixed")
 CROPS = ("center", "random")
@@ -63,6 +64,8 @@ class OptimConfig:
     lr: float = 1e-4
     lr_scheduler: str = "constant"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
     lr_warmup_steps: int = 0
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | prodigy (prodigyopt; use lr=1.0)
+    ema_decay: float | None = None  # e.g. 0.999: the saved LoRA is the moving average of the trained weights
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -183,6 +186,10 @@ def validate_train(cfg: DictConfig | dict) -> TrainSpec:
     _number("train.batch_size", t.batch_size, int, 1, 4096)
     _number("train.gradient_accumulation", t.gradient_accumulation, int, 1, 4096)
     _number("train.lr", t.lr, float, 0.0, 10.0)
+    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    check_optimizer(t.optimizer)
+    if t.ema_decay is not None:
+        _number("train.ema_decay", t.ema_decay, float, 0.0, 0.999999)
     _choice("train.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
     _number("train.lr_warmup_steps", t.lr_warmup_steps, int, 0, 10_000_000)
     _number("train.max_grad_norm", t.max_grad_norm, float, 0.0, 1e9)

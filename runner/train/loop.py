@@ -41,6 +41,7 @@ from .families import Flux1, make_adapter, target_modules
 from .losslog import LossLog, plot
 from .metadata import kohya_metadata
 from .model import latent_factor, load_pipe, native_size, resolve_precision
+from .optim import Ema, make_optimizer
 from .save import save_lora
 from .validation import default_prompts, render
 
@@ -207,15 +208,14 @@ def train(
     modules, params = _add_lora(spec, adapter)
 
     # 3. Optimizer, LR schedule, loss scaler (fp16 only) and the generator: the state a checkpoint holds.
-    optimizer = torch.optim.AdamW(
-        params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon
-    )
+    optimizer = make_optimizer(params, t)
+    ema = Ema(params, t.ema_decay) if t.ema_decay else None
     lr_sched = get_scheduler(
         t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.steps
     )
     scaler = torch.amp.GradScaler("cuda") if weight_dtype == torch.float16 else None
     gen = torch.Generator().manual_seed(t.seed)  # timesteps, noise and VAE sampling (CPU: same on every device)
-    lora_writer = _lora_writer(name, pipe, family, modules, spec)
+    lora_writer = _lora_writer(name, pipe, family, modules, spec, ema)
     state = {
         "modules": modules,
         "optimizer": optimizer,
@@ -224,6 +224,7 @@ def train(
         "scaler": scaler,
         "lora": lora_writer,
         "info": {"fingerprint": fprint, "settings": settings(spec)},
+        "ema": ema,
     }
 
     # 4. The run dir: resume from the checkpoint (weights, optimizer and random state, loss log) or start one.
@@ -260,6 +261,8 @@ def train(
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 step_loss += float(loss.detach()) / t.gradient_accumulation
             lr = _apply_gradients(optimizer, lr_sched, scaler, params, t.max_grad_norm)
+            if ema is not None:
+                ema.update()
             last = step_loss
             losses.append(step, step_loss, lr, time.perf_counter() - t0)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
@@ -309,10 +312,13 @@ def _micro_batch_loss(adapter: Any, noise_sched: Any, spec: TrainSpec, gen: Any,
     return loss_of
 
 
-def _lora_writer(name: str, pipe: Any, family: str, modules: dict[str, Any], spec: TrainSpec
+def _lora_writer(name: str, pipe: Any, family: str, modules: dict[str, Any], spec: TrainSpec, ema: Any
                  ) -> Callable[[Path], Path]:
+    import contextlib
+
     def write(folder: Path) -> Path:
-        return save_lora(folder, name, pipe, family, modules, kohya_metadata(spec, family, name), spec.alpha,
-                         spec.lora.rank)
+        with ema.swapped() if ema is not None else contextlib.nullcontext():  # the average, when EMA is on
+            return save_lora(folder, name, pipe, family, modules, kohya_metadata(spec, family, name), spec.alpha,
+                             spec.lora.rank)
 
     return write

@@ -43,6 +43,7 @@ def kohya_metadata(spec: TrainSpec, family: str, name: str, tags: dict[str, int]
         "ss_seed": str(t.seed),
         "ss_timestep_sampling": t.timestep_sampling if family not in ("sd15", "sdxl") else "uniform",
         "ss_guidance_scale": f"{t.guidance_scale:g}",
+        "ss_ema_decay": f"{t.ema_decay:g}" if t.ema_decay else "none",
         "ss_network_args": json.dumps({"preset": lo.preset, "target_modules": lo.target_modules,
                                        "algo": kind}),
         "modelspec.architecture": f"{BASE_VERSION.get(family, family)}/lora",
