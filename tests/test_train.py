@@ -118,7 +118,7 @@ def test_samples_are_one_runner_run_dir_with_a_step_axis(trained) -> None:
         assert "Lora hashes" in infotext and rec["seed"] == 0  # the same seed at every step
         by_step.setdefault(rec["loras"][0]["name"], []).append(e["file"])
     assert sorted(by_step) == ["step-000020", "step-000040"]
-    assert (folder / "loras" / "step-000020.safetensors").is_file() and list(folder.glob("grid*.png"))
+    assert (folder / "loras" / "step-000020.safetensors").is_file() and list((folder / "grids").glob("grid*.png"))
     a = pixels(folder / sorted(by_step["step-000020"])[0])
     b = pixels(folder / sorted(by_step["step-000040"])[0])
     assert np.abs(a - b).mean() > 0.5  # the LoRA kept changing between checkpoints
