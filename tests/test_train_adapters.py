@@ -95,3 +95,28 @@ def test_adapter_type_trains_and_matches_peft(family: str, model: str, kind: str
            for e in r.entries}
     assert np.abs(img[1] - img[2]).max() <= 1
     assert np.abs(img[0] - img[1]).mean() > 0.5
+
+
+@pytest.mark.parametrize("model", ["tiny-flux1", "tiny-sdxl"])
+def test_text_encoder_lora_both_files_equal(model: str, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from runner.run import run
+    from runner.train.loop import train
+
+    cfg = {"model": {"id": f"builtin:{model}"}, "data": {"dir": str(_data(tmp_path / "d")), "resolution": 32},
+           "lora": {"rank": 4, "text_encoder": True, "name": "te"},
+           "train": {"steps": 2, "lr": 5e-2, "batch_size": 2, "checkpoint_every": 2},
+           "validation": {"prompts": []}, "progress": False}
+    result = train(cfg, tmp_path / "run")
+    with safe_open(str(result.kohya_file), "pt") as f:
+        assert any(k.startswith("lora_te1_text_model_") for k in f.keys())  # noqa: SIM118
+    with safe_open(str(result.lora_file), "pt") as f:
+        assert any(k.startswith("text_encoder.") for k in f.keys())  # noqa: SIM118
+    sets = [[], [{"source": str(result.lora_file)}], [{"source": str(result.kohya_file)}]]
+    r = run(validate({"model": {"id": f"builtin:{model}"}, "prompts": ["a red square"], "seeds": [0], "steps": 2,
+                      "width": 32, "height": 32, "lora_sets": sets, "grid": {"enabled": False}}),
+            tmp_path / "out", progress=False)
+    img = {e["lora_set"]: np.asarray(Image.open(tmp_path / "out" / e["file"]).convert("RGB")).astype(int)
+           for e in r.entries}
+    assert np.abs(img[1] - img[2]).max() <= 1 and np.abs(img[0] - img[1]).mean() > 0.5
