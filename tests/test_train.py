@@ -106,16 +106,21 @@ def test_outputs_written(trained) -> None:
     assert not list(run.rglob(".*.tmp")) and not list((run / "checkpoints").glob(".step-*"))
 
 
-def test_validation_images_are_runner_outputs(trained) -> None:
-    for step in ("step-000020", "step-000040"):
-        folder = trained.run_dir / "validation" / step
-        manifest = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
-        assert sorted(e["prompt"] for e in manifest) == ["a blue square", "a green square"]
-        rec, infotext = read_png_record(str(folder / manifest[0]["file"]))
-        assert rec["loras"][0]["name"] == "squares" and "Lora hashes" in infotext
-        assert rec["loras"][0]["file"] == str(trained.run_dir / "checkpoints" / step / "squares.safetensors")
-    a = pixels(trained.run_dir / "validation" / "step-000020" / manifest[0]["file"])
-    b = pixels(trained.run_dir / "validation" / "step-000040" / manifest[0]["file"])
+def test_samples_are_one_runner_run_dir_with_a_step_axis(trained) -> None:
+    folder = trained.run_dir / "samples"
+    manifest = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    # 2 prompts x 1 seed x 2 checkpoints, each made once (the second checkpoint resumed the same run dir)
+    assert len(manifest) == 4 and len({e["file"] for e in manifest}) == 4
+    assert sorted(e["prompt"] for e in manifest) == ["a blue square"] * 2 + ["a green square"] * 2
+    by_step = {}
+    for e in manifest:
+        rec, infotext = read_png_record(str(folder / e["file"]))
+        assert "Lora hashes" in infotext and rec["seed"] == 0  # the same seed at every step
+        by_step.setdefault(rec["loras"][0]["name"], []).append(e["file"])
+    assert sorted(by_step) == ["step-000020", "step-000040"]
+    assert (folder / "loras" / "step-000020.safetensors").is_file() and list((folder / "grids").glob("grid*.png"))
+    a = pixels(folder / sorted(by_step["step-000020"])[0])
+    b = pixels(folder / sorted(by_step["step-000040"])[0])
     assert np.abs(a - b).mean() > 0.5  # the LoRA kept changing between checkpoints
 
 
@@ -223,8 +228,8 @@ def test_killed_cli_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
 
 
 def _corrupt(folder: Path) -> list[str]:
-    make_images(folder)
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")  # the only image: nothing left
     (folder / "broken.txt").write_text("broken")
     return [f"data.dir={folder}"]
 
@@ -244,7 +249,7 @@ def _empty(folder: Path) -> list[str]:
 CASES = {
     "missing folder": (lambda f: [f"data.dir={f / 'nope'}"], "is not a folder"),
     "empty folder": (_empty, "has no images"),
-    "corrupt image": (_corrupt, "broken.png is not a readable image"),
+    "only a corrupt image": (_corrupt, "none of its 1 images can be used"),
     "caption missing": (_no_caption, "caption missing for blue.png"),
     "rank zero": (lambda f: [f"data.dir={make_images(f)}", "lora.rank=0"], "lora.rank=0 is out of range"),
     "resolution": (lambda f: [f"data.dir={make_images(f)}", "data.resolution=60"], "not a multiple of 8"),

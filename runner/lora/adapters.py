@@ -171,20 +171,24 @@ class AdapterManager:
             check_base(info, self.pipe, r.file)
         check_finite(state, r.file)
         # 2. LyCORIS, Tucker LoCon and DoRA: Deltas for the merge engine (diffusers cannot apply them faithfully);
-        # so is any file whose diffusers conversion drops modules (every module is applied, or the file refused).
-        expected: dict[str, list[str]] = {}
-        peft_state = state
-        if not info.needs_merge:
-            peft_state = _alphas_baked(state, info)
-            try:
-                expected = self._expected(r, peft_state)
-            except ConfigError:
-                if self._merged(r, state, info):  # e.g. a Flux kohya file whose CLIP-L part diffusers cannot read
-                    return
-                raise
-        if info.needs_merge or (info.is_adapter and _short(info, expected)):
-            self.engine.register(r.adapter, file_deltas(self.pipe, state, info, r.file))
-            self._loaded_merged(r, info)
+        # so is any file whose diffusers conversion drops modules (every module is applied, or the file refused),
+        # and a kohya file diffusers' converters cannot place: they assume the published widths (Flux.1's BFL
+        # layout: 3072) and know no kohya names for some families (SD3, Qwen-Image, Z-Image, Flux.2); the merge
+        # engine maps the file's own module names onto this model's modules instead.
+        if info.needs_merge:
+            self._register_merge(r, state, info)
+            return
+        peft_state = _alphas_baked(state, info)
+        try:
+            expected = self._expected(r, peft_state)
+        except ConfigError:
+            if self._merged(r, state, info):  # e.g. a Flux kohya file whose CLIP-L part diffusers cannot read
+                return
+            raise
+        kohya = info.is_adapter and info.layout == "kohya"
+        if (kohya and (not expected or any(c not in self._components() for c in expected))) or \
+                (info.is_adapter and _short(info, expected)):
+            self._register_merge(r, state, info)
             return
         # 3. Everything else: diffusers' loader (with its own format conversions) into peft layers.
         with _captured_diffusers_log() as messages:
@@ -212,6 +216,10 @@ class AdapterManager:
             raise self._fail(r.adapter, msg)
         self.loads += 1
         log.info("loaded LoRA %s (%s) as %s: %s", r.name, r.file, r.adapter, got)
+
+    def _register_merge(self, r: ResolvedLora, state: dict, info: Any) -> None:
+        self.engine.register(r.adapter, file_deltas(self.pipe, state, info, r.file))
+        self._loaded_merged(r, info)
 
     def _loaded_merged(self, r: ResolvedLora, info: Any) -> None:
         self.merge_only.add(r.adapter)

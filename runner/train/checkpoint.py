@@ -103,7 +103,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     """Write checkpoints/step-N (LoRA, optimizer, LR schedule, RNGs, counters) atomically; prune old ones.
 
     `state` holds: modules {prefix: module}, optimizer, lr_scheduler, generator (torch.Generator),
-    scaler (GradScaler or None), lora (callable writing the LoRA files into a folder), info (JSON-able dict).
+    scaler (GradScaler or None), lora (callable writing the LoRA files into a folder), info (JSON-able dict),
+    ema (optional `optim.Ema`, its averages saved beside the weights).
     """
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -125,6 +126,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
                 else:
                     opt_meta.setdefault(str(idx), {})[key] = value
         tensors["generator"] = state["generator"].get_state()
+        if state.get("ema") is not None:
+            tensors.update(state["ema"].tensors())
         doc = {
             "step": step,
             "rng": meta,
@@ -215,6 +218,8 @@ def load_checkpoint(ckpt: Path, state: dict[str, Any]) -> dict:
     if state.get("scaler") and doc.get("scaler"):
         state["scaler"].load_state_dict(doc["scaler"])
     state["generator"].set_state(tensors["generator"].to(torch.uint8))
+    if state.get("ema") is not None:
+        state["ema"].load(tensors)
     _set_rng_state(tensors, doc["rng"])
     return doc
 
@@ -224,9 +229,11 @@ def fingerprint(spec: TrainSpec, name: str) -> dict:
     lo = spec.lora
     return {
         "model": spec.model.id,
+        "type": lo.type,
         "rank": lo.rank,
         "alpha": spec.alpha,
-        "targets": list(lo.target_modules),
+        "targets": list(lo.target_modules or []),
+        "preset": lo.preset,
         "text_encoder": lo.text_encoder,
         "te_targets": list(lo.text_encoder_target_modules),
         "name": name,

@@ -11,6 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 from ..common.errors import ConfigError
 from ..config import DEVICES, ModelConfig
 from ..config.validate import _choice, _number, _side
+from .families import PRESETS
+from .objective import SAMPLING
+from .optim import OPTIMIZERS, check_optimizer
 
 CAPTION_SOURCES = ("auto", "txt", "jsonl", "fixed")
 CROPS = ("center", "random")
@@ -27,15 +30,27 @@ class DataConfig:
     captions: str = "auto"  # auto | txt (same-name .txt) | jsonl (metadata.jsonl: file_name, text) | fixed
     resolution: int | None = None  # square side in pixels, multiple of 8; null = the model's native size
     crop: str = "center"  # center | random
+    buckets: list[int] | None = None  # aspect-ratio buckets at these resolutions (sides of the square of equal area,
+    # e.g. [512, 768, 1024]: every image at each, at its own aspect ratio); null = one square data.resolution
     flip: bool = False  # random horizontal flip
+    trigger: str | None = None  # replaces `[trigger]` in captions; prepended ("TRIGGER, caption") where absent
+    caption_dropout: float = 0.0  # probability of training a sample on the empty caption
+    shuffle_tags: bool = False  # shuffle the comma-separated tags of each caption every time it is drawn
+    keep_tokens: int = 0  # ... keeping the first N tags in place (kohya's keep_tokens)
+    min_size: int = 32  # images with a side below this (pixels) are skipped, one line each
+
+
+ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")
 
 
 @dataclass
 class LoraConfig:
+    type: str = "lora"  # lora | dora | loha | lokr (peft's LoraConfig / use_dora / LoHaConfig / LoKrConfig)
     rank: int = 16
     alpha: float | None = None  # null = rank (scale 1.0)
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGETS))
+    preset: str = "attn"  # attn | attn_mlp | all_linear: the family's target modules (runner/train/families.py)
+    target_modules: list[str] | None = None  # explicit module names (peft suffix match); null = the preset
     text_encoder: bool = False  # also train a LoRA on the text encoder
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
     name: str | None = None  # file stem of the saved LoRA; null = the data folder's name
@@ -49,12 +64,19 @@ class OptimConfig:
     lr: float = 1e-4
     lr_scheduler: str = "constant"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
     lr_warmup_steps: int = 0
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | prodigy (prodigyopt; use lr=1.0)
+    ema_decay: float | None = None  # e.g. 0.999: the saved LoRA is the moving average of the trained weights
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     noise_offset: float = 0.0
+    timestep_sampling: str = "sigmoid"  # flow families: uniform | sigmoid | logit_normal | shift (objective.py)
+    logit_mean: float = 0.0  # logit_normal sampling
+    logit_std: float = 1.0
+    timestep_shift: float | None = None  # shift sampling; null = the model scheduler's shift
+    guidance_scale: float = 1.0  # Flux.1-dev's distilled guidance embedding during training (ai-toolkit: 1.0)
     mixed_precision: str = "auto"  # auto = bf16 (fp16 if unsupported) on CUDA, fp32 on cpu/mps | no | fp16 | bf16
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -136,12 +158,25 @@ def validate_train(cfg: DictConfig | dict) -> TrainSpec:
             "data.captions=fixed needs data.caption (the instance prompt), e.g. data.caption='a sks cat'"
         )
     _side("data.resolution", d.resolution)
+    if d.buckets is not None:
+        if not d.buckets:
+            raise ConfigError("data.buckets=[] is empty; give resolutions such as [512, 768] or null")
+        for side in d.buckets:
+            _side("data.buckets", side)
     _choice("data.crop", d.crop, CROPS)
+    if d.trigger is not None and not d.trigger.strip():
+        raise ConfigError("data.trigger='' is empty; give the trigger word (data.trigger=sks) or null")
+    _number("data.caption_dropout", d.caption_dropout, float, 0.0, 1.0)
+    _number("data.keep_tokens", d.keep_tokens, int, 0, 1000)
+    _number("data.min_size", d.min_size, int, 1, 100_000)
+    _choice("lora.type", lo.type, ADAPTER_TYPES)
     _number("lora.rank", lo.rank, int, 1, 1024)
     if lo.alpha is not None:
         _number("lora.alpha", lo.alpha, float, 1e-6, 1e6)
     _number("lora.dropout", lo.dropout, float, 0.0, 0.99)
-    lo.target_modules = _modules("lora.target_modules", lo.target_modules)
+    _choice("lora.preset", lo.preset, PRESETS)
+    if lo.target_modules is not None:
+        lo.target_modules = _modules("lora.target_modules", lo.target_modules)
     lo.text_encoder_target_modules = _modules(
         "lora.text_encoder_target_modules", lo.text_encoder_target_modules
     )
@@ -151,10 +186,19 @@ def validate_train(cfg: DictConfig | dict) -> TrainSpec:
     _number("train.batch_size", t.batch_size, int, 1, 4096)
     _number("train.gradient_accumulation", t.gradient_accumulation, int, 1, 4096)
     _number("train.lr", t.lr, float, 0.0, 10.0)
+    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    check_optimizer(t.optimizer)
+    if t.ema_decay is not None:
+        _number("train.ema_decay", t.ema_decay, float, 0.0, 0.999999)
     _choice("train.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
     _number("train.lr_warmup_steps", t.lr_warmup_steps, int, 0, 10_000_000)
     _number("train.max_grad_norm", t.max_grad_norm, float, 0.0, 1e9)
     _number("train.noise_offset", t.noise_offset, float, 0.0, 1.0)
+    _choice("train.timestep_sampling", t.timestep_sampling, SAMPLING)
+    _number("train.logit_std", t.logit_std, float, 1e-6, 100.0)
+    if t.timestep_shift is not None:
+        _number("train.timestep_shift", t.timestep_shift, float, 1e-3, 1000.0)
+    _number("train.guidance_scale", t.guidance_scale, float, 0.0, 100.0)
     _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     _number("train.seed", t.seed, int, 0, 2**32 - 1)
     _number("train.checkpoint_every", t.checkpoint_every, int, 1, 10_000_000)

@@ -17,6 +17,7 @@ from ..common.errors import ConfigError, did_you_mean
 from ..common.io import atomic_write_bytes
 from ..common.paths import slug
 from ..generate.faults import Interrupted, InterruptGuard
+from . import objective
 from .checkpoint import (
     apply_optimizer_settings,
     changed_settings,
@@ -26,13 +27,24 @@ from .checkpoint import (
     fingerprint,
     load_checkpoint,
     save_checkpoint,
-    save_lora,
     settings,
 )
 from .config import TrainSpec, validate_train
-from .data import Example, load_pixels, sample_order, scan
+from .data import (
+    Example,
+    bucket_batch,
+    bucket_items,
+    load_pixels,
+    sample_order,
+    scan,
+    training_caption,
+)
+from .families import Flux1, make_adapter, target_modules
 from .losslog import LossLog, plot
-from .model import load_pipe, resolve_precision
+from .metadata import kohya_metadata
+from .model import latent_factor, load_pipe, native_size, resolve_precision
+from .optim import Ema, make_optimizer
+from .save import save_lora
 from .validation import default_prompts, render
 
 log = logging.getLogger(__name__)
@@ -62,61 +74,27 @@ class TrainResult:
         )
 
 
-def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int):
+def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int, buckets: list | None = None):
+    """The micro-batch at `position` of the seeded sample stream: pixels (one size) and training captions."""
     import torch
 
     d, t = spec.data, spec.train
-    idx = sample_order(len(examples), t.seed, position, t.batch_size)
+    if buckets:
+        chosen = bucket_batch(buckets, t.seed, t.batch_size, position // t.batch_size)
+        idx, sizes = [i for i, _ in chosen], [s for _, s in chosen]
+    else:
+        idx = sample_order(len(examples), t.seed, position, t.batch_size)
+        sizes = [size] * len(idx)
     pixels = [
         load_pixels(
-            examples[i], size, d.crop, d.flip, torch.Generator().manual_seed((t.seed << 32) + position + j)
+            examples[i], sizes[j], d.crop, d.flip, torch.Generator().manual_seed((t.seed << 32) + position + j)
         )
         for j, i in enumerate(idx)
     ]
-    return torch.stack(pixels), [examples[i].caption for i in idx]
-
-
-@dataclass
-class _Denoiser:
-    """What a training step reads: the frozen base (VAE, text encoder, tokenizer) around the UNet being adapted,
-    the noise schedule, and the one CPU generator of timesteps, noise and VAE samples (the same on every device)."""
-
-    unet: Any
-    vae: Any
-    te: Any
-    tok: Any
-    noise_sched: Any
-    device: str
-    dtype: Any
-    gen: Any
-    train_te: bool
-
-    def loss(self, pixels: Any, captions: list[str], noise_offset: float) -> Any:
-        """The diffusers recipe's loss on one micro-batch: MSE of the UNet's prediction against the noise (or
-        the velocity, for v-prediction models), under autocast when training in mixed precision."""
-        import torch
-        import torch.nn.functional as F
-
-        ids = self.tok(captions, max_length=self.tok.model_max_length, padding="max_length", truncation=True,
-                       return_tensors="pt").input_ids.to(self.device)
-        amp = self.dtype != torch.float32
-        with torch.autocast(device_type=self.device, dtype=self.dtype, enabled=amp):
-            with torch.no_grad():
-                dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-                latents = dist.sample(generator=self.gen) * self.vae.config.scaling_factor
-            noise = torch.randn(latents.shape, generator=self.gen).to(self.device, latents.dtype)
-            if noise_offset:
-                offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=self.gen)
-                noise = noise + noise_offset * offset.to(self.device, latents.dtype)
-            steps_t = torch.randint(0, self.noise_sched.config.num_train_timesteps, (latents.shape[0],),
-                                    generator=self.gen).to(self.device)
-            noisy = self.noise_sched.add_noise(latents, noise, steps_t)
-            with torch.set_grad_enabled(self.train_te):
-                hidden = self.te(ids, return_dict=False)[0]
-            epsilon = self.noise_sched.config.prediction_type == "epsilon"
-            target = noise if epsilon else self.noise_sched.get_velocity(latents, noise, steps_t)
-            pred = self.unet(noisy, steps_t, hidden, return_dict=False)[0]
-            return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    # the caption's own draws (dropout, tag order) from a generator of its own: the pixels stay as without them
+    captions = [training_caption(examples[i].caption, d, torch.Generator().manual_seed(
+        ((t.seed << 32) + position + j) ^ 0x9E3779B97F4A7C15)) for j, i in enumerate(idx)]
+    return torch.stack(pixels), captions
 
 
 def _check_targets(key: str, targets: Any, model: Any) -> None:
@@ -132,33 +110,49 @@ def _check_targets(key: str, targets: Any, model: Any) -> None:
                               f"names: {', '.join(names[:24])}{', …' if len(names) > 24 else ''}")
 
 
-def _add_lora(spec: TrainSpec, unet: Any, te: Any) -> tuple[dict[str, Any], list]:
-    """peft LoRA layers on the UNet (and the text encoder with lora.text_encoder): the modules and their
-    trainable parameters, kept in fp32 under mixed precision."""
-    from peft import LoraConfig
+def _add_lora(spec: TrainSpec, adapter: Any) -> tuple[dict[str, Any], list]:
+    """peft adapters on the denoiser (and the text encoders with lora.text_encoder): the modules by pipeline
+    component name and their trainable parameters, kept in fp32 under mixed precision."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-    lo = spec.lora
+    lo, fam = spec.lora, adapter.spec
 
-    def lora_config(targets: Any) -> LoraConfig:
+    def lora_config(targets: Any) -> Any:
+        if lo.type == "loha":
+            return LoHaConfig(r=lo.rank, alpha=spec.alpha, module_dropout=lo.dropout, target_modules=list(targets))
+        if lo.type == "lokr":
+            return LoKrConfig(r=lo.rank, alpha=spec.alpha, module_dropout=lo.dropout, target_modules=list(targets))
         return LoraConfig(r=lo.rank, lora_alpha=spec.alpha, lora_dropout=lo.dropout, init_lora_weights="gaussian",
-                          target_modules=list(targets))
+                          use_dora=lo.type == "dora", target_modules=list(targets))
 
-    _check_targets("lora.target_modules", lo.target_modules, unet)
-    unet.add_adapter(lora_config(lo.target_modules))
-    modules = {"unet": unet}
+    denoiser = adapter.denoiser
+    if lo.target_modules:
+        _check_targets("lora.target_modules", lo.target_modules, denoiser)
+    targets = target_modules(fam, lo.preset, lo.target_modules, denoiser)
+    if not targets:
+        raise ConfigError(f"lora.preset={lo.preset} matches no module of this {fam.name} model; give "
+                          "lora.target_modules=[...] explicitly")
+    if lo.text_encoder and not fam.text_encoders:
+        raise ConfigError(f"lora.text_encoder=true: a {fam.name} LoRA holds the transformer only (its diffusers "
+                          "loader takes no text-encoder LoRA); valid: false")
+    denoiser.add_adapter(lora_config(targets))
+    modules = {fam.denoiser: denoiser}
     if lo.text_encoder:
-        _check_targets("lora.text_encoder_target_modules", lo.text_encoder_target_modules, te)
-        te.add_adapter(lora_config(lo.text_encoder_target_modules))
-        modules["text_encoder"] = te
+        for comp, te in adapter.modules().items():
+            if comp.startswith("text_encoder"):
+                _check_targets("lora.text_encoder_target_modules", lo.text_encoder_target_modules, te)
+                te.add_adapter(lora_config(lo.text_encoder_target_modules))
+                modules[comp] = te
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     if spec.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if lo.text_encoder:
-            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-    unet.train()
-    te.train(lo.text_encoder)
+        denoiser.enable_gradient_checkpointing()
+        for comp, te in modules.items():
+            if comp.startswith("text_encoder"):
+                (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+    for m in modules.values():
+        m.train(True)
     return modules, params
 
 
@@ -210,26 +204,36 @@ def train(
     weight_dtype = resolve_precision(t.mixed_precision, device)
 
     # 2. Load the base model, frozen on the device, and add the trainable LoRA layers.
-    pipe = load_pipe(spec)
-    unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    size = spec.data.resolution or int(unet.config.sample_size) * pipe.vae_scale_factor
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    for module in (unet, vae, te):
+    pipe, family = load_pipe(spec)
+    adapter = make_adapter(family, pipe, device, weight_dtype)
+    if isinstance(adapter, Flux1):
+        adapter.guidance = t.guidance_scale
+    factor = latent_factor(pipe, adapter)
+    size = spec.data.resolution or native_size(pipe, adapter)
+    if size % factor:
+        raise ConfigError(f"data.resolution={size} is not a multiple of {factor} (this {family} model's latent "
+                          f"factor); try {max(factor, size // factor * factor)} or {(size // factor + 1) * factor}")
+    for side in spec.data.buckets or []:
+        if side % factor:
+            raise ConfigError(f"data.buckets has {side}, not a multiple of {factor} (this {family} model's latent "
+                              f"factor); try {max(factor, side // factor * factor)} or {(side // factor + 1) * factor}")
+    buckets = bucket_items(examples, list(spec.data.buckets), factor) if spec.data.buckets else None
+    noise_sched = None if adapter.spec.flow else DDPMScheduler.from_config(pipe.scheduler.config)
+    for module in adapter.frozen():
         module.requires_grad_(False)
         module.to(device, dtype=weight_dtype)
     torch.manual_seed(t.seed)
-    modules, params = _add_lora(spec, unet, te)
+    modules, params = _add_lora(spec, adapter)
 
     # 3. Optimizer, LR schedule, loss scaler (fp16 only) and the generator: the state a checkpoint holds.
-    optimizer = torch.optim.AdamW(
-        params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon
-    )
+    optimizer = make_optimizer(params, t)
+    ema = Ema(params, t.ema_decay) if t.ema_decay else None
     lr_sched = get_scheduler(
         t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.steps
     )
     scaler = torch.amp.GradScaler("cuda") if weight_dtype == torch.float16 else None
     gen = torch.Generator().manual_seed(t.seed)  # timesteps, noise and VAE sampling (CPU: same on every device)
-    lora_writer = _lora_writer(name, unet, te if lo.text_encoder else None, lo.rank, spec.alpha)
+    lora_writer = _lora_writer(name, pipe, family, modules, spec, ema)
     state = {
         "modules": modules,
         "optimizer": optimizer,
@@ -238,6 +242,7 @@ def train(
         "scaler": scaler,
         "lora": lora_writer,
         "info": {"fingerprint": fprint, "settings": settings(spec)},
+        "ema": ema,
     }
 
     # 4. The run dir: resume from the checkpoint (weights, optimizer and random state, loss log) or start one.
@@ -260,7 +265,7 @@ def train(
     prompts = default_prompts(spec, [e.caption for e in examples])
 
     # 5. Train: accumulate micro-batch gradients, step; checkpoint (with validation images) every N steps.
-    denoiser = _Denoiser(unet, vae, te, tok, noise_sched, device, weight_dtype, gen, lo.text_encoder)
+    step_loss_of = _micro_batch_loss(adapter, noise_sched, spec, gen, bool(lo.text_encoder))
     bar = tqdm(total=t.steps, initial=start_step, unit="step", disable=not spec.progress, dynamic_ncols=True)
     began = time.perf_counter()
     last = None
@@ -274,11 +279,13 @@ def train(
             for k in range(t.gradient_accumulation):
                 position = ((step - 1) * t.gradient_accumulation + k) * t.batch_size
                 with torch.enable_grad():  # loading a model turns autograd off process-wide (models/loading.py)
-                    loss = denoiser.loss(*_batch(examples, spec, size, position), t.noise_offset)
+                    loss = step_loss_of(*_batch(examples, spec, size, position, buckets))
                     scaled = loss / t.gradient_accumulation
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 step_loss += float(loss.detach()) / t.gradient_accumulation
             lr = _apply_gradients(optimizer, lr_sched, scaler, params, t.max_grad_norm)
+            if ema is not None:
+                ema.update()
             last = step_loss
             losses.append(step, step_loss, lr, time.perf_counter() - t0)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
@@ -288,9 +295,8 @@ def train(
             if step % t.checkpoint_every == 0 or step == t.steps:
                 folder = save_checkpoint(run_dir, step, state, t.keep_checkpoints)
                 plot(losses.rows(), run_dir / "loss.png")
-                if not guard.requested:  # a kill follows a SIGTERM soon: no validation images then
-                    render(spec, prompts, folder / f"{name}.safetensors", name, size,
-                           run_dir / "validation" / f"step-{step:06d}")
+                if not guard.requested:  # a kill follows a SIGTERM soon: no sample images then
+                    render(spec, prompts, folder / f"{name}.safetensors", name, size, run_dir / "samples", step)
             elif guard.requested:
                 save_checkpoint(run_dir, step, state, t.keep_checkpoints)
                 plot(losses.rows(), run_dir / "loss.png")
@@ -310,8 +316,40 @@ def train(
     )
 
 
-def _lora_writer(name: str, unet: Any, te: Any | None, rank: int, alpha: float) -> Callable[[Path], Path]:
+def _micro_batch_loss(adapter: Any, noise_sched: Any, spec: TrainSpec, gen: Any, train_te: bool
+                      ) -> Callable[[Any, list[str]], Any]:
+    """The loss of one micro-batch (pixels, captions): encode the images and captions with the frozen parts
+    (the captions with gradients when a text encoder trains), then the family's objective, under autocast when
+    training in mixed precision."""
+    import torch
+
+    amp = adapter.dtype != torch.float32
+    cache: dict[tuple[str, ...], dict] = {}  # frozen text encoders: each caption batch is encoded once
+
+    def loss_of(pixels: Any, captions: list[str]) -> Any:
+        with torch.autocast(device_type=adapter.device, dtype=adapter.dtype, enabled=amp):
+            with torch.no_grad():
+                latents = adapter.latents(pixels, gen)
+            if train_te:
+                cond = adapter.encode(captions)
+            else:
+                key = tuple(captions)
+                if key not in cache:
+                    with torch.no_grad():
+                        cache[key] = adapter.encode(captions)
+                cond = cache[key]
+            return objective.loss(adapter, latents, cond, gen, spec.train, noise_sched)
+
+    return loss_of
+
+
+def _lora_writer(name: str, pipe: Any, family: str, modules: dict[str, Any], spec: TrainSpec, ema: Any
+                 ) -> Callable[[Path], Path]:
+    import contextlib
+
     def write(folder: Path) -> Path:
-        return save_lora(folder, name, unet, te, rank, alpha)
+        with ema.swapped() if ema is not None else contextlib.nullcontext():  # the average, when EMA is on
+            return save_lora(folder, name, pipe, family, modules, kohya_metadata(spec, family, name), spec.alpha,
+                             spec.lora.rank)
 
     return write

@@ -1,4 +1,8 @@
-"""Validation images at checkpoints, rendered by the shared runner (`runner.run.run`) like any t2i output."""
+"""Samples while training: at every checkpoint, the sample prompts x seeds rendered by the shared runner
+(`runner.run.run`) into ONE run dir, `samples/`, whose LoRA-set axis is the training step (`step-000020`,
+`step-000040`, …; the base model first with `validation.include_base`). Each checkpoint's LoRA is copied into
+`samples/loras/` (pruned checkpoints keep their samples), and the runner's resume makes only the new step's
+images, with the same seeds each time, so the viewer shows the training progress as a grid."""
 
 from __future__ import annotations
 
@@ -16,16 +20,22 @@ def default_prompts(spec: TrainSpec, captions: list[str]) -> list[str]:
     return list(dict.fromkeys(captions))[:2]
 
 
-def render(spec: TrainSpec, prompts: list[str], lora_file: Path, name: str, size: int, out: Path) -> int:
-    """Generate the validation prompts x seeds with the LoRA (and base model if asked); return the count."""
+def render(spec: TrainSpec, prompts: list[str], lora_file: Path, name: str, size: int, out: Path, step: int) -> int:
+    """Add step `step` (the LoRA `lora_file`) to the sample run dir `out`; return how many images were made."""
+
     import torch
 
+    from ..common.io import atomic_write_bytes
     from ..run import run
 
     if not prompts:
         return 0
     v = spec.validation
-    lora = {"source": str(lora_file), "name": name}
+    loras = out / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(loras / f"step-{step:06d}.safetensors", lora_file.read_bytes())
+    steps = sorted(p.stem for p in loras.glob("step-*.safetensors"))
+    sets = [[{"source": str(loras / f"{s}.safetensors"), "name": s}] for s in steps]
     cfg = {
         "model": dataclasses.asdict(spec.model),
         "prompts": prompts,
@@ -36,10 +46,10 @@ def render(spec: TrainSpec, prompts: list[str], lora_file: Path, name: str, size
         "width": size,
         "height": size,
         "device": spec.device,
-        "lora_sets": ([[]] if v.include_base else []) + [[lora]],
+        "lora_sets": ([[]] if v.include_base else []) + sets,
         "max_loaded_loras": 1,
         "resume": True,
-        "grid": {"enabled": False},
+        "grid": {"enabled": True, "x": "lora_set", "y": "prompt"},
     }
     grad = torch.is_grad_enabled()
     try:
