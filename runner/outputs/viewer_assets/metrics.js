@@ -183,7 +183,9 @@
       }
       for (const p of sorted) {
         const c = svg("circle", {cx: X(p.x), cy: Y(p.y), r: name === "Pareto front" ? 5 : 4, fill: color,
-          class: "pt", "data-row": p.row.label, "fill-opacity": name === "Pareto front" ? 0.5 : 0.9});
+          class: "pt", "data-row": p.row.label, "fill-opacity": name === "Pareto front" ? 0.5 : 0.9,
+          // the front's ring lies over the same row's own point: clicks go through to it
+          ...(name === "Pareto front" ? {"pointer-events": "none"} : {})});
         c.appendChild(svg("title", {}, p.row.label + "\n" + xl + " " + fmt(p.x) + ", " + yl + " " + fmt(p.y)));
         c.addEventListener("click", () => pick(p.row));
         s.appendChild(c);
