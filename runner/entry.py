@@ -32,8 +32,8 @@ class RunDirGuard(Callback):
 
     def _check(self, path: Path, what: str) -> None:
         try:
+            check_writable(path, what)  # first: a place that cannot be written to is that, whatever it holds
             check_not_foreign(path, what)
-            check_writable(path, what)
         except ConfigError as exc:
             error(str(exc), self.prog)
             sys.exit(EXIT_CONFIG)

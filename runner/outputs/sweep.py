@@ -183,8 +183,8 @@ def merge(run_dirs: list[Path], out: Path) -> tuple[list[dict], int]:
     if mine:
         raise ConfigError(f"--output {out} is a run dir with {mine} image(s) of its own; merging into it would "
                           "mix its manifest with other dirs' lines: give it as an input and --output a new folder")
-    check_not_foreign(out, "--output")
     check_writable(out, "--output")  # a file or a read-only place: one line, not a raw OSError
+    check_not_foreign(out, "--output")
     merged: dict[str, dict] = {}
     duplicates = 0
     for d in run_dirs:
