@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import job_done, run_cli
 
 FAST = ["model=tiny", "steps=1", "width=32", "height=32"]
 
@@ -301,13 +301,7 @@ def test_server_unicode_and_long_prompts_work(server):
         resp = client.post("/api/jobs", json={**JSON_OK, "text_prompt": prompt})
         assert resp.status_code == 202, resp.text
         job = resp.json()
-        for _ in range(600):
-            job = client.get(f"/api/jobs/{job['id']}").json()
-            if job["status"] not in ("queued", "running"):
-                break
-            import time
-
-            time.sleep(0.1)
+        job = job_done(client, job["id"], timeout=60)
         assert job["status"] == "done", job
         png = client.get(job["images"][0])
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import job_done, run_cli
 from PIL import Image
 
 from runner.config.schema import EvalConfig
@@ -347,7 +347,6 @@ def test_run_with_lora_effect_and_no_baseline_is_refused_before_loading(tiny_dir
 
 def test_server_job_json_and_runs_show_scores(sweep: Path, tmp_path: Path) -> None:
     import shutil
-    import time
 
     from fastapi.testclient import TestClient
 
@@ -362,11 +361,7 @@ def test_server_job_json_and_runs_show_scores(sweep: Path, tmp_path: Path) -> No
     with TestClient(app) as client:
         job = client.post("/api/jobs", json={"text_prompt": "a red fox", "inference_steps": 1, "width": 32,
                                              "height": 32, "total_nm_img_prompt": 2}).json()
-        for _ in range(600):
-            job = client.get(f"/api/jobs/{job['id']}").json()
-            if job["status"] in ("done", "error"):
-                break
-            time.sleep(0.1)
+        job = job_done(client, job["id"], timeout=60)
         assert job["status"] == "done", job
         assert len(job["scores"]) == 2 and all(0 < s["clip_t"] <= 100 for s in job["scores"])
         runs = {r["path"]: r for r in client.get("/api/runs").json()["runs"]}

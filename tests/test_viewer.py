@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import job_done
 from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
 from PIL import Image
@@ -383,11 +384,7 @@ def test_a_finished_job_links_to_its_runs_viewer(served) -> None:
     resp = client.post("/api/jobs", json={"text_prompt": "a viewer test", "inference_steps": 1, "width": 32,
                                           "height": 32, "total_nm_img_prompt": 2})
     job = resp.json()
-    for _ in range(600):
-        job = client.get(f"/api/jobs/{job['id']}").json()
-        if job["status"] in ("done", "error"):
-            break
-        time.sleep(0.1)
+    job = job_done(client, job["id"], timeout=60)
     assert job["status"] == "done", job
     assert job["viewer"].startswith("/runs/0/") and job["viewer"].endswith("/")
     assert client.get(job["viewer"]).status_code == 200
