@@ -111,3 +111,18 @@ def test_degenerate_encoder_leaves_the_restore_out_and_records_it(degenerate_dir
     assert "emphasis_mean_restored" not in recs["a red fox"]  # no weights: nothing to restore
     for e in result.entries:
         assert np.asarray(Image.open(tmp_path / "out" / e["file"])).std() > 5
+
+
+def test_degenerate_encoder_records_it_for_edited_prompts_too(degenerate_dir: Path, tmp_path: Path) -> None:
+    """Prompt editing encodes its texts on a path of its own (generate/scheduled.py): the same record there."""
+    from PIL import Image
+
+    cfg = {"model": {"id": str(degenerate_dir)}, "prompts": ["a [(red:1.4):blue:0.5] fox", "a [red:blue:0.5] fox"],
+           "negative_prompt": "blur", "seeds": [9], "steps": 2, "width": 32, "height": 32, "device": "cpu",
+           "grid": {"enabled": False}}
+    result = run(validate(cfg), tmp_path / "out", progress=False)
+    recs = {e["prompt"]: read_png_record(str(tmp_path / "out" / e["file"]))[0] for e in result.entries}
+    assert recs["a [(red:1.4):blue:0.5] fox"]["emphasis_mean_restored"] is False
+    assert "emphasis_mean_restored" not in recs["a [red:blue:0.5] fox"]
+    for e in result.entries:
+        assert np.asarray(Image.open(tmp_path / "out" / e["file"])).std() > 5

@@ -65,13 +65,19 @@ class _Texts:
 
     def __init__(self) -> None:
         self.cache: OrderedDict[tuple, tuple] = OrderedDict()
+        self.unrestored: set[tuple] = set()  # texts whose emphasis left the mean restore out (prompt.clip)
+        self.used: list[tuple] = []  # the texts encode() was asked for since the caller last cleared it
 
     def encode(self, encoders: list, text: str, chunks: int, device: Any, key: tuple) -> tuple:
         from ..prompt.clip import encode_text
 
         full = (text, chunks, *key)
+        self.used.append(full)
         if full not in self.cache:
-            self.cache[full] = encode_text(encoders, text, device, chunks)
+            flags: set = set()
+            self.cache[full] = encode_text(encoders, text, device, chunks, flags)
+            if flags:
+                self.unrestored.add(full)
             while len(self.cache) > MAX_TEXTS:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(full)
@@ -123,6 +129,7 @@ def plan_rows(pipe: Any, kind: str, jobs: Sequence[Any], cfg: bool, skip: int | 
 
     plans = []
     for job in jobs:
+        texts.used.clear()
         text, _ = split_tags(job.prompt)
         subs = [(w, encoded(prompt_schedule(t, steps, hr))) for t, w in split_and(text)]
         negative = encoded(prompt_schedule(job.negative_prompt, steps, hr), negative=True) if cfg else []
@@ -142,6 +149,8 @@ def plan_rows(pipe: Any, kind: str, jobs: Sequence[Any], cfg: bool, skip: int | 
                           None if e.pooled is None else e.pooled.to(device=device, dtype=dtype)) for e in entries]
 
         plans.append(RowPlan(pad(negative), [(w, pad(s)) for w, s in subs]))
+        if any(u in texts.unrestored for u in texts.used):  # recorded per image, as the unscheduled path does
+            embeds.unrestored.add((job.prompt, job.negative_prompt))
     return plans
 
 
