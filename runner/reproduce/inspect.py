@@ -13,12 +13,13 @@ from ..config.hires import INFOTEXT_FIELDS as HIRES_FIELDS
 from ..config.hires import infotext_fields as hires_infotext
 from ..config.hires import record_from_infotext as hires_record
 from ..outputs.metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
+from ..prompt.syntax import EMPHASIS
 
 FOREIGN = "a1111-infotext"  # `source_format` of a record mapped from A1111 infotext
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
 _MAPPED = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Clip skip", "Seed",
            "Size-1", "Size-2", "Model", "Model hash", "Lora hashes", "Lora weights", "Version", "Emphasis",
-           "Pad conds", "Template", "TI hashes", *HIRES_FIELDS}  # Pad conds: A1111 pads always
+           "Pad conds", "Pad conds v0", "Template", "TI hashes", *HIRES_FIELDS}
 
 
 def _user_comment(raw: Any) -> str | None:
@@ -81,8 +82,12 @@ def record_from_infotext(text: str) -> dict[str, Any]:
     p = parse_infotext(text)
     sampler = p.get("Sampler")
     scheduler, schedule, lost = from_a1111(sampler, p.get("Schedule type")) if sampler else (None, None, [])
-    if p.get("Emphasis") in ("No norm", "Ignore"):  # A1111 emphasis modes this runner does not have (only Original)
+    modes = {name: key for key, name in EMPHASIS.items()}  # A1111's names -> ours; absent: Original
+    emphasis = modes.get(p.get("Emphasis", "Original"))
+    if emphasis is None:  # an extension's mode: Original, said aloud
         lost.append(f"Emphasis: {p['Emphasis']}")
+    if p.get("Pad conds v0") == "True":  # before A1111 1.6: DDIM/PLMS repeated the negative's last vector
+        lost.append("Pad conds v0: True")
     weights = _pairs(p.get("Lora weights"))
     loras = [{"name": name, "sha256": h, "scale": _num(float, weights.get(name)), "source": None,
               "weight_name": None, "file": None} for name, h in _pairs(p.get("Lora hashes")).items()]
@@ -90,7 +95,9 @@ def record_from_infotext(text: str) -> dict[str, Any]:
         "source_format": FOREIGN,
         "prompt": p["Prompt"],
         "negative_prompt": p["Negative prompt"],
-        "prompt_syntax": "plain" if p.get("Emphasis") == "None" else "a1111",  # A1111's emphasis setting
+        "prompt_syntax": "a1111",  # A1111's `Emphasis: None` still cuts chunks, edits prompts and reads tags
+        "emphasis": emphasis or "original",
+        "pad_conds": p.get("Pad conds") == "True",  # A1111's "Pad prompt/negative prompt" (written only when on)
         "seed": _num(int, p.get("Seed")),
         "steps": _num(int, p.get("Steps")),
         "guidance_scale": _num(float, p.get("CFG scale")),
