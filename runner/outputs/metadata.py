@@ -117,6 +117,8 @@ def parse_infotext(text: str) -> dict[str, Any]:
     res["Prompt"] = prompt
     res["Negative prompt"] = negative
     for k, v in _RE_PARAM.findall(lastline):
+        if v == "":  # A1111 fails on an empty value and leaves the field out
+            continue
         v = v.strip()
         if v[:1] == '"' and v[-1:] == '"':
             v = unquote(v)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -75,6 +76,29 @@ def _pairs(value: Any) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in parts}
 
 
+def _backcompat(p: dict[str, Any]) -> list[str]:
+    """The compatibility options A1111 turns on for an image of an older version (`infotext_versions.backcompat`):
+    ways those versions computed that diffusers has no switch for (the image's `Pad conds v0: True` too)."""
+    from packaging.version import InvalidVersion, Version
+
+    text = str(p.get("Version") or "")
+    m = re.match(r"([^-]+-[^-]+)-.*", text)
+    try:
+        ver = Version(m.group(1) if m else text)
+    except InvalidVersion:
+        return ["Pad conds v0"] if p.get("Pad conds v0") == "True" else []
+    out = []
+    if ver < Version("1.6.0") and "[" in p.get("Prompt", ""):
+        out.append("Old prompt editing timelines")
+    if (ver < Version("1.6.0") and p.get("Sampler", "") in ("DDIM", "PLMS")) or p.get("Pad conds v0") == "True":
+        out.append("Pad conds v0")  # the negative's last vector repeated (or cut) to the prompt's length
+    if ver < Version("v1.7.0-225"):
+        out.append("Downcast alphas_cumprod")
+    if ver < Version("1.8.0") and p.get("Refiner"):
+        out.append("Refiner switch by sampling steps")
+    return out
+
+
 def record_from_infotext(text: str) -> dict[str, Any]:
     """Map A1111 `parameters` infotext onto our record keys; fields we cannot use go to `ignored`."""
     from ..config.schedulers import from_a1111
@@ -86,11 +110,12 @@ def record_from_infotext(text: str) -> dict[str, Any]:
     emphasis = modes.get(p.get("Emphasis", "Original"))
     if emphasis is None:  # an extension's mode: Original, said aloud
         lost.append(f"Emphasis: {p['Emphasis']}")
-    if p.get("Pad conds v0") == "True":  # before A1111 1.6: DDIM/PLMS repeated the negative's last vector
-        lost.append("Pad conds v0: True")
+    lost += [f"{k}: True" for k in _backcompat(p)]
     weights = _pairs(p.get("Lora weights"))
     loras = [{"name": name, "sha256": h, "scale": _num(float, weights.get(name)), "source": None,
               "weight_name": None, "file": None} for name, h in _pairs(p.get("Lora hashes")).items()]
+    if p.get("Hypernet"):  # A1111 pastes it as a prompt tag (which the runner removes with a warning)
+        p["Prompt"] += f"<hypernet:{p['Hypernet']}:{p.get('Hypernet strength', '1.0')}>"
     rec: dict[str, Any] = {
         "source_format": FOREIGN,
         "prompt": p["Prompt"],
