@@ -195,22 +195,14 @@ def _rows_at(plans: Sequence[RowPlan], step: int, cfg: bool, sub: int = 0) -> tu
     return [e.z for e in rows], [e.pooled for e in rows]
 
 
-def _take_rows(value: Any, rows: list[int], n: int) -> Any:
-    import torch
-
-    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
-        return value[rows]
-    if isinstance(value, dict):
-        return {k: _take_rows(v, rows, n) for k, v in value.items()}
-    return value
-
-
 def _apart(unet: Any, sample: Any, timestep: Any, zs: list[Any], dtype: Any, sides: list[list[int]],
            args: tuple, kwargs: dict) -> Any:
     """One UNet call per side (each side's rows share an embedding length), merged in row order. Under batch
     invariance (generate/batch.py splits the UNet into lone images' calls) each row runs alone, as it would in a
     batch of one, so an image does not depend on its batch-mates."""
     import torch
+
+    from .batch import _take as _take_rows  # the rows of every batched argument (tensors, dicts of them)
 
     n = sample.shape[0]
     if getattr(vars(unet).get("forward"), "splits_rows", False):
