@@ -187,6 +187,11 @@ def describe(rec: dict[str, Any], path: str = "") -> str:
         ignored = rec.get("clip_skip_applied") is False and rec["clip_skip"] > 1
         out.append(_line("clip skip", f"{rec['clip_skip']}" + (" (no effect on this model, as in A1111)"
                                                                  if ignored else "")))
+    text = [f"emphasis {EMPHASIS.get(rec['emphasis'], rec['emphasis'])}"] if rec.get("emphasis") not in (
+        None, "original") else []
+    text += ["prompt and negative prompt padded to one chunk count (Pad conds)"] if rec.get("pad_conds") else []
+    if text:  # A1111's text options away from its defaults
+        out.append(_line("A1111 text", ", ".join(text)))
     where = m.get("location") or m.get("id")
     model = f"{m.get('name')}" + (f" ({where})" if where and where != m.get("name") else "")
     if m.get("revision"):
