@@ -53,11 +53,10 @@ def test_emphasis_maths_in_float32_for_a_bf16_encoder(pipe) -> None:
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("mode", ["No norm", "Ignore"])
-def test_unsupported_emphasis_modes_are_reported_not_read_as_original(mode: str) -> None:
+@pytest.mark.parametrize(("mode", "key"), [("No norm", "no_norm"), ("Ignore", "ignore"), ("None", "none")])
+def test_emphasis_modes_are_read_not_taken_for_original(mode: str, key: str) -> None:
     from runner.reproduce.inspect import record_from_infotext
 
     rec = record_from_infotext(f"a (red:1.3) fox\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, Emphasis: {mode}")
-    assert f"Emphasis: {mode}" in rec["no_equivalent"]
-    ok = record_from_infotext("a (red:1.3) fox\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, Emphasis: None")
-    assert ok["prompt_syntax"] == "plain" and not any("Emphasis" in x for x in ok["no_equivalent"])
+    assert (rec["emphasis"], rec["prompt_syntax"]) == (key, "a1111")
+    assert not any("Emphasis" in x for x in rec["no_equivalent"]) and "Emphasis" not in rec["ignored"]

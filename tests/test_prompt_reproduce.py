@@ -28,7 +28,7 @@ def test_own_image_with_weights_and_a_long_prompt_regenerates_identically(tmp_pa
     rec, text = read_png_record(str(tmp_path / "orig" / e["file"]))
     assert rec["prompt_syntax"] == "a1111" and rec["prompt_template"] == "{" + prompt + "|x}"
     assert text.splitlines()[0] == prompt and "Template: " in text
-    assert rec["pad_conds"] is True and "Pad conds: True" in text  # 2 chunks against the empty negative's 1
+    assert rec["pad_conds"] is False and "Pad conds" not in text  # A1111's default: 2 chunks against 1, unpadded
     r = run_cli(f"from_image={tmp_path / 'orig' / e['file']}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     (again,) = manifest(tmp_path / "again")
@@ -46,18 +46,18 @@ def _a1111_png(path: Path, text: str) -> Path:
 
 def test_a1111_image_with_weights_gets_the_same_conditioning(tmp_path: Path, tiny_dir: Path) -> None:
     settings = f"Steps: 2, Sampler: Euler, CFG scale: 7, Seed: 9, Size: {SIDE}x{SIDE}, Model: v1-5-pruned"
-    for name, extra, syntax in (("weights", "", "a1111"), ("none", ", Emphasis: None", "plain")):
+    for name, extra, emphasis in (("weights", "", "original"), ("none", ", Emphasis: None", "none")):
         img = _a1111_png(tmp_path / f"{name}.png", f"a (red:1.4) fox\nNegative prompt: (blur:1.2)\n{settings}{extra}")
-        assert record_from_infotext(f"x\n{settings}{extra}")["prompt_syntax"] == syntax
+        assert record_from_infotext(f"x\n{settings}{extra}")["emphasis"] == emphasis
         d = tmp_path / f"again-{name}"
         r = run_cli(f"from_image={img}", f"model.id={tiny_dir}", f"hydra.run.dir={d}", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         (e,) = manifest(d)
-        assert (e["prompt"], e["negative_prompt"], e["prompt_syntax"]) == ("a (red:1.4) fox", "(blur:1.2)", syntax)
+        assert (e["prompt"], e["negative_prompt"], e["emphasis"]) == ("a (red:1.4) fox", "(blur:1.2)", emphasis)
         direct = run(validate({"model": {"id": str(tiny_dir)}, "prompts": ["a (red:1.4) fox"],
                                "negative_prompt": "(blur:1.2)", "seeds": [9], "steps": 2, "width": SIDE,
                                "height": SIDE, "scheduler": "euler", "schedule": "uniform", "guidance_scale": 7,
-                               "device": "cpu", "prompt_syntax": syntax, "grid": {"enabled": False}}),
+                               "device": "cpu", "emphasis": emphasis, "grid": {"enabled": False}}),
                      tmp_path / f"direct-{name}", progress=False)
         want = pixels(tmp_path / f"direct-{name}" / direct.entries[0]["file"])
         assert want.std() > 5 and np.array_equal(pixels(d / e["file"]), want)

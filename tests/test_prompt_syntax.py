@@ -68,13 +68,13 @@ def pipe(tiny_dir: Path):
     return load_model(validate({"model": {"id": str(tiny_dir)}, "device": "cpu"}).model, "cpu").pipe
 
 
-def _embeds(pipe, prompt: str, negative: str = "", syntax: str = "a1111", skip: int | None = None):
+def _embeds(pipe, prompt: str, negative: str = "", syntax: str = "a1111", skip: int | None = None, pad: bool = False):
     import torch
 
     from runner.generate.prompt_embeds import PromptEmbeds
 
     with torch.inference_mode():
-        return PromptEmbeds().call_kwargs(pipe, [(prompt, negative)], skip, True, (), syntax)
+        return PromptEmbeds().call_kwargs(pipe, [(prompt, negative)], skip, True, (), syntax, pad=pad)
 
 
 @pytest.mark.parametrize("skip", [None, 2])
@@ -131,7 +131,9 @@ def test_long_prompts_are_75_token_chunks_and_negative_is_padded(pipe) -> None:
     chunks = tokenize_chunks(pipe.tokenizer, parse_attention(words))
     assert [len(c.tokens) for c in chunks] == [77, 77]
     assert chunks[0].tokens[1 : 1 + CHUNK] == (pipe.tokenizer(words, add_special_tokens=False).input_ids[:CHUNK])
-    out = _embeds(pipe, words, "blurry")
+    out = _embeds(pipe, words, "blurry")  # A1111's default: each side at its own length
+    assert out["prompt_embeds"].shape[1] == 154 and out["negative_prompt_embeds"].shape[1] == 77
+    out = _embeds(pipe, words, "blurry", pad=True)
     assert out["prompt_embeds"].shape[1] == 154 and out["negative_prompt_embeds"].shape[1] == 154
     # the negative's second chunk is the empty prompt's chunk (A1111's "Pad prompt/negative prompt")
     empty = _embeds(pipe, "")["prompt_embeds"]
@@ -238,7 +240,8 @@ def test_sdxl_both_encoders_and_pooled_follow_a1111(xl_pipe) -> None:
     assert long["prompt_embeds"].shape == (1, 154, 64)
     assert torch.equal(long["prompt_embeds"][:, :77], first["prompt_embeds"])
     assert torch.equal(long["pooled_prompt_embeds"], first["pooled_prompt_embeds"])
-    assert long["negative_prompt_embeds"].shape == (1, 154, 64)
+    assert long["negative_prompt_embeds"].shape == (1, 77, 64)  # A1111's default: not padded
+    assert _embeds(xl_pipe, words + " fox", "blurry", pad=True)["negative_prompt_embeds"].shape == (1, 154, 64)
 
 
 def test_sdxl_pixels(xl_model: Path, tmp_path: Path) -> None:

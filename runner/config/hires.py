@@ -180,7 +180,7 @@ def record_from_infotext(p: dict[str, Any]) -> dict[str, Any]:
         if w and h:
             fw, fh = (fw, fh) if fw and fh else old_first_pass(w, h)
             out.update(width=fw, height=fh, hires_resize=[w, h])
-    elif "Hires resize-1" in p:
+    elif num(int, "Hires resize-1") or num(int, "Hires resize-2"):  # `Hires resize: 0x0` is the scale's (A1111)
         out["hires_resize"] = [num(int, "Hires resize-1") or 0, num(int, "Hires resize-2") or 0]
     else:
         out["hires_scale"] = num(float, "Hires upscale") or 2.0

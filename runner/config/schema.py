@@ -143,6 +143,8 @@ class RunConfig:
     negative_prompt: str = ""  # for every prompt without its own
     # the prompt language (runner/prompt/): A1111 syntax, variants/wildcards, prompts files, Prompt S/R
     prompt_syntax: str = "a1111"  # a1111: (weights), [less], BREAK, 75-token chunks, <lora:name:w>; plain: as is
+    emphasis: Any = "original"  # A1111 "Emphasis mode": original | no_norm | ignore | none; a list sweeps
+    pad_conds: Any = False  # A1111 "Pad prompt/negative prompt": pad the shorter side with empty chunks; a list sweeps
     prompts_file: str | None = None  # one prompt a line (# comments); replaces `prompts`
     prompt_mode: str = "combinatorial"  # {a|b} and __wildcards__: every expansion, or `random` draws
     prompt_count: int = 1  # prompt_mode=random: prompts drawn per template

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ..common.errors import ConfigError, did_you_mean, first_line
 from ..common.paths import strip_weight_ext
 from ..prompt.expand import check_sr, parse_sr
-from ..prompt.syntax import LORA_SCALE_RANGE
+from ..prompt.syntax import EMPHASIS, LORA_SCALE_RANGE
 from .blocks import BlockSpec, parse_spec
 from .hires import hires_combos
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
@@ -122,6 +122,8 @@ class RunSpec:
     hires: tuple = (None,)  # hires. fix combinations (config/hires.py Hires); (None,) = off
     embedding_dirs: tuple[str, ...] = ()  # textual-inversion folders (models/embeddings.py)
     allow_pickle_embeddings: bool = False
+    emphasis: tuple[str, ...] = ("original",)  # A1111 "Emphasis mode" axis (prompt/clip.py EMPHASIS)
+    pad_conds: tuple[bool, ...] = (False,)  # A1111 "Pad prompt/negative prompt" axis
     embeddings: tuple = ()  # the embeddings the prompts name (models/embeddings.py resolve, before planning)
 
     def lora_set_label(self, i: int) -> str:
@@ -178,6 +180,12 @@ def _side(key: str, value: Any) -> int | None:
 def _choice(key: str, value: Any, valid: tuple[str, ...]) -> str:
     if value not in valid:
         raise ConfigError(f"{key}={value!r} is not valid{did_you_mean(value, valid)}; valid: {', '.join(valid)}")
+    return value
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not valid; valid: true, false")
     return value
 
 
@@ -545,6 +553,9 @@ def _validate(cfg: DictConfig) -> RunSpec:
         hires=hires_combos(cfg.get("hires")),
         embedding_dirs=tuple(string_list("embedding_dirs", cfg.get("embedding_dirs"))),
         allow_pickle_embeddings=bool(cfg.get("allow_pickle_embeddings", False)),
+        emphasis=tuple(_choice("emphasis", v, tuple(EMPHASIS)) for v in _as_list("emphasis", cfg.get("emphasis",
+                                                                                                   "original"))),
+        pad_conds=tuple(_flag("pad_conds", v) for v in _as_list("pad_conds", cfg.get("pad_conds", False))),
         eval=_eval(cfg.get("eval")),
     )
 

@@ -11,7 +11,7 @@ from ..models.families import Traits, call_kwargs, traits_of
 from ..plan import ImageJob
 from . import scheduled
 from .hires import second_pass
-from .prompt_embeds import PromptEmbeds, _kind, diffusers_clip_skip
+from .prompt_embeds import PromptEmbeds, _kind, diffusers_clip_skip, pads_conds
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def _split(fn: Callable, pairs: Callable[[], bool]) -> Callable:
         parts = [fn(_take(sample, g, n), *(_take(a, g, n) for a in args), **_take(kwargs, g, n)) for g in groups]
         return _merge(parts, groups, n)
 
+    wrapped.splits_rows = True  # scheduled._apart: rows it hands over one side at a time are run alone too
     return wrapped
 
 
@@ -123,13 +124,16 @@ def _sd_text(pipe: Any, jobs: Sequence[ImageJob], embeds: PromptEmbeds | None,
     first = jobs[0]
     # the pipelines' own rule for classifier-free guidance (negative prompts are encoded only when it is on)
     cfg = first.guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
-    if first.prompt_syntax == "a1111" and any(scheduled.needs_plan(j.prompt, j.negative_prompt) for j in jobs):
+    if first.prompt_syntax == "a1111" and any(
+            scheduled.needs_plan(j.prompt, j.negative_prompt)
+            or (cfg and not j.pad_conds and pads_conds(pipe, j.prompt, j.negative_prompt, j.emphasis)) for j in jobs):
         # prompt editing, alternation, AND: per-step conditioning (generate/scheduled.py); in a hires. fix pass
-        # by A1111's hires schedule
+        # by A1111's hires schedule. Unpadded sides of different chunk counts: separate UNet calls (scheduled.py)
         return scheduled.call_groups(pipe, _kind(pipe), jobs, cfg, diffusers_clip_skip(pipe, first.clip_skip),
                                      te_state, embeds or PromptEmbeds(0), hires_steps)
     return (embeds or PromptEmbeds(0)).call_groups(
-        pipe, [(j.prompt, j.negative_prompt) for j in jobs], first.clip_skip, cfg, te_state, first.prompt_syntax)
+        pipe, [(j.prompt, j.negative_prompt) for j in jobs], first.clip_skip, cfg, te_state, first.prompt_syntax,
+        first.emphasis, first.pad_conds)
 
 
 def _call(pipe: Any, traits: Traits, jobs: Sequence[ImageJob], invariant: bool, embeds: PromptEmbeds | None,

@@ -64,9 +64,10 @@ def syntax_applies(pipe: Any) -> bool:
     return _kind(pipe) is not None
 
 
-def pads_conds(pipe: Any, prompt: str, negative: str) -> bool:
-    """Whether A1111 conditioning pads the prompt or the negative prompt with empty chunks (their chunk counts
-    differ): A1111's infotext says `Pad conds: True` for it, so A1111 reproduces such an image with that option."""
+def pads_conds(pipe: Any, prompt: str, negative: str, emphasis: str = "original") -> bool:
+    """Whether the prompt and the negative prompt have different chunk counts by A1111's rules: with `pad_conds`
+    the shorter is padded with empty chunks (A1111's "Pad prompt/negative prompt", infotext `Pad conds: True`);
+    without it (A1111's default) the conditional and unconditional sides run as separate UNet calls."""
     from ..prompt.clip import chunk_count
     from ..prompt.syntax import split_tags
 
@@ -74,7 +75,7 @@ def pads_conds(pipe: Any, prompt: str, negative: str) -> bool:
     if kind is None:
         return False
     encoders = _encoders(pipe, kind, None)
-    return chunk_count(encoders, split_tags(prompt)[0]) != chunk_count(encoders, negative)
+    return chunk_count(encoders, split_tags(prompt)[0], emphasis) != chunk_count(encoders, negative, emphasis)
 
 
 def _kind(pipe: Any) -> str | None:
@@ -102,10 +103,12 @@ class PromptEmbeds:
         self._cache.clear()
 
     def call_groups(self, pipe: Any, prompts: Sequence[tuple[str, str]], clip_skip: int | None, cfg: bool,
-                    te_state: tuple, syntax: str = "plain") -> list[tuple[list[int], dict]]:
+                    te_state: tuple, syntax: str = "plain", emphasis: str = "original",
+                    pad: bool = False) -> list[tuple[list[int], dict]]:
         """Pipeline-call keyword arguments for `prompts` [(prompt, negative)], as (row indices, kwargs) per pipeline
         call: embeddings where the family is known (rows of one call have embeddings of one length: a prompt is
-        never padded because of its batch-mates), else the texts. `te_state` names what the text encoder carries."""
+        never padded because of its batch-mates), else the texts. `te_state` names what the text encoder carries;
+        `emphasis` and `pad` are A1111's emphasis mode and "Pad prompt/negative prompt" (prompt/clip.py)."""
         kind = _kind(pipe)
         skip = diffusers_clip_skip(pipe, clip_skip)
         if kind is None:
@@ -114,7 +117,7 @@ class PromptEmbeds:
             out = {"prompt": [p for p, _ in prompts], "negative_prompt": [n for _, n in prompts]}
             return [(list(range(len(prompts))), out | ({"clip_skip": skip} if "clip_skip" in _call_parameters(pipe)
                                                        else {}))]
-        rows = [self._encode(pipe, kind, p, n, skip, cfg, te_state, syntax) for p, n in prompts]
+        rows = [self._encode(pipe, kind, p, n, skip, cfg, te_state, syntax, emphasis, pad) for p, n in prompts]
         import torch
 
         names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
@@ -125,9 +128,9 @@ class PromptEmbeds:
                        for k, name in enumerate(names[: len(rows[0])])}) for idx in by_length.values()]
 
     def call_kwargs(self, pipe: Any, prompts: Sequence[tuple[str, str]], clip_skip: int | None, cfg: bool,
-                    te_state: tuple, syntax: str = "plain") -> dict:
+                    te_state: tuple, syntax: str = "plain", emphasis: str = "original", pad: bool = False) -> dict:
         """`call_groups` for prompts that share one pipeline call."""
-        groups = self.call_groups(pipe, prompts, clip_skip, cfg, te_state, syntax)
+        groups = self.call_groups(pipe, prompts, clip_skip, cfg, te_state, syntax, emphasis, pad)
         if len(groups) != 1:
             raise ValueError("these prompts have embeddings of different lengths; use call_groups")
         return groups[0][1]
@@ -144,14 +147,14 @@ class PromptEmbeds:
         return strip_syntax(prompt)
 
     def _encode(self, pipe: Any, kind: str, prompt: str, negative: str, skip: int | None, cfg: bool,
-                te_state: tuple, syntax: str) -> tuple:
-        key = (prompt, negative if cfg else None, skip, te_state, syntax)
+                te_state: tuple, syntax: str, emphasis: str = "original", pad: bool = False) -> tuple:
+        key = (prompt, negative if cfg else None, skip, te_state, syntax, emphasis, pad)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         if syntax == "a1111":
             unrestored: set = set()
-            out = _encode_a1111(pipe, kind, prompt, negative, skip, cfg, unrestored)
+            out = _encode_a1111(pipe, kind, prompt, negative, skip, cfg, unrestored, emphasis, pad)
             if unrestored and (prompt, negative) not in self.unrestored:
                 self.unrestored.add((prompt, negative))
                 log.warning("emphasis of %r / %r: the text encoder's output has a mean of ~0, so A1111's mean "
@@ -187,10 +190,11 @@ def _encoders(pipe: Any, kind: str, skip: int | None) -> list:
 
 
 def _encode_a1111(pipe: Any, kind: str, prompt: str, negative: str, skip: int | None, cfg: bool,
-                  unrestored: set | None = None) -> tuple:
+                  unrestored: set | None = None, emphasis: str = "original", pad: bool = False) -> tuple:
     """(prompt, negative[, pooled, negative pooled]) embeddings by A1111's rules: tags removed from the prompt,
-    the shorter of prompt and negative padded with empty-prompt chunks (A1111's "Pad prompt/negative prompt"),
-    an empty SDXL negative prompt as zeros (A1111 and diffusers' force_zeros_for_empty_prompt)."""
+    each at its own chunk count unless `pad` (A1111's "Pad prompt/negative prompt": the shorter padded with
+    empty-prompt chunks), an empty SDXL negative prompt as zeros (A1111 and diffusers'
+    force_zeros_for_empty_prompt)."""
     import torch
 
     from ..prompt.clip import chunk_count, encode_text
@@ -199,15 +203,18 @@ def _encode_a1111(pipe: Any, kind: str, prompt: str, negative: str, skip: int | 
     encoders = _encoders(pipe, kind, skip)
     device = pipe._execution_device
     text, _ = split_tags(prompt)
-    n = max(chunk_count(encoders, text), chunk_count(encoders, negative) if cfg else 0)
-    pos, pooled = encode_text(encoders, text, device, n, unrestored)
+    n_pos = chunk_count(encoders, text, emphasis)
+    n_neg = chunk_count(encoders, negative, emphasis) if cfg else 0
+    if pad:
+        n_pos = n_neg = max(n_pos, n_neg)
+    pos, pooled = encode_text(encoders, text, device, n_pos, unrestored, emphasis)
     neg = neg_pooled = None
     if cfg and kind == "sdxl" and negative == "" and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
         empty, _ = encode_text(encoders, "", device)
-        neg = torch.cat([torch.zeros_like(empty), *[empty] * (n - 1)], dim=1)
+        neg = torch.cat([torch.zeros_like(empty), *[empty] * (n_neg - 1)], dim=1)
         neg_pooled = torch.zeros_like(pooled)
     elif cfg:
-        neg, neg_pooled = encode_text(encoders, negative, device, n, unrestored)
+        neg, neg_pooled = encode_text(encoders, negative, device, n_neg, unrestored, emphasis)
     dtype = encoders[-1].text_encoder.dtype
     cast = [None if t is None else t.to(dtype=dtype, device=device) for t in (pos, neg, pooled, neg_pooled)]
     return tuple(cast[:2]) if kind == "sd" else tuple(cast)

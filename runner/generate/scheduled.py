@@ -12,8 +12,10 @@ conditional prediction (its own CFG step then multiplies by cfg). Rows are subst
 sub-prompts run one image at a time, so an image is computed the same whatever its batch-mates.
 
 Chunk padding as A1111's: the texts of one schedule share a chunk count (its longest), sub-prompts shorter than the
-longest repeat their last token vector (`stack_conds`), and conditional and unconditional sides are padded to each
-other with empty-prompt chunks ("Pad conds").
+longest repeat their last token vector (`stack_conds`), and the conditional and unconditional sides keep their own
+lengths and run as separate UNet calls (A1111's default), or, with `pad_conds`, are padded to each other with
+empty-prompt chunks (A1111's "Pad prompt/negative prompt", `Pad conds`). Prompts without prompt editing whose sides
+differ in chunk count come here too when they are not padded (generate/batch.py).
 """
 
 from __future__ import annotations
@@ -68,14 +70,15 @@ class _Texts:
         self.unrestored: set[tuple] = set()  # texts whose emphasis left the mean restore out (prompt.clip)
         self.used: list[tuple] = []  # the texts encode() was asked for since the caller last cleared it
 
-    def encode(self, encoders: list, text: str, chunks: int, device: Any, key: tuple) -> tuple:
+    def encode(self, encoders: list, text: str, chunks: int, device: Any, key: tuple,
+               emphasis: str = "original") -> tuple:
         from ..prompt.clip import encode_text
 
-        full = (text, chunks, *key)
+        full = (text, chunks, emphasis, *key)
         self.used.append(full)
         if full not in self.cache:
             flags: set = set()
-            self.cache[full] = encode_text(encoders, text, device, chunks, flags)
+            self.cache[full] = encode_text(encoders, text, device, chunks, flags, emphasis)
             if flags:
                 self.unrestored.add(full)
             while len(self.cache) > MAX_TEXTS:
@@ -120,32 +123,36 @@ def plan_rows(pipe: Any, kind: str, jobs: Sequence[Any], cfg: bool, skip: int | 
     key = (skip, te_state, kind)
     zeros_for_empty = kind == "sdxl" and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
 
-    def encoded(schedule: list[tuple[int, str]], negative: bool = False) -> list[Entry]:
-        n = max(chunk_count(encoders, t) for _, t in schedule)
+    def encoded(schedule: list[tuple[int, str]], emphasis: str, negative: bool = False) -> list[Entry]:
+        n = max(chunk_count(encoders, t, emphasis) for _, t in schedule)
         if negative and zeros_for_empty and all(t == "" for _, t in schedule):
             z, pooled = texts.encode(encoders, "", n, device, key)
             return [Entry(end, torch.zeros_like(z), torch.zeros_like(pooled)) for end, _ in schedule]
-        return [Entry(end, *texts.encode(encoders, t, n, device, key)) for end, t in schedule]
+        return [Entry(end, *texts.encode(encoders, t, n, device, key, emphasis)) for end, t in schedule]
 
     plans = []
     for job in jobs:
+        emphasis = job.emphasis
         texts.used.clear()
         text, _ = split_tags(job.prompt)
-        subs = [(w, encoded(prompt_schedule(t, steps, hr))) for t, w in split_and(text)]
-        negative = encoded(prompt_schedule(job.negative_prompt, steps, hr), negative=True) if cfg else []
+        subs = [(w, encoded(prompt_schedule(t, steps, hr), emphasis)) for t, w in split_and(text)]
+        negative = encoded(prompt_schedule(job.negative_prompt, steps, hr), emphasis, negative=True) if cfg else []
         if len(subs) > 1 or subs[0][0] != 1.0:
             if not cfg:
                 raise ConfigError(f"prompt {job.prompt!r} uses AND or a :weight (composable diffusion), which "
                                   "needs classifier-free guidance; set guidance_scale above 1")
             longest = max(e.z.shape[1] for _, s in subs for e in s)
             subs = [(w, [Entry(e.end, _repeat_last(e.z, longest), e.pooled) for e in s]) for w, s in subs]
-        # conditional and unconditional sides padded to each other with empty chunks (A1111's "Pad conds")
-        length = max([e.z.shape[1] for _, s in subs for e in s] + [e.z.shape[1] for e in negative])
+        # with pad_conds, conditional and unconditional sides padded to each other with empty chunks (A1111's
+        # "Pad conds"); without, each side keeps its length (conditioning_switch runs them apart)
+        cond_len = max(e.z.shape[1] for _, s in subs for e in s)
+        neg_len = max([e.z.shape[1] for e in negative], default=cond_len)
+        padded = max(cond_len, neg_len) if job.pad_conds else None
         empty = texts.encode(encoders, "", 1, device, key)[0]
 
-        def pad(entries: list[Entry], length: int = length, empty: Any = empty) -> list[Entry]:
-            return [Entry(e.end, torch.cat([e.z, *[empty] * ((length - e.z.shape[1]) // empty.shape[1])], dim=1)
-                          .to(device=device, dtype=dtype),
+        def pad(entries: list[Entry], length: int | None = padded, empty: Any = empty) -> list[Entry]:
+            return [Entry(e.end, torch.cat([e.z, *[empty] * (((length or e.z.shape[1]) - e.z.shape[1])
+                                                            // empty.shape[1])], dim=1).to(device=device, dtype=dtype),
                           None if e.pooled is None else e.pooled.to(device=device, dtype=dtype)) for e in entries]
 
         plans.append(RowPlan(pad(negative), [(w, pad(s)) for w, s in subs]))
@@ -160,15 +167,20 @@ def call_groups(pipe: Any, kind: str, jobs: Sequence[Any], cfg: bool, skip: int 
     import torch
 
     plans = plan_rows(pipe, kind, jobs, cfg, skip, te_state, embeds, hires_steps)
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(plans):
-        by_length.setdefault(p.subs[0][1][0].z.shape[1], []).append(i)
+    by_length: dict[tuple, list[int]] = {}
+    for i, p in enumerate(plans):  # rows of one call share both sides' lengths
+        by_length.setdefault((p.subs[0][1][0].z.shape[1], p.negative[0].z.shape[1] if cfg else 0), []).append(i)
     groups = []
     for rows in by_length.values():
         first = [plans[i].subs[0][1][0] for i in rows]
         negs = [plans[i].negative[0] for i in rows] if cfg else []
-        kwargs = {"prompt_embeds": torch.cat([e.z for e in first]),
-                  "negative_prompt_embeds": torch.cat([e.z for e in negs]) if cfg else None}
+        prompt_z = torch.cat([e.z for e in first])
+        # the pipeline checks that both sides have one shape; unpadded sides of other lengths are stood in for by
+        # zeros, which conditioning_switch never hands the UNet (it runs each side with its own embeddings)
+        neg_z = torch.cat([e.z for e in negs]) if cfg else None
+        kwargs = {"prompt_embeds": prompt_z,
+                  "negative_prompt_embeds": neg_z if neg_z is None or neg_z.shape == prompt_z.shape
+                  else torch.zeros_like(prompt_z)}
         if kind == "sdxl":
             kwargs |= {"pooled_prompt_embeds": torch.cat([e.pooled for e in first]),
                        "negative_pooled_prompt_embeds": torch.cat([e.pooled for e in negs]) if cfg else None}
@@ -181,6 +193,27 @@ def _rows_at(plans: Sequence[RowPlan], step: int, cfg: bool, sub: int = 0) -> tu
     rows = [_pick(p.negative, step) for p in plans] if cfg else []
     rows += [_pick(p.subs[sub][1], step) for p in plans]
     return [e.z for e in rows], [e.pooled for e in rows]
+
+
+def _apart(unet: Any, sample: Any, timestep: Any, zs: list[Any], dtype: Any, sides: list[list[int]],
+           args: tuple, kwargs: dict) -> Any:
+    """One UNet call per side (each side's rows share an embedding length), merged in row order. Under batch
+    invariance (generate/batch.py splits the UNet into lone images' calls) each row runs alone, as it would in a
+    batch of one, so an image does not depend on its batch-mates."""
+    import torch
+
+    from .batch import _take as _take_rows  # the rows of every batched argument (tensors, dicts of them)
+
+    n = sample.shape[0]
+    if getattr(vars(unet).get("forward"), "splits_rows", False):
+        sides = [[r] for side in sides for r in side]
+    outs = []
+    for rows in sides:
+        res = unet(sample[rows], _take_rows(timestep, rows, n), torch.cat([zs[r] for r in rows]).to(dtype),
+                   *(_take_rows(a, rows, n) for a in args), **_take_rows(kwargs, rows, n))
+        outs.append(res[0] if isinstance(res, tuple) else res.sample)
+    pred = torch.cat(outs)[torch.tensor([r for rows in sides for r in rows]).argsort()]
+    return (pred,) if not kwargs.get("return_dict", True) else type(res)(sample=pred)
 
 
 class _UNetCall:
@@ -219,7 +252,11 @@ def conditioning_switch(pipe: Any, plans: Sequence[RowPlan] | None) -> Iterator[
         added = kwargs.get("added_cond_kwargs")
         if added is not None and pooled[0] is not None:
             kwargs["added_cond_kwargs"] = {**added, "text_embeds": torch.cat(pooled).to(dtype)}
-        out = unet(sample, timestep, torch.cat(zs).to(dtype), *args, **kwargs)
+        if len({z.shape[1] for z in zs}) == 1:
+            out = unet(sample, timestep, torch.cat(zs).to(dtype), *args, **kwargs)
+        else:  # unpadded sides of different lengths: A1111's separate calls, unconditional rows then conditional
+            out = _apart(unet, sample, timestep, zs, dtype, [list(range(batch)), list(range(batch, 2 * batch))],
+                         args, kwargs)
         if not cfg or not any(p.composable for p in plans):
             return out
         pred = (out[0] if isinstance(out, tuple) else out.sample).clone()

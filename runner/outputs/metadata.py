@@ -52,6 +52,7 @@ def _cfg(value: float | None) -> str | None:
 def infotext(rec: dict[str, Any]) -> str:
     """A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value, …`."""
     from ..config.hires import infotext_fields as hires_infotext
+    from ..prompt.syntax import EMPHASIS
 
     distilled = rec.get("guidance_scale") is not None and (
         rec.get("true_cfg_scale") is not None or (rec.get("model") or {}).get("family") == "flux1")
@@ -79,9 +80,11 @@ def infotext(rec: dict[str, Any]) -> str:
         fields["Lora weights"] = ", ".join(f"{re.sub('[:,]', '', lo['name'])}: {lo['scale']:g}" for lo in rec["loras"])
     if rec.get("embeddings"):  # A1111: the first 10 hex digits of each file's sha256
         fields["TI hashes"] = ", ".join(f"{e['name']}: {e['sha256'][:10]}" for e in rec["embeddings"])
-    if rec.get("prompt_syntax") == "plain" and any(c in rec["prompt"] + rec.get("negative_prompt", "") for c in "(["):
-        fields["Emphasis"] = "None"  # A1111's name for brackets read as text
-    if rec.get("pad_conds"):
+    # A1111 writes its emphasis mode when it is not Original and a text has brackets; plain text is its "None"
+    emphasis = "none" if rec.get("prompt_syntax") == "plain" else rec.get("emphasis") or "original"
+    if emphasis != "original" and any(c in rec["prompt"] + rec.get("negative_prompt", "") for c in "(["):
+        fields["Emphasis"] = EMPHASIS.get(emphasis, emphasis)
+    if rec.get("pad_conds") and rec.get("prompt_syntax") == "a1111":
         fields["Pad conds"] = "True"  # prompt and negative prompt padded to the same chunk count
     if rec.get("prompt_template"):
         fields["Template"] = rec["prompt_template"]  # sd-dynamic-prompts' field for the prompt as written
@@ -114,6 +117,8 @@ def parse_infotext(text: str) -> dict[str, Any]:
     res["Prompt"] = prompt
     res["Negative prompt"] = negative
     for k, v in _RE_PARAM.findall(lastline):
+        if v == "":  # A1111 fails on an empty value and leaves the field out
+            continue
         v = v.strip()
         if v[:1] == '"' and v[-1:] == '"':
             v = unquote(v)

@@ -17,11 +17,11 @@ from ..plan import ImageJob
 SETTINGS = ("prompt", "negative_prompt", "prompt_syntax", "seed", "steps", "guidance_scale", "width", "height",
             "scheduler", "schedule", "clip_skip", "perf", "true_cfg_scale", "max_sequence_length", "memory",
             "hires_scale", "hires_steps", "hires_denoise", "hires_upscaler", "hires_resize", "hires_prompt",
-            "hires_negative_prompt", "embeddings")
+            "hires_negative_prompt", "embeddings", "emphasis", "pad_conds")
 SPECIAL = ("loras", "model", "device", "threads", "batch_size", "batch_invariant")
 DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_set_name",
            "lora_scale", "lora_blocks", "key", "file", "index",  # lora_blocks: the swept label; loras hold each one
-           "prompt_syntax_applied", "prompt_sr", "prompt_sr_base", "pad_conds", "emphasis_mean_restored")
+           "prompt_syntax_applied", "prompt_sr", "prompt_sr_base", "emphasis_mean_restored")
 # `file`, `index`, `created` and `adopted` are in manifest lines only (the PNG holds no run-dir facts)
 PROVENANCE = ("record_version", "generator", "versions", "created", "adopted", "faults", "reproduced", "run_seed",
               "prompt_template", "prompt_seed")
@@ -39,7 +39,7 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
                  invariant: bool, config_hash: str = "") -> dict:
     """The full per-image record: every knob that changes pixels, plus provenance. `config_hash`: the model's
     pixel-changing configs (common.hashing.config_sha256)."""
-    from ..generate.prompt_embeds import clip_skip_applies, pads_conds, prompt_embeds, syntax_applies
+    from ..generate.prompt_embeds import clip_skip_applies, prompt_embeds, syntax_applies
     from ..models.memory import record as memory_record
     from .metadata import RECORD_VERSION, versions
 
@@ -54,8 +54,9 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         # False: a family whose text encoders are not CLIP got the words without the syntax (one warning)
         "prompt_syntax_applied": job.prompt_syntax == "a1111" and syntax_applies(loaded.pipe),
         **({"prompt_template": job.template} if job.template else {}),
-        **({"pad_conds": True} if job.prompt_syntax == "a1111" and (job.guidance_scale or 0) > 1
-           and pads_conds(loaded.pipe, job.prompt, job.negative_prompt) else {}),
+        # A1111's emphasis mode and "Pad prompt/negative prompt" (prompt/clip.py, generate/scheduled.py)
+        "emphasis": job.emphasis,
+        "pad_conds": job.pad_conds,
         # False: the text encoder's mean was ~0, so A1111's mean restore was left out (prompt/clip.py)
         **({"emphasis_mean_restored": False} if (job.prompt, job.negative_prompt) in prompt_embeds(loaded).unrestored
            else {}),

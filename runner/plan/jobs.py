@@ -21,7 +21,7 @@ KEY_VERSION = 2
 RANDOM_SEED = -1  # in `seeds`: draw one from the run seed
 AXES = ("prompt", "seed", "lora_set", "lora_scale", "lora_blocks", "steps", "guidance_scale", "scheduler",
         "width", "height", "clip_skip", "schedule", "true_cfg_scale", "max_sequence_length", "prompt_sr",
-        "hires_scale", "hires_steps", "hires_denoise", "hires_upscaler")
+        "hires_scale", "hires_steps", "hires_denoise", "hires_upscaler", "emphasis", "pad_conds")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class ImageJob:
     set_name: str | None = None  # the config's LoRA set label when the prompt's <lora:…> tags extend the set
     hires: Hires | None = None  # A1111's Hires. fix (config/hires.py); None = one pass
     embeddings: tuple = ()  # textual inversions its prompts name (models/embeddings.py Embedding)
+    emphasis: str = "original"  # A1111's emphasis mode (prompt/clip.py EMPHASIS), with prompt_syntax a1111
+    pad_conds: bool = False  # A1111's "Pad prompt/negative prompt", with prompt_syntax a1111
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:
@@ -91,6 +93,9 @@ class ImageJob:
              **({"max_seq": self.max_sequence_length} if self.max_sequence_length is not None else {}),
              **({"hires": dataclasses.astuple(self.hires)} if self.hires is not None else {}),
              **({"ti": [[e.name, e.sha256] for e in self.embeddings]} if self.embeddings else {}),
+             # A1111's text options away from their defaults only, so other keys stay as they were
+             **({"emphasis": self.emphasis} if self.emphasis != "original" else {}),
+             **({"pad": True} if self.pad_conds else {}),
              "loras": [[i, w] + ([spec_label(b)] if b is not None else [])
                        for i, w, b in zip(ids, self.adapter_weights, self.adapter_blocks, strict=True)]},
             sort_keys=True,
@@ -103,7 +108,7 @@ class ImageJob:
         return (self.model_index, self.lora_set, self.lora_scale, self.scheduler or "", self.steps,
                 -1.0 if self.guidance_scale is None else self.guidance_scale, self.width or 0, self.height or 0,
                 self.clip_skip or 0, self.schedule or "", self.true_cfg_scale or 0.0, self.max_sequence_length or 0,
-                self.blocks_label or "", self.prompt_syntax,
+                self.blocks_label or "", self.prompt_syntax, self.emphasis, self.pad_conds,
                 dataclasses.astuple(self.hires) if self.hires is not None else ())
 
     @property
@@ -179,10 +184,12 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
     combos = itertools.product(
         enumerate(spec.prompts), seeds, enumerate(spec.lora_sets[: spec.config_sets or None]), spec.lora_scales,
         spec.lora_blocks, spec.steps, spec.guidance_scale, spec.scheduler, spec.width, spec.height, spec.clip_skip,
-        spec.schedule, spec.true_cfg_scale, spec.max_sequence_length, sr_values, spec.hires,
+        spec.schedule, spec.true_cfg_scale, spec.max_sequence_length, sr_values, spec.hires, spec.emphasis,
+        spec.pad_conds,
     )
     seen: set[tuple] = set()
-    for (pi, p), seed, (li, loras), mult, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq, sr, hr in combos:
+    for ((pi, p), seed, (li, loras), mult, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq, sr, hr, emph,
+         pad) in combos:
         prompt, negative = replace_sr(p.prompt, spec.prompt_sr, sr), replace_sr(p.negative_prompt, spec.prompt_sr, sr)
         set_name = None
         if (pi, li) in tagged:  # the prompt's <lora:…> tags extend set li (with_prompt_loras)
@@ -192,7 +199,8 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
         scale = mult if loras else None
         blocks = blocks if loras else None
         # a prompt without the S/R search term is the same image for every S/R value: made once
-        ident = (pi, seed, li, scale, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq, prompt, negative, hr)
+        ident = (pi, seed, li, scale, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq, prompt, negative, hr,
+                 emph, pad)
         if ident in seen:  # the no-LoRA set is generated once, whatever the multipliers and blocks
             continue
         seen.add(ident)
@@ -200,7 +208,7 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
         jobs.append(ImageJob(start + len(jobs), prompt, negative, seed, steps, cfg, w, h, sched, li,
                              loras, scale, model_key, skip, schedule, ids, tcfg, seq, model_index, blocks,
                              spec.prompt_syntax, sr, p.prompt if sr is not None else None, p.template, set_name,
-                             hr, tuple(e for e in spec.embeddings if e.used_in(prompt, negative))))
+                             hr, tuple(e for e in spec.embeddings if e.used_in(prompt, negative)), emph, pad))
     return jobs
 
 

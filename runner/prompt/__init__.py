@@ -5,7 +5,7 @@ It sits below `common/` and above `config/`: pure text except clip.py, which wor
 encoder objects it is given (it loads nothing)."""
 
 from .expand import MODES, expand_prompts, parse_sr, read_prompts_file, replace_sr
-from .syntax import SYNTAXES, LoraTag, parse_attention, split_tags, strip_syntax
+from .syntax import EMPHASIS, SYNTAXES, LoraTag, parse_attention, split_tags, strip_syntax
 
-__all__ = ["MODES", "SYNTAXES", "LoraTag", "expand_prompts", "parse_attention", "parse_sr", "read_prompts_file",
-           "replace_sr", "split_tags", "strip_syntax"]
+__all__ = ["EMPHASIS", "MODES", "SYNTAXES", "LoraTag", "expand_prompts", "parse_attention", "parse_sr",
+           "read_prompts_file", "replace_sr", "split_tags", "strip_syntax"]

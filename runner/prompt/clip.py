@@ -1,10 +1,10 @@
-"""A1111's CLIP conditioning for weighted, long prompts (modules/sd_hijack_clip.py, "Original" emphasis).
+"""A1111's CLIP conditioning for weighted, long prompts (modules/sd_hijack_clip.py, modules/sd_emphasis.py).
 
 A prompt is cut into chunks of 75 tokens (a `BREAK` or a full chunk starts the next; a comma in the last 20 tokens
 moves the words after it into the next chunk), each chunk is encoded on its own as `<start> 75 tokens <end>`, its
-token embeddings are scaled by their weights and the chunk's mean is restored; the chunks are concatenated. The
-pooled embedding (SDXL) is the first chunk's. Weight 1.0 everywhere gives the embedding diffusers computes for a
-prompt of up to 75 tokens, bit for bit.
+token embeddings are scaled by their weights and the chunk's mean is restored ("Original" emphasis; syntax.EMPHASIS
+lists A1111's other modes); the chunks are concatenated. The pooled embedding (SDXL) is the first chunk's. Weight
+1.0 everywhere gives the embedding diffusers computes for a prompt of up to 75 tokens, bit for bit.
 """
 
 from __future__ import annotations
@@ -88,8 +88,14 @@ def _final_norm(te: Any) -> Any:
     return norm if norm is not None else te.text_model.final_layer_norm
 
 
-def encode_chunk(enc: Encoder, chunk: Chunk, device: Any, unrestored: set | None = None) -> tuple[Any, Any]:
-    """One chunk through one encoder with A1111's "Original" emphasis: (z [1, 77, C], pooled [1, P] or None).
+def parse(text: str, emphasis: str = "original") -> list[tuple[str, float]]:
+    """A1111's `tokenize_line` input: the attention parse, or with emphasis `none` the whole text at weight 1."""
+    return parse_attention(text) if emphasis != "none" else [(text, 1.0)]
+
+
+def encode_chunk(enc: Encoder, chunk: Chunk, device: Any, unrestored: set | None = None,
+                 emphasis: str = "original") -> tuple[Any, Any]:
+    """One chunk through one encoder with A1111's emphasis (syntax.EMPHASIS): (z [1, 77, C], pooled [1, P] or None).
     `unrestored` gets "mean" added where the mean restore was left out (MEAN_RESTORE_MIN)."""
     import torch
 
@@ -108,7 +114,8 @@ def encode_chunk(enc: Encoder, chunk: Chunk, device: Any, unrestored: set | None
         if enc.final_norm:
             z = _final_norm(te)(z)
     pooled = out[0] if enc.pooled else None  # CLIPTextModelWithProjection: text_embeds
-    if any(m != 1.0 for m in chunk.multipliers):
+    # Ignore and None apply no weights (None has none to apply: its brackets were read as text)
+    if emphasis in ("original", "no_norm") and any(m != 1.0 for m in chunk.multipliers):
         # in float32 whatever the encoder's dtype: A1111's multipliers are a float32 tensor, so its fp16 maths
         # promotes (half precision here was up to 0.0137 off)
         dtype = z.dtype
@@ -117,9 +124,9 @@ def encode_chunk(enc: Encoder, chunk: Chunk, device: Any, unrestored: set | None
         original_mean = z.mean()
         z = z * mult.reshape(1, -1, 1).expand(z.shape)
         new_mean = z.mean()
-        if mean_restore_ok(original_mean, new_mean, z):
+        if emphasis == "original" and mean_restore_ok(original_mean, new_mean, z):
             z = z * (original_mean / new_mean)
-        elif unrestored is not None:
+        elif emphasis == "original" and unrestored is not None:
             unrestored.add("mean")
         z = z.to(dtype)
     return z, pooled
@@ -135,13 +142,13 @@ def mean_restore_ok(original_mean: Any, new_mean: Any, z: Any) -> bool:
 
 
 def encode_text(encoders: list[Encoder], text: str, device: Any, chunks_at_least: int = 0,
-                unrestored: set | None = None) -> tuple[Any, Any]:
+                unrestored: set | None = None, emphasis: str = "original") -> tuple[Any, Any]:
     """A prompt (tags already removed) → (embeddings [1, 77·k, ΣC], pooled or None), at least `chunks_at_least`
-    chunks (more are the empty prompt's chunk, as A1111 pads the shorter of prompt and negative prompt).
-    `unrestored`: see encode_chunk."""
+    chunks (more are the empty prompt's chunk, as A1111 pads the texts of one batch, and with "Pad prompt/negative
+    prompt" the shorter of prompt and negative prompt). `unrestored`: see encode_chunk."""
     import torch
 
-    parsed = parse_attention(text)
+    parsed = parse(text, emphasis)
     per_encoder = [tokenize_chunks(e.tokenizer, parsed) for e in encoders]
     count = max(chunks_at_least, *(len(c) for c in per_encoder))
     zs, pooled = [], None
@@ -149,7 +156,7 @@ def encode_text(encoders: list[Encoder], text: str, device: Any, chunks_at_least
         empty = tokenize_chunks(enc.tokenizer, [("", 1.0)])[0]
         parts = []
         for i in range(count):
-            z, p = encode_chunk(enc, chunks[i] if i < len(chunks) else empty, device, unrestored)
+            z, p = encode_chunk(enc, chunks[i] if i < len(chunks) else empty, device, unrestored, emphasis)
             parts.append(z)
             if i == 0 and p is not None:
                 pooled = p
@@ -157,6 +164,6 @@ def encode_text(encoders: list[Encoder], text: str, device: Any, chunks_at_least
     return torch.cat(zs, dim=-1), pooled
 
 
-def chunk_count(encoders: list[Encoder], text: str) -> int:
-    parsed = parse_attention(text)
+def chunk_count(encoders: list[Encoder], text: str, emphasis: str = "original") -> int:
+    parsed = parse(text, emphasis)
     return max(len(tokenize_chunks(e.tokenizer, parsed)) for e in encoders)

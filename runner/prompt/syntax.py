@@ -17,6 +17,10 @@ from ..common.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SYNTAXES = ("a1111", "plain")
+# A1111's "Emphasis mode" setting (config key `emphasis` -> the name A1111 writes as `Emphasis:`): Original scales
+# and restores the mean; No norm scales only; Ignore parses the brackets but applies no weights; None reads the
+# brackets as text (no parsing, so no BREAK either).
+EMPHASIS = {"original": "Original", "no_norm": "No norm", "ignore": "Ignore", "none": "None"}
 
 # A1111's tokens, in its order: escapes, brackets, `:weight)`, plain text, a lone colon
 _ATTENTION = re.compile(r"""

@@ -55,9 +55,12 @@ def record_config(rec: dict) -> dict:
                            "negative_prompt": _text(rec.get("negative_prompt") or "")}
     if rec.get("seed") is not None:
         out["seeds"] = [rec["seed"]]
-    # the prompt is read as the image read it: A1111 syntax unless A1111 wrote `Emphasis: None`; our records from
-    # before the prompt language were plain text; an expanded prompt is not a template any more
+    # the prompt is read as the image read it: A1111 syntax for A1111's images; our records from before the prompt
+    # language were plain text; an expanded prompt is not a template any more
     out["prompt_syntax"] = rec.get("prompt_syntax") or ("a1111" if rec.get("source_format") == FOREIGN else "plain")
+    # A1111's text options; a record from before they were keys (no `emphasis`) was padded whenever lengths differed
+    out["emphasis"] = rec.get("emphasis") or "original"
+    out["pad_conds"] = rec["pad_conds"] if "emphasis" in rec else out["prompt_syntax"] == "a1111"
     out["prompt_sr"] = None
     out["prompts_file"] = None
     for key in ("steps", "guidance_scale", "width", "height", "clip_skip", "true_cfg_scale", "max_sequence_length"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -13,12 +14,13 @@ from ..config.hires import INFOTEXT_FIELDS as HIRES_FIELDS
 from ..config.hires import infotext_fields as hires_infotext
 from ..config.hires import record_from_infotext as hires_record
 from ..outputs.metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
+from ..prompt.syntax import EMPHASIS
 
 FOREIGN = "a1111-infotext"  # `source_format` of a record mapped from A1111 infotext
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
 _MAPPED = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Clip skip", "Seed",
            "Size-1", "Size-2", "Model", "Model hash", "Lora hashes", "Lora weights", "Version", "Emphasis",
-           "Pad conds", "Template", "TI hashes", *HIRES_FIELDS}  # Pad conds: A1111 pads always
+           "Pad conds", "Pad conds v0", "Template", "TI hashes", *HIRES_FIELDS}
 
 
 def _user_comment(raw: Any) -> str | None:
@@ -74,6 +76,29 @@ def _pairs(value: Any) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in parts}
 
 
+def _backcompat(p: dict[str, Any]) -> list[str]:
+    """The compatibility options A1111 turns on for an image of an older version (`infotext_versions.backcompat`):
+    ways those versions computed that diffusers has no switch for (the image's `Pad conds v0: True` too)."""
+    from packaging.version import InvalidVersion, Version
+
+    text = str(p.get("Version") or "")
+    m = re.match(r"([^-]+-[^-]+)-.*", text)
+    try:
+        ver = Version(m.group(1) if m else text)
+    except InvalidVersion:
+        return ["Pad conds v0"] if p.get("Pad conds v0") == "True" else []
+    out = []
+    if ver < Version("1.6.0") and "[" in p.get("Prompt", ""):
+        out.append("Old prompt editing timelines")
+    if (ver < Version("1.6.0") and p.get("Sampler", "") in ("DDIM", "PLMS")) or p.get("Pad conds v0") == "True":
+        out.append("Pad conds v0")  # the negative's last vector repeated (or cut) to the prompt's length
+    if ver < Version("v1.7.0-225"):
+        out.append("Downcast alphas_cumprod")
+    if ver < Version("1.8.0") and p.get("Refiner"):
+        out.append("Refiner switch by sampling steps")
+    return out
+
+
 def record_from_infotext(text: str) -> dict[str, Any]:
     """Map A1111 `parameters` infotext onto our record keys; fields we cannot use go to `ignored`."""
     from ..config.schedulers import from_a1111
@@ -81,16 +106,23 @@ def record_from_infotext(text: str) -> dict[str, Any]:
     p = parse_infotext(text)
     sampler = p.get("Sampler")
     scheduler, schedule, lost = from_a1111(sampler, p.get("Schedule type")) if sampler else (None, None, [])
-    if p.get("Emphasis") in ("No norm", "Ignore"):  # A1111 emphasis modes this runner does not have (only Original)
+    modes = {name: key for key, name in EMPHASIS.items()}  # A1111's names -> ours; absent: Original
+    emphasis = modes.get(p.get("Emphasis", "Original"))
+    if emphasis is None:  # an extension's mode: Original, said aloud
         lost.append(f"Emphasis: {p['Emphasis']}")
+    lost += [f"{k}: True" for k in _backcompat(p)]
     weights = _pairs(p.get("Lora weights"))
     loras = [{"name": name, "sha256": h, "scale": _num(float, weights.get(name)), "source": None,
               "weight_name": None, "file": None} for name, h in _pairs(p.get("Lora hashes")).items()]
+    if p.get("Hypernet"):  # A1111 pastes it as a prompt tag (which the runner removes with a warning)
+        p["Prompt"] += f"<hypernet:{p['Hypernet']}:{p.get('Hypernet strength', '1.0')}>"
     rec: dict[str, Any] = {
         "source_format": FOREIGN,
         "prompt": p["Prompt"],
         "negative_prompt": p["Negative prompt"],
-        "prompt_syntax": "plain" if p.get("Emphasis") == "None" else "a1111",  # A1111's emphasis setting
+        "prompt_syntax": "a1111",  # A1111's `Emphasis: None` still cuts chunks, edits prompts and reads tags
+        "emphasis": emphasis or "original",
+        "pad_conds": p.get("Pad conds") == "True",  # A1111's "Pad prompt/negative prompt" (written only when on)
         "seed": _num(int, p.get("Seed")),
         "steps": _num(int, p.get("Steps")),
         "guidance_scale": _num(float, p.get("CFG scale")),
@@ -155,6 +187,11 @@ def describe(rec: dict[str, Any], path: str = "") -> str:
         ignored = rec.get("clip_skip_applied") is False and rec["clip_skip"] > 1
         out.append(_line("clip skip", f"{rec['clip_skip']}" + (" (no effect on this model, as in A1111)"
                                                                  if ignored else "")))
+    text = [f"emphasis {EMPHASIS.get(rec['emphasis'], rec['emphasis'])}"] if rec.get("emphasis") not in (
+        None, "original") else []
+    text += ["prompt and negative prompt padded to one chunk count (Pad conds)"] if rec.get("pad_conds") else []
+    if text:  # A1111's text options away from its defaults
+        out.append(_line("A1111 text", ", ".join(text)))
     where = m.get("location") or m.get("id")
     model = f"{m.get('name')}" + (f" ({where})" if where and where != m.get("name") else "")
     if m.get("revision"):

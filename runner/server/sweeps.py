@@ -30,7 +30,8 @@ from .forms import FormError, allowed_models, check_lora_access, model_dict
 SWEEP_KEYS = ("prompts", "negative_prompt", "prompt_syntax", "prompt_mode", "prompt_count", "prompt_seed",
               "prompt_sr", "seeds", "model", "models", "steps", "guidance_scale", "true_cfg_scale",
               "max_sequence_length", "width", "height", "scheduler", "schedule", "clip_skip", "batch_size",
-              "lora_sets", "lora_scales", "lora_blocks", "run_seed", "grid")  # not `viewer`: the page follows it
+              "lora_sets", "lora_scales", "lora_blocks", "run_seed", "grid",
+              "emphasis", "pad_conds")  # not `viewer`: the page follows it
 _KNOWN = tuple(f.name for f in dataclasses.fields(RunConfig))
 _LEAD = re.compile(r"^(?:\S+: )?([a-z_]+)")  # the key an error line starts with (`steps=…`, `lora_sets[1]…`)
 
