@@ -84,8 +84,8 @@ def test_unpadded_sides_are_denoised_apart(tmp_path: Path, tiny_dir: Path, pipe)
     assert want.std() > 5 and np.array_equal(got, want)
     assert not np.array_equal(_pixels(tmp_path / "on" / on["file"]), got)
     # in a batch, each image is still the image made alone (batch invariance: each side's rows run one by one)
-    batch = _run(tmp_path / "batch", tiny_dir, seeds=[3, 4], batch_size=2)
-    assert np.array_equal(_pixels(tmp_path / "batch" / batch[0]["file"]), got)
+    batch = {e["seed"]: e for e in _run(tmp_path / "batch", tiny_dir, seeds=[3, 4], batch_size=2)}
+    assert np.array_equal(_pixels(tmp_path / "batch" / batch[3]["file"]), got)
 
 
 def test_pad_conds_is_read_back() -> None:
