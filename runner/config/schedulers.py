@@ -203,8 +203,8 @@ def from_a1111(sampler: str, schedule_type: str | None) -> tuple[str | None, str
         sched_label = SCHEDULE_TABLE[auto].a1111 if auto else None
     if sched_label is None and name.lower().endswith(" karras"):  # ComfyUI's "dpmpp_2m karras"
         sched_label = "Karras"
-    if sched_label is None and scheduler is not None and SCHEDULER_TABLE[scheduler].kdiffusion:
-        sched_label = "Uniform"
+    if sched_label is None and scheduler is not None and SCHEDULER_TABLE[scheduler].a1111_sigmas:
+        sched_label = "Uniform"  # (LCM's Automatic is its own timesteps: schedule=null, as t2i writes it)
     schedule = labels.get(sched_label) if sched_label else None
     if sched_label and schedule is None:
         lost.append(f"Schedule type: {sched_label}")
