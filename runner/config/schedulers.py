@@ -52,6 +52,7 @@ class Schedule:
     a1111: str  # A1111's label
     options: dict  # diffusers scheduler config options
     requires: tuple[str, ...] = ()
+    a1111_only: bool = False  # no diffusers option gives it: only A1111's samplers (rows with a1111_sigmas) run it
 
 
 A = {"schedules": A1111_SCHEDULES, "a1111_sigmas": True}  # the rows of A1111's k-diffusion samplers
@@ -100,14 +101,14 @@ def is_flow(name: str) -> bool:
 # options below: A1111's sigma schedules span the model's whole noise range (its first and last training
 # timestep); diffusers derives the range from the spaced timesteps, so they come with "linspace" spacing
 # (t = 999 … 0); SGM Uniform there is diffusers' trailing spacing (within 2.1% of A1111's); Simple has no such
-# option (options None: only on A1111's samplers).
+# option (only on A1111's samplers).
 SCHEDULE_TABLE: dict[str, Schedule] = {
     "uniform": Schedule("Uniform", {"timestep_spacing": "linspace"}),
     "karras": Schedule("Karras", {"use_karras_sigmas": True, "timestep_spacing": "linspace"}),
     "exponential": Schedule("Exponential", {"use_exponential_sigmas": True, "timestep_spacing": "linspace"}),
     "beta": Schedule("Beta", {"use_beta_sigmas": True, "timestep_spacing": "linspace"}, requires=("scipy",)),
     "sgm_uniform": Schedule("SGM Uniform", {"timestep_spacing": "trailing"}),
-    "simple": Schedule("Simple", None),
+    "simple": Schedule("Simple", {}, a1111_only=True),
 }
 SCHEDULES = tuple(SCHEDULE_TABLE)
 # Sigma options a named scheduler starts without (a model's config may turn one on: naming a scheduler resets it)
@@ -142,7 +143,7 @@ def effective_schedule(scheduler: str | None, schedule: str | None) -> str | Non
 def check_pair(scheduler: str | None, schedule: str | None) -> str | None:
     """Why `scheduler` with `schedule` cannot run (one line), or None when it can."""
     if scheduler is None:
-        if schedule is not None and SCHEDULE_TABLE[schedule].options is None:
+        if schedule is not None and SCHEDULE_TABLE[schedule].a1111_only:
             return (f"schedule={schedule} is A1111's formula for its samplers; name one, e.g. scheduler=euler "
                     f"(valid: {', '.join(k for k, r in SCHEDULER_TABLE.items() if schedule in r.schedules)})")
         return None  # the model's own scheduler class: checked once it is loaded

@@ -42,7 +42,7 @@ def scheduler_options(base: Any, name: str | None, schedule: str | None) -> tupl
             hook = {"use_karras_sigmas": True} if hasattr(cls, "_convert_to_karras") else {}
             return cls, {**options, **hook, "timestep_spacing": "linspace"}
     if schedule is not None:  # one sigma transform at a time: the schedule's replaces the model's own
-        if SCHEDULE_TABLE[schedule].options is None:
+        if SCHEDULE_TABLE[schedule].a1111_only:
             raise ConfigError(check_pair(name, schedule) or f"schedule={schedule} is not available here")
         options = {**options, **SIGMA_OPTIONS, **SCHEDULE_TABLE[schedule].options}
     # (a schedule only implied by a combined name is in that row's own options)
