@@ -52,7 +52,7 @@ def test_vector_count() -> None:
 
 @pytest.mark.parametrize("model", sorted(BASES))
 def test_runner_sigmas_match_a1111(model: str) -> None:
-    """Every supported vector within 1e-4 relative; the mismatches are listed all at once."""
+    """Every supported vector within REL; the mismatches are listed all at once."""
     base, built, bad, checked = _base(model), {}, [], 0
     for v in (v for v in VECTORS if v["model"] == model and v["schedule_type"] not in UNSUPPORTED):
         scheduler, schedule, lost = from_a1111(v["sampler"], v["schedule_type"])
@@ -81,3 +81,16 @@ def test_automatic_resolves_like_a1111() -> None:
     evenly spaced sigmas): the vectors say which schedule A1111 used."""
     for v in (v for v in VECTORS if v["schedule_type"] == "Automatic"):
         assert from_a1111(v["sampler"], "Automatic")[1] == from_a1111(v["sampler"], v["used"])[1], v["sampler"]
+
+
+@pytest.mark.parametrize("model", sorted(BASES))
+def test_schedule_null_is_a1111_automatic(model: str) -> None:
+    """`scheduler=NAME` with no schedule (the CLI, the form, the OpenAI API) steps through A1111's Automatic
+    sigmas for that sampler: the same numbers as the "Automatic" vectors."""
+    base, names = _base(model), {r.a1111: k for k, r in SCHEDULER_TABLE.items() if r.a1111_sigmas}
+    autos = [v for v in VECTORS if v["model"] == model and v["schedule_type"] == "Automatic"]
+    assert len(autos) == 30
+    for v in autos:
+        got = step_sigmas(build_scheduler(base, names[v["sampler"]], None), v["steps"])
+        assert len(got) == len(v["sigmas"]), v["sampler"]
+        assert all(abs(g - w) <= REL * w for g, w in zip(got, v["sigmas"], strict=True)), (v["sampler"], v["steps"])
