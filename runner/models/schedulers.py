@@ -40,7 +40,8 @@ def scheduler_options(base: Any, name: str | None, schedule: str | None) -> tupl
             # the class takes them through diffusers' Karras path (Euler a, without one, through set_timesteps);
             # "linspace": the first sigma is the whole noise (diffusers' init_noise_sigma), as in k-diffusion
             hook = {"use_karras_sigmas": True} if hasattr(cls, "_convert_to_karras") else {}
-            return cls, {**options, **hook, "timestep_spacing": "linspace"}
+            options = {**options, **hook, "timestep_spacing": "linspace"}
+            schedule = None  # (it is in the class, not in the config options)
     if schedule is not None:  # one sigma transform at a time: the schedule's replaces the model's own
         if SCHEDULE_TABLE[schedule].a1111_only:
             raise ConfigError(check_pair(name, schedule) or f"schedule={schedule} is not available here")
