@@ -49,7 +49,7 @@ def _uniform(n: int, table: torch.Tensor) -> torch.Tensor:
 def _sgm_uniform(n: int, table: torch.Tensor) -> torch.Tensor:
     # from the timestep of sigma_max to that of sigma_min in n + 1 points, the last (sigma_min) left out
     start, end = sigma_to_t(table, table[-1]), sigma_to_t(table, table[0])
-    return torch.stack([t_to_sigma(table, t) for t in torch.linspace(start, end, n + 1)[:-1]])
+    return t_to_sigma(table, torch.linspace(start, end, n + 1)[:-1])
 
 
 def _simple(n: int, table: torch.Tensor) -> torch.Tensor:
@@ -71,8 +71,8 @@ def _beta(n: int, table: torch.Tensor) -> torch.Tensor:
     from scipy import stats
 
     lo, hi = table[0].item(), table[-1].item()
-    ts = [stats.beta.ppf(x, BETA_ALPHA, BETA_BETA) for x in 1 - np.linspace(0, 1, n)]
-    return torch.tensor([lo + x * (hi - lo) for x in ts], dtype=torch.float32)
+    ts = stats.beta.ppf(1 - np.linspace(0, 1, n), BETA_ALPHA, BETA_BETA)
+    return torch.tensor(lo + ts * (hi - lo), dtype=torch.float32)
 
 
 SIGMA_FUNCTIONS = {"uniform": _uniform, "sgm_uniform": _sgm_uniform, "simple": _simple, "karras": _karras,
