@@ -25,7 +25,8 @@ def pixels(path: Path) -> np.ndarray:
 
 @pytest.mark.parametrize(("given", "want"), [
     (("euler", None), ("flow_euler", None, [])),
-    (("euler", "sgm_uniform"), ("flow_euler", None, [])),  # Forge's "Simple"
+    (("euler", "sgm_uniform"), ("flow_euler", None, [])),
+    (("euler", "simple"), ("flow_euler", None, [])),  # Forge's "Simple"
     (("euler", "uniform"), ("flow_euler", None, [])),  # A1111's "Normal"
     (("lcm", None), ("flow_lcm", None, [])),
     (("flow_euler", None), ("flow_euler", None, [])),

@@ -17,12 +17,12 @@ sd_parsers = pytest.importorskip("sd_parsers")  # a dev dependency: CI fails on 
 
 # scheduler= / schedule= -> A1111's (Sampler, Schedule type) for the same sampling
 A1111 = [
-    ("euler_a", None, "Euler a", None),
+    ("euler_a", None, "Euler a", "Uniform"),  # no schedule: A1111's Automatic for the sampler, said explicitly
     ("euler", "karras", "Euler", "Karras"),
     ("dpmpp_2m", "karras", "DPM++ 2M", "Karras"),
-    ("dpmpp_2m", None, "DPM++ 2M", "Uniform"),  # no schedule on a sampler whose default is Karras: said explicitly
+    ("dpmpp_2m", None, "DPM++ 2M", "Karras"),  # A1111's Automatic for DPM++ 2M (its sampler option)
     ("dpmpp_2m_sde", "exponential", "DPM++ 2M SDE", "Exponential"),
-    ("ddim", None, "DDIM", None),
+    ("ddim", None, "DDIM", None),  # A1111's timestep samplers take no Schedule type
     ("heun", "sgm_uniform", "Heun", "SGM Uniform"),
 ]
 

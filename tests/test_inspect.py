@@ -119,9 +119,12 @@ def test_comfyui_saver_names() -> None:
     ("DPM++ 2M SDE Heun", "Exponential", ("dpmpp_2m_sde_heun", "exponential", [])),
     ("DPM++ SDE", "Karras", ("dpmpp_sde", "karras", [])), ("DPM2 a", "Karras", ("dpm2_a", "karras", [])),
     ("LMS", "Beta", ("lms", "beta", [])), ("Heun", "SGM Uniform", ("heun", "sgm_uniform", [])),
-    ("Euler", "Normal", ("euler", "uniform", [])), ("Euler", "Simple", ("euler", "sgm_uniform", [])),
-    ("Euler a", "Karras", ("euler_a", None, ["Schedule type: Karras with Euler a"])),
+    ("Euler", "Normal", ("euler", "uniform", [])), ("Euler", "Simple", ("euler", "simple", [])),
+    ("Euler", "Polyexponential", ("euler", "exponential", [])),  # at A1111's default rho 1 (sigma vectors)
+    ("Euler a", "Karras", ("euler_a", "karras", [])),  # A1111's Euler a takes every Schedule type
+    ("LCM", None, ("lcm", None, [])), ("LCM", "Automatic", ("lcm", None, [])),  # LCM's own timesteps
     ("Euler", "Align Your Steps", ("euler", None, ["Schedule type: Align Your Steps"])),
+    ("Euler", "KL Optimal", ("euler", None, ["Schedule type: KL Optimal"])),
     ("DPM adaptive", None, (None, None, ["Sampler: DPM adaptive"])),
     ("Restart", "Karras", (None, None, ["Sampler: Restart", "Schedule type: Karras"])),
     ("dpmpp_2m karras", None, ("dpmpp_2m", "karras", [])), ("heun", None, ("heun", "uniform", [])),

@@ -21,7 +21,9 @@ from runner.config.schedulers import (
     SCHEDULER_TABLE,
     SCHEDULES,
     a1111_names,
+    automatic,
     check_pair,
+    effective_schedule,
     from_a1111,
     is_flow,
 )
@@ -64,11 +66,15 @@ def test_table_matches_diffusers_signatures() -> None:
         if params >= {"args", "kwargs"} and len(params) <= 3:
             pytest.fail(f"{row.cls} is a dummy: a module it needs ({row.requires}) is not installed")
         assert set(row.options) <= params, name
+        diffusers_rows = [s for s in SCHEDULES if not SCHEDULE_TABLE[s].a1111_only]
         if row.cls.startswith("FlowMatch"):  # the pipeline passes its sigmas: a sigma transform, no spacing
-            sigma = {s: set(SCHEDULE_TABLE[s].options) - {"timestep_spacing"} for s in SCHEDULES}
-            offered = tuple(s for s in SCHEDULES if sigma[s] and sigma[s] <= params)
+            sigma = {s: set(SCHEDULE_TABLE[s].options) - {"timestep_spacing"} for s in diffusers_rows}
+            offered = tuple(s for s in diffusers_rows if sigma[s] and sigma[s] <= params)
         else:
-            offered = tuple(s for s in SCHEDULES if set(SCHEDULE_TABLE[s].options) <= params)
+            offered = tuple(s for s in diffusers_rows if set(SCHEDULE_TABLE[s].options) <= params)
+        if row.a1111_sigmas:  # A1111's formulas, through diffusers' Karras path or set_timesteps (a1111_sigmas.py)
+            assert "use_karras_sigmas" in params or name == "euler_a", name
+            offered = SCHEDULES
         if row.a1111 in ("DDIM", "PLMS", "UniPC"):  # A1111's timestep samplers ignore the Schedule type
             offered = ()
         assert row.schedules == offered, (name, offered)
@@ -90,7 +96,11 @@ def test_every_scheduler_and_schedule_pair_runs_its_loop_at_1_2_4_steps() -> Non
             if check_pair(name, schedule):
                 continue
             sched = build_scheduler(bases[is_flow(name)], name, schedule)
-            for key, value in {**row.options, **(SCHEDULE_TABLE[schedule].options if schedule else {})}.items():
+            if row.a1111_sigmas:  # A1111's sigmas for the schedule, Automatic's when none is given
+                assert type(sched).a1111_schedule == effective_schedule(name, schedule), (name, schedule)
+            expect = {**row.options, **(SCHEDULE_TABLE[schedule].options if schedule and not row.a1111_sigmas
+                                        else {})}
+            for key, value in expect.items():
                 if is_flow(name) and key == "timestep_spacing":
                     continue  # a flow pipeline passes its own sigmas: no spacing option (models/schedulers.py)
                 assert sched.config[key] == value, (name, schedule, key)
@@ -137,12 +147,14 @@ def test_schedule_is_a_sweep_axis_recorded_and_in_the_infotext(tiny_dir: Path, t
         rec, text = read_png_record(str(tmp_path / "r" / e["file"]))
         p = parse_infotext(text)
         assert (rec["scheduler"], rec["schedule"]) == (e["scheduler"], e["schedule"])
-        # read back as A1111 would: no schedule = A1111's evenly spaced "Uniform"
-        assert from_a1111(p["Sampler"], p.get("Schedule type"))[:2] == (e["scheduler"], e["schedule"] or "uniform")
+        # read back as A1111 would: no schedule = the sampler's Automatic, written out (Uniform for Euler)
+        want = e["schedule"] or automatic(e["scheduler"])
+        assert from_a1111(p["Sampler"], p.get("Schedule type"))[:2] == (e["scheduler"], want)
         seen[(e["scheduler"], e["schedule"])] = pixels(tmp_path / "r" / e["file"])
-    # A1111 fills a missing Schedule type with Karras for DPM++ 2M: our plain DPM++ 2M must say Uniform
+    # schedule=null is A1111's Automatic: Karras for DPM++ 2M (the same pixels as schedule=karras), and it says so
     plain = next(e for e in res.entries if (e["scheduler"], e["schedule"]) == ("dpmpp_2m", None))
-    assert parse_infotext(read_png_record(str(tmp_path / "r" / plain["file"]))[1])["Schedule type"] == "Uniform"
+    assert parse_infotext(read_png_record(str(tmp_path / "r" / plain["file"]))[1])["Schedule type"] == "Karras"
+    assert np.array_equal(seen[("dpmpp_2m", None)], seen[("dpmpp_2m", "karras")])
     assert not np.array_equal(seen[("euler", None)], seen[("euler", "karras")])
     assert not np.array_equal(seen[("dpmpp_2m", "karras")], seen[("dpmpp_2m", "exponential")])
 
@@ -161,7 +173,8 @@ def test_karras_spans_the_models_whole_sigma_range_like_a1111() -> None:
 
 
 @pytest.mark.parametrize(("overrides", "phrase"), [
-    ({"scheduler": "euler_a", "schedule": "karras"}, "schedule=karras is not available for scheduler=euler_a"),
+    ({"scheduler": "lcm", "schedule": "karras"}, "schedule=karras is not available for scheduler=lcm"),
+    ({"schedule": "simple"}, "schedule=simple is A1111's formula for its samplers; name one, e.g. scheduler=euler"),
     ({"scheduler": "dpmpp_2m_karras", "schedule": "exponential"}, "use scheduler=dpmpp_2m schedule=exponential"),
     ({"schedule": "karas"}, "did you mean 'karras'"),
 ])
@@ -207,13 +220,15 @@ def test_from_image_warns_in_one_line_for_what_has_no_equivalent(tiny_dir: Path,
 
     img = tmp_path / "a1111.png"
     info = PngInfo()
-    info.add_text("parameters", A1111_EULER_KARRAS.replace("Sampler: Euler", "Sampler: Euler a"))
+    # KL Optimal: an A1111 Schedule type the runner does not have (Euler a takes every one it has, as in A1111)
+    info.add_text("parameters", A1111_EULER_KARRAS.replace("Sampler: Euler", "Sampler: Euler a")
+                  .replace("Karras", "KL Optimal"))
     Image.new("RGB", (SIDE, SIDE)).save(img, pnginfo=info)
     r = run_cli(f"from_image={img}", f"model.id={tiny_dir}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = [line for line in (r.stdout + r.stderr).splitlines() if "no diffusers equivalent" in line]
-    assert len(lines) == 1 and "Schedule type: Karras with Euler a" in lines[0]
-    assert "scheduler=euler_a with its default schedule" in lines[0]
+    assert len(lines) == 1 and "Schedule type: KL Optimal" in lines[0]
+    assert "scheduler=euler_a with A1111's Automatic schedule for it" in lines[0]
 
 
 def test_a1111_names_round_trip() -> None:
@@ -226,6 +241,6 @@ def test_a1111_names_round_trip() -> None:
         for schedule in (None, *row.schedules):
             sampler, label = a1111_names(name, schedule)
             got, got_schedule, lost = from_a1111(sampler, label)
-            want = schedule or row.schedule or ("uniform" if row.kdiffusion else None)
+            want = effective_schedule(name, schedule)
             assert lost == [] and got_schedule == want, (name, schedule)
             assert SCHEDULER_TABLE[got].cls == row.cls and SCHEDULER_TABLE[got].options == row.options

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 # takes the option (tests/test_schedulers.py checks each row against diffusers' signatures).
 SIGMA_SCHEDULES = ("uniform", "karras", "exponential", "beta", "sgm_uniform")
 SPACING_SCHEDULES = ("uniform", "sgm_uniform")
+# A1111's k-diffusion samplers run A1111's own sigma formulas (runner/models/a1111_sigmas.py), every one of them
+A1111_SCHEDULES = ("uniform", "karras", "exponential", "beta", "sgm_uniform", "simple")
 FLOW_SCHEDULES = ("karras", "exponential", "beta")  # the FlowMatch classes' sigma options (no timestep spacing)
 
 
@@ -34,6 +36,10 @@ class Scheduler:
     # A1111's `eta` that samples as this class does (ancestral and SDE samplers add noise at eta 1, DDIM at 0);
     # None: A1111's sampler takes no eta, so any value means the same
     eta: float | None = None
+    # its sigmas are A1111's, computed as A1111 does (runner/models/a1111_sigmas.py) for every schedule, "Automatic"
+    # (schedule=null) included; `discard`: A1111's DPM2 samplers drop the next-to-last sigma of steps + 1
+    a1111_sigmas: bool = False
+    discard: bool = False
 
     def __post_init__(self) -> None:
         assert self.schedule is None or self.schedule in self.schedules
@@ -46,27 +52,30 @@ class Schedule:
     a1111: str  # A1111's label
     options: dict  # diffusers scheduler config options
     requires: tuple[str, ...] = ()
+    a1111_only: bool = False  # no diffusers option gives it: only A1111's samplers (rows with a1111_sigmas) run it
 
 
+A = {"schedules": A1111_SCHEDULES, "a1111_sigmas": True}  # the rows of A1111's k-diffusion samplers
 SCHEDULER_TABLE: dict[str, Scheduler] = {
-    "euler": Scheduler("EulerDiscreteScheduler", "Euler"),
-    "euler_a": Scheduler("EulerAncestralDiscreteScheduler", "Euler a", schedules=SPACING_SCHEDULES, eta=1.0),
-    "heun": Scheduler("HeunDiscreteScheduler", "Heun"),
-    "lms": Scheduler("LMSDiscreteScheduler", "LMS", requires=("scipy",)),
-    "dpm2": Scheduler("KDPM2DiscreteScheduler", "DPM2", auto_schedule="karras"),
-    "dpm2_a": Scheduler("KDPM2AncestralDiscreteScheduler", "DPM2 a", auto_schedule="karras", eta=1.0),
-    "dpmpp_2m": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M", auto_schedule="karras"),
+    "euler": Scheduler("EulerDiscreteScheduler", "Euler", **A),
+    "euler_a": Scheduler("EulerAncestralDiscreteScheduler", "Euler a", eta=1.0, **A),
+    "heun": Scheduler("HeunDiscreteScheduler", "Heun", **A),
+    "lms": Scheduler("LMSDiscreteScheduler", "LMS", requires=("scipy",), **A),
+    "dpm2": Scheduler("KDPM2DiscreteScheduler", "DPM2", auto_schedule="karras", discard=True, **A),
+    "dpm2_a": Scheduler("KDPM2AncestralDiscreteScheduler", "DPM2 a", auto_schedule="karras", eta=1.0, discard=True,
+                        **A),
+    "dpmpp_2m": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M", auto_schedule="karras", **A),
     # the older combined name, kept with its old sigmas (Karras over the model's own timestep spacing) so its
     # images stay reproducible; scheduler=dpmpp_2m schedule=karras is A1111's Karras (the model's whole range)
     "dpmpp_2m_karras": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M", {"use_karras_sigmas": True},
                                  auto_schedule="karras", schedule="karras"),
     "dpmpp_2m_sde": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M SDE", {"algorithm_type": "sde-dpmsolver++"},
-                              auto_schedule="exponential", eta=1.0),
+                              auto_schedule="exponential", eta=1.0, **A),
     "dpmpp_2m_sde_heun": Scheduler("DPMSolverMultistepScheduler", "DPM++ 2M SDE Heun",
                                    {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
-                                   auto_schedule="exponential", eta=1.0),
+                                   auto_schedule="exponential", eta=1.0, **A),
     "dpmpp_sde": Scheduler("DPMSolverSDEScheduler", "DPM++ SDE", auto_schedule="karras", requires=("torchsde",),
-                           eta=1.0),
+                           eta=1.0, **A),
     # A1111's timestep samplers (modules/sd_samplers_timesteps.py) ignore the Schedule type: none is offered
     "ddim": Scheduler("DDIMScheduler", "DDIM", schedules=(), kdiffusion=False, eta=0.0),
     "pndm": Scheduler("PNDMScheduler", "PLMS", {"skip_prk_steps": True}, schedules=(), kdiffusion=False),
@@ -87,21 +96,27 @@ def is_flow(name: str) -> bool:
     """True for the schedulers of flow-matching models (the FlowMatch* classes)."""
     return SCHEDULER_TABLE[name].cls.startswith("FlowMatch")
 
-# A1111's sigma schedules span the model's whole noise range (its first and last training timestep); diffusers
-# derives the range from the spaced timesteps, so they come with "linspace" spacing (t = 999 … 0).
+# On A1111's k-diffusion samplers (rows with a1111_sigmas) every schedule is A1111's own formula
+# (runner/models/a1111_sigmas.py). Elsewhere (scheduler=null, lcm, ddpm, the flow rows) a schedule is the diffusers
+# options below: A1111's sigma schedules span the model's whole noise range (its first and last training
+# timestep); diffusers derives the range from the spaced timesteps, so they come with "linspace" spacing
+# (t = 999 … 0); SGM Uniform there is diffusers' trailing spacing (within 2.1% of A1111's); Simple has no such
+# option (only on A1111's samplers).
 SCHEDULE_TABLE: dict[str, Schedule] = {
     "uniform": Schedule("Uniform", {"timestep_spacing": "linspace"}),
     "karras": Schedule("Karras", {"use_karras_sigmas": True, "timestep_spacing": "linspace"}),
     "exponential": Schedule("Exponential", {"use_exponential_sigmas": True, "timestep_spacing": "linspace"}),
     "beta": Schedule("Beta", {"use_beta_sigmas": True, "timestep_spacing": "linspace"}, requires=("scipy",)),
     "sgm_uniform": Schedule("SGM Uniform", {"timestep_spacing": "trailing"}),
+    "simple": Schedule("Simple", {}, a1111_only=True),
 }
 SCHEDULES = tuple(SCHEDULE_TABLE)
 # Sigma options a named scheduler starts without (a model's config may turn one on: naming a scheduler resets it)
 SIGMA_OPTIONS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
 
-# A1111 names read from infotext that mean one of ours (A1111's aliases and same-sigma labels)
-A1111_SCHEDULE_ALIASES = {"Normal": "uniform", "SGMUniform": "sgm_uniform", "Simple": "sgm_uniform"}
+# A1111 names read from infotext that mean one of ours (A1111's aliases and same-sigma labels: "Normal" is the
+# Uniform formula; "Polyexponential" at its default rho 1 is the Exponential one; tests/data/a1111_sigma_vectors)
+A1111_SCHEDULE_ALIASES = {"Normal": "uniform", "SGMUniform": "sgm_uniform", "Polyexponential": "exponential"}
 A1111_AUTOMATIC = "Automatic"  # A1111's Schedule type "the sampler's own default" (its `auto_schedule`)
 # ComfyUI sampler names (as A1111-style savers write them)
 COMFY_SAMPLERS = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun", "lms": "lms", "dpm_2": "dpm2",
@@ -109,16 +124,28 @@ COMFY_SAMPLERS = {"euler": "euler", "euler_ancestral": "euler_a", "heun": "heun"
                   "dpmpp_sde": "dpmpp_sde", "ddim": "ddim", "uni_pc": "unipc", "lcm": "lcm", "ddpm": "ddpm"}
 
 
+def automatic(scheduler: str) -> str | None:
+    """A1111's "Automatic" Schedule type for a sampler (`schedule=null`): the sampler's own option (Karras for
+    DPM++ 2M, Exponential for DPM++ 2M SDE; A1111's `samplers_k_diffusion`), else the model's evenly spaced sigmas
+    ("Uniform"); None for samplers with their own timesteps (DDIM, PLMS, UniPC, LCM, DDPM, the flow rows)."""
+    row = SCHEDULER_TABLE[scheduler]
+    return row.auto_schedule or ("uniform" if row.a1111_sigmas else None)
+
+
 def effective_schedule(scheduler: str | None, schedule: str | None) -> str | None:
-    """The schedule a (scheduler, schedule) pair runs with: the explicit one, else the one the name fixes."""
+    """The schedule a (scheduler, schedule) pair runs with: the explicit one, else the one the name fixes, else
+    A1111's Automatic for the sampler (the model's own scheduler, scheduler=null, keeps its own)."""
     if schedule is None and scheduler is not None:
-        return SCHEDULER_TABLE[scheduler].schedule
+        return SCHEDULER_TABLE[scheduler].schedule or automatic(scheduler)
     return schedule
 
 
 def check_pair(scheduler: str | None, schedule: str | None) -> str | None:
     """Why `scheduler` with `schedule` cannot run (one line), or None when it can."""
     if scheduler is None:
+        if schedule is not None and SCHEDULE_TABLE[schedule].a1111_only:
+            return (f"schedule={schedule} is A1111's formula for its samplers; name one, e.g. scheduler=euler "
+                    f"(valid: {', '.join(k for k, r in SCHEDULER_TABLE.items() if schedule in r.schedules)})")
         return None  # the model's own scheduler class: checked once it is loaded
     row = SCHEDULER_TABLE[scheduler]
     if schedule is not None and row.schedule is not None and schedule != row.schedule:
@@ -143,15 +170,13 @@ def missing_modules(scheduler: str | None, schedule: str | None) -> list[str]:
 def a1111_names(scheduler: str | None, schedule: str | None) -> tuple[str | None, str | None]:
     """A1111's (Sampler, Schedule type) for a named scheduler: what A1111 must read to run the same thing.
 
-    A1111 (>= 1.9) fills a missing "Schedule type" with the sampler's own default (Karras for DPM++ 2M), so a run
-    with no schedule on such a sampler says "Uniform" (evenly spaced, no sigma transform) explicitly."""
+    Always the Schedule type actually used (schedule=null: the sampler's Automatic, named), so that A1111 never
+    has to fill it in; None only for samplers whose own timesteps A1111 uses whatever the Schedule type."""
     if scheduler is None:
         return None, SCHEDULE_TABLE[schedule].a1111 if schedule else None
     row = SCHEDULER_TABLE[scheduler]
     sched = effective_schedule(scheduler, schedule)
-    if sched is not None:
-        return row.a1111, SCHEDULE_TABLE[sched].a1111
-    return row.a1111, SCHEDULE_TABLE["uniform"].a1111 if row.auto_schedule else None
+    return row.a1111, SCHEDULE_TABLE[sched].a1111 if sched is not None else None
 
 
 def from_a1111(sampler: str, schedule_type: str | None) -> tuple[str | None, str | None, list[str]]:
@@ -179,8 +204,8 @@ def from_a1111(sampler: str, schedule_type: str | None) -> tuple[str | None, str
         sched_label = SCHEDULE_TABLE[auto].a1111 if auto else None
     if sched_label is None and name.lower().endswith(" karras"):  # ComfyUI's "dpmpp_2m karras"
         sched_label = "Karras"
-    if sched_label is None and scheduler is not None and SCHEDULER_TABLE[scheduler].kdiffusion:
-        sched_label = "Uniform"
+    if sched_label is None and scheduler is not None and SCHEDULER_TABLE[scheduler].a1111_sigmas:
+        sched_label = "Uniform"  # (LCM's Automatic is its own timesteps: schedule=null, as t2i writes it)
     schedule = labels.get(sched_label) if sched_label else None
     if sched_label and schedule is None:
         lost.append(f"Schedule type: {sched_label}")
@@ -196,7 +221,7 @@ def from_a1111(sampler: str, schedule_type: str | None) -> tuple[str | None, str
 
 
 # A1111/Forge Schedule types that, on a flow-matching model, are the pipeline's own evenly spaced sigmas
-FLOW_OWN_SCHEDULES = ("uniform", "sgm_uniform")  # "Uniform", "Normal", "Simple", "SGM Uniform"
+FLOW_OWN_SCHEDULES = ("uniform", "sgm_uniform", "simple")  # "Uniform", "Normal", "Simple", "SGM Uniform"
 
 
 def for_flow(scheduler: str | None, schedule: str | None) -> tuple[str | None, str | None, list[str]]:

@@ -161,7 +161,7 @@ class RunConfig:
     width: Any = None  # null = the model's default size; multiples of 8
     height: Any = None  # null = the model's default size; multiples of 8
     scheduler: Any = None  # A1111 "Sampler" (config/schedulers.py): null = the model's own; euler, euler_a, dpmpp_2m, …
-    schedule: Any = None  # A1111 "Schedule type": null = the scheduler's own, karras, exponential, … (schedulers.py)
+    schedule: Any = None  # A1111 "Schedule type": null = A1111's Automatic for it; karras, simple, … (schedulers.py)
     clip_skip: Any = None  # A1111 "Clip skip": 1 = last CLIP layer (null/1 = off), 2 = penultimate, …
     device: str = "auto"  # auto = mps -> cuda -> cpu
     threads: Any = "auto"  # CPU threads for torch: auto = the cores this process may use, or an int

@@ -58,12 +58,17 @@ class LoadedModel:
 
     def sampler_name(self, name: str | None, schedule: str | None = None) -> tuple[str, str | None]:
         """A1111's (Sampler, Schedule type) of a scheduler; for the model's own, of the table row it matches."""
-        from ..config.schedulers import a1111_names
+        from ..config.schedulers import SCHEDULER_TABLE, a1111_names
         from .schedulers import table_row
 
         if name is None:
             name, own = table_row(self.base_scheduler)
             schedule = schedule or own
+            spacing = self.base_scheduler.config.get("timestep_spacing")
+            if name is not None and schedule is None and spacing != "linspace":
+                # the model's own spacing (SD1.5's "leading") is none of A1111's schedules: no Schedule type, not
+                # the one A1111's Automatic would run
+                return SCHEDULER_TABLE[name].a1111 or name, None
         sampler, schedule_type = a1111_names(name, schedule)
         return sampler or name or type(self.base_scheduler).__name__, schedule_type
 

@@ -15,15 +15,17 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..common.errors import ConfigError, first_line
-from ..config.schedulers import SCHEDULE_TABLE, SCHEDULER_TABLE, SIGMA_OPTIONS
+from ..config.schedulers import SCHEDULE_TABLE, SCHEDULER_TABLE, SIGMA_OPTIONS, check_pair, effective_schedule
+from .a1111_sigmas import with_a1111_sigmas
 
 log = logging.getLogger(__name__)
 PREFLIGHT_MAX_STEPS = 50  # how far up the pre-flight looks for the smallest step count that works
 
 
 def scheduler_options(base: Any, name: str | None, schedule: str | None) -> tuple[type, dict]:
-    """The diffusers class and the config overrides for `name` with an explicit `schedule` (None = the model's
-    own, or the one a combined name such as dpmpp_2m_karras carries in its options)."""
+    """The diffusers class and the config overrides for `name` with `schedule` (None = A1111's Automatic for a
+    named sampler, the model's own for scheduler=null, or the one a combined name such as dpmpp_2m_karras carries
+    in its options)."""
     import diffusers
 
     if name is None:
@@ -32,7 +34,17 @@ def scheduler_options(base: Any, name: str | None, schedule: str | None) -> tupl
         row = SCHEDULER_TABLE[name]
         cls = getattr(diffusers, row.cls)
         options = {**SIGMA_OPTIONS, **row.options}  # a named sampler starts from plain sigmas
+        if row.a1111_sigmas:  # A1111's own sigmas for every schedule (models/a1111_sigmas.py)
+            schedule = effective_schedule(name, schedule)
+            cls = with_a1111_sigmas(cls, schedule, row.discard)
+            # the class takes them through diffusers' Karras path (Euler a, without one, through set_timesteps);
+            # "linspace": the first sigma is the whole noise (diffusers' init_noise_sigma), as in k-diffusion
+            hook = {"use_karras_sigmas": True} if hasattr(cls, "_convert_to_karras") else {}
+            options = {**options, **hook, "timestep_spacing": "linspace"}
+            schedule = None  # (it is in the class, not in the config options)
     if schedule is not None:  # one sigma transform at a time: the schedule's replaces the model's own
+        if SCHEDULE_TABLE[schedule].a1111_only:
+            raise ConfigError(check_pair(name, schedule) or f"schedule={schedule} is not available here")
         options = {**options, **SIGMA_OPTIONS, **SCHEDULE_TABLE[schedule].options}
     # (a schedule only implied by a combined name is in that row's own options)
     accepted = inspect.signature(cls.__init__).parameters

@@ -209,7 +209,7 @@ def _check_foreign(img: str, rec: dict, given: set[str], strict: bool) -> None:
         log.warning("%s: no diffusers equivalent for %s; using %s instead", img, "; ".join(rec["no_equivalent"]),
                     "the model's own scheduler" if not rec.get("scheduler") else
                     f"scheduler={rec['scheduler']}" + (f" schedule={rec['schedule']}" if rec.get("schedule") else
-                                                       " with its default schedule"))
+                                                       " with A1111's Automatic schedule for it"))
 
 
 def _for_family(merged: DictConfig, rec: dict, img: str, given: set[str]) -> None:

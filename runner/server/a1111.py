@@ -55,7 +55,8 @@ CLIP_SKIP = "CLIP_stop_at_last_layers"
 CHECKPOINT = "sd_model_checkpoint"
 # A1111's /sdapi/v1/schedulers details of the schedule types this server runs (its sd_schedulers.py)
 _SCHEDULE_INFO = {"automatic": (-1.0, False), "uniform": (-1.0, True), "karras": (7.0, False),
-                  "exponential": (-1.0, False), "sgm_uniform": (-1.0, True), "beta": (-1.0, True)}
+                  "exponential": (-1.0, False), "sgm_uniform": (-1.0, True), "beta": (-1.0, True),
+                  "simple": (-1.0, True)}
 
 
 class Txt2ImgRequest(BaseModel):
