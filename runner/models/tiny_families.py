@@ -107,6 +107,35 @@ def build_sdxl(tmp: Path) -> Any:
                                      tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler)
 
 
+def build_sdxl_refiner(tmp: Path) -> Any:
+    """A tiny SDXL refiner (A1111's Refiner): the second text encoder only (the refiner's UNet conditions on it
+    alone), aesthetic-score time ids (`requires_aesthetics_score`), and the tiny SDXL's text encoder 2 and VAE
+    weights (seeded alike), as the real refiner shares them with the base."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    tok, n = clip_tokenizer(tmp)
+    _seed()
+    text_encoder_2 = clip_encoder(n, 32, True)
+    import torch
+
+    torch.manual_seed(1)  # another UNet than the base's (the real refiner is another network)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=72,
+        cross_attention_dim=32, norm_num_groups=32)  # 72 = 5 time ids (size, crop, aesthetic score) x 8 + 32
+    _seed()
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, sample_size=64)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
+                                            tokenizer_2=tok, unet=unet, scheduler=scheduler,
+                                            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+
+
 def build_flux1(tmp: Path) -> Any:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -238,4 +267,4 @@ def build_flux2(tmp: Path) -> Any:
 
 
 BUILDERS = {"sdxl": build_sdxl, "flux1": build_flux1, "sd3": build_sd3, "qwenimage": build_qwenimage,
-            "zimage": build_zimage, "flux2": build_flux2}
+            "zimage": build_zimage, "flux2": build_flux2, "sdxl-refiner": build_sdxl_refiner}

@@ -52,6 +52,7 @@ def _cfg(value: float | None) -> str | None:
 def infotext(rec: dict[str, Any]) -> str:
     """A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value, …`."""
     from ..config.hires import infotext_fields as hires_infotext
+    from ..config.refiner import infotext_fields as refiner_infotext
 
     distilled = rec.get("guidance_scale") is not None and (
         rec.get("true_cfg_scale") is not None or (rec.get("model") or {}).get("family") == "flux1")
@@ -81,6 +82,8 @@ def infotext(rec: dict[str, Any]) -> str:
         fields["TI hashes"] = ", ".join(f"{e['name']}: {e['sha256'][:10]}" for e in rec["embeddings"])
     if rec.get("prompt_syntax") == "plain" and any(c in rec["prompt"] + rec.get("negative_prompt", "") for c in "(["):
         fields["Emphasis"] = "None"  # A1111's name for brackets read as text
+    if (rec.get("refiner_switch_call") or 0) >= 0:  # A1111 writes them when the refiner took over, after the rest
+        fields.update(refiner_infotext(rec))
     if rec.get("pad_conds"):
         fields["Pad conds"] = "True"  # prompt and negative prompt padded to the same chunk count
     if rec.get("prompt_template"):

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..common.errors import ConfigError
 from ..config import TORCH_DTYPES, LoraSpec, RunSpec, validate
 from ..config.hires import config_from_record as hires_config
+from ..config.refiner import config_from_record as refiner_config
 from ..models.embeddings import check_recorded
 from ..outputs.record import SETTINGS
 from .inspect import FOREIGN, read_record
@@ -64,6 +65,7 @@ def record_config(rec: dict) -> dict:
         if rec.get(key) is not None:
             out[key] = rec[key]
     out["hires"] = hires_config(rec)
+    out["refiner"] = refiner_config(rec)
     files = [e["file"] for e in rec.get("embeddings") or [] if e.get("file")]
     if files:  # ours: the folders the embeddings were in (A1111's infotext has hashes only: embedding_dirs=...)
         out["embedding_dirs"] = sorted({str(Path(f).parent) for f in files})
@@ -300,6 +302,8 @@ class Original:
                 [(lo["sha256"], lo["scale"]) for lo in b.get("loras") or []]:
             out.append("loras")
         out += [f"model.{k}" for k in ("hash", "dtype") if a["model"].get(k) != b["model"].get(k)]
+        if (a.get("refiner") or {}).get("hash") != (b.get("refiner") or {}).get("hash"):
+            out.append("refiner")
         if a["model"].get("config_hash") and a["model"]["config_hash"] != b["model"].get("config_hash"):
             out.append("model.config_hash")  # an edited scheduler_config.json etc. (older records lack it)
         if str(a.get("device")).split(":")[0] != str(b.get("device")).split(":")[0]:
