@@ -219,6 +219,29 @@ def load_refiner(info: RefinerInfo, base: Any) -> LoadedRefiner:
     return loaded
 
 
+def find_refiner(name: str, shorthash: str | None, folders: list[Path]) -> Path | None:
+    """A refiner an A1111 image names (`Refiner: NAME [shorthash]`) in `folders`: a checkpoint file NAME.safetensors
+    or a diffusers folder NAME, whose sha256 starts with the shorthash when one is given; else, by the hash alone,
+    any checkpoint there (a renamed file)."""
+    from ..common.hashing import model_sha256
+
+    def fits(p: Path) -> bool:
+        return not shorthash or model_sha256(p).startswith(shorthash.lower())
+
+    candidates = []
+    for folder in folders:
+        candidates += [folder / f"{name}.safetensors", folder / name]
+    for p in candidates:
+        if (p.is_file() or (p / "model_index.json").is_file()) and fits(p):
+            return p
+    if shorthash:
+        for folder in folders:
+            for p in sorted(folder.glob("*.safetensors")) + sorted(q.parent for q in folder.glob("*/model_index.json")):
+                if p not in candidates and fits(p):
+                    return p
+    return None
+
+
 def with_identity(spec: Any, ident: str) -> Any:
     """`spec` with its refiner values carrying the refiner's identity (image keys change with its weights)."""
     import dataclasses

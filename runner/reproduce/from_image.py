@@ -211,6 +211,28 @@ def _check_foreign(img: str, rec: dict, given: set[str], strict: bool) -> None:
                                                        " with its default schedule"))
 
 
+def _foreign_refiner(merged: DictConfig, rec: dict, img: str, given: set[str], strict: bool) -> None:
+    """An A1111 image's `Refiner: NAME [hash]`: found by name and hash beside the model (A1111 keeps checkpoints
+    in one folder) unless refiner.model is given; its switch point from `Refiner switch at`."""
+    from ..models.refiner import find_refiner
+
+    ref = rec.get("refiner")
+    if not ref or given & {"refiner", "refiner.model"}:
+        return
+    if "refiner.switch_at" not in given:
+        OmegaConf.update(merged, "refiner.switch_at", rec["refiner_switch_at"], merge=False, force_add=True)
+    model = Path(str(OmegaConf.select(merged, "model.id", default="")))
+    folders = [model.parent] if model.exists() else []
+    found = find_refiner(ref["name"], ref.get("hash"), folders)
+    if found is None:
+        where = f" in {folders[0]}" if folders else ""
+        _complain(f"{img} was refined with {ref['name']!r} (hash {ref.get('hash')}), not found{where}; give "
+                  "refiner.model=PATH", strict)
+        return
+    log.info("%s: refiner %r found at %s", img, ref["name"], found)
+    OmegaConf.update(merged, "refiner.model", str(found), merge=False, force_add=True)
+
+
 def _for_family(merged: DictConfig, rec: dict, img: str, given: set[str]) -> None:
     """An A1111/Forge/ComfyUI image's settings on the model they run on now, read as those tools read them there:
     on a flow-matching model (Flux, SD3, …) their "Euler" is flow Euler (config/schedulers.for_flow); on a
@@ -258,6 +280,7 @@ def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpe
         given = given | {"lora_sets"}  # the image's LoRAs, found by hash: nothing to warn about
     if foreign:
         _for_family(merged, rec, img, given)
+        _foreign_refiner(merged, rec, img, given, bool(cfg.get("strict", True)))
     spec = validate(merged)
     strict = bool(cfg.get("strict", True))
     for problem in check_recorded(img, rec.get("embeddings") or [], spec):
