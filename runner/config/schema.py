@@ -72,7 +72,7 @@ class RefinerConfig:
     """A1111's SDXL Refiner (config/refiner.py, generate/refiner.py): a second model that takes over sampling at
     `switch_at` of the steps; off while `model` is null. `switch_at` takes a list (swept)."""
 
-    model: str | None = None  # A1111 "Refiner": hub id, diffusers folder or .safetensors file (SDXL); null = off
+    model: Any = None  # A1111 "Refiner": hub id, diffusers folder or .safetensors file (SDXL); null = off
     switch_at: Any = 0.8  # A1111 "Switch at": the fraction of sampling done by the base model, in (0, 1)
     config: str | None = None  # diffusers configs (dir or hub id) of a single-file refiner, as model.config
 

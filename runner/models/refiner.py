@@ -163,7 +163,10 @@ def _same(a: Any, b: Any) -> bool:
     """Whether two modules have the same class, config and weights."""
     import torch
 
-    if a is None or b is None or type(a) is not type(b) or dict(a.config) != dict(b.config):
+    def config(m: Any) -> dict:  # without `_name_or_path` and the like (where it was loaded from)
+        return {k: v for k, v in dict(m.config).items() if not k.startswith("_")}
+
+    if a is None or b is None or type(a) is not type(b) or config(a) != config(b):
         return False
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
