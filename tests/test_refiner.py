@@ -239,30 +239,41 @@ def test_each_image_equals_itself_generated_alone_in_a_fresh_process(sweep, tmp_
 
 
 @pytest.mark.slow
-def test_a1111_api_refiner_fields_give_the_cli_image(tmp_path: Path) -> None:
-    from conftest import uvicorn_thread
-    from test_client_apis import a1111
+def test_a1111_api_and_form_refiner_fields_give_the_cli_image(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
 
     from runner.server.app import compose_config, create_app
 
     app = create_app(compose_config(["model=tiny-sdxl", f"server.output_dir={tmp_path / 'out'}", "steps=4",
                                      f"server.allowed_models=[{REFINER}]"]))
-    with uvicorn_thread(app) as url:
-        api = a1111(url)
-        r = api.txt2img(prompt="a red fox", seed=3, steps=4, width=32, height=32, cfg_scale=5, sampler_name="Euler",
-                        scheduler="Automatic", refiner_checkpoint=REFINER, refiner_switch_at=0.5)
-        assert "Refiner switch at: 0.5" in r.info["infotexts"][0]
-        assert r.info["extra_generation_params"]["Refiner switch at"] == "0.5"
-        with pytest.raises(RuntimeError, match="refiner_switch_at=1.5 is out of range"):
-            api.txt2img(prompt="a red fox", steps=4, width=32, height=32, refiner_checkpoint=REFINER,
-                        refiner_switch_at=1.5)
-        with pytest.raises(RuntimeError, match="refiner_checkpoint='/elsewhere' is not allowed"):
-            api.txt2img(prompt="a red fox", steps=4, width=32, height=32, refiner_checkpoint="/elsewhere",
-                        refiner_switch_at=0.5)
-    proc_dir = tmp_path / "cli"
+    body = {"prompt": "a red fox", "seed": 3, "steps": 4, "width": 32, "height": 32, "cfg_scale": 5,
+            "sampler_name": "Euler", "scheduler": "Automatic", "refiner_checkpoint": REFINER, "refiner_switch_at": 0.5}
+    with TestClient(app) as client:
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert "Refiner switch at: 0.5" in info["infotexts"][0]
+        assert info["extra_generation_params"]["Refiner switch at"] == "0.5"
+        image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        for bad, words in (({"refiner_switch_at": 1.5}, "refiner_switch_at=1.5 is out of range"),
+                           ({"refiner_switch_at": None}, "refiner_switch_at=null with refiner_checkpoint"),
+                           ({"refiner_checkpoint": "/elsewhere"}, "refiner_checkpoint='/elsewhere' is not allowed")):
+            r = client.post("/sdapi/v1/txt2img", json={**body, **bad})
+            assert r.status_code in (403, 422) and words in r.text, r.text
+        # the form: a Refiner select over the allowed models, and its switch point
+        page = client.get("/").text
+        assert 'name="refiner_model"' in page and f'<option value="{REFINER}">' in page
+        r = client.post("/submit", data={"modelid": "builtin:tiny-sdxl", "text_prompt": "a red fox", "manual_seed": "3",
+                                         "inference_steps": "4", "width": "32", "height": "32", "guidance_scale": "5",
+                                         "refiner_model": REFINER, "refiner_switch_at": "0.5"})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+        assert "Refiner switch at: 0.5" in Image.open(io.BytesIO(r.content)).info["parameters"]
+    cli = tmp_path / "cli"
     (e,) = run(validate({**CFG, "guidance_scale": 5, "scheduler": "euler", "schedule": "uniform",
-                         "refiner": {"model": REFINER, "switch_at": 0.5}}), proc_dir, progress=False).entries
-    ours, theirs = json.loads(Image.open(proc_dir / e["file"]).info["t2i-runner"]), json.loads(
-        r.image.info["t2i-runner"])
+                         "refiner": {"model": REFINER, "switch_at": 0.5}}), cli, progress=False).entries
+    ours, theirs = json.loads(Image.open(cli / e["file"]).info["t2i-runner"]), json.loads(image.info["t2i-runner"])
     assert theirs["refiner"] == ours["refiner"] and theirs["refiner_switch_call"] == 2
-    assert np.array_equal(pixels(proc_dir / e["file"]), np.asarray(r.image.convert("RGB")))
+    assert np.array_equal(pixels(cli / e["file"]), np.asarray(image.convert("RGB")))
