@@ -77,12 +77,13 @@ class ModelPlan:
 def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
     """Resolve and check every model of the run before the first loads: its family, its settings (user keys,
     group settings, pipeline defaults), the keys its family cannot honour, memory modes and LoRA families."""
+    from .generate.refiner import check_refiners
     from .generate.scheduled import check_support
     from .lora.detect import check_family
     from .models.info import check_model, check_transformer_file, model_infos, spec_for
     from .models.memory import check_memory
-    from .models.refiner import check_refiners, with_identity
     from .models.refiner import identity as refiner_identity
+    from .models.refiner import with_identity
     from .models.source import resolve_device
 
     device = resolve_device(spec.device)

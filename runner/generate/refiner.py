@@ -21,6 +21,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ..common.errors import ConfigError
+
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # A1111's sdxl_refiner_high/low_aesthetic_score defaults
 
 
@@ -57,13 +59,39 @@ def switch_step(scheduler: Any, steps: int, switch_at: float) -> int | None:
     return None
 
 
+def check_refiners(spec: Any, base_family: Any, where: str = "") -> Any:
+    """The run's refiner checked against its base model and its other keys (None: no refiner)."""
+    refs = [r for r in getattr(spec, "refiner", (None,)) if r is not None]
+    if not refs:
+        return None
+    from ..models.refiner import refiner_info
+
+    info = refiner_info(refs[0], spec.model, base_family, where)
+    hires = [h for h in spec.hires if h is not None]
+    if hires:
+        raise ConfigError(f"{where}refiner.model with hires.scale={hires[0].scale:g}: a refiner with Hires. fix is "
+                          "not supported here (A1111's 'Hires fix refiner pass' option); remove one of them")
+    from .scheduled import needs_plan
+
+    if spec.prompt_syntax == "a1111":
+        for i, p in enumerate(spec.prompts):
+            if needs_plan(p.prompt, p.negative_prompt):
+                raise ConfigError(f"{where}prompts[{i}] {p.prompt!r} uses prompt editing/alternation/AND, which is "
+                                  "not supported together with refiner.model here; remove one of them")
+    return info
+
+
 class _Conditioning:
     """The refiner's conditioning for the rows of one base call (negatives first with CFG, as the pipelines)."""
 
     def __init__(self, ref: Any, jobs: Sequence[Any], cfg: bool, width: int, height: int, device: Any) -> None:
         import torch
 
+        from .prompt_embeds import PromptEmbeds
+
         first = jobs[0]
+        if ref.embeds is None:
+            ref.embeds = PromptEmbeds()
         groups = ref.embeds.call_groups(ref.text, [(j.prompt, j.negative_prompt) for j in jobs], None, cfg,
                                         ("refiner",), first.prompt_syntax)
         if len(groups) != 1:  # both read 75-token chunks of the same prompts: one length when the base had one

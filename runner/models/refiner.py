@@ -62,7 +62,7 @@ class LoadedRefiner:
     text: Any  # StableDiffusionXLPipeline over the same components (encode_prompt, prompt/clip.py encoders)
     info: RefinerInfo
     sha256: str
-    embeds: Any = None  # generate/prompt_embeds.PromptEmbeds of the refiner's text encoders
+    embeds: Any = None  # generate/prompt_embeds.PromptEmbeds of the refiner's text encoders (made on first use)
     shared: list[str] = field(default_factory=list)  # components that are the base's own objects
 
     def record(self) -> dict:
@@ -126,26 +126,6 @@ def refiner_info(ref: Refiner, base_model: ModelConfig, base_family: Any, where:
     return RefinerInfo(model, source, pipeline)
 
 
-def check_refiners(spec: Any, base_family: Any, where: str = "") -> RefinerInfo | None:
-    """The run's refiner checked against its base model and its other keys (None: no refiner)."""
-    refs = [r for r in getattr(spec, "refiner", (None,)) if r is not None]
-    if not refs:
-        return None
-    info = refiner_info(refs[0], spec.model, base_family, where)
-    hires = [h for h in spec.hires if h is not None]
-    if hires:
-        raise ConfigError(f"{where}refiner.model with hires.scale={hires[0].scale:g}: a refiner with Hires. fix is "
-                          "not supported here (A1111's 'Hires fix refiner pass' option); remove one of them")
-    from ..generate.scheduled import needs_plan
-
-    if spec.prompt_syntax == "a1111":
-        for i, p in enumerate(spec.prompts):
-            if needs_plan(p.prompt, p.negative_prompt):
-                raise ConfigError(f"{where}prompts[{i}] {p.prompt!r} uses prompt editing/alternation/AND, which is "
-                                  "not supported together with refiner.model here; remove one of them")
-    return info
-
-
 def identity(info: RefinerInfo) -> str:
     """The refiner's part of every image key: what its weights and configs contain, and how it is loaded."""
     from ..common.hashing import config_sha256, model_sha256
@@ -178,7 +158,6 @@ def load_refiner(info: RefinerInfo, base: Any) -> LoadedRefiner:
     import diffusers
     from diffusers import StableDiffusionXLPipeline
 
-    from ..generate.prompt_embeds import PromptEmbeds
     from ..models.loading import load_error
 
     src = info.source
@@ -217,7 +196,7 @@ def load_refiner(info: RefinerInfo, base: Any) -> LoadedRefiner:
                                      tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, unet=pipe.unet,
                                      scheduler=pipe.scheduler, force_zeros_for_empty_prompt=True)
     text.set_progress_bar_config(disable=True)
-    loaded = LoadedRefiner(pipe, text, info, sha, PromptEmbeds(), shared)
+    loaded = LoadedRefiner(pipe, text, info, sha, None, shared)
     _CACHE[key] = loaded
     return loaded
 
