@@ -49,14 +49,15 @@ def a1111_switch_call(scheduler, steps: int, switch_at: float) -> int:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict], list[dict]]:
-    """No refiner, and the refiner at 0.5 and 0.8 with switch_at as the grid's x axis: (out, entries, plain)."""
+    """No refiner, and two prompts (one batch) refined from 0.5 and 0.8, switch_at the grid's x axis: (out,
+    entries, plain)."""
     from runner.models import refiner
 
     out = tmp_path_factory.mktemp("refiner")
     plain = run(validate(CFG), out / "plain", progress=False).entries
     before = dict(refiner.LOADS)
-    cfg = {**CFG, "seeds": [3, 4], "refiner": {"model": REFINER, "switch_at": [0.5, 0.8]},
-           "grid": {"enabled": True, "x": "refiner_switch_at", "y": "seed"}}
+    cfg = {**CFG, "prompts": ["a red fox", "a blue whale"], "refiner": {"model": REFINER, "switch_at": [0.5, 0.8]},
+           "grid": {"enabled": True, "x": "refiner_switch_at", "y": "prompt"}}
     result = run(validate(cfg), out / "refined", progress=False)
     loads = {k: v - before.get(k, 0) for k, v in refiner.LOADS.items() if v != before.get(k, 0)}
     assert list(loads.values()) == [1]  # loaded once for the run (four images, two switch points)
@@ -72,11 +73,15 @@ def test_refiner_takes_over_where_a1111_does_and_changes_pixels(sweep) -> None:
     for e in entries:
         assert e["refiner_switch_call"] == a1111_switch_call(scheduler, 4, e["refiner_switch_at"])
     assert {e["refiner_switch_at"]: e["refiner_switch_call"] for e in entries} == {0.5: 2, 0.8: 3}
-    images = {(e["seed"], e["refiner_switch_at"]): pixels(out / "refined" / e["file"]) for e in entries}
+    images = {(e["prompt"], e["refiner_switch_at"]): pixels(out / "refined" / e["file"]) for e in entries}
     alone = pixels(out / "plain" / plain[0]["file"])
-    assert not np.array_equal(images[(3, 0.5)], alone) and not np.array_equal(images[(3, 0.8)], alone)
-    assert not np.array_equal(images[(3, 0.5)], images[(3, 0.8)])
-    assert list((out / "refined" / "grids").glob("*.png"))  # switch_at across, seeds down
+    fox = "a red fox"
+    assert not np.array_equal(images[(fox, 0.5)], alone) and not np.array_equal(images[(fox, 0.8)], alone)
+    assert not np.array_equal(images[(fox, 0.5)], images[(fox, 0.8)])
+    assert list((out / "refined" / "grids").glob("*.png"))  # switch_at across, prompts down
+    from runner.models.refiner import _CACHE  # the tiny refiner's VAE weights are the base's: one VAE object
+
+    assert {tuple(r.shared) for r in _CACHE.values() if r.info.source.location == REFINER} == {("vae",)}
 
 
 def test_a1111_rule_on_other_samplers_and_step_counts() -> None:
@@ -170,10 +175,21 @@ def test_from_image_of_an_a1111_refined_image_finds_the_refiner_by_name_and_hash
         prepare(cfg, overrides, conf)
 
 
-def test_a_second_sdxl_base_refines_with_its_own_vae(tiny_sdxl: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_second_sdxl_base_refines_with_its_own_vae(tiny_sdxl: Path, tmp_path: Path,  # noqa: F811
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A1111 takes any same-family checkpoint as the refiner: another SDXL base (six time ids, both encoders), whose
     own VAE decodes (the base's VAE differs)."""
+    from runner.generate import refiner
     from runner.models.refiner import _CACHE
+
+    decoded_by = []
+    real = refiner._Decoder.decode
+
+    def spy(self, *args, **kwargs):
+        decoded_by.append(self._own if self._taken[0] is not None else self._base)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(refiner._Decoder, "decode", spy)
 
     other = tiny_sdxl
     base = {**CFG}
@@ -182,8 +198,7 @@ def test_a_second_sdxl_base_refines_with_its_own_vae(tiny_sdxl: Path, tmp_path: 
                progress=False).entries
     assert e["refiner"]["pipeline"] == "StableDiffusionXLPipeline" and e["refiner_switch_call"] == 2
     (loaded,) = [r for r in _CACHE.values() if r.info.source.location == str(other)]
-    assert loaded.shared == []  # its own VAE (the tiny refiner shares the base's: equal weights)
-    assert {tuple(r.shared) for r in _CACHE.values() if r.info.source.location == REFINER} == {("vae",)}
+    assert loaded.shared == [] and decoded_by == [loaded.pipe.vae]  # its own VAE decodes (A1111: the loaded model's)
     assert not np.array_equal(pixels(tmp_path / "a" / plain["file"]), pixels(tmp_path / "b" / e["file"]))
 
 
@@ -221,16 +236,17 @@ def test_cli_bad_switch_at_is_one_line_exit_2(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_each_image_equals_itself_generated_alone_in_a_fresh_process(sweep, tmp_path: Path) -> None:
-    """Differential: the batched sweep's images (batch of two seeds, per switch point) equal each generated alone
-    by `t2i` in a fresh process."""
+    """Differential: the batched sweep's images (a batch of two prompts per switch point) equal each generated
+    alone by `t2i` in a fresh process."""
     from conftest import run_cli
 
     out, entries, _ = sweep
     assert {e["batch_size"] for e in entries} == {2}
     for e in (entries[0], entries[3]):
-        dest = tmp_path / f"{e['seed']}-{e['refiner_switch_at']}"
-        proc = run_cli(f"model.id={BASE}", "steps=4", "width=32", "height=32", "prompts=['a red fox']",
-                       f"seeds=[{e['seed']}]", f"refiner.model={REFINER}",
+        assert e["prompt"] != entries[0]["prompt"] or e is entries[0]
+        dest = tmp_path / f"{e['index']}"
+        proc = run_cli(f"model.id={BASE}", "steps=4", "width=32", "height=32", f"prompts=['{e['prompt']}']",
+                       "seeds=[3]", f"refiner.model={REFINER}",
                        f"refiner.switch_at={e['refiner_switch_at']}", f"output_dir={dest}", "grid.enabled=false",
                        cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
