@@ -164,6 +164,8 @@ def load_refiner(info: RefinerInfo, base: Any) -> LoadedRefiner:
     key = (src.kind, src.location, src.revision, info.config.config, str(base.dtype), base.device, id(base.pipe.vae))
     if key in _CACHE:
         return _CACHE[key]
+    for old in [k for k in _CACHE if k[:-1] == key[:-1]]:  # kept for a base that was released: load it afresh
+        del _CACHE[old]
     location = str(builtin_path(src.location)) if src.kind == "builtin" else src.location
     cls = getattr(diffusers, REFINER_PIPELINE)
     log.info("loading refiner %s (%s) on %s as %s", src.location, info.pipeline, base.device, base.dtype)
