@@ -274,6 +274,9 @@ def test_a1111_api_and_form_refiner_fields_give_the_cli_image(tmp_path: Path) ->
         assert "Refiner switch at: 0.5" in info["infotexts"][0]
         assert info["extra_generation_params"]["Refiner switch at"] == "0.5"
         image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        # A1111's checkpoint title (`NAME [shorthash]`, as /sd-models and the infotext give it) names it too
+        r = client.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": f"{REFINER} [0123456789]"})
+        assert r.status_code == 200 and "Refiner: tiny-sdxl-refiner [" in json.loads(r.json()["info"])["infotexts"][0]
         for bad, words in (({"refiner_switch_at": 1.5}, "refiner_switch_at=1.5 is out of range"),
                            ({"refiner_switch_at": None}, "refiner_switch_at=null with refiner_checkpoint"),
                            ({"refiner_checkpoint": "/elsewhere"}, "refiner_checkpoint='/elsewhere' is not allowed")):

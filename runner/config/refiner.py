@@ -94,7 +94,8 @@ def infotext_fields(rec: dict) -> dict[str, Any]:
     if not ref:
         return {}
     return {"Refiner": short_title(ref.get("name") or "", ref.get("hash") or ""),
-            "Refiner switch at": f"{rec['refiner_switch_at']:g}" if rec.get("refiner_switch_at") is not None else None}
+            "Refiner switch at": str(float(rec["refiner_switch_at"])) if rec.get("refiner_switch_at") is not None
+            else None}  # A1111 writes the float as Python prints it
 
 
 def record_from_infotext(p: dict[str, Any]) -> dict[str, Any]:

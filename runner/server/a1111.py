@@ -32,6 +32,7 @@ from ..common.errors import ConfigError, did_you_mean
 from ..common.paths import PICKLE_EXT, SAFE_EXT, strip_weight_ext
 from ..config import validate
 from ..config.hires import LATENT_MODES, PIXEL_UPSCALERS
+from ..config.refiner import parse_short_title
 from ..config.schedulers import (
     A1111_AUTOMATIC,
     SCHEDULE_TABLE,
@@ -374,7 +375,10 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
             if req.refiner_switch_at is None:
                 raise FormError(422, "refiner_switch_at=null with refiner_checkpoint (A1111 then runs the refiner "
                                      "from the first step); send a fraction between 0 and 1, e.g. 0.8")
-            rid = checkpoint_id(req.refiner_checkpoint, "refiner_checkpoint")
+            name = req.refiner_checkpoint
+            if name not in allowed_models(cfg):  # A1111's title `NAME [shorthash]` names the same checkpoint
+                name = parse_short_title(name)[0]
+            rid = checkpoint_id(name, "refiner_checkpoint")
             extra["refiner"] = {"model": model_dict(rid, cfg)["id"], "switch_at": req.refiner_switch_at}
         if req.enable_hr:
             extra["hires"] = hires_fields(req)
