@@ -296,3 +296,29 @@ def test_a1111_api_and_form_refiner_fields_give_the_cli_image(tmp_path: Path) ->
     ours, theirs = json.loads(Image.open(cli / e["file"]).info["t2i-runner"]), json.loads(image.info["t2i-runner"])
     assert theirs["refiner"] == ours["refiner"] and theirs["refiner_switch_call"] == 2
     assert np.array_equal(pixels(cli / e["file"]), np.asarray(image.convert("RGB")))
+
+
+def test_single_file_checkpoints_are_told_apart_before_loading(tmp_path: Path) -> None:
+    """A `.safetensors` refiner is read by its keys (diffusers' own markers): the SDXL refiner's single text
+    encoder, an SDXL base's second one; anything else is refused by name."""
+    import torch
+    from safetensors.torch import save_file
+
+    from runner.config.refiner import Refiner
+    from runner.models.families import get_family
+    from runner.models.refiner import REFINER_PIPELINE, refiner_info
+
+    marker = ".model.transformer.resblocks.9.mlp.c_proj.bias"
+    unet = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 4, 1, 1)}  # 4 in-channels: not inpaint
+    files = {"refiner": {f"conditioner.embedders.0{marker}": torch.zeros(1), **unet},
+             "base": {f"conditioner.embedders.1{marker}": torch.zeros(1), **unet},
+             "sd15": {"cond_stage_model.transformer.text_model.final_layer_norm.bias": torch.zeros(1), **unet}}
+    for name, tensors in files.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    model = validate(CFG).model
+    sdxl = get_family("sdxl")
+    assert refiner_info(Refiner(str(tmp_path / "refiner.safetensors"), 0.8), model, sdxl).pipeline == REFINER_PIPELINE
+    assert refiner_info(Refiner(str(tmp_path / "base.safetensors"), 0.8), model, sdxl).pipeline == \
+        "StableDiffusionXLPipeline"
+    with pytest.raises(ConfigError, match="valid: an SDXL refiner or another SDXL base"):
+        refiner_info(Refiner(str(tmp_path / "sd15.safetensors"), 0.8), model, sdxl)
