@@ -161,7 +161,8 @@ def _call(pipe: Any, traits: Traits, jobs: Sequence[ImageJob], invariant: bool, 
             hires = traits.family.is_sd and jobs[0].hires is not None  # A1111's Hires. fix: latents, then img2img
             taken: list[int | None] = [None]  # A1111's Refiner: the call the refiner took over at
             with scheduled.conditioning_switch(pipe, plans[0] if plans else None), \
-                    refiner_switch(pipe, [jobs[i] for i in rows], _uses_cfg(pipe, jobs[0]), kwargs.get("width"),
+                    refiner_switch(pipe, [jobs[i] for i in rows],
+                                   jobs[0].refiner is not None and _uses_cfg(pipe, jobs[0]), kwargs.get("width"),
                                    kwargs.get("height"), invariant, taken):
                 out = pipe(**kwargs, **text, generator=[generators[i] for i in rows],
                            output_type="latent" if hires else "pil")
