@@ -174,9 +174,19 @@ class _Decoder:
         object.__setattr__(self, "_own", own)
         object.__setattr__(self, "_taken", taken)
 
-    def decode(self, *args: Any, **kwargs: Any) -> Any:
-        vae = self._own if self._taken[0] is not None else self._base
-        return vae.decode(*args, **kwargs)
+    def decode(self, z: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._taken[0] is None:
+            return self._base.decode(z, *args, **kwargs)
+        vae = self._own
+        if z.dtype == vae.dtype:
+            return vae.decode(z, *args, **kwargs)
+        # the pipeline upcast its own VAE for a fp16 decode (force_upcast) and the latents with it: the same here
+        own = vae.dtype
+        vae.to(dtype=z.dtype)
+        try:
+            return vae.decode(z, *args, **kwargs)
+        finally:
+            vae.to(dtype=own)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._base, name)
