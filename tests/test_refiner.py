@@ -97,6 +97,12 @@ def test_a1111_rule_on_other_samplers_and_step_counts() -> None:
             for at in (0.3, 0.5, 0.8, 0.85):
                 ours = switch_step(sched, steps, at)
                 assert (-1 if ours is None else ours) == a1111_switch_call(sched, steps, at), (name, steps, at)
+    # diffusers' own split (`denoising_end`) cuts at t >= round(1000 - 1000 * switch_at): a fractional Karras
+    # timestep just under 500 falls on the refiner's side there (docs/differences-from-a1111.md)
+    karras = build_scheduler(base, "euler", "karras")
+    karras.set_timesteps(25)
+    split = sum(1 for t in karras.timesteps if t >= round(1000 - 1000 * 0.5))
+    assert (switch_step(karras, 25, 0.5), split) == (12, 11)
 
 
 def test_infotext_record_and_sd_parsers(sweep) -> None:
