@@ -68,6 +68,7 @@ class ModelPlan:
 
     info: Any  # runner.models.info.ModelInfo
     spec: RunSpec  # the run with this model's resolved settings
+    refiner: Any = None  # runner.models.refiner.RefinerInfo of the run's refiner (None: none)
     key: str = ""  # the model part of every image key
     config_hash: str = ""  # the hash of its pixel-changing configs (recorded)
     name: str = ""  # its name in records when the axis holds another model of the same folder name
@@ -76,10 +77,13 @@ class ModelPlan:
 def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
     """Resolve and check every model of the run before the first loads: its family, its settings (user keys,
     group settings, pipeline defaults), the keys its family cannot honour, memory modes and LoRA families."""
+    from .generate.refiner import check_refiners
     from .generate.scheduled import check_support
     from .lora.detect import check_family
     from .models.info import check_model, check_transformer_file, model_infos, spec_for
     from .models.memory import check_memory
+    from .models.refiner import identity as refiner_identity
+    from .models.refiner import with_identity
     from .models.source import resolve_device
 
     device = resolve_device(spec.device)
@@ -91,10 +95,13 @@ def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
         check_memory(spec.memory, device, info.family, where)
         check_transformer_file(info, where)
         check_support(mspec, info.family.is_sd, info.family.label, where)
+        refiner = check_refiners(mspec, info.family, where)
+        if refiner is not None:  # its weights are part of every image key
+            mspec = with_identity(mspec, refiner_identity(refiner))
         for s, loras in enumerate(lora_sets):
             for r in loras:
                 check_family(r.file, info.family, info.config.id, f"{where}{spec.lora_set_label(s)}: ")
-        plans.append(ModelPlan(info, mspec, *info.identity(spec.device)))
+        plans.append(ModelPlan(info, mspec, refiner, *info.identity(spec.device)))
     for p in plans:  # two folders named alike (runs/a/model, runs/b/model): the model axis tells them apart
         same = [q for q in plans if q.info.source.display == p.info.source.display and q.key != p.key]
         if same:
@@ -112,6 +119,7 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
     from .models.embeddings import apply_embeddings
     from .models.loading import clear_cache, load_model
     from .models.memory import apply_memory
+    from .models.refiner import attach as attach_refiner
     from .models.schedulers import preflight
 
     loaded = load_model(plan.info.config, spec.device, plan.info, spec.memory.offload)
@@ -133,6 +141,7 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
                     type(loaded.pipe).__name__)
     apply_memory(loaded, spec.memory)
     apply_embeddings(loaded, spec.embeddings)
+    attach_refiner(loaded, plan.refiner)
     _warn_long_prompts(loaded, spec)
     return loaded
 
@@ -390,7 +399,7 @@ class _Batches:
         for made in handler.generate(lambda js, te=te_state: generate(pipe, js, self.invariant, embeds, te), mine):
             size = made.image.info.get("first_pass", made.image.size)  # hires. fix: A1111's Size is the first's
             rec = build_record(made.job, loaded, self.lora_sets[made.job.lora_set], *size, made.batch_size,
-                               self.invariant, plan.config_hash)
+                               self.invariant, plan.config_hash, made.image.info.get("refiner_from", -1))
             if plan.name:
                 rec["model"]["name"] = plan.name
             if self.run_seed is not None:

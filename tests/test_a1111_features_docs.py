@@ -50,7 +50,7 @@ def test_doc_command(argv: list[str], expect: str, tmp_path: Path, tiny_dir: Pat
     if expect == "exit 2":
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "error" in ln.lower()]
         assert proc.returncode == 2, proc.stderr
-        assert len(lines) == 1 and "SD 1.x/2.x and SDXL" in lines[0], lines
+        assert len(lines) == 1 and ("SD 1.x/2.x and SDXL" in lines[0] or "runs on SDXL models" in lines[0]), lines
         assert not (tmp_path / "outputs").exists()
         return
     assert proc.returncode == 0, proc.stderr
@@ -69,6 +69,9 @@ def test_doc_command(argv: list[str], expect: str, tmp_path: Path, tiny_dir: Pat
         assert im.shape[:2] == (int(32 * scale), int(32 * scale)) and (r["width"], r["height"]) == (32, 32)
     if any(a.startswith("embedding_dirs=") for a in argv):
         assert [e["name"] for r in records for e in r["embeddings"]] == ["myembedding"]
+    if "grid.x=refiner_switch_at" in argv:  # one image per switch point, each after the refiner took over
+        assert sorted(r["refiner_switch_at"] for r in records) == [0.5, 0.8]
+        assert all(r["refiner_switch_call"] >= 0 for r in records) and list((manifest.parent / "grids").glob("*.png"))
     if "grid.x=hires_denoise" in argv:
         assert {(r["hires_denoise"], r["lora_scale"]) for r in records} == {(0.3, 0.5), (0.3, 1.0), (0.6, 0.5),
                                                                            (0.6, 1.0)}

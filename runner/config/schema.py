@@ -68,6 +68,16 @@ class HiresConfig:
 
 
 @dataclass
+class RefinerConfig:
+    """A1111's SDXL Refiner (config/refiner.py, generate/refiner.py): a second model that takes over sampling at
+    `switch_at` of the steps; off while `model` is null. `switch_at` takes a list (swept)."""
+
+    model: Any = None  # A1111 "Refiner": hub id, diffusers folder or .safetensors file (SDXL); null = off
+    switch_at: Any = 0.8  # A1111 "Switch at": the fraction of sampling done by the base model, in (0, 1)
+    config: str | None = None  # diffusers configs (dir or hub id) of a single-file refiner, as model.config
+
+
+@dataclass
 class PerfConfig:
     """Fast-path options applied to the loaded pipeline (generate/fastpath.py); `auto` = what measured faster on
     this device (docs/performance.md), resolved per run and recorded per image."""
@@ -183,6 +193,7 @@ class RunConfig:
     shard: ShardConfig = field(default_factory=ShardConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     hires: HiresConfig = field(default_factory=HiresConfig)
+    refiner: RefinerConfig = field(default_factory=RefinerConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -17,6 +17,7 @@ from ..prompt.expand import check_sr, parse_sr
 from ..prompt.syntax import EMPHASIS, LORA_SCALE_RANGE
 from .blocks import BlockSpec, parse_spec
 from .hires import hires_combos
+from .refiner import refiner_combos
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
 from .schema import (
     EvalConfig,
@@ -120,6 +121,7 @@ class RunSpec:
     config_sets: int = 0
     prompt_sets: dict | None = None
     hires: tuple = (None,)  # hires. fix combinations (config/hires.py Hires); (None,) = off
+    refiner: tuple = (None,)  # refiner values (config/refiner.py Refiner), one per switch_at; (None,) = off
     embedding_dirs: tuple[str, ...] = ()  # textual-inversion folders (models/embeddings.py)
     allow_pickle_embeddings: bool = False
     emphasis: tuple[str, ...] = ("original",)  # A1111 "Emphasis mode" axis (prompt/clip.py EMPHASIS)
@@ -551,6 +553,7 @@ def _validate(cfg: DictConfig) -> RunSpec:
         prompt_sr=sr,
         prompt_seed=int(_key(cfg, "prompt_seed")) if random_prompts else None,
         hires=hires_combos(cfg.get("hires")),
+        refiner=refiner_combos(cfg.get("refiner")),
         embedding_dirs=tuple(string_list("embedding_dirs", cfg.get("embedding_dirs"))),
         allow_pickle_embeddings=bool(cfg.get("allow_pickle_embeddings", False)),
         emphasis=tuple(_choice("emphasis", v, tuple(EMPHASIS)) for v in _as_list("emphasis", cfg.get("emphasis",

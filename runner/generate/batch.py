@@ -12,6 +12,7 @@ from ..plan import ImageJob
 from . import scheduled
 from .hires import second_pass
 from .prompt_embeds import PromptEmbeds, _kind, diffusers_clip_skip, pads_conds
+from .refiner import refiner_switch
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +117,18 @@ def batch_kwargs(traits: Traits, jobs: Sequence[ImageJob], embeds: PromptEmbeds 
                        first.max_sequence_length, first.clip_skip, first.width, first.height)
 
 
+def _uses_cfg(pipe: Any, job: ImageJob) -> bool:
+    """The pipelines' own rule for classifier-free guidance (negative prompts are encoded only when it is on)."""
+    return job.guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+
+
 def _sd_text(pipe: Any, jobs: Sequence[ImageJob], embeds: PromptEmbeds | None,
              te_state: tuple, hires_steps: int | None = None) -> list[tuple]:
     """SD-class pipelines: the prompts as (cached) embeddings with A1111's Clip skip and, with `prompt_syntax:
     a1111`, its weights and chunks (prompt_embeds.py); one group of rows per embedding length, with each row's
     per-step plan where prompts change during sampling."""
     first = jobs[0]
-    # the pipelines' own rule for classifier-free guidance (negative prompts are encoded only when it is on)
-    cfg = first.guidance_scale > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    cfg = _uses_cfg(pipe, first)
     if first.prompt_syntax == "a1111" and any(
             scheduled.needs_plan(j.prompt, j.negative_prompt)
             or (cfg and not j.pad_conds and pads_conds(pipe, j.prompt, j.negative_prompt, j.emphasis)) for j in jobs):
@@ -158,9 +163,16 @@ def _call(pipe: Any, traits: Traits, jobs: Sequence[ImageJob], invariant: bool, 
         for rows, text, *plans in groups:  # one call, unless long prompts give embeddings of several lengths
             seed_noise(pipe.scheduler, [jobs[i].seed for i in rows])
             hires = traits.family.is_sd and jobs[0].hires is not None  # A1111's Hires. fix: latents, then img2img
-            with scheduled.conditioning_switch(pipe, plans[0] if plans else None):
+            taken: list[int | None] = [None]  # A1111's Refiner: the call the refiner took over at
+            with scheduled.conditioning_switch(pipe, plans[0] if plans else None), \
+                    refiner_switch(pipe, [jobs[i] for i in rows],
+                                   jobs[0].refiner is not None and _uses_cfg(pipe, jobs[0]), kwargs.get("width"),
+                                   kwargs.get("height"), invariant, taken):
                 out = pipe(**kwargs, **text, generator=[generators[i] for i in rows],
                            output_type="latent" if hires else "pil")
+            if jobs[0].refiner is not None:
+                for image in out.images:
+                    image.info["refiner_from"] = -1 if taken[0] is None else taken[0]  # read by the record
             if hires:
                 out.images = second_pass(pipe, [jobs[i] for i in rows], out.images, kwargs,
                                          lambda hj, n: _sd_text(pipe, hj, embeds, te_state, n))

@@ -24,6 +24,7 @@ from .tiny_scorers import SCORER_FAMILIES
 TINY_ID = "builtin:tiny"  # the SD1.5 tiny model; `builtin:tiny-<family>` for the others
 TINY_VERSION = "1"
 TINY_FAMILIES = ("sd15", "sdxl", "flux1", "sd3", "qwenimage", "zimage", "flux2")
+REFINER_FAMILIES = ("sdxl-refiner",)  # second models for A1111's Refiner (not text-to-image pipelines)
 TINY_SIZE = 64  # default image side in pixels
 DIFFUSERS_LORA = ("tiny_style", "tiny_style.safetensors")  # (directory, non-default weight_name)
 KOHYA_LORA = "tiny_kohya.safetensors"
@@ -229,7 +230,9 @@ def write_tiny(dest: Path, loras: bool = True, family: str = "sd15") -> Path:
         else:
             pipe = build_family(family, tmp)
         _save_pipeline(pipe, tmp)
-        if loras and family in ("sd15", "sdxl"):
+        if family in REFINER_FAMILIES:  # A1111 runs no LoRA on the refiner
+            pass
+        elif loras and family in ("sd15", "sdxl"):
             write_example_loras(tmp, tmp / "loras")
         elif loras:
             from .tiny_loras import write_family_loras
@@ -263,7 +266,8 @@ def builtin_path(source: str) -> Path | None:
     if not source.startswith(TINY_ID):
         return None
     head, _, rest = source.partition("/")
-    family = tiny_family(head) or next((f for f in SCORER_FAMILIES if head == f"{TINY_ID}-{f}"), None)
+    family = tiny_family(head) or next((f for f in SCORER_FAMILIES + REFINER_FAMILIES if head == f"{TINY_ID}-{f}"),
+                                       None)
     if family is None:
         return None
     return ensure_tiny(family) / rest if rest else ensure_tiny(family)
@@ -287,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry: `t2i-tiny DIR`."""
     parser = argparse.ArgumentParser(prog="t2i-tiny", description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="destination folder (must not exist or be empty)")
-    parser.add_argument("--family", default="sd15", choices=TINY_FAMILIES + SCORER_FAMILIES,
-                        help="model family of the tiny pipeline, or clip/dino: a tiny scorer model for t2i-eval "
-                             "(default: sd15)")
+    parser.add_argument("--family", default="sd15", choices=TINY_FAMILIES + REFINER_FAMILIES + SCORER_FAMILIES,
+                        help="model family of the tiny pipeline, sdxl-refiner: a tiny SDXL refiner (refiner.model="
+                             "DIR), or clip/dino: a tiny scorer model for t2i-eval (default: sd15)")
     parser.add_argument("--no-loras", action="store_true", help="skip the example LoRAs")
     parser.add_argument("--single-file", action="store_true",
                         help=f"also write DIR/{SINGLE_FILE}: the same weights as one LDM-layout checkpoint")
@@ -302,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--single-file writes an SD1.5 (LDM) checkpoint; it does not apply to "
                           f"--family {args.family}")
     write_tiny(dest, loras=not args.no_loras, family=args.family)
-    use = f"t2i-eval --{args.family}-model {dest}" if args.family in SCORER_FAMILIES else f"model.id={dest}"
+    use = f"t2i-eval --{args.family}-model {dest}" if args.family in SCORER_FAMILIES else \
+        f"refiner.model={dest}" if args.family in REFINER_FAMILIES else f"model.id={dest}"
     print(f"tiny {args.family} model written to {dest} (load with {use})")
     if args.single_file:
         from .single_file import export_single_file
@@ -310,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         export_single_file(dest, dest / SINGLE_FILE)
         print(f"single-file checkpoint: {dest / SINGLE_FILE} (load with model.id={dest / SINGLE_FILE} "
               f"model.config={dest})")
-    if not args.no_loras and args.family not in SCORER_FAMILIES:
+    if not args.no_loras and args.family not in SCORER_FAMILIES + REFINER_FAMILIES:
         files = sorted(str(p) for p in (dest / "loras").rglob("*.safetensors"))
         print(f"example LoRAs: {', '.join(files)}")
     return 0

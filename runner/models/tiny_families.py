@@ -86,25 +86,57 @@ def qwen_tokenizer() -> tuple[Any, dict[str, int]]:
     return tok, {**ids, "vocab_size": len(tok)}
 
 
-def build_sdxl(tmp: Path) -> Any:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+def _sdxl_unet(seed: int, cross_attention_dim: int, add_dim: int) -> Any:
+    """The tiny SDXL UNet shape: `add_dim` = time ids x 8 + the pooled text width."""
+    import torch
+    from diffusers import UNet2DConditionModel
 
-    tok, n = clip_tokenizer(tmp)
-    _seed()
-    unet = UNet2DConditionModel(
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=32)
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=add_dim,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=32)
+
+
+def _sdxl_vae_and_scheduler() -> tuple[Any, Any]:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+
     _seed()
     vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=32, sample_size=64)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1)
+    return vae, scheduler
+
+
+def build_sdxl(tmp: Path) -> Any:
+    from diffusers import StableDiffusionXLPipeline
+
+    tok, n = clip_tokenizer(tmp)
+    unet = _sdxl_unet(0, 64, 80)  # 80 = 6 time ids (size, crop, target size) x 8 + 32
+    vae, scheduler = _sdxl_vae_and_scheduler()
     return StableDiffusionXLPipeline(vae=vae, text_encoder=clip_encoder(n), text_encoder_2=clip_encoder(n, 32, True),
                                      tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler)
+
+
+def build_sdxl_refiner(tmp: Path) -> Any:
+    """A tiny SDXL refiner (A1111's Refiner): the second text encoder only (the refiner's UNet conditions on it
+    alone), aesthetic-score time ids (`requires_aesthetics_score`), and the tiny SDXL's text encoder 2 and VAE
+    weights (seeded alike), as the real refiner shares them with the base."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    tok, n = clip_tokenizer(tmp)
+    text_encoder_2 = clip_encoder(n, 32, True)
+    # another UNet than the base's (the real refiner is another network); 72 = 5 time ids (size, crop, aesthetic
+    # score) x 8 + 32
+    unet = _sdxl_unet(1, 32, 72)
+    vae, scheduler = _sdxl_vae_and_scheduler()
+    return StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
+                                            tokenizer_2=tok, unet=unet, scheduler=scheduler,
+                                            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
 
 
 def build_flux1(tmp: Path) -> Any:
@@ -238,4 +270,4 @@ def build_flux2(tmp: Path) -> Any:
 
 
 BUILDERS = {"sdxl": build_sdxl, "flux1": build_flux1, "sd3": build_sd3, "qwenimage": build_qwenimage,
-            "zimage": build_zimage, "flux2": build_flux2}
+            "zimage": build_zimage, "flux2": build_flux2, "sdxl-refiner": build_sdxl_refiner}

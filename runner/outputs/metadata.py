@@ -52,6 +52,7 @@ def _cfg(value: float | None) -> str | None:
 def infotext(rec: dict[str, Any]) -> str:
     """A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value, …`."""
     from ..config.hires import infotext_fields as hires_infotext
+    from ..config.refiner import infotext_fields as refiner_infotext
     from ..prompt.syntax import EMPHASIS
 
     distilled = rec.get("guidance_scale") is not None and (
@@ -84,6 +85,8 @@ def infotext(rec: dict[str, Any]) -> str:
     emphasis = "none" if rec.get("prompt_syntax") == "plain" else rec.get("emphasis") or "original"
     if emphasis != "original" and any(c in rec["prompt"] + rec.get("negative_prompt", "") for c in "(["):
         fields["Emphasis"] = EMPHASIS.get(emphasis, emphasis)
+    if (rec.get("refiner_switch_call") or 0) >= 0:  # A1111 writes them when the refiner took over, after the rest
+        fields.update(refiner_infotext(rec))
     if rec.get("pad_conds") and rec.get("prompt_syntax") == "a1111":
         fields["Pad conds"] = "True"  # prompt and negative prompt padded to the same chunk count
     if rec.get("prompt_template"):

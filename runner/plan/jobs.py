@@ -15,13 +15,15 @@ from ..common.paths import slug
 from ..config import LoraSpec, RunSpec, lora_name
 from ..config.blocks import BlockSpec, spec_label
 from ..config.hires import Hires
+from ..config.refiner import Refiner
 from ..prompt import replace_sr
 
 KEY_VERSION = 2
 RANDOM_SEED = -1  # in `seeds`: draw one from the run seed
 AXES = ("prompt", "seed", "lora_set", "lora_scale", "lora_blocks", "steps", "guidance_scale", "scheduler",
         "width", "height", "clip_skip", "schedule", "true_cfg_scale", "max_sequence_length", "prompt_sr",
-        "hires_scale", "hires_steps", "hires_denoise", "hires_upscaler", "emphasis", "pad_conds")
+        "hires_scale", "hires_steps", "hires_denoise", "hires_upscaler", "emphasis", "pad_conds",
+        "refiner_switch_at")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class ImageJob:
     embeddings: tuple = ()  # textual inversions its prompts name (models/embeddings.py Embedding)
     emphasis: str = "original"  # A1111's emphasis mode (prompt/clip.py EMPHASIS), with prompt_syntax a1111
     pad_conds: bool = False  # A1111's "Pad prompt/negative prompt", with prompt_syntax a1111
+    refiner: Refiner | None = None  # A1111's SDXL Refiner (config/refiner.py); None = the base model alone
 
     @property
     def adapter_weights(self) -> tuple[float, ...]:
@@ -96,6 +99,8 @@ class ImageJob:
              # A1111's text options away from their defaults only, so other keys stay as they were
              **({"emphasis": self.emphasis} if self.emphasis != "original" else {}),
              **({"pad": True} if self.pad_conds else {}),
+             **({"refiner": [self.refiner.identity or self.refiner.model, self.refiner.switch_at]}
+                if self.refiner is not None else {}),
              "loras": [[i, w] + ([spec_label(b)] if b is not None else [])
                        for i, w, b in zip(ids, self.adapter_weights, self.adapter_blocks, strict=True)]},
             sort_keys=True,
@@ -109,7 +114,8 @@ class ImageJob:
                 -1.0 if self.guidance_scale is None else self.guidance_scale, self.width or 0, self.height or 0,
                 self.clip_skip or 0, self.schedule or "", self.true_cfg_scale or 0.0, self.max_sequence_length or 0,
                 self.blocks_label or "", self.prompt_syntax, self.emphasis, self.pad_conds,
-                dataclasses.astuple(self.hires) if self.hires is not None else ())
+                dataclasses.astuple(self.hires) if self.hires is not None else (),
+                dataclasses.astuple(self.refiner) if self.refiner is not None else ())
 
     @property
     def set_label(self) -> str:
@@ -141,6 +147,8 @@ class ImageJob:
             return self.set_label
         if axis == "lora_blocks":
             return self.blocks_label
+        if axis == "refiner_switch_at":
+            return None if self.refiner is None else self.refiner.switch_at
         if axis.startswith("hires_"):
             return None if self.hires is None else getattr(self.hires, axis[len("hires_"):])
         return getattr(self, axis)
@@ -185,11 +193,11 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
         enumerate(spec.prompts), seeds, enumerate(spec.lora_sets[: spec.config_sets or None]), spec.lora_scales,
         spec.lora_blocks, spec.steps, spec.guidance_scale, spec.scheduler, spec.width, spec.height, spec.clip_skip,
         spec.schedule, spec.true_cfg_scale, spec.max_sequence_length, sr_values, spec.hires, spec.emphasis,
-        spec.pad_conds,
+        spec.pad_conds, spec.refiner,
     )
     seen: set[tuple] = set()
     for ((pi, p), seed, (li, loras), mult, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq, sr, hr, emph,
-         pad) in combos:
+         pad, ref) in combos:
         prompt, negative = replace_sr(p.prompt, spec.prompt_sr, sr), replace_sr(p.negative_prompt, spec.prompt_sr, sr)
         set_name = None
         if (pi, li) in tagged:  # the prompt's <lora:…> tags extend set li (with_prompt_loras)
@@ -200,7 +208,7 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
         blocks = blocks if loras else None
         # a prompt without the S/R search term is the same image for every S/R value: made once
         ident = (pi, seed, li, scale, blocks, steps, cfg, sched, w, h, skip, schedule, tcfg, seq, prompt, negative, hr,
-                 emph, pad)
+                 emph, pad, ref)
         if ident in seen:  # the no-LoRA set is generated once, whatever the multipliers and blocks
             continue
         seen.add(ident)
@@ -208,7 +216,8 @@ def expand(spec: RunSpec, model_key: str = "", lora_ids: Sequence[Sequence[str]]
         jobs.append(ImageJob(start + len(jobs), prompt, negative, seed, steps, cfg, w, h, sched, li,
                              loras, scale, model_key, skip, schedule, ids, tcfg, seq, model_index, blocks,
                              spec.prompt_syntax, sr, p.prompt if sr is not None else None, p.template, set_name,
-                             hr, tuple(e for e in spec.embeddings if e.used_in(prompt, negative)), emph, pad))
+                             hr, tuple(e for e in spec.embeddings if e.used_in(prompt, negative)), emph, pad,
+                             ref))
     return jobs
 
 

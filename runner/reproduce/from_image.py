@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..common.errors import ConfigError
 from ..config import TORCH_DTYPES, LoraSpec, RunSpec, validate
 from ..config.hires import config_from_record as hires_config
+from ..config.refiner import config_from_record as refiner_config
 from ..models.embeddings import check_recorded
 from ..outputs.record import SETTINGS
 from .inspect import FOREIGN, read_record
@@ -67,6 +68,7 @@ def record_config(rec: dict) -> dict:
         if rec.get(key) is not None:
             out[key] = rec[key]
     out["hires"] = hires_config(rec)
+    out["refiner"] = refiner_config(rec)
     files = [e["file"] for e in rec.get("embeddings") or [] if e.get("file")]
     if files:  # ours: the folders the embeddings were in (A1111's infotext has hashes only: embedding_dirs=...)
         out["embedding_dirs"] = sorted({str(Path(f).parent) for f in files})
@@ -212,6 +214,28 @@ def _check_foreign(img: str, rec: dict, given: set[str], strict: bool) -> None:
                                                        " with A1111's Automatic schedule for it"))
 
 
+def _foreign_refiner(merged: DictConfig, rec: dict, img: str, given: set[str], strict: bool) -> None:
+    """An A1111 image's `Refiner: NAME [hash]`: found by name and hash beside the model (A1111 keeps checkpoints
+    in one folder) unless refiner.model is given; its switch point from `Refiner switch at`."""
+    from ..models.refiner import find_refiner
+
+    ref = rec.get("refiner")
+    if not ref or given & {"refiner", "refiner.model"}:
+        return
+    if "refiner.switch_at" not in given:
+        OmegaConf.update(merged, "refiner.switch_at", rec["refiner_switch_at"], merge=False, force_add=True)
+    model = Path(str(OmegaConf.select(merged, "model.id", default="")))
+    folders = [model.parent] if model.exists() else []
+    found = find_refiner(ref["name"], ref.get("hash"), folders)
+    if found is None:
+        where = f" in {folders[0]}" if folders else ""
+        _complain(f"{img} was refined with {ref['name']!r} (hash {ref.get('hash')}), not found{where}; give "
+                  "refiner.model=PATH", strict)
+        return
+    log.info("%s: refiner %r found at %s", img, ref["name"], found)
+    OmegaConf.update(merged, "refiner.model", str(found), merge=False, force_add=True)
+
+
 def _for_family(merged: DictConfig, rec: dict, img: str, given: set[str]) -> None:
     """An A1111/Forge/ComfyUI image's settings on the model they run on now, read as those tools read them there:
     on a flow-matching model (Flux, SD3, …) their "Euler" is flow Euler (config/schedulers.for_flow); on a
@@ -259,6 +283,7 @@ def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpe
         given = given | {"lora_sets"}  # the image's LoRAs, found by hash: nothing to warn about
     if foreign:
         _for_family(merged, rec, img, given)
+        _foreign_refiner(merged, rec, img, given, bool(cfg.get("strict", True)))
     spec = validate(merged)
     strict = bool(cfg.get("strict", True))
     for problem in check_recorded(img, rec.get("embeddings") or [], spec):
@@ -303,6 +328,8 @@ class Original:
                 [(lo["sha256"], lo["scale"]) for lo in b.get("loras") or []]:
             out.append("loras")
         out += [f"model.{k}" for k in ("hash", "dtype") if a["model"].get(k) != b["model"].get(k)]
+        if (a.get("refiner") or {}).get("hash") != (b.get("refiner") or {}).get("hash"):
+            out.append("refiner")
         if a["model"].get("config_hash") and a["model"]["config_hash"] != b["model"].get("config_hash"):
             out.append("model.config_hash")  # an edited scheduler_config.json etc. (older records lack it)
         if str(a.get("device")).split(":")[0] != str(b.get("device")).split(":")[0]:

@@ -13,6 +13,8 @@ from ..common.errors import ConfigError, task_wrapper
 from ..config.hires import INFOTEXT_FIELDS as HIRES_FIELDS
 from ..config.hires import infotext_fields as hires_infotext
 from ..config.hires import record_from_infotext as hires_record
+from ..config.refiner import INFOTEXT_FIELDS as REFINER_FIELDS
+from ..config.refiner import record_from_infotext as refiner_record
 from ..outputs.metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
 from ..prompt.syntax import EMPHASIS
 
@@ -20,7 +22,7 @@ FOREIGN = "a1111-infotext"  # `source_format` of a record mapped from A1111 info
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
 _MAPPED = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Clip skip", "Seed",
            "Size-1", "Size-2", "Model", "Model hash", "Lora hashes", "Lora weights", "Version", "Emphasis",
-           "Pad conds", "Pad conds v0", "Template", "TI hashes", *HIRES_FIELDS}
+           "Pad conds", "Pad conds v0", "Template", "TI hashes", *HIRES_FIELDS, *REFINER_FIELDS}
 
 
 def _user_comment(raw: Any) -> str | None:
@@ -140,6 +142,7 @@ def record_from_infotext(text: str) -> dict[str, Any]:
         "ignored": {k: v for k, v in p.items() if k not in _MAPPED},
     }
     rec.update(hires_record(p))  # hires. fix (an image before A1111 1.0 has its first-pass size here)
+    rec.update(refiner_record(p))  # Refiner: NAME [shorthash], Refiner switch at
     if p.get("TI hashes"):  # textual inversions: name and the first 10 hex digits of the file's sha256
         rec["embeddings"] = [{"name": k, "sha256": v} for k, v in _pairs(p["TI hashes"]).items()]
     return rec
@@ -212,6 +215,11 @@ def describe(rec: dict[str, Any], path: str = "") -> str:
     if rec.get("hires_scale") is not None:
         fields = {"Denoising strength": rec.get("hires_denoise"), **hires_infotext(rec)}
         out.append(_line("hires. fix", ", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)))
+    if rec.get("refiner"):
+        ref = rec["refiner"]
+        out.append(_line("refiner", f"{ref.get('name')} sha256 {str(ref.get('hash'))[:10]}, switch at "
+                                    f"{rec.get('refiner_switch_at')}" + (f"  <- {ref['location']}"
+                                                                          if ref.get("location") else "")))
     if rec.get("embeddings"):
         out.append(_line("embeddings", ", ".join(f"{e['name']} sha256 {str(e['sha256'])[:10]}"
                                                  for e in rec["embeddings"])))

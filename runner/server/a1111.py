@@ -32,6 +32,7 @@ from ..common.errors import ConfigError, did_you_mean
 from ..common.paths import PICKLE_EXT, SAFE_EXT, strip_weight_ext
 from ..config import validate
 from ..config.hires import LATENT_MODES, PIXEL_UPSCALERS
+from ..config.refiner import parse_short_title
 from ..config.schedulers import (
     A1111_AUTOMATIC,
     SCHEDULE_TABLE,
@@ -50,7 +51,8 @@ PREFIX = "/sdapi/v1"
 # our field names and config keys -> A1111's, in error messages
 NAMES = {"total_nm_img_prompt": "batch_size*n_iter", "inference_steps": "steps", "manual_seed": "seed",
          "guidance_scale": "cfg_scale", "modelid": "override_settings.sd_model_checkpoint",
-         "clip_skip": "override_settings.CLIP_stop_at_last_layers", "batch_size": "batch_size"}
+         "clip_skip": "override_settings.CLIP_stop_at_last_layers", "batch_size": "batch_size",
+         "refiner.switch_at": "refiner_switch_at", "refiner.model": "refiner_checkpoint"}
 CLIP_SKIP = "CLIP_stop_at_last_layers"
 CHECKPOINT = "sd_model_checkpoint"
 # A1111's /sdapi/v1/schedulers details of the schedule types this server runs (its sd_schedulers.py)
@@ -144,7 +146,6 @@ UNSUPPORTED: dict[str, tuple[Any, str, Any]] = {
     "s_churn": (_is(None, 0), "stochastic churn (k-diffusion's s_churn)", 0),
     "s_noise": (_is(None, 1), "a noise multiplier (s_noise)", 1),
     "s_min_uncond": (_is(None, 0), "negative guidance minimum sigma (NGMS)", 0),
-    "refiner_checkpoint": (_is(None, "", "None", "none"), "a refiner model", None),
     "disable_extra_networks": (_is(False), "prompts without extra networks", False),
     "firstpass_image": (_is(None, ""), "a first-pass image", None),
     "script_name": (_is(None, ""), "a script", None),
@@ -371,6 +372,15 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
         # the prompt goes to the core unchanged (with any <lora:…> tags); an explicit empty negative prompt stays
         extra = {"scheduler": scheduler, "schedule": schedule, "clip_skip": clip, "batch_size": req.batch_size,
                  "prompts": [{"prompt": req.prompt, "negative_prompt": req.negative_prompt}]}
+        if req.refiner_checkpoint not in (None, "", "None", "none"):  # A1111's Refiner: an allowed checkpoint
+            if req.refiner_switch_at is None:
+                raise FormError(422, "refiner_switch_at=null with refiner_checkpoint (A1111 then runs the refiner "
+                                     "from the first step); send a fraction between 0 and 1, e.g. 0.8")
+            name = req.refiner_checkpoint
+            if name not in allowed_models(cfg):  # A1111's title `NAME [shorthash]` names the same checkpoint
+                name = parse_short_title(name)[0]
+            rid = checkpoint_id(name, "refiner_checkpoint")
+            extra["refiner"] = {"model": model_dict(rid, cfg)["id"], "switch_at": req.refiner_switch_at}
         if req.enable_hr:
             extra["hires"] = hires_fields(req)
             if req.firstphase_width or req.firstphase_height:  # A1111 < 1.0: the first pass at this size
@@ -385,7 +395,8 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
         infotexts = [text or "" for _, text in records]
         rec = records[0][0] if records and records[0][0] else {}
         extra = {k: v for k, v in parse_infotext(infotexts[0]).items()
-                 if k in ("Schedule type", "Lora hashes", "Lora weights")} if infotexts else {}
+                 if k in ("Schedule type", "Lora hashes", "Lora weights", "Refiner", "Refiner switch at")} \
+            if infotexts else {}
         seeds = list(job.spec.seeds)
         n = len(seeds)
         prompt, negative = job.spec.prompts[0].prompt, job.spec.prompts[0].negative_prompt

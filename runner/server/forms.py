@@ -85,6 +85,8 @@ class JobRequest(BaseModel):
     hires_denoise: float | None = Field(None, ge=0.0, le=1.0, description="its denoising strength (default 0.7)")
     hires_steps: int | None = Field(None, ge=0, description="its steps; 0 = the first pass's")
     hires_upscaler: str | None = Field(None, description="Latent, Lanczos, … (default Latent)")
+    refiner_model: str | None = Field(None, description="A1111's Refiner (SDXL): an allowed model; not given = off")
+    refiner_switch_at: float | None = Field(None, gt=0.0, lt=1.0, description="where it takes over (default 0.8)")
 
     @model_validator(mode="before")
     @classmethod
@@ -124,6 +126,8 @@ class SubmitForm(BaseModel):
     hires_denoise: str | None = None
     hires_steps: str | None = None
     hires_upscaler: str | None = None
+    refiner_model: str | None = None
+    refiner_switch_at: str | None = None
 
 
 def error_line(errors: list[Any]) -> str:
@@ -240,6 +244,16 @@ def _model(req: JobRequest, cfg: DictConfig) -> dict:
     return model_dict(mid, cfg)
 
 
+def _refiner(req: JobRequest, cfg: DictConfig) -> dict:
+    """The `refiner` group of a request: an allowed model (403 otherwise) and its switch point."""
+    if req.refiner_model in (None, "", "None", "none"):
+        return {}
+    mid = req.refiner_model.strip()
+    check_model(mid, cfg)
+    return {"refiner": {"model": model_dict(mid, cfg)["id"],
+                        **({"switch_at": req.refiner_switch_at} if req.refiner_switch_at is not None else {})}}
+
+
 def first_value(value: Any) -> Any:
     """A server default for one request: a request is one image per seed, so a swept default gives its first."""
     return value[0] if OmegaConf.is_list(value) else value
@@ -306,6 +320,7 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
         **({"hires": {k: v for k, v in (("scale", req.hires_scale), ("denoise", req.hires_denoise),
                                         ("steps", req.hires_steps), ("upscaler", req.hires_upscaler))
                       if v is not None}} if req.hires_scale is not None else {}),
+        **_refiner(req, cfg),
         **extra,
     }
     model = overrides.pop("model")
