@@ -106,6 +106,7 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
     """Load one model of the axis (again if its files changed since this process loaded it: a retrained or edited
     model is never served by a stale pipeline) with its LoRA adapters (checked against it), check its scheduler x
     steps pairs, and set its memory switches."""
+    from .config.hires import preflight_pairs as hires_preflight
     from .generate.prompt_embeds import clip_skip_applies
     from .lora.adapters import AdapterManager
     from .lora.blocks import block_resolver
@@ -125,7 +126,8 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
         loaded.adapters = AdapterManager(loaded.pipe, spec.max_loaded_loras)
     loaded.adapters.max_loaded = spec.max_loaded_loras
     loaded.adapters.preload(lora_sets)  # a LoRA that does not fit the model fails before any write
-    preflight(loaded.base_scheduler, {(j.scheduler, j.schedule, j.steps) for j in jobs})  # before its images
+    preflight(loaded.base_scheduler, {(j.scheduler, j.schedule, j.steps) for j in jobs}  # before its images
+              | hires_preflight(jobs))
     loaded.blocks_of = block_resolver(loaded.pipe, spec)  # so does a block-weight list of the wrong length
     if loaded.family.is_sd and any((s or 1) > 1 for s in spec.clip_skip) and not clip_skip_applies(loaded.pipe):
         log.warning("clip_skip has no effect on %s: as in A1111, Clip skip applies to SD 1.x only (SDXL and SD 2.x "

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..common.errors import ConfigError, did_you_mean
+from .schedulers import SCHEDULERS, SCHEDULES
 
 # A1111 `shared.latent_upscale_modes`: name -> (torch interpolate mode, antialias)
 LATENT_MODES = {
@@ -74,6 +75,12 @@ class Hires:
     resize_y: int = 0
     prompt: str = ""  # "" = the image's prompt
     negative_prompt: str = ""
+    scheduler: str | None = None  # A1111 "Hires sampler"; None = the first pass's
+    schedule: str | None = None  # A1111 "Hires schedule type"; None = the first pass's
+
+    def second_scheduler(self, scheduler: str | None, schedule: str | None) -> tuple[str | None, str | None]:
+        """The second pass's (scheduler, schedule) for a first pass run with `scheduler` and `schedule`."""
+        return self.scheduler or scheduler, self.schedule or schedule
 
     def second_steps(self, first: int) -> int:
         return self.steps or first
@@ -88,6 +95,10 @@ class Hires:
             out["hires_prompt"] = self.prompt
         if self.negative_prompt:
             out["hires_negative_prompt"] = self.negative_prompt
+        if self.scheduler:
+            out["hires_scheduler"] = self.scheduler
+        if self.schedule:
+            out["hires_schedule"] = self.schedule
         return out
 
 
@@ -107,7 +118,7 @@ def _values(key: str, value: Any, kind: type, lo: float, hi: float) -> tuple:
 
 def hires_combos(raw: Any) -> tuple[Hires | None, ...]:
     """The hires. fix values of a run (the `hires` config group): (None,) when off (`hires.scale` null), else one
-    Hires per combination of the swept keys (scale, steps, denoise, upscaler)."""
+    Hires per combination of the swept keys (scale, steps, denoise, upscaler, scheduler, schedule)."""
     import itertools
 
     from omegaconf import DictConfig, OmegaConf
@@ -133,17 +144,67 @@ def hires_combos(raw: Any) -> tuple[Hires | None, ...]:
     for key in ("prompt", "negative_prompt"):
         if not isinstance(cfg.get(key) or "", str):
             raise ConfigError(f"hires.{key} must be a string (one prompt for the second pass; \"\" = the image's)")
-    return tuple(Hires(s, n, d, u, rx, ry, cfg.get("prompt") or "", cfg.get("negative_prompt") or "")
-                 for s, n, d, u in itertools.product(scales, steps, denoise, ups))
+    scheds = _names("scheduler", cfg.get("scheduler"), SCHEDULERS)
+    schedules = _names("schedule", cfg.get("schedule"), SCHEDULES)
+    return tuple(Hires(s, n, d, u, rx, ry, cfg.get("prompt") or "", cfg.get("negative_prompt") or "", sc, sd)
+                 for s, n, d, u, sc, sd in itertools.product(scales, steps, denoise, ups, scheds, schedules))
 
 
-HIRES_KEYS = ("scale", "steps", "denoise", "upscaler", "resize_x", "resize_y", "prompt", "negative_prompt")
+def _names(key: str, value: Any, valid: tuple[str, ...]) -> tuple[str | None, ...]:
+    """A swept name key of the second pass (null = the first pass's)."""
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    out = []
+    for v in items:
+        if v in (None, "", "null", "default"):
+            out.append(None)
+        elif str(v) not in valid:
+            raise ConfigError(f"hires.{key}={v!r} is not known{did_you_mean(str(v), valid)}; valid: null (the first "
+                              f"pass's), " + ", ".join(valid))
+        else:
+            out.append(str(v))
+    return tuple(dict.fromkeys(out))
+
+
+def check_second_schedulers(hires: tuple, pairs: Any) -> None:
+    """Each hires pass's (scheduler, schedule) with each first pass's `pairs`: one line for a pair that cannot run
+    (as the first pass's are checked), before anything loads."""
+    from .schedulers import check_pair, effective_schedule, missing_modules
+
+    for hr in hires:
+        if hr is None or (hr.scheduler is None and hr.schedule is None):
+            continue
+        for first in pairs:
+            sched, schedule = hr.second_scheduler(*first)
+            why = check_pair(sched, schedule)
+            if why:
+                raise ConfigError(f"the hires. fix pass runs scheduler={sched} schedule={schedule} (hires.scheduler="
+                                  f"{hr.scheduler}, hires.schedule={hr.schedule}; null = the first pass's): {why}")
+            missing = missing_modules(sched, effective_schedule(sched, schedule))
+            if missing:
+                raise ConfigError(f"hires.scheduler={sched} needs the Python package {missing[0]!r}, which is not "
+                                  f"installed; pip install {missing[0]}")
+
+
+def preflight_pairs(jobs: Any) -> set[tuple[str | None, str | None, int]]:
+    """The (scheduler, schedule, steps) of the hires. fix passes with their own sampler, for the scheduler
+    pre-flight (models/schedulers.py) that checks the first passes'."""
+    out = set()
+    for j in jobs:
+        hr = j.hires
+        if hr is not None and (hr.scheduler or hr.schedule):
+            out.add((*hr.second_scheduler(j.scheduler, j.schedule), second_pass_steps(hr.second_steps(j.steps),
+                                                                                     hr.denoise)[0]))
+    return out
+
+
+HIRES_KEYS = ("scale", "steps", "denoise", "upscaler", "resize_x", "resize_y", "prompt", "negative_prompt",
+              "scheduler", "schedule")
 
 
 # A1111 infotext fields of a hires. fix image (read by from_image; "First pass size" is A1111's before 1.0)
 INFOTEXT_FIELDS = ("Denoising strength", "Hires upscale", "Hires resize-1", "Hires resize-2", "Hires steps",
-                   "Hires upscaler", "Hires prompt", "Hires negative prompt", "First pass size-1",
-                   "First pass size-2")
+                   "Hires upscaler", "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type",
+                   "First pass size-1", "First pass size-2")
 
 
 def infotext_fields(rec: dict) -> dict[str, Any]:
@@ -151,12 +212,17 @@ def infotext_fields(rec: dict) -> dict[str, Any]:
     if rec.get("hires_scale") is None:
         return {}
     rx, ry = rec.get("hires_resize") or (0, 0)
-    return {"Hires prompt": rec.get("hires_prompt") or None,
+    sampler, schedule_type = rec.get("hires_sampler"), rec.get("hires_schedule_type")
+    return {"Hires sampler": sampler if sampler and sampler != rec.get("sampler") else None,
+            "Hires prompt": rec.get("hires_prompt") or None,
             "Hires negative prompt": rec.get("hires_negative_prompt") or None,
             "Hires upscale": f"{rec['hires_scale']:g}" if not (rx or ry) else None,
             "Hires resize": f"{rx}x{ry}" if rx or ry else None,
             "Hires steps": rec.get("hires_steps") or None,
-            "Hires upscaler": rec.get("hires_upscaler")}
+            "Hires upscaler": rec.get("hires_upscaler"),
+            # A1111 writes it from its sampler, after the others, where it differs from the first pass's
+            "Hires schedule type": schedule_type if schedule_type and schedule_type != rec.get("schedule_type")
+            else None}
 
 
 def record_from_infotext(p: dict[str, Any]) -> dict[str, Any]:
@@ -187,6 +253,22 @@ def record_from_infotext(p: dict[str, Any]) -> dict[str, Any]:
     for key in ("Hires prompt", "Hires negative prompt"):
         if p.get(key):
             out[key.lower().replace(" ", "_")] = p[key]
+    if p.get("Hires sampler") or p.get("Hires schedule type"):
+        # A1111 writes each where it differs from the first pass's (absent = the same)
+        out.update(_second_scheduler(p))
+    return out
+
+
+def _second_scheduler(p: dict[str, Any]) -> dict[str, Any]:
+    from .schedulers import from_a1111
+
+    sampler = p.get("Hires sampler") or p.get("Sampler") or ""
+    scheduler, schedule, _ = from_a1111(sampler, p.get("Hires schedule type") or p.get("Schedule type"))
+    out: dict[str, Any] = {}
+    if p.get("Hires sampler") and scheduler is not None:
+        out["hires_scheduler"] = scheduler
+    if p.get("Hires schedule type") and schedule is not None:
+        out["hires_schedule"] = schedule
     return out
 
 
@@ -197,4 +279,5 @@ def config_from_record(rec: dict) -> dict[str, Any]:
     rx, ry = rec.get("hires_resize") or (0, 0)
     return {"scale": rec["hires_scale"], "steps": rec.get("hires_steps") or 0, "denoise": rec["hires_denoise"],
             "upscaler": rec["hires_upscaler"], "resize_x": rx, "resize_y": ry,
-            "prompt": rec.get("hires_prompt") or "", "negative_prompt": rec.get("hires_negative_prompt") or ""}
+            "prompt": rec.get("hires_prompt") or "", "negative_prompt": rec.get("hires_negative_prompt") or "",
+            "scheduler": rec.get("hires_scheduler"), "schedule": rec.get("hires_schedule")}

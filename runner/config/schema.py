@@ -55,7 +55,7 @@ class ViewerConfig:
 @dataclass
 class HiresConfig:
     """A1111's Hires. fix (config/hires.py, generate/hires.py): off while `scale` (and resize_*) are unset. The
-    first four keys take lists (swept)."""
+    first four keys and scheduler/schedule take lists (swept)."""
 
     scale: Any = None  # A1111 "Hires upscale" (e.g. 2); null = off
     steps: Any = 0  # A1111 "Hires steps"; 0 = the first pass's steps
@@ -65,6 +65,8 @@ class HiresConfig:
     resize_y: int = 0
     prompt: str = ""  # A1111 "Hires prompt"; "" = the image's prompt
     negative_prompt: str = ""
+    scheduler: Any = None  # A1111 "Hires sampler" (names as `scheduler`); null = the first pass's
+    schedule: Any = None  # A1111 "Hires schedule type" (names as `schedule`); null = the first pass's
 
 
 @dataclass

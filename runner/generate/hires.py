@@ -6,7 +6,8 @@ cover then crop the latents centrally). Upscalers: A1111's latent modes (`torch.
 first pass's latents) and its plain pixel resamplers (the decoded image resized with Pillow, then encoded again).
 The second pass is diffusers' img2img pipeline made from the loaded one (`from_pipe`: the same components, nothing
 loaded twice), with a fresh CPU generator per image seeded with the image's seed (as A1111 draws the second pass's
-noise from the seed again), and runs exactly `hires.steps` steps: the last ones of a schedule of
+noise from the seed again), with its own sampler and schedule where `hires.scheduler`/`hires.schedule` name one
+(A1111's Hires sampler / Hires schedule type), and runs exactly `hires.steps` steps: the last ones of a schedule of
 `int(steps / denoise)`, as A1111's img2img does with a given step count.
 """
 
@@ -63,6 +64,17 @@ def img2img_pipe(pipe: Any) -> Any:
     return cached
 
 
+def hires_scheduler(pipe: Any, name: str | None, schedule: str | None) -> Any:
+    """The second pass's scheduler: built from the model's own scheduler as the first pass's are (LoadedModel),
+    or, for a pipeline used without the runner's loader, from its current one."""
+    scheduler_for = getattr(pipe, "_t2i_scheduler_for", None)
+    if scheduler_for is not None:
+        return scheduler_for(name, schedule)
+    from ..models.schedulers import build_scheduler
+
+    return build_scheduler(pipe.scheduler, name, schedule)
+
+
 def second_pass(pipe: Any, jobs: list, latents: Any, call: dict, text_groups: Callable[[list, int], list]) -> list:
     """The hires. fix pass of one first-pass call's images: upscale, then img2img at the target size; PIL images
     in job order. `call` holds the first pass's pipeline keywords (CFG and the like carry over); `text_groups(jobs,
@@ -81,6 +93,8 @@ def second_pass(pipe: Any, jobs: list, latents: Any, call: dict, text_groups: Ca
     tw, th, tx, ty = target_size(width, height, hr.scale, hr.resize_x, hr.resize_y, f)
     upscaled = upscale(pipe, latents, hr.upscaler, tw, th, (tx, ty))
     i2i = img2img_pipe(pipe)
+    if hr.scheduler or hr.schedule:  # A1111's Hires sampler / Hires schedule type
+        i2i.scheduler = hires_scheduler(pipe, *hr.second_scheduler(jobs[0].scheduler, jobs[0].schedule))
     steps = hr.second_steps(jobs[0].steps)
     total, strength = second_pass_steps(steps, hr.denoise)
     keep = {k: v for k, v in call.items() if k not in ("num_inference_steps", "width", "height", "prompt",

@@ -17,11 +17,12 @@ from ..plan import ImageJob
 SETTINGS = ("prompt", "negative_prompt", "prompt_syntax", "seed", "steps", "guidance_scale", "width", "height",
             "scheduler", "schedule", "clip_skip", "perf", "true_cfg_scale", "max_sequence_length", "memory",
             "hires_scale", "hires_steps", "hires_denoise", "hires_upscaler", "hires_resize", "hires_prompt",
-            "hires_negative_prompt", "embeddings")
+            "hires_negative_prompt", "hires_scheduler", "hires_schedule", "embeddings")
 SPECIAL = ("loras", "model", "device", "threads", "batch_size", "batch_invariant")
 DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_set_name",
            "lora_scale", "lora_blocks", "key", "file", "index",  # lora_blocks: the swept label; loras hold each one
-           "prompt_syntax_applied", "prompt_sr", "prompt_sr_base", "pad_conds", "emphasis_mean_restored")
+           "prompt_syntax_applied", "prompt_sr", "prompt_sr_base", "pad_conds", "emphasis_mean_restored",
+           "hires_sampler", "hires_schedule_type")
 # `file`, `index`, `created` and `adopted` are in manifest lines only (the PNG holds no run-dir facts)
 PROVENANCE = ("record_version", "generator", "versions", "created", "adopted", "faults", "reproduced", "run_seed",
               "prompt_template", "prompt_seed")
@@ -73,6 +74,9 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         "true_cfg_scale": job.true_cfg_scale,
         "max_sequence_length": job.max_sequence_length,
         **(job.hires.record() if job.hires is not None else {}),  # width/height stay the first pass's (A1111)
+        **(dict(zip(("hires_sampler", "hires_schedule_type"), loaded.sampler_name(
+            *job.hires.second_scheduler(job.scheduler, job.schedule)), strict=True))
+           if job.hires is not None and (job.hires.scheduler or job.hires.schedule) else {}),
         **({"embeddings": [e.record() for e in job.embeddings]} if job.embeddings else {}),
         "sampler": sampler,
         "schedule_type": schedule_type,

@@ -34,6 +34,7 @@ from ..config import validate
 from ..config.hires import LATENT_MODES, PIXEL_UPSCALERS
 from ..config.schedulers import (
     A1111_AUTOMATIC,
+    A1111_SCHEDULE_ALIASES,
     SCHEDULE_TABLE,
     SCHEDULER_TABLE,
     a1111_schedule_types,
@@ -166,14 +167,32 @@ def hires_fields(req: Txt2ImgRequest) -> dict[str, Any]:
     """The `hires` config group of an `enable_hr` request (A1111's hr_* fields; 422 for an unknown upscaler)."""
     from ..config.hires import UPSCALERS
 
-    same = {"hr_checkpoint_name": "Use same checkpoint", "hr_sampler_name": "Use same sampler",
-            "hr_scheduler": "Use same scheduler"}
-    for name, word in same.items():
-        value = getattr(req, name)
-        if value not in (None, "", word) and not (name == "hr_sampler_name" and value == req.sampler_name):
-            raise FormError(422, f"{name}={json.dumps(value)} asks for another {name[3:].split('_')[0]} in the "
-                                 f"hires. fix pass, which this server cannot do; send {name}={json.dumps(word)} "
-                                 "or leave it out")
+    if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        raise FormError(422, f"hr_checkpoint_name={json.dumps(req.hr_checkpoint_name)} asks for another checkpoint "
+                             "in the hires. fix pass, which this server cannot do; send hr_checkpoint_name="
+                             '"Use same checkpoint" or leave it out')
+    second: dict[str, Any] = {}
+    if req.hr_sampler_name not in (None, "", "Use same sampler"):  # A1111's txt2img: None = the first pass's
+        scheduler, _, _ = from_a1111(_sampler_name(req.hr_sampler_name), None)
+        if scheduler is None:
+            valid = sorted(set(sampler_names().values()))
+            raise FormError(422, f"hr_sampler_name={req.hr_sampler_name!r} is not available on this server"
+                                 f"{did_you_mean(req.hr_sampler_name, valid)}; valid: Use same sampler, "
+                                 + ", ".join(valid))
+        second["scheduler"] = scheduler
+    if req.hr_scheduler not in (None, "", "Use same scheduler"):
+        labels = {s.a1111: k for k, s in SCHEDULE_TABLE.items()} | A1111_SCHEDULE_ALIASES
+        lower = {k.lower(): v for k, v in labels.items()} | {k: k for k in SCHEDULE_TABLE}
+        schedule = labels.get(req.hr_scheduler) or lower.get(req.hr_scheduler.strip().lower())
+        if req.hr_scheduler.strip().lower() == A1111_AUTOMATIC.lower():  # the hires sampler's own default
+            row = SCHEDULER_TABLE[second.get("scheduler") or sampler_pair(req)[0]]
+            schedule = row.auto_schedule or ("uniform" if row.kdiffusion else None)
+        elif schedule is None:
+            raise FormError(422, f"hr_scheduler={req.hr_scheduler!r} is not available on this server"
+                                 f"{did_you_mean(req.hr_scheduler, list(labels))}; valid: Use same scheduler, "
+                                 + ", ".join(labels))
+        if schedule is not None:
+            second["schedule"] = schedule
     upscaler = req.hr_upscaler or "Latent"
     if upscaler not in UPSCALERS:
         raise FormError(422, f"hr_upscaler={upscaler!r} is not available on this server"
@@ -182,7 +201,7 @@ def hires_fields(req: Txt2ImgRequest) -> dict[str, Any]:
             # A1111's txt2img denoising_strength default (its processing class); the UI's slider starts at 0.7
             "denoise": 0.75 if req.denoising_strength is None else req.denoising_strength,
             "resize_x": req.hr_resize_x, "resize_y": req.hr_resize_y, "prompt": req.hr_prompt,
-            "negative_prompt": req.hr_negative_prompt}
+            "negative_prompt": req.hr_negative_prompt, **second}
 
 
 def schedule_label(value: str | None) -> str:
@@ -207,12 +226,18 @@ def sampler_names() -> dict[str, str]:
     return out
 
 
+def _sampler_name(given: str) -> str:
+    """A1111's sampler name for a request's (A1111 name, any case, or our `scheduler=` name)."""
+    names = sampler_names()
+    lower = {k.lower(): v for k, v in names.items()}
+    return names.get(given) or lower.get(given.strip().lower()) or given
+
+
 def sampler_pair(req: Txt2ImgRequest) -> tuple[str, str | None]:
     """(scheduler, schedule) for the request's sampler and Schedule type; 422 for what has no equivalent."""
     given = req.sampler_name or req.sampler_index or "Euler"
     names = sampler_names()
-    lower = {k.lower(): v for k, v in names.items()}
-    sampler = names.get(given) or lower.get(given.strip().lower()) or given
+    sampler = _sampler_name(given)
     label = schedule_label(req.scheduler)
     scheduler, schedule, lost = from_a1111(sampler, label)
     if scheduler is None:

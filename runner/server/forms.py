@@ -85,6 +85,8 @@ class JobRequest(BaseModel):
     hires_denoise: float | None = Field(None, ge=0.0, le=1.0, description="its denoising strength (default 0.7)")
     hires_steps: int | None = Field(None, ge=0, description="its steps; 0 = the first pass's")
     hires_upscaler: str | None = Field(None, description="Latent, Lanczos, … (default Latent)")
+    hires_scheduler: str | None = Field(None, description="its sampler (a `scheduler=` name, A1111's Hires sampler); "
+                                                          "not given = the first pass's")
 
     @model_validator(mode="before")
     @classmethod
@@ -124,6 +126,7 @@ class SubmitForm(BaseModel):
     hires_denoise: str | None = None
     hires_steps: str | None = None
     hires_upscaler: str | None = None
+    hires_scheduler: str | None = None
 
 
 def error_line(errors: list[Any]) -> str:
@@ -304,7 +307,8 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
         "resume": False,
         "grid": {"enabled": False},  # a merged run mixes requests; a grid of it would mean nothing
         **({"hires": {k: v for k, v in (("scale", req.hires_scale), ("denoise", req.hires_denoise),
-                                        ("steps", req.hires_steps), ("upscaler", req.hires_upscaler))
+                                        ("steps", req.hires_steps), ("upscaler", req.hires_upscaler),
+                                        ("scheduler", req.hires_scheduler))
                       if v is not None}} if req.hires_scale is not None else {}),
         **extra,
     }
