@@ -260,15 +260,21 @@ def record_from_infotext(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _second_scheduler(p: dict[str, Any]) -> dict[str, Any]:
-    from .schedulers import from_a1111
+    """The record keys of A1111's Hires sampler / Hires schedule type; what diffusers cannot run is listed under
+    `no_equivalent` (from_image warns) and the second pass keeps a schedule its sampler can run."""
+    from .schedulers import SCHEDULER_TABLE, from_a1111
 
     sampler = p.get("Hires sampler") or p.get("Sampler") or ""
-    scheduler, schedule, _ = from_a1111(sampler, p.get("Hires schedule type") or p.get("Schedule type"))
+    scheduler, schedule, lost = from_a1111(sampler, p.get("Hires schedule type") or p.get("Schedule type"))
     out: dict[str, Any] = {}
     if p.get("Hires sampler") and scheduler is not None:
         out["hires_scheduler"] = scheduler
     if p.get("Hires schedule type") and schedule is not None:
         out["hires_schedule"] = schedule
+    if lost:
+        out["no_equivalent"] = [f"Hires {x[0].lower()}{x[1:]}" for x in lost]
+        if scheduler is not None and schedule is None and "uniform" in SCHEDULER_TABLE[scheduler].schedules:
+            out["hires_schedule"] = "uniform"  # the first pass's would not run with this sampler either
     return out
 
 

@@ -1,0 +1,179 @@
+"""Hires. fix overrides of the second pass (A1111 v1.10 txt2img: hr_sampler_name, hr_scheduler): the pass runs
+diffusers' img2img with the named scheduler, each image equals itself alone, the infotext says it as A1111 does,
+from_image and the A1111 API read it back; bad values are one line before anything loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_fidelity import tiny_sdxl  # noqa: F401 - the SDXL fixture
+from test_hires import _a1111_png, _from_image, _job, _px
+
+from runner.common.errors import ConfigError
+from runner.config.hires import Hires, record_from_infotext
+from runner.outputs.metadata import parse_infotext
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_dir: Path):
+    from runner.config import validate
+    from runner.models.loading import load_model
+
+    return load_model(validate({"model": {"id": str(tiny_dir)}, "device": "cpu"}).model, "cpu").pipe
+
+
+def test_hires_sampler_is_diffusers_img2img_with_that_scheduler(sd) -> None:
+    """The second pass with hires.scheduler=euler_a is diffusers' img2img with EulerAncestralDiscreteScheduler
+    made from the model's scheduler config, on the first pass (the model's own scheduler) as before."""
+    import numpy as np
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
+
+    from runner.generate.batch import generate
+    from runner.generate.prompt_embeds import PromptEmbeds
+
+    own = generate(sd, [_job("a red fox", Hires(2.0, 2, 0.5, "Latent"))], True, PromptEmbeds())[0]
+    (got,) = generate(sd, [_job("a red fox", Hires(2.0, 2, 0.5, "Latent", scheduler="euler_a"))], True,
+                      PromptEmbeds())
+    assert not np.array_equal(_px(got), _px(own))
+    f = sd.vae_scale_factor
+    with torch.inference_mode():
+        text = PromptEmbeds().call_kwargs(sd, [("a red fox", "blurry")], None, True, (), "a1111")
+        lat = sd(**text, num_inference_steps=3, guidance_scale=7.0, width=32, height=32, output_type="latent",
+                 generator=[torch.Generator().manual_seed(3)]).images
+        up = torch.nn.functional.interpolate(lat, size=(64 // f, 64 // f), mode="bilinear", antialias=False)
+        sched = EulerAncestralDiscreteScheduler.from_config(sd.scheduler.config)
+        i2i = StableDiffusionImg2ImgPipeline(**{**sd.components, "scheduler": sched})
+        ref = i2i(**text, image=up, strength=(2 + 0.5) / 4, num_inference_steps=4, guidance_scale=7.0,
+                  generator=[torch.Generator().manual_seed(3)]).images[0]
+    assert np.array_equal(_px(got), _px(ref))
+    # the first pass's scheduler is left as it was
+    assert type(sd.scheduler).__name__ != "EulerAncestralDiscreteScheduler"
+
+
+def test_overrides_batch_equals_each_image_alone(sd) -> None:
+    import numpy as np
+
+    from runner.generate.batch import generate
+    from runner.generate.prompt_embeds import PromptEmbeds
+
+    for hr in (Hires(1.5, 2, 0.6, "Lanczos", scheduler="euler_a"), Hires(1.5, 2, 0.6, "Latent", scheduler="euler",
+                                                                           schedule="karras")):
+        jobs = [_job("a red fox", hr, seed=1), _job("a [red:blue:0.5] fox", hr, seed=2, index=1)]
+        together = generate(sd, jobs, True, PromptEmbeds())
+        for job, im in zip(jobs, together, strict=True):
+            assert np.array_equal(_px(im), _px(generate(sd, [job], True, PromptEmbeds())[0])), (hr, job.prompt)
+    plain = generate(sd, [_job("a fox", Hires(1.5, 2, 0.6, "Latent", scheduler="euler"))], True, PromptEmbeds())
+    karras = generate(sd, [_job("a fox", Hires(1.5, 2, 0.6, "Latent", scheduler="euler", schedule="karras"))],
+                      True, PromptEmbeds())
+    assert not np.array_equal(_px(plain[0]), _px(karras[0]))
+
+
+def test_sdxl_hires_sampler(tiny_sdxl: Path) -> None:  # noqa: F811
+    import numpy as np
+
+    from runner.config import validate
+    from runner.generate.batch import generate
+    from runner.generate.prompt_embeds import PromptEmbeds
+    from runner.models.loading import load_model
+
+    xl = load_model(validate({"model": {"id": str(tiny_sdxl)}, "device": "cpu"}).model, "cpu").pipe
+    one = generate(xl, [_job("a fox", Hires(2.0, 2, 0.5, "Latent"))], True, PromptEmbeds())[0]
+    two = generate(xl, [_job("a fox", Hires(2.0, 2, 0.5, "Latent", scheduler="dpmpp_2m", schedule="karras"))],
+                   True, PromptEmbeds())[0]
+    assert one.size == two.size == (64, 64) and not np.array_equal(_px(one), _px(two))
+
+
+def test_swept_recorded_as_a1111_writes_it_and_reproduced(tiny_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from runner.config import validate
+    from runner.outputs.metadata import INFOTEXT_KEY
+    from runner.run import run
+
+    cfg = {"model": {"id": str(tiny_dir)}, "prompts": ["a red fox"], "seeds": [2], "steps": 2, "width": 32,
+           "height": 32, "device": "cpu", "scheduler": "euler", "schedule": "uniform",
+           "hires": {"scale": 1.5, "denoise": 0.5, "steps": 2, "scheduler": [None, "dpmpp_2m"],
+                     "schedule": [None, "karras"]}}
+    entries = run(validate(cfg), tmp_path / "first", progress=False).entries
+    assert len(entries) == 4
+    texts = {}
+    for rec in entries:
+        with Image.open(tmp_path / "first" / rec["file"]) as im:
+            texts[(rec.get("hires_scheduler"), rec.get("hires_schedule"))] = im.info[INFOTEXT_KEY]
+    assert "Hires sampler" not in texts[(None, None)] and "Hires schedule type" not in texts[(None, None)]
+    assert "Sampler: Euler, Schedule type: Uniform" in texts[("dpmpp_2m", "karras")]
+    # A1111's order: Hires sampler with the other init() fields, Hires schedule type last (set while sampling)
+    assert "Hires sampler: DPM++ 2M, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent, " \
+           "Hires schedule type: Karras" in texts[("dpmpp_2m", "karras")]
+    assert "Hires sampler: DPM++ 2M" in texts[("dpmpp_2m", None)] and "Hires schedule" not in texts[("dpmpp_2m", None)]
+    assert "Hires sampler" not in texts[(None, "karras")] and "Hires schedule type: Karras" in texts[(None, "karras")]
+    for rec in entries:
+        (again,) = _from_image(tmp_path / "first" / rec["file"], tmp_path / f"again-{rec['index']}").entries
+        assert again["reproduced"]["identical"] is True, (rec.get("hires_scheduler"), again["reproduced"])
+        assert (again.get("hires_scheduler"), again.get("hires_schedule")) == \
+            (rec.get("hires_scheduler"), rec.get("hires_schedule"))
+
+
+def test_a1111_infotext_hires_sampler_and_schedule_type(tiny_dir: Path, tmp_path: Path) -> None:
+    p = parse_infotext("a fox\nSteps: 20, Sampler: Euler, Schedule type: Uniform, CFG scale: 7, Seed: 1, "
+                       "Size: 512x512, Denoising strength: 0.5, Hires sampler: DPM++ 2M, Hires upscale: 2, "
+                       "Hires upscaler: Latent, Hires schedule type: Karras, Version: v1.10.1")
+    assert {k: v for k, v in record_from_infotext(p).items() if "sched" in k} == \
+        {"hires_scheduler": "dpmpp_2m", "hires_schedule": "karras"}
+    only = parse_infotext("a fox\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, Seed: 1, Size: 512x512, "
+                          "Denoising strength: 0.5, Hires upscale: 2, Hires schedule type: Exponential")
+    assert {k: v for k, v in record_from_infotext(only).items() if "sched" in k} == {"hires_schedule": "exponential"}
+    img = _a1111_png(tmp_path / "a1111.png", "a red fox\nNegative prompt: blurry\nSteps: 3, Sampler: Euler, "
+                     "Schedule type: Uniform, CFG scale: 7, Seed: 3, Size: 32x32, Denoising strength: 0.5, "
+                     "Hires sampler: DPM++ 2M, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent, "
+                     "Hires schedule type: Karras, Version: v1.10.1")
+    (rec,) = _from_image(img, tmp_path / "again", f"model.id={tiny_dir}").entries
+    assert (rec["scheduler"], rec["hires_scheduler"], rec["hires_schedule"]) == ("euler", "dpmpp_2m", "karras")
+    assert (rec["hires_sampler"], rec["hires_schedule_type"]) == ("DPM++ 2M", "Karras")
+    # A1111's Euler a runs on Karras sigmas, diffusers' does not: said, and the pass keeps evenly spaced ones
+    lost = parse_infotext("a\nSteps: 20, Sampler: Euler, Schedule type: Karras, Seed: 1, Size: 512x512, "
+                          "Denoising strength: 0.5, Hires sampler: Euler a, Hires upscale: 2")
+    got = record_from_infotext(lost)
+    assert (got["hires_scheduler"], got["hires_schedule"]) == ("euler_a", "uniform")
+    assert got["no_equivalent"] == ["Hires schedule type: Karras with Euler a"]
+
+
+@pytest.mark.parametrize(("cfg", "words"), [
+    ({"hires": {"scale": 2, "scheduler": "eulr_a"}}, r"hires.scheduler='eulr_a' is not known \(did you mean "
+                                                     r"'euler_a'\?\); valid: null \(the first pass's\), "),
+    ({"hires": {"scale": 2, "schedule": "karas"}}, r"hires.schedule='karas' is not known \(did you mean 'karras'"),
+    ({"scheduler": "dpmpp_2m_karras", "hires": {"scale": 2, "schedule": "exponential"}},
+     r"the hires. fix pass runs scheduler=dpmpp_2m_karras schedule=exponential \(hires.scheduler=None, "
+     r"hires.schedule=exponential; null = the first pass's\): scheduler=dpmpp_2m_karras already means"),
+    ({"scheduler": "euler", "schedule": "karras", "hires": {"scale": 2, "scheduler": "ddim"}},
+     r"the hires. fix pass runs scheduler=ddim schedule=karras .*A1111 ignores the Schedule type"),
+])
+def test_bad_overrides_are_one_line_before_loading(cfg: dict, words: str) -> None:
+    from runner.config import validate
+
+    with pytest.raises(ConfigError, match=words) as err:
+        validate({"model": {"id": "/nonexistent/model"}, "device": "cpu", **cfg})
+    assert "\n" not in str(err.value)
+
+
+def test_a1111_api_hires_fields() -> None:
+    from runner.server.a1111 import Txt2ImgRequest, hires_fields
+    from runner.server.forms import FormError
+
+    def fields(**kw) -> dict:
+        return hires_fields(Txt2ImgRequest(prompt="a fox", enable_hr=True, **kw))
+
+    assert "scheduler" not in fields(hr_sampler_name="Use same sampler", hr_scheduler="Use same scheduler")
+    got = fields(hr_sampler_name="DPM++ 2M", hr_scheduler="Karras", hr_prompt="a blue fox")
+    assert (got["scheduler"], got["schedule"], got["prompt"]) == ("dpmpp_2m", "karras", "a blue fox")
+    assert fields(hr_sampler_name="euler_a", hr_scheduler="exponential")["scheduler"] == "euler_a"
+    # "Automatic": the hires sampler's own default (A1111's sampler config), Karras for DPM++ 2M
+    assert fields(hr_sampler_name="DPM++ 2M", hr_scheduler="Automatic")["schedule"] == "karras"
+    for kw, words in [({"hr_sampler_name": "DPM adaptive"}, "hr_sampler_name='DPM adaptive' is not available"),
+                      ({"hr_scheduler": "Karas"}, "hr_scheduler='Karas' is not available on this server (did you "
+                                                  "mean 'Karras'?)"),
+                      ({"hr_checkpoint_name": "other.safetensors"}, "asks for another checkpoint")]:
+        with pytest.raises(FormError, match=words.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+            fields(**kw)
