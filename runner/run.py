@@ -114,6 +114,7 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
     from .models.loading import clear_cache, load_model
     from .models.memory import apply_memory
     from .models.schedulers import preflight
+    from .models.upscalers import upscaler as hires_upscaler
 
     loaded = load_model(plan.info.config, spec.device, plan.info, spec.memory.offload)
     if getattr(loaded, "identity", plan.key) != plan.key:
@@ -128,6 +129,8 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
     loaded.adapters.preload(lora_sets)  # a LoRA that does not fit the model fails before any write
     preflight(loaded.base_scheduler, {(j.scheduler, j.schedule, j.steps) for j in jobs}  # before its images
               | hires_preflight(jobs))
+    for file in sorted({j.hires.upscaler_file for j in jobs if j.hires is not None and j.hires.upscaler_file}):
+        hires_upscaler(file, loaded.pipe.device)  # hires. fix model upscalers: loaded once, before any image
     loaded.blocks_of = block_resolver(loaded.pipe, spec)  # so does a block-weight list of the wrong length
     if loaded.family.is_sd and any((s or 1) > 1 for s in spec.clip_skip) and not clip_skip_applies(loaded.pipe):
         log.warning("clip_skip has no effect on %s: as in A1111, Clip skip applies to SD 1.x only (SDXL and SD 2.x "

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConfigError, did_you_mean
 from .schedulers import SCHEDULERS, SCHEDULES
+from .upscalers import resolve as resolve_model
 
 # A1111 `shared.latent_upscale_modes`: name -> (torch interpolate mode, antialias)
 LATENT_MODES = {
@@ -23,13 +25,6 @@ LATENT_MODES = {
 PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")  # A1111's built-in resamplers (modules/upscaler.py)
 UPSCALERS = (*LATENT_MODES, *PIXEL_UPSCALERS)
 DEFAULT_UPSCALER = "Latent"  # A1111's latent_upscale_default_mode, used when no upscaler is named
-
-
-def check_upscaler(name: str, where: str = "hires.upscaler") -> str:
-    if name not in UPSCALERS:
-        raise ConfigError(f"{where}={name!r} is not known{did_you_mean(name, UPSCALERS)}; valid: "
-                          + ", ".join(UPSCALERS))
-    return name
 
 
 def target_size(width: int, height: int, scale: float, resize_x: int = 0, resize_y: int = 0,
@@ -77,6 +72,7 @@ class Hires:
     negative_prompt: str = ""
     scheduler: str | None = None  # A1111 "Hires sampler"; None = the first pass's
     schedule: str | None = None  # A1111 "Hires schedule type"; None = the first pass's
+    upscaler_file: str = ""  # a model upscaler's file (`upscaler` is then its stem, as A1111 names it)
 
     def second_scheduler(self, scheduler: str | None, schedule: str | None) -> tuple[str | None, str | None]:
         """The second pass's (scheduler, schedule) for a first pass run with `scheduler` and `schedule`."""
@@ -95,6 +91,8 @@ class Hires:
             out["hires_prompt"] = self.prompt
         if self.negative_prompt:
             out["hires_negative_prompt"] = self.negative_prompt
+        if self.upscaler_file:
+            out["hires_upscaler_file"] = self.upscaler_file
         if self.scheduler:
             out["hires_scheduler"] = self.scheduler
         if self.schedule:
@@ -116,7 +114,7 @@ def _values(key: str, value: Any, kind: type, lo: float, hi: float) -> tuple:
     return tuple(dict.fromkeys(out))
 
 
-def hires_combos(raw: Any) -> tuple[Hires | None, ...]:
+def hires_combos(raw: Any, upscaler_dirs: tuple[str, ...] = (), allow_pickle: bool = False) -> tuple[Hires | None, ...]:
     """The hires. fix values of a run (the `hires` config group): (None,) when off (`hires.scale` null), else one
     Hires per combination of the swept keys (scale, steps, denoise, upscaler, scheduler, schedule)."""
     import itertools
@@ -138,7 +136,9 @@ def hires_combos(raw: Any) -> tuple[Hires | None, ...]:
     steps = _values("steps", cfg["steps"] or 0, int, 0, 1000)
     denoise = _values("denoise", cfg["denoise"], float, 0.0, 1.0)
     ups = cfg["upscaler"] or DEFAULT_UPSCALER
-    ups = tuple(dict.fromkeys(check_upscaler(str(u)) for u in (ups if isinstance(ups, list | tuple) else [ups])))
+    ups = tuple(dict.fromkeys(str(u) for u in (ups if isinstance(ups, list | tuple) else [ups])))
+    files = {u: "" if u in UPSCALERS else str(resolve_model(u, upscaler_dirs, allow_pickle, UPSCALERS))
+             for u in ups}
     rx = _values("resize_x", cfg.get("resize_x") or 0, int, 0, 16384)[0]
     ry = _values("resize_y", cfg.get("resize_y") or 0, int, 0, 16384)[0]
     for key in ("prompt", "negative_prompt"):
@@ -146,7 +146,8 @@ def hires_combos(raw: Any) -> tuple[Hires | None, ...]:
             raise ConfigError(f"hires.{key} must be a string (one prompt for the second pass; \"\" = the image's)")
     scheds = _names("scheduler", cfg.get("scheduler"), SCHEDULERS)
     schedules = _names("schedule", cfg.get("schedule"), SCHEDULES)
-    return tuple(Hires(s, n, d, u, rx, ry, cfg.get("prompt") or "", cfg.get("negative_prompt") or "", sc, sd)
+    return tuple(Hires(s, n, d, Path(files[u]).stem if files[u] else u, rx, ry, cfg.get("prompt") or "",
+                       cfg.get("negative_prompt") or "", sc, sd, files[u])
                  for s, n, d, u, sc, sd in itertools.product(scales, steps, denoise, ups, scheds, schedules))
 
 

@@ -173,6 +173,8 @@ class RunConfig:
     lora_dirs: list[str] = field(default_factory=list)  # folders where LoRAs are found by file stem or hash
     embedding_dirs: list[str] = field(default_factory=list)  # textual inversions named in prompts (file stem)
     allow_pickle_embeddings: bool = False  # A1111's .pt embeddings (pickle)
+    upscaler_dirs: list[str] = field(default_factory=list)  # hires.upscaler model files by stem (A1111's models/ESRGAN)
+    allow_pickle_upscalers: bool = False  # .pth/.pt upscaler models (pickle)
     allow_pickle_lora: bool = False  # load pickle LoRA files (.bin, .ckpt, .pt)
     max_loaded_loras: int = 8  # LoRA files kept loaded in one process
     resume: bool = True  # a run dir gets only the images it lacks; false: every image again, each in its own file

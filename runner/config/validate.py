@@ -480,7 +480,8 @@ def _validate(cfg: DictConfig) -> RunSpec:
         seed = _number("seeds", s, int, -1, MAX_SEED)
         seeds.append(seed)  # -1 stays: drawn from the run seed (plan.draw_seeds), so shards and resumes agree
     schedules = _schedules(cfg)
-    hires = hires_combos(cfg.get("hires"))
+    hires = hires_combos(cfg.get("hires"), tuple(string_list("upscaler_dirs", cfg.get("upscaler_dirs"))),
+                         bool(cfg.get("allow_pickle_upscalers", False)))
     check_second_schedulers(hires, [(None if s in (None, "null", "default") else s, sd)
                                     for s in _as_list("scheduler", cfg.scheduler) for sd in schedules])
     # 3. How the run is carried out: batching, LoRA multipliers, shards, limits, threads, the server's lists.

@@ -3,7 +3,8 @@
 Sizes are A1111's (`StableDiffusionProcessingTxt2Img.calculate_target_resolution`, modules/processing.py): the
 target is `int(side · scale)`, or `hires.resize_x`/`resize_y` (one of them: the other keeps the aspect ratio; both:
 cover then crop the latents centrally). Upscalers: A1111's latent modes (`torch.nn.functional.interpolate` of the
-first pass's latents) and its plain pixel resamplers (the decoded image resized with Pillow, then encoded again).
+first pass's latents), its plain pixel resamplers (the decoded image resized with Pillow, then encoded again) and
+model upscalers such as ESRGAN (models/upscalers.py: the decoded image through the model, then Lanczos to the size).
 The second pass is diffusers' img2img pipeline made from the loaded one (`from_pipe`: the same components, nothing
 loaded twice), with a fresh CPU generator per image seeded with the image's seed (as A1111 draws the second pass's
 noise from the seed again), with its own sampler and schedule where `hires.scheduler`/`hires.schedule` name one
@@ -19,9 +20,26 @@ from typing import Any
 from ..config.hires import LATENT_MODES
 
 
-def upscale(pipe: Any, latents: Any, upscaler: str, width: int, height: int, truncate: tuple[int, int]) -> Any:
-    """The first pass's latents made the second pass's input: latents (latent modes) or PIL images (pixel modes).
-    `truncate`: latent columns and rows cropped centrally."""
+def model_upscale(im: Any, scale: float, run: Callable[[Any], Any]) -> Any:
+    """A1111's `Upscaler.upscale` (modules/upscaler.py): the model run at its native factor until the image covers
+    `scale` (at most 3 times), then Lanczos to the size rounded down to a multiple of 8."""
+    from PIL import Image
+
+    dest = (int((im.width * scale) // 8 * 8), int((im.height * scale) // 8 * 8))
+    for _ in range(3):
+        if im.width >= dest[0] and im.height >= dest[1] and scale != 1:
+            break
+        before = im.size
+        im = run(im)
+        if im.size == before:
+            break
+    return im if im.size == dest else im.resize(dest, resample=Image.LANCZOS)
+
+
+def upscale(pipe: Any, latents: Any, upscaler: str, width: int, height: int, truncate: tuple[int, int],
+            model_file: str = "") -> Any:
+    """The first pass's latents made the second pass's input: latents (latent modes) or PIL images (pixel modes,
+    and a model upscaler's file). `truncate`: latent columns and rows cropped centrally."""
     import torch
 
     tx, ty = truncate
@@ -40,6 +58,10 @@ def upscale(pipe: Any, latents: Any, upscaler: str, width: int, height: int, tru
         scale = max(width / im.width, height / im.height)
         if upscaler == "Nearest" and scale > 1:
             im = im.resize((int(im.width * scale), int(im.height * scale)), resample=Image.NEAREST)
+        elif model_file and scale > 1:  # A1111's images.resize_image with an upscaler model
+            from ..models.upscalers import upscaler as load_upscaler
+
+            im = model_upscale(im, scale, load_upscaler(model_file, pipe.device))
         if im.size != (width, height):
             im = im.resize((width, height), resample=Image.LANCZOS)
         if tx or ty:
@@ -91,7 +113,7 @@ def second_pass(pipe: Any, jobs: list, latents: Any, call: dict, text_groups: Ca
     f = int(pipe.vae_scale_factor)
     width, height = latents.shape[3] * f, latents.shape[2] * f
     tw, th, tx, ty = target_size(width, height, hr.scale, hr.resize_x, hr.resize_y, f)
-    upscaled = upscale(pipe, latents, hr.upscaler, tw, th, (tx, ty))
+    upscaled = upscale(pipe, latents, hr.upscaler, tw, th, (tx, ty), hr.upscaler_file)
     i2i = img2img_pipe(pipe)
     if hr.scheduler or hr.schedule:  # A1111's Hires sampler / Hires schedule type
         i2i.scheduler = hires_scheduler(pipe, *hr.second_scheduler(jobs[0].scheduler, jobs[0].schedule))

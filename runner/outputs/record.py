@@ -22,7 +22,7 @@ SPECIAL = ("loras", "model", "device", "threads", "batch_size", "batch_invariant
 DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_set_name",
            "lora_scale", "lora_blocks", "key", "file", "index",  # lora_blocks: the swept label; loras hold each one
            "prompt_syntax_applied", "prompt_sr", "prompt_sr_base", "pad_conds", "emphasis_mean_restored",
-           "hires_sampler", "hires_schedule_type")
+           "hires_sampler", "hires_schedule_type", "hires_upscaler_file")
 # `file`, `index`, `created` and `adopted` are in manifest lines only (the PNG holds no run-dir facts)
 PROVENANCE = ("record_version", "generator", "versions", "created", "adopted", "faults", "reproduced", "run_seed",
               "prompt_template", "prompt_seed")

@@ -64,6 +64,8 @@ def record_config(rec: dict) -> dict:
         if rec.get(key) is not None:
             out[key] = rec[key]
     out["hires"] = hires_config(rec)
+    if rec.get("hires_upscaler_file"):  # ours: found again by name in its folder (A1111's: upscaler_dirs=...)
+        out["upscaler_dirs"] = [str(Path(rec["hires_upscaler_file"]).parent)]
     files = [e["file"] for e in rec.get("embeddings") or [] if e.get("file")]
     if files:  # ours: the folders the embeddings were in (A1111's infotext has hashes only: embedding_dirs=...)
         out["embedding_dirs"] = sorted({str(Path(f).parent) for f in files})
