@@ -78,6 +78,7 @@ def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
     group settings, pipeline defaults), the keys its family cannot honour, memory modes and LoRA families."""
     from .generate.scheduled import check_support
     from .lora.detect import check_family
+    from .models.hires_model import hires_model_infos
     from .models.info import check_model, check_transformer_file, model_infos, spec_for
     from .models.memory import check_memory
     from .models.source import resolve_device
@@ -91,6 +92,7 @@ def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
         check_memory(spec.memory, device, info.family, where)
         check_transformer_file(info, where)
         check_support(mspec, info.family.is_sd, info.family.label, where)
+        hires_model_infos(spec, info, where)  # hires.model: found, of the same family
         for s, loras in enumerate(lora_sets):
             for r in loras:
                 check_family(r.file, info.family, info.config.id, f"{where}{spec.lora_set_label(s)}: ")
@@ -111,6 +113,7 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
     from .lora.adapters import AdapterManager
     from .lora.blocks import block_resolver
     from .models.embeddings import apply_embeddings
+    from .models.hires_model import hires_model_infos, load_hires_models
     from .models.loading import clear_cache, load_model
     from .models.memory import apply_memory
     from .models.schedulers import preflight
@@ -131,6 +134,7 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
               | hires_preflight(jobs))
     for file in sorted({j.hires.upscaler_file for j in jobs if j.hires is not None and j.hires.upscaler_file}):
         hires_upscaler(file, loaded.pipe.device)  # hires. fix model upscalers: loaded once, before any image
+    load_hires_models(loaded, spec, hires_model_infos(spec, plan.info))  # hires.model: loaded once
     loaded.blocks_of = block_resolver(loaded.pipe, spec)  # so does a block-weight list of the wrong length
     if loaded.family.is_sd and any((s or 1) > 1 for s in spec.clip_skip) and not clip_skip_applies(loaded.pipe):
         log.warning("clip_skip has no effect on %s: as in A1111, Clip skip applies to SD 1.x only (SDXL and SD 2.x "

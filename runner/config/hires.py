@@ -73,6 +73,7 @@ class Hires:
     scheduler: str | None = None  # A1111 "Hires sampler"; None = the first pass's
     schedule: str | None = None  # A1111 "Hires schedule type"; None = the first pass's
     upscaler_file: str = ""  # a model upscaler's file (`upscaler` is then its stem, as A1111 names it)
+    model: str = ""  # A1111 "Hires checkpoint": the second pass's model id; "" = the first pass's
 
     def second_scheduler(self, scheduler: str | None, schedule: str | None) -> tuple[str | None, str | None]:
         """The second pass's (scheduler, schedule) for a first pass run with `scheduler` and `schedule`."""
@@ -144,11 +145,24 @@ def hires_combos(raw: Any, upscaler_dirs: tuple[str, ...] = (), allow_pickle: bo
     for key in ("prompt", "negative_prompt"):
         if not isinstance(cfg.get(key) or "", str):
             raise ConfigError(f"hires.{key} must be a string (one prompt for the second pass; \"\" = the image's)")
+    models = _models(cfg.get("model"))
     scheds = _names("scheduler", cfg.get("scheduler"), SCHEDULERS)
     schedules = _names("schedule", cfg.get("schedule"), SCHEDULES)
     return tuple(Hires(s, n, d, Path(files[u]).stem if files[u] else u, rx, ry, cfg.get("prompt") or "",
-                       cfg.get("negative_prompt") or "", sc, sd, files[u])
-                 for s, n, d, u, sc, sd in itertools.product(scales, steps, denoise, ups, scheds, schedules))
+                       cfg.get("negative_prompt") or "", sc, sd, files[u], m)
+                 for s, n, d, u, sc, sd, m in itertools.product(scales, steps, denoise, ups, scheds, schedules,
+                                                                models))
+
+
+def _models(value: Any) -> tuple[str, ...]:
+    """hires.model: model ids (as `model.id`), "" = the first pass's model."""
+    out = []
+    for v in list(value) if isinstance(value, list | tuple) else [value]:
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"hires.model={v!r} is not a model id; give a diffusers folder, a .safetensors "
+                              "checkpoint or a hub id (null = the first pass's model)")
+        out.append("" if v in (None, "", "null") else v)
+    return tuple(dict.fromkeys(out))
 
 
 def _names(key: str, value: Any, valid: tuple[str, ...]) -> tuple[str | None, ...]:
@@ -199,12 +213,13 @@ def preflight_pairs(jobs: Any) -> set[tuple[str | None, str | None, int]]:
 
 
 HIRES_KEYS = ("scale", "steps", "denoise", "upscaler", "resize_x", "resize_y", "prompt", "negative_prompt",
-              "scheduler", "schedule")
+              "scheduler", "schedule", "model")
 
 
 # A1111 infotext fields of a hires. fix image (read by from_image; "First pass size" is A1111's before 1.0)
 INFOTEXT_FIELDS = ("Denoising strength", "Hires upscale", "Hires resize-1", "Hires resize-2", "Hires steps",
                    "Hires upscaler", "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type",
+                   "Hires checkpoint",
                    "First pass size-1", "First pass size-2")
 
 
@@ -214,7 +229,10 @@ def infotext_fields(rec: dict) -> dict[str, Any]:
         return {}
     rx, ry = rec.get("hires_resize") or (0, 0)
     sampler, schedule_type = rec.get("hires_sampler"), rec.get("hires_schedule_type")
-    return {"Hires sampler": sampler if sampler and sampler != rec.get("sampler") else None,
+    model = rec.get("hires_model") or {}
+    checkpoint = f"{model.get('name')} [{model['hash'][:10]}]" if model.get("hash") else model.get("name")
+    return {"Hires checkpoint": checkpoint,  # A1111's short_title: name [first 10 of its sha256]
+            "Hires sampler": sampler if sampler and sampler != rec.get("sampler") else None,
             "Hires prompt": rec.get("hires_prompt") or None,
             "Hires negative prompt": rec.get("hires_negative_prompt") or None,
             "Hires upscale": f"{rec['hires_scale']:g}" if not (rx or ry) else None,
@@ -257,6 +275,9 @@ def record_from_infotext(p: dict[str, Any]) -> dict[str, Any]:
     if p.get("Hires sampler") or p.get("Hires schedule type"):
         # A1111 writes each where it differs from the first pass's (absent = the same)
         out.update(_second_scheduler(p))
+    if p.get("Hires checkpoint"):  # a name and hash only: from_image needs hires.model=... to find it
+        out.setdefault("no_equivalent", []).append(f"Hires checkpoint: {p['Hires checkpoint']} (give hires.model="
+                                                   "... to use it; without it, the first pass's model)")
     return out
 
 
@@ -287,4 +308,12 @@ def config_from_record(rec: dict) -> dict[str, Any]:
     return {"scale": rec["hires_scale"], "steps": rec.get("hires_steps") or 0, "denoise": rec["hires_denoise"],
             "upscaler": rec["hires_upscaler"], "resize_x": rx, "resize_y": ry,
             "prompt": rec.get("hires_prompt") or "", "negative_prompt": rec.get("hires_negative_prompt") or "",
-            "scheduler": rec.get("hires_scheduler"), "schedule": rec.get("hires_schedule")}
+            "scheduler": rec.get("hires_scheduler"), "schedule": rec.get("hires_schedule"),
+            "model": _model_id(rec.get("hires_model"))}
+
+
+def _model_id(m: dict | None) -> str | None:
+    """The `hires.model` that loads a record's Hires checkpoint again (its folder or file; else its id)."""
+    if not m:
+        return None
+    return m.get("location") if m.get("kind") in ("dir", "file") else m.get("id")

@@ -67,6 +67,7 @@ class HiresConfig:
     negative_prompt: str = ""
     scheduler: Any = None  # A1111 "Hires sampler" (names as `scheduler`); null = the first pass's
     schedule: Any = None  # A1111 "Hires schedule type" (names as `schedule`); null = the first pass's
+    model: Any = None  # A1111 "Hires checkpoint": a model id (as model.id) of the same family; null = the same
 
 
 @dataclass

@@ -159,7 +159,8 @@ def _call(pipe: Any, traits: Traits, jobs: Sequence[ImageJob], invariant: bool, 
                            output_type="latent" if hires else "pil")
             if hires:
                 out.images = second_pass(pipe, [jobs[i] for i in rows], out.images, kwargs,
-                                         lambda hj, n: _sd_text(pipe, hj, embeds, te_state, n))
+                                         lambda p, hj, n: _sd_text(p, hj, embeds if p is pipe else None,
+                                                                   te_state if p is pipe else (), n))
             for i, image in zip(rows, out.images, strict=True):
                 images[i] = image
     return images

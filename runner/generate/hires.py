@@ -97,10 +97,12 @@ def hires_scheduler(pipe: Any, name: str | None, schedule: str | None) -> Any:
     return build_scheduler(pipe.scheduler, name, schedule)
 
 
-def second_pass(pipe: Any, jobs: list, latents: Any, call: dict, text_groups: Callable[[list, int], list]) -> list:
+def second_pass(pipe: Any, jobs: list, latents: Any, call: dict,
+                text_groups: Callable[[Any, list, int], list]) -> list:
     """The hires. fix pass of one first-pass call's images: upscale, then img2img at the target size; PIL images
-    in job order. `call` holds the first pass's pipeline keywords (CFG and the like carry over); `text_groups(jobs,
-    hires_steps)` gives the second pass's conditioning (rows, keywords, plans) as the first pass's."""
+    in job order. `call` holds the first pass's pipeline keywords (CFG and the like carry over); `text_groups(pipe,
+    jobs, hires_steps)` gives the second pass's conditioning (rows, keywords, plans) as the first pass's, from the
+    text encoders of the pass's model (a Hires checkpoint's own, as A1111 computes them after loading it)."""
     import dataclasses
 
     import torch
@@ -114,9 +116,10 @@ def second_pass(pipe: Any, jobs: list, latents: Any, call: dict, text_groups: Ca
     width, height = latents.shape[3] * f, latents.shape[2] * f
     tw, th, tx, ty = target_size(width, height, hr.scale, hr.resize_x, hr.resize_y, f)
     upscaled = upscale(pipe, latents, hr.upscaler, tw, th, (tx, ty), hr.upscaler_file)
-    i2i = img2img_pipe(pipe)
-    if hr.scheduler or hr.schedule:  # A1111's Hires sampler / Hires schedule type
-        i2i.scheduler = hires_scheduler(pipe, *hr.second_scheduler(jobs[0].scheduler, jobs[0].schedule))
+    second = pipe._t2i_hires_models[hr.model].pipe if hr.model else pipe  # A1111's Hires checkpoint
+    i2i = img2img_pipe(second)
+    if hr.scheduler or hr.schedule or second is not pipe:  # A1111's Hires sampler / Hires schedule type
+        i2i.scheduler = hires_scheduler(second, *hr.second_scheduler(jobs[0].scheduler, jobs[0].schedule))
     steps = hr.second_steps(jobs[0].steps)
     total, strength = second_pass_steps(steps, hr.denoise)
     keep = {k: v for k, v in call.items() if k not in ("num_inference_steps", "width", "height", "prompt",
@@ -124,7 +127,7 @@ def second_pass(pipe: Any, jobs: list, latents: Any, call: dict, text_groups: Ca
     hr_jobs = [dataclasses.replace(j, prompt=hr.prompt or j.prompt, negative_prompt=hr.negative_prompt
                                    or j.negative_prompt) for j in jobs]
     images: list[Any] = [None] * len(jobs)
-    for rows, text, *plans in text_groups(hr_jobs, steps):
+    for rows, text, *plans in text_groups(second, hr_jobs, steps):
         seed_noise(i2i.scheduler, [jobs[i].seed for i in rows])
         image = upscaled[rows] if torch.is_tensor(upscaled) else [upscaled[i] for i in rows]
         generators = [torch.Generator(device="cpu").manual_seed(jobs[i].seed) for i in rows]

@@ -17,7 +17,7 @@ from ..plan import ImageJob
 SETTINGS = ("prompt", "negative_prompt", "prompt_syntax", "seed", "steps", "guidance_scale", "width", "height",
             "scheduler", "schedule", "clip_skip", "perf", "true_cfg_scale", "max_sequence_length", "memory",
             "hires_scale", "hires_steps", "hires_denoise", "hires_upscaler", "hires_resize", "hires_prompt",
-            "hires_negative_prompt", "hires_scheduler", "hires_schedule", "embeddings")
+            "hires_negative_prompt", "hires_scheduler", "hires_schedule", "hires_model", "embeddings")
 SPECIAL = ("loras", "model", "device", "threads", "batch_size", "batch_invariant")
 DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_set_name",
            "lora_scale", "lora_blocks", "key", "file", "index",  # lora_blocks: the swept label; loras hold each one
@@ -41,6 +41,7 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
     """The full per-image record: every knob that changes pixels, plus provenance. `config_hash`: the model's
     pixel-changing configs (common.hashing.config_sha256)."""
     from ..generate.prompt_embeds import clip_skip_applies, pads_conds, prompt_embeds, syntax_applies
+    from ..models.hires_model import record as hires_model_record
     from ..models.memory import record as memory_record
     from .metadata import RECORD_VERSION, versions
 
@@ -77,6 +78,7 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         **(dict(zip(("hires_sampler", "hires_schedule_type"), loaded.sampler_name(
             *job.hires.second_scheduler(job.scheduler, job.schedule)), strict=True))
            if job.hires is not None and (job.hires.scheduler or job.hires.schedule) else {}),
+        **hires_model_record(job, loaded),
         **({"embeddings": [e.record() for e in job.embeddings]} if job.embeddings else {}),
         "sampler": sampler,
         "schedule_type": schedule_type,
