@@ -236,7 +236,7 @@ def test_progress_during_a_run_and_interrupt_after_the_batch_in_flight(server, m
 @pytest.mark.parametrize(("body", "status", "words"), [
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 422, "hr_upscaler='R-ESRGAN 4x+' is not available"),
     ({"enable_hr": True, "hr_sampler_name": "DPM adaptive"}, 422, "hr_sampler_name='DPM adaptive' is not available"),
-    ({"enable_hr": True, "hr_checkpoint_name": "x"}, 422, "hr_checkpoint_name=\"x\" asks for another checkpoint"),
+    ({"enable_hr": True, "hr_checkpoint_name": "x"}, 403, "hr_checkpoint_name='x' is not allowed on this server"),
     ({"script_name": "x/y/z plot"}, 422, "script_name"),
     ({"restore_faces": True}, 422, "face restoration"),
     ({"tiling": True}, 422, "tiling"),

@@ -173,7 +173,106 @@ def test_a1111_api_hires_fields() -> None:
     assert fields(hr_sampler_name="DPM++ 2M", hr_scheduler="Automatic")["schedule"] == "karras"
     for kw, words in [({"hr_sampler_name": "DPM adaptive"}, "hr_sampler_name='DPM adaptive' is not available"),
                       ({"hr_scheduler": "Karas"}, "hr_scheduler='Karas' is not available on this server (did you "
-                                                  "mean 'Karras'?)"),
-                      ({"hr_checkpoint_name": "other.safetensors"}, "asks for another checkpoint")]:
+                                                  "mean 'Karras'?)")]:
         with pytest.raises(FormError, match=words.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
             fields(**kw)
+
+
+@pytest.fixture(scope="module")
+def other_sd(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny SD1.5 model: the tiny model with its UNet and text encoder weights moved."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir), safety_checker=None, requires_safety_checker=False)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]:
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    out = tmp_path_factory.mktemp("other") / "other"
+    pipe.save_pretrained(str(out))
+    return out
+
+
+def test_hires_checkpoint_is_img2img_of_that_model(sd, tiny_dir: Path, other_sd: Path) -> None:
+    """The second pass with hires.model is diffusers' img2img with that model's components and its own text
+    encoding (A1111 computes the hires conds after loading the Hires checkpoint), on the first model's latents."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from runner.config import validate
+    from runner.generate.batch import generate
+    from runner.generate.prompt_embeds import PromptEmbeds
+    from runner.models.hires_model import hires_model_infos, load_hires_models
+    from runner.models.loading import load_model
+
+    spec = validate({"model": {"id": str(tiny_dir)}, "device": "cpu", "hires": {"scale": 2, "model": str(other_sd)}})
+    loaded = load_model(spec.model, "cpu")
+    load_hires_models(loaded, spec, hires_model_infos(spec, loaded.info))
+    other = loaded.pipe._t2i_hires_models[str(other_sd)].pipe
+    hr = Hires(2.0, 2, 0.5, "Latent", model=str(other_sd))
+    (got,) = generate(sd, [_job("a red fox", hr)], True, PromptEmbeds())
+    own = generate(sd, [_job("a red fox", Hires(2.0, 2, 0.5, "Latent"))], True, PromptEmbeds())[0]
+    assert not np.array_equal(_px(got), _px(own))
+    f = sd.vae_scale_factor
+    with torch.inference_mode():
+        text = PromptEmbeds().call_kwargs(sd, [("a red fox", "blurry")], None, True, (), "a1111")
+        lat = sd(**text, num_inference_steps=3, guidance_scale=7.0, width=32, height=32, output_type="latent",
+                 generator=[torch.Generator().manual_seed(3)]).images
+        up = torch.nn.functional.interpolate(lat, size=(64 // f, 64 // f), mode="bilinear", antialias=False)
+        other_text = PromptEmbeds().call_kwargs(other, [("a red fox", "blurry")], None, True, (), "a1111")
+        i2i = StableDiffusionImg2ImgPipeline(**other.components)
+        ref = i2i(**other_text, image=up, strength=(2 + 0.5) / 4, num_inference_steps=4, guidance_scale=7.0,
+                  generator=[torch.Generator().manual_seed(3)]).images[0]
+    assert np.array_equal(_px(got), _px(ref))
+    # a batch with it: each image equals itself alone
+    jobs = [_job("a red fox", hr, seed=1), _job("a [red:blue:0.5] fox", hr, seed=2, index=1)]
+    for job, im in zip(jobs, generate(sd, jobs, True, PromptEmbeds()), strict=True):
+        assert np.array_equal(_px(im), _px(generate(sd, [job], True, PromptEmbeds())[0]))
+
+
+def test_hires_checkpoint_recorded_and_reproduced(tiny_dir: Path, other_sd: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from runner.config import validate
+    from runner.models import loading
+    from runner.outputs.metadata import INFOTEXT_KEY
+    from runner.run import run
+
+    before = loading.LOADS[str(other_sd)]
+    cfg = {"model": {"id": str(tiny_dir)}, "prompts": ["a red fox"], "seeds": [2, 3], "steps": 2, "width": 32,
+           "height": 32, "device": "cpu", "hires": {"scale": 1.5, "denoise": 0.5, "steps": 2,
+                                                     "model": [None, str(other_sd)]}}
+    entries = run(validate(cfg), tmp_path / "first", progress=False).entries
+    assert len(entries) == 4 and loading.LOADS[str(other_sd)] - before <= 1  # loaded once (or already)
+    rec = next(e for e in entries if e.get("hires_model") and e["seed"] == 2)
+    assert rec["hires_model"]["location"] == str(other_sd) and len(rec["hires_model"]["hash"]) == 64
+    with Image.open(tmp_path / "first" / rec["file"]) as im:
+        text = im.info[INFOTEXT_KEY]
+    assert f"Denoising strength: 0.5, Hires checkpoint: other [{rec['hires_model']['hash'][:10]}], Hires upscale" \
+        in text
+    plain = next(e for e in entries if not e.get("hires_model") and e["seed"] == 2)
+    with Image.open(tmp_path / "first" / plain["file"]) as im:
+        assert "Hires checkpoint" not in im.info[INFOTEXT_KEY]
+    (again,) = _from_image(tmp_path / "first" / rec["file"], tmp_path / "again").entries
+    assert again["reproduced"]["identical"] is True and again["hires_model"] == rec["hires_model"]
+
+
+def test_hires_checkpoint_refusals(tiny_dir: Path, tiny_sdxl: Path, tmp_path: Path) -> None:  # noqa: F811
+    from runner.config import validate
+    from runner.run import run
+
+    base = {"model": {"id": str(tiny_dir)}, "prompts": ["a fox"], "steps": 2, "width": 32, "height": 32,
+            "device": "cpu"}
+    with pytest.raises(ConfigError, match=rf"hires.model='{tiny_sdxl}' is a Stable Diffusion XL model, the first "
+                                          rf"pass's '{tiny_dir}' a Stable Diffusion 1.x/2.x one; the hires. fix pass "
+                                          "needs a model of the same family"):
+        run(validate({**base, "hires": {"scale": 2, "model": str(tiny_sdxl)}}), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="hires.model: model.id='/nowhere/model' does not exist"):
+        run(validate({**base, "hires": {"scale": 2, "model": "/nowhere/model"}}), tmp_path / "b", progress=False)
+    lora = {"source": str(tiny_dir / "loras" / "tiny_kohya.safetensors"), "scale": 1.0}
+    with pytest.raises(ConfigError, match="with LoRAs: this runner applies LoRAs to the first pass's model only"):
+        run(validate({**base, "lora_sets": [[lora]], "hires": {"scale": 2, "model": str(tiny_dir)}}),
+            tmp_path / "c", progress=False)
+    assert not any((tmp_path / d).glob("*.png") for d in "abc" if (tmp_path / d).exists())

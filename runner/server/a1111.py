@@ -167,11 +167,7 @@ def hires_fields(req: Txt2ImgRequest) -> dict[str, Any]:
     """The `hires` config group of an `enable_hr` request (A1111's hr_* fields; 422 for an unknown upscaler)."""
     from ..config.hires import UPSCALERS
 
-    if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
-        raise FormError(422, f"hr_checkpoint_name={json.dumps(req.hr_checkpoint_name)} asks for another checkpoint "
-                             "in the hires. fix pass, which this server cannot do; send hr_checkpoint_name="
-                             '"Use same checkpoint" or leave it out')
-    second: dict[str, Any] = {}
+    second: dict[str, Any] = {}  # (hr_checkpoint_name: the router's, which knows the allowed models)
     if req.hr_sampler_name not in (None, "", "Use same sampler"):  # A1111's txt2img: None = the first pass's
         scheduler, _, _ = from_a1111(_sampler_name(req.hr_sampler_name), None)
         if scheduler is None:
@@ -397,6 +393,9 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
                  "prompts": [{"prompt": req.prompt, "negative_prompt": req.negative_prompt}]}
         if req.enable_hr:
             extra["hires"] = hires_fields(req)
+            if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):  # A1111's Hires checkpoint
+                hmid = checkpoint_id(req.hr_checkpoint_name, "hr_checkpoint_name")
+                extra["hires"]["model"] = model_dict(hmid, cfg)["id"] if hmid != mid else None
             if req.firstphase_width or req.firstphase_height:  # A1111 < 1.0: the first pass at this size
                 job.width, job.height = req.firstphase_width or req.width, req.firstphase_height or req.height
         return to_spec(job, cfg, extra, NAMES)
