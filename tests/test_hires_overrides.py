@@ -132,12 +132,23 @@ def test_a1111_infotext_hires_sampler_and_schedule_type(tiny_dir: Path, tmp_path
     (rec,) = _from_image(img, tmp_path / "again", f"model.id={tiny_dir}").entries
     assert (rec["scheduler"], rec["hires_scheduler"], rec["hires_schedule"]) == ("euler", "dpmpp_2m", "karras")
     assert (rec["hires_sampler"], rec["hires_schedule_type"]) == ("DPM++ 2M", "Karras")
+    # no Hires schedule type: A1111 1.10 ran the second pass on the hires sampler's Automatic schedule, and left
+    # the label out where it is the first pass's
+    def second(fields: str) -> dict:
+        got = record_from_infotext(parse_infotext(f"a\nSteps: 20, {fields}, Seed: 1, Size: 512x512, "
+                                                  "Denoising strength: 0.5, Hires upscale: 2"))
+        return {k: v for k, v in got.items() if "sched" in k or k == "no_equivalent"}
+
+    assert second("Sampler: Euler, Schedule type: Karras") == {"hires_schedule": "uniform"}
+    assert second("Sampler: DPM++ 2M, Schedule type: Karras") == {}
+    assert second("Sampler: DPM++ 2M Karras") == {}  # before 1.9: the name's schedule, in both passes
+    assert second("Sampler: Euler a") == {}
+    assert second("Sampler: DPM++ 2M, Schedule type: Exponential, Hires sampler: Euler a") == \
+        {"hires_scheduler": "euler_a", "hires_schedule": "uniform"}
     # A1111's Euler a runs on Karras sigmas, diffusers' does not: said, and the pass keeps evenly spaced ones
-    lost = parse_infotext("a\nSteps: 20, Sampler: Euler, Schedule type: Karras, Seed: 1, Size: 512x512, "
-                          "Denoising strength: 0.5, Hires sampler: Euler a, Hires upscale: 2")
-    got = record_from_infotext(lost)
-    assert (got["hires_scheduler"], got["hires_schedule"]) == ("euler_a", "uniform")
-    assert got["no_equivalent"] == ["Hires schedule type: Karras with Euler a"]
+    assert second("Sampler: Euler, Schedule type: Karras, Hires sampler: Euler a, Hires schedule type: Karras") == \
+        {"hires_scheduler": "euler_a", "hires_schedule": "uniform",
+         "no_equivalent": ["Hires schedule type: Karras with Euler a"]}
 
 
 @pytest.mark.parametrize(("cfg", "words"), [
@@ -147,8 +158,11 @@ def test_a1111_infotext_hires_sampler_and_schedule_type(tiny_dir: Path, tmp_path
     ({"scheduler": "dpmpp_2m_karras", "hires": {"scale": 2, "schedule": "exponential"}},
      r"the hires. fix pass runs scheduler=dpmpp_2m_karras schedule=exponential \(hires.scheduler=None, "
      r"hires.schedule=exponential; null = the first pass's\): scheduler=dpmpp_2m_karras already means"),
-    ({"scheduler": "euler", "schedule": "karras", "hires": {"scale": 2, "scheduler": "ddim"}},
+    ({"scheduler": "euler", "hires": {"scale": 2, "scheduler": "ddim", "schedule": "karras"}},
      r"the hires. fix pass runs scheduler=ddim schedule=karras .*A1111 ignores the Schedule type"),
+    ({"scheduler": "euler", "schedule": "karras", "hires": {"scale": 2, "scheduler": "euler_a",
+                                                            "schedule": "karras"}},
+     r"schedule=karras is not available for scheduler=euler_a \(EulerAncestralDiscreteScheduler\); valid: "),
 ])
 def test_bad_overrides_are_one_line_before_loading(cfg: dict, words: str) -> None:
     from runner.config import validate
@@ -166,12 +180,20 @@ def test_a1111_api_hires_fields() -> None:
         return hires_fields(Txt2ImgRequest(prompt="a fox", enable_hr=True, **kw))
 
     assert "scheduler" not in fields(hr_sampler_name="Use same sampler", hr_scheduler="Use same scheduler")
+    # no hr_scheduler: the hires sampler's Automatic schedule where it differs from the first pass's (A1111 1.10)
+    assert "schedule" not in fields(sampler_name="Euler", scheduler="Karras", hr_sampler_name="DPM++ 2M")
+    assert fields(sampler_name="Euler", scheduler="Karras")["schedule"] == "uniform"
+    assert fields(sampler_name="DPM++ 2M", scheduler="Exponential", hr_scheduler="Automatic")["schedule"] == "karras"
     got = fields(hr_sampler_name="DPM++ 2M", hr_scheduler="Karras", hr_prompt="a blue fox")
     assert (got["scheduler"], got["schedule"], got["prompt"]) == ("dpmpp_2m", "karras", "a blue fox")
     assert fields(hr_sampler_name="euler_a", hr_scheduler="exponential")["scheduler"] == "euler_a"
     # "Automatic": the hires sampler's own default (A1111's sampler config), Karras for DPM++ 2M
     assert fields(hr_sampler_name="DPM++ 2M", hr_scheduler="Automatic")["schedule"] == "karras"
+    # model upscalers: by name among the server's upscaler_dirs (never a path)
+    assert hires_fields(Txt2ImgRequest(enable_hr=True, hr_upscaler="4x-Fake"), ("4x-Fake",))["upscaler"] == "4x-Fake"
     for kw, words in [({"hr_sampler_name": "DPM adaptive"}, "hr_sampler_name='DPM adaptive' is not available"),
+                      ({"hr_upscaler": "/etc/4x.pth"}, "hr_upscaler='/etc/4x.pth' is not available on this server; "
+                                                       "valid: Latent, "),
                       ({"hr_scheduler": "Karas"}, "hr_scheduler='Karas' is not available on this server (did you "
                                                   "mean 'Karras'?)")]:
         with pytest.raises(FormError, match=words.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
@@ -276,3 +298,53 @@ def test_hires_checkpoint_refusals(tiny_dir: Path, tiny_sdxl: Path, tmp_path: Pa
         run(validate({**base, "lora_sets": [[lora]], "hires": {"scale": 2, "model": str(tiny_dir)}}),
             tmp_path / "c", progress=False)
     assert not any((tmp_path / d).glob("*.png") for d in "abc" if (tmp_path / d).exists())
+
+
+def test_a_first_pass_schedule_the_hires_sampler_cannot_run_is_its_own() -> None:
+    assert Hires(2, 0, 0.5, "Latent", scheduler="ddim").second_scheduler("euler", "karras") == ("ddim", None)
+    assert Hires(2, 0, 0.5, "Latent", scheduler="euler_a").second_scheduler("euler", "karras") == ("euler_a", None)
+    assert Hires(2, 0, 0.5, "Latent", scheduler="dpmpp_2m").second_scheduler("euler", "karras") == \
+        ("dpmpp_2m", "karras")
+    assert Hires(2, 0, 0.5, "Latent").second_scheduler("euler", "karras") == ("euler", "karras")
+
+
+def test_doc_commands(tiny_dir: Path, other_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/a1111-features.md's Hires checkpoint and model upscaler commands, in-process (the upscaler: a stand-in
+    for spandrel's model, see tests/test_hires_upscalers.py), with the placeholders made here."""
+    import re
+    import shlex
+
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+    from test_hires_upscalers import fake_4x
+
+    from runner.config import upscalers as config_upscalers
+    from runner.config import validate
+    from runner.models import upscalers
+    from runner.outputs.metadata import INFOTEXT_KEY
+    from runner.run import run
+    from runner.server.app import compose_config
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "a1111-features.md").read_text(encoding="utf-8")
+    block = page.split("<!-- docs-test: covered-by tests/test_hires_overrides.py::test_doc_commands -->")[1]
+    lines = [ln for ln in re.search(r"```bash\n(.*?)```", block, flags=re.S).group(1).splitlines() if ln.strip()]
+    assert len(lines) == 2
+    esrgan = tmp_path / "models" / "ESRGAN"
+    esrgan.mkdir(parents=True)
+    save_file({"w": torch.zeros(1)}, str(esrgan / "4x-UltraSharp.safetensors"))
+    monkeypatch.setattr(config_upscalers, "spandrel_problem", lambda: None)
+    monkeypatch.setattr(upscalers, "_load", lambda path, device: fake_4x)
+    texts = []
+    for i, line in enumerate(lines):
+        line = line.replace("/path/to/models/ESRGAN", str(esrgan)).replace("/path/to/other-model", str(other_sd))
+        line = line.replace("/path/to/model", str(tiny_dir))
+        argv = shlex.split(line, comments=True)
+        assert argv[0] == "t2i" and line.endswith("# -> 1 image")
+        (rec,) = run(validate(compose_config([*argv[1:], "device=cpu"])), tmp_path / f"run{i}",
+                     progress=False).entries
+        with Image.open(tmp_path / f"run{i}" / rec["file"]) as im:
+            assert im.size == (64, 64)
+            texts.append(im.info[INFOTEXT_KEY])
+    assert re.search(r"Hires checkpoint: other \[[0-9a-f]{10}\]", texts[0])
+    assert "Hires upscaler: 4x-UltraSharp" in texts[1]

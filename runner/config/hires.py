@@ -76,7 +76,14 @@ class Hires:
     model: str = ""  # A1111 "Hires checkpoint": the second pass's model id; "" = the first pass's
 
     def second_scheduler(self, scheduler: str | None, schedule: str | None) -> tuple[str | None, str | None]:
-        """The second pass's (scheduler, schedule) for a first pass run with `scheduler` and `schedule`."""
+        """The second pass's (scheduler, schedule) for a first pass run with `scheduler` and `schedule`; a first
+        pass's schedule that the hires sampler cannot run (DDIM's timesteps, Euler a on Karras) is left out: the
+        sampler's own, as A1111's Automatic."""
+        from .schedulers import check_pair
+
+        if self.scheduler and self.schedule is None and schedule is not None and check_pair(self.scheduler,
+                                                                                            schedule):
+            return self.scheduler, None
         return self.scheduler or scheduler, self.schedule or schedule
 
     def second_steps(self, first: int) -> int:
@@ -272,8 +279,7 @@ def record_from_infotext(p: dict[str, Any]) -> dict[str, Any]:
     for key in ("Hires prompt", "Hires negative prompt"):
         if p.get(key):
             out[key.lower().replace(" ", "_")] = p[key]
-    if p.get("Hires sampler") or p.get("Hires schedule type"):
-        # A1111 writes each where it differs from the first pass's (absent = the same)
+    if p.get("Hires sampler") or p.get("Hires schedule type") or p.get("Schedule type"):
         out.update(_second_scheduler(p))
     if p.get("Hires checkpoint"):  # a name and hash only: from_image needs hires.model=... to find it
         out.setdefault("no_equivalent", []).append(f"Hires checkpoint: {p['Hires checkpoint']} (give hires.model="
@@ -284,14 +290,17 @@ def record_from_infotext(p: dict[str, Any]) -> dict[str, Any]:
 def _second_scheduler(p: dict[str, Any]) -> dict[str, Any]:
     """The record keys of A1111's Hires sampler / Hires schedule type; what diffusers cannot run is listed under
     `no_equivalent` (from_image warns) and the second pass keeps a schedule its sampler can run."""
-    from .schedulers import SCHEDULER_TABLE, from_a1111
+    from .schedulers import A1111_AUTOMATIC, SCHEDULER_TABLE, from_a1111
 
     sampler = p.get("Hires sampler") or p.get("Sampler") or ""
-    scheduler, schedule, lost = from_a1111(sampler, p.get("Hires schedule type") or p.get("Schedule type"))
+    # A1111 (>= 1.9) runs the second pass on `Hires schedule type`, else on the hires sampler's Automatic one, and
+    # writes it only where its label differs from the first pass's `Schedule type`
+    scheduler, schedule, lost = from_a1111(sampler, p.get("Hires schedule type") or A1111_AUTOMATIC)
+    first = from_a1111(p.get("Sampler") or "", p.get("Schedule type"))[1] if p.get("Sampler") else None
     out: dict[str, Any] = {}
     if p.get("Hires sampler") and scheduler is not None:
         out["hires_scheduler"] = scheduler
-    if p.get("Hires schedule type") and schedule is not None:
+    if schedule is not None and (p.get("Hires schedule type") or schedule != first):
         out["hires_schedule"] = schedule
     if lost:
         out["no_equivalent"] = [f"Hires {x[0].lower()}{x[1:]}" for x in lost]

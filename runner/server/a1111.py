@@ -41,6 +41,7 @@ from ..config.schedulers import (
     for_flow,
     from_a1111,
 )
+from ..config.upscalers import model_files
 from ..config.validate import string_list
 from ..outputs.metadata import INFOTEXT_KEY, parse_infotext, read_png_record, versions
 from ..reproduce.inspect import image_text
@@ -163,9 +164,12 @@ def check_supported(req: Txt2ImgRequest) -> None:
                                  f"{name}={json.dumps(instead)} or leave it out")
 
 
-def hires_fields(req: Txt2ImgRequest) -> dict[str, Any]:
-    """The `hires` config group of an `enable_hr` request (A1111's hr_* fields; 422 for an unknown upscaler)."""
+def hires_fields(req: Txt2ImgRequest, models: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The `hires` config group of an `enable_hr` request (A1111's hr_* fields; 422 for an unknown upscaler).
+    `models`: the model upscalers in the server's upscaler_dirs, by name (no paths: the server reads only those)."""
     from ..config.hires import UPSCALERS
+
+    valid = (*UPSCALERS, *(m for m in models if m not in UPSCALERS))
 
     second: dict[str, Any] = {}  # (hr_checkpoint_name: the router's, which knows the allowed models)
     if req.hr_sampler_name not in (None, "", "Use same sampler"):  # A1111's txt2img: None = the first pass's
@@ -176,23 +180,29 @@ def hires_fields(req: Txt2ImgRequest) -> dict[str, Any]:
                                  f"{did_you_mean(req.hr_sampler_name, valid)}; valid: Use same sampler, "
                                  + ", ".join(valid))
         second["scheduler"] = scheduler
-    if req.hr_scheduler not in (None, "", "Use same scheduler"):
+    given = (req.hr_scheduler or "").strip()
+    if given.lower() in ("", "use same scheduler", A1111_AUTOMATIC.lower()):
+        # A1111 1.10 runs the second pass on the hires sampler's Automatic schedule unless hr_scheduler names one
+        # (its API passes "Use same scheduler" through, which means the same there)
+        first = sampler_pair(req)
+        row = SCHEDULER_TABLE[second.get("scheduler") or first[0]]
+        auto = row.auto_schedule or ("uniform" if row.kdiffusion else None)
+        if auto is not None and auto != first[1]:
+            second["schedule"] = auto
+    else:
         labels = {s.a1111: k for k, s in SCHEDULE_TABLE.items()} | A1111_SCHEDULE_ALIASES
         lower = {k.lower(): v for k, v in labels.items()} | {k: k for k in SCHEDULE_TABLE}
-        schedule = labels.get(req.hr_scheduler) or lower.get(req.hr_scheduler.strip().lower())
-        if req.hr_scheduler.strip().lower() == A1111_AUTOMATIC.lower():  # the hires sampler's own default
-            row = SCHEDULER_TABLE[second.get("scheduler") or sampler_pair(req)[0]]
-            schedule = row.auto_schedule or ("uniform" if row.kdiffusion else None)
-        elif schedule is None:
+        schedule = labels.get(given) or lower.get(given.lower())
+        if schedule is None:
             raise FormError(422, f"hr_scheduler={req.hr_scheduler!r} is not available on this server"
                                  f"{did_you_mean(req.hr_scheduler, list(labels))}; valid: Use same scheduler, "
                                  + ", ".join(labels))
-        if schedule is not None:
-            second["schedule"] = schedule
+        second["schedule"] = schedule
     upscaler = req.hr_upscaler or "Latent"
-    if upscaler not in UPSCALERS:
+    if upscaler not in valid:
         raise FormError(422, f"hr_upscaler={upscaler!r} is not available on this server"
-                             f"{did_you_mean(upscaler, UPSCALERS)}; valid: {', '.join(UPSCALERS)} (GET /upscalers)")
+                             f"{did_you_mean(upscaler, valid)}; valid: {', '.join(valid)} (model upscalers: "
+                             "the server's upscaler_dirs)")
     return {"scale": req.hr_scale, "steps": req.hr_second_pass_steps, "upscaler": upscaler,
             # A1111's txt2img denoising_strength default (its processing class); the UI's slider starts at 0.7
             "denoise": 0.75 if req.denoising_strength is None else req.denoising_strength,
@@ -392,7 +402,8 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
         extra = {"scheduler": scheduler, "schedule": schedule, "clip_skip": clip, "batch_size": req.batch_size,
                  "prompts": [{"prompt": req.prompt, "negative_prompt": req.negative_prompt}]}
         if req.enable_hr:
-            extra["hires"] = hires_fields(req)
+            extra["hires"] = hires_fields(req, tuple(model_files(tuple(string_list(
+                "upscaler_dirs", cfg.get("upscaler_dirs"))))))
             if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):  # A1111's Hires checkpoint
                 hmid = checkpoint_id(req.hr_checkpoint_name, "hr_checkpoint_name")
                 extra["hires"]["model"] = model_dict(hmid, cfg)["id"] if hmid != mid else None
