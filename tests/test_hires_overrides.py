@@ -15,6 +15,16 @@ from runner.config.hires import Hires, record_from_infotext
 from runner.outputs.metadata import parse_infotext
 
 
+def assert_classified(png: Path) -> None:
+    """Every key of the image's record is in one of from_image's groups (outputs/record.py)."""
+    from runner.outputs.metadata import read_png_record
+    from runner.outputs.record import DERIVED, PROVENANCE, SETTINGS, SPECIAL
+
+    rec, _ = read_png_record(str(png))
+    assert set(rec) <= {*SETTINGS, *SPECIAL, *DERIVED, *PROVENANCE}, set(rec) - {*SETTINGS, *SPECIAL, *DERIVED,
+                                                                                 *PROVENANCE}
+
+
 @pytest.fixture(scope="module")
 def sd(tiny_dir: Path):
     from runner.config import validate
@@ -109,6 +119,7 @@ def test_swept_recorded_as_a1111_writes_it_and_reproduced(tiny_dir: Path, tmp_pa
            "Hires schedule type: Karras" in texts[("dpmpp_2m", "karras")]
     assert "Hires sampler: DPM++ 2M" in texts[("dpmpp_2m", None)] and "Hires schedule" not in texts[("dpmpp_2m", None)]
     assert "Hires sampler" not in texts[(None, "karras")] and "Hires schedule type: Karras" in texts[(None, "karras")]
+    assert_classified(tmp_path / "first" / next(e["file"] for e in entries if e.get("hires_scheduler")))
     for rec in entries:
         (again,) = _from_image(tmp_path / "first" / rec["file"], tmp_path / f"again-{rec['index']}").entries
         assert again["reproduced"]["identical"] is True, (rec.get("hires_scheduler"), again["reproduced"])
@@ -274,6 +285,7 @@ def test_hires_checkpoint_recorded_and_reproduced(tiny_dir: Path, other_sd: Path
         text = im.info[INFOTEXT_KEY]
     assert f"Denoising strength: 0.5, Hires checkpoint: other [{rec['hires_model']['hash'][:10]}], Hires upscale" \
         in text
+    assert_classified(tmp_path / "first" / rec["file"])
     plain = next(e for e in entries if not e.get("hires_model") and e["seed"] == 2)
     with Image.open(tmp_path / "first" / plain["file"]) as im:
         assert "Hires checkpoint" not in im.info[INFOTEXT_KEY]

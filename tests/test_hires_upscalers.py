@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_hires import _from_image, _job, _px
+from test_hires_overrides import assert_classified
 
 from runner.common.errors import ConfigError
 from runner.config import upscalers as config_upscalers
@@ -151,6 +152,7 @@ def test_run_records_the_name_and_from_image_finds_it(models, tiny_dir: Path, tm
     with Image.open(tmp_path / "first" / by[(1, "4x-Fake")]["file"]) as im:
         assert im.size == (48, 48) and "Hires upscaler: 4x-Fake, " in im.info[INFOTEXT_KEY] + ", "
         fake = _px(im)
+    assert_classified(tmp_path / "first" / by[(1, "4x-Fake")]["file"])
     with Image.open(tmp_path / "first" / by[(1, "Lanczos")]["file"]) as im:
         assert not np.array_equal(fake, _px(im))
     # each image equals itself generated alone

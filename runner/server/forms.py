@@ -289,6 +289,10 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
     if not 0 <= seed <= MAX_SEED - n + 1:
         raise FormError(422, f"manual_seed={seed} is out of range; valid: 0 to {MAX_SEED - n + 1}")
     neg = req.negative_prompt
+    up = req.hires_upscaler or ""
+    if "/" in up or "\\" in up or up.lower().endswith((".safetensors", ".pth", ".pt")):
+        raise FormError(422, f"hires_upscaler={req.hires_upscaler!r} is a path; name a model upscaler of the "
+                             "server's upscaler_dirs (this server reads only its own folders)")
     overrides = {
         "model": _model(req, cfg),
         "prompts": [{"prompt": req.text_prompt, "negative_prompt": neg}] if neg else [req.text_prompt],
