@@ -164,3 +164,19 @@ def test_run_records_the_name_and_from_image_finds_it(models, tiny_dir: Path, tm
     assert np.array_equal(_px(together[1]), _px(alone[0]))
     (again,) = _from_image(tmp_path / "first" / by[(2, "4x-Fake")]["file"], tmp_path / "again").entries
     assert again["reproduced"]["identical"] is True and again["hires_upscaler"] == "4x-Fake"
+
+
+def test_from_image_of_an_a1111_image_finds_the_upscaler_by_name(models, tiny_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+    from test_hires import _a1111_png
+
+    folder, loads = models
+    img = _a1111_png(tmp_path / "a1111.png", "a red fox\nNegative prompt: blurry\nSteps: 3, Sampler: Euler, "
+                     "CFG scale: 7, Seed: 3, Size: 32x32, Denoising strength: 0.5, Hires upscale: 1.5, "
+                     "Hires steps: 2, Hires upscaler: 4x-Fake, Version: v1.10.1")
+    with pytest.raises(ConfigError, match=r"hires.upscaler='4x-Fake' is not known; .* upscaler_dirs \(none set\)"):
+        _from_image(img, tmp_path / "none", f"model.id={tiny_dir}")
+    (rec,) = _from_image(img, tmp_path / "again", f"model.id={tiny_dir}", f"upscaler_dirs=[{folder}]").entries
+    assert rec["hires_upscaler"] == "4x-Fake" and loads == [str(folder / "4x-Fake.safetensors")]
+    with Image.open(tmp_path / "again" / rec["file"]) as im:
+        assert im.size == (48, 48)
