@@ -33,11 +33,28 @@ def sd(tiny_dir: Path):
     return load_model(validate({"model": {"id": str(tiny_dir)}, "device": "cpu"}).model, "cpu").pipe
 
 
+def reference(sd, i2i, text_pipe):
+    """`a red fox` (seed 3, 3 steps, 32 px) on `sd`, its latents bilinear to 64 px, then `i2i` (2 of 4 steps at
+    denoise 0.5) with the prompt encoded by `text_pipe`: diffusers' own calls, as A1111's hires. fix runs."""
+    import torch
+
+    from runner.generate.prompt_embeds import PromptEmbeds
+
+    f = sd.vae_scale_factor
+    with torch.inference_mode():
+        text = PromptEmbeds().call_kwargs(sd, [("a red fox", "blurry")], None, True, (), "a1111")
+        lat = sd(**text, num_inference_steps=3, guidance_scale=7.0, width=32, height=32, output_type="latent",
+                 generator=[torch.Generator().manual_seed(3)]).images
+        up = torch.nn.functional.interpolate(lat, size=(64 // f, 64 // f), mode="bilinear", antialias=False)
+        second = PromptEmbeds().call_kwargs(text_pipe, [("a red fox", "blurry")], None, True, (), "a1111")
+        return i2i(**second, image=up, strength=(2 + 0.5) / 4, num_inference_steps=4, guidance_scale=7.0,
+                   generator=[torch.Generator().manual_seed(3)]).images[0]
+
+
 def test_hires_sampler_is_diffusers_img2img_with_that_scheduler(sd) -> None:
     """The second pass with hires.scheduler=euler_a is diffusers' img2img with EulerAncestralDiscreteScheduler
     made from the model's scheduler config, on the first pass (the model's own scheduler) as before."""
     import numpy as np
-    import torch
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
 
     from runner.generate.batch import generate
@@ -47,16 +64,8 @@ def test_hires_sampler_is_diffusers_img2img_with_that_scheduler(sd) -> None:
     (got,) = generate(sd, [_job("a red fox", Hires(2.0, 2, 0.5, "Latent", scheduler="euler_a"))], True,
                       PromptEmbeds())
     assert not np.array_equal(_px(got), _px(own))
-    f = sd.vae_scale_factor
-    with torch.inference_mode():
-        text = PromptEmbeds().call_kwargs(sd, [("a red fox", "blurry")], None, True, (), "a1111")
-        lat = sd(**text, num_inference_steps=3, guidance_scale=7.0, width=32, height=32, output_type="latent",
-                 generator=[torch.Generator().manual_seed(3)]).images
-        up = torch.nn.functional.interpolate(lat, size=(64 // f, 64 // f), mode="bilinear", antialias=False)
-        sched = EulerAncestralDiscreteScheduler.from_config(sd.scheduler.config)
-        i2i = StableDiffusionImg2ImgPipeline(**{**sd.components, "scheduler": sched})
-        ref = i2i(**text, image=up, strength=(2 + 0.5) / 4, num_inference_steps=4, guidance_scale=7.0,
-                  generator=[torch.Generator().manual_seed(3)]).images[0]
+    sched = EulerAncestralDiscreteScheduler.from_config(sd.scheduler.config)
+    ref = reference(sd, StableDiffusionImg2ImgPipeline(**{**sd.components, "scheduler": sched}), sd)
     assert np.array_equal(_px(got), _px(ref))
     # the first pass's scheduler is left as it was
     assert type(sd.scheduler).__name__ != "EulerAncestralDiscreteScheduler"
@@ -231,7 +240,6 @@ def test_hires_checkpoint_is_img2img_of_that_model(sd, tiny_dir: Path, other_sd:
     """The second pass with hires.model is diffusers' img2img with that model's components and its own text
     encoding (A1111 computes the hires conds after loading the Hires checkpoint), on the first model's latents."""
     import numpy as np
-    import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from runner.config import validate
@@ -248,17 +256,7 @@ def test_hires_checkpoint_is_img2img_of_that_model(sd, tiny_dir: Path, other_sd:
     (got,) = generate(sd, [_job("a red fox", hr)], True, PromptEmbeds())
     own = generate(sd, [_job("a red fox", Hires(2.0, 2, 0.5, "Latent"))], True, PromptEmbeds())[0]
     assert not np.array_equal(_px(got), _px(own))
-    f = sd.vae_scale_factor
-    with torch.inference_mode():
-        text = PromptEmbeds().call_kwargs(sd, [("a red fox", "blurry")], None, True, (), "a1111")
-        lat = sd(**text, num_inference_steps=3, guidance_scale=7.0, width=32, height=32, output_type="latent",
-                 generator=[torch.Generator().manual_seed(3)]).images
-        up = torch.nn.functional.interpolate(lat, size=(64 // f, 64 // f), mode="bilinear", antialias=False)
-        other_text = PromptEmbeds().call_kwargs(other, [("a red fox", "blurry")], None, True, (), "a1111")
-        i2i = StableDiffusionImg2ImgPipeline(**other.components)
-        ref = i2i(**other_text, image=up, strength=(2 + 0.5) / 4, num_inference_steps=4, guidance_scale=7.0,
-                  generator=[torch.Generator().manual_seed(3)]).images[0]
-    assert np.array_equal(_px(got), _px(ref))
+    assert np.array_equal(_px(got), _px(reference(sd, StableDiffusionImg2ImgPipeline(**other.components), other)))
     # a batch with it: each image equals itself alone
     jobs = [_job("a red fox", hr, seed=1), _job("a [red:blue:0.5] fox", hr, seed=2, index=1)]
     for job, im in zip(jobs, generate(sd, jobs, True, PromptEmbeds()), strict=True):
