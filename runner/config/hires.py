@@ -124,7 +124,7 @@ def _values(key: str, value: Any, kind: type, lo: float, hi: float) -> tuple:
 
 def hires_combos(raw: Any, upscaler_dirs: tuple[str, ...] = (), allow_pickle: bool = False) -> tuple[Hires | None, ...]:
     """The hires. fix values of a run (the `hires` config group): (None,) when off (`hires.scale` null), else one
-    Hires per combination of the swept keys (scale, steps, denoise, upscaler, scheduler, schedule)."""
+    Hires per combination of the swept keys (scale, steps, denoise, upscaler, scheduler, schedule, model)."""
     import itertools
 
     from omegaconf import DictConfig, OmegaConf

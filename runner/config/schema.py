@@ -55,7 +55,7 @@ class ViewerConfig:
 @dataclass
 class HiresConfig:
     """A1111's Hires. fix (config/hires.py, generate/hires.py): off while `scale` (and resize_*) are unset. The
-    first four keys and scheduler/schedule take lists (swept)."""
+    first four keys and scheduler, schedule and model take lists (swept)."""
 
     scale: Any = None  # A1111 "Hires upscale" (e.g. 2); null = off
     steps: Any = 0  # A1111 "Hires steps"; 0 = the first pass's steps
