@@ -291,6 +291,29 @@ def test_hires_checkpoint_recorded_and_reproduced(tiny_dir: Path, other_sd: Path
     assert again["reproduced"]["identical"] is True and again["hires_model"] == rec["hires_model"]
 
 
+def test_from_image_refuses_a_changed_hires_checkpoint(tiny_dir: Path, other_sd: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from runner.config import validate
+    from runner.run import run
+
+    other = tmp_path / "other"
+    shutil.copytree(other_sd, other)
+    cfg = {"model": {"id": str(tiny_dir)}, "prompts": ["a red fox"], "seeds": [2], "steps": 2, "width": 32,
+           "height": 32, "device": "cpu", "hires": {"scale": 1.5, "denoise": 0.5, "steps": 2, "model": str(other)}}
+    (rec,) = run(validate(cfg), tmp_path / "first", progress=False).entries
+    (weights,) = (other / "unet").glob("*.safetensors")
+    state = load_file(str(weights))
+    key = next(iter(state))
+    save_file({**state, key: state[key] + torch.ones_like(state[key])}, str(weights))
+    with pytest.raises(ConfigError, match=rf"hires.model {other} is not the one .* was made with \(sha256 "
+                                          rf"{rec['hires_model']['hash'][:12]}…\); pass strict=false"):
+        _from_image(tmp_path / "first" / rec["file"], tmp_path / "again")
+
+
 def test_hires_checkpoint_refusals(tiny_dir: Path, tiny_sdxl: Path, tmp_path: Path) -> None:  # noqa: F811
     from runner.config import validate
     from runner.run import run

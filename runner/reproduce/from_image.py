@@ -145,6 +145,16 @@ def _check_model(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
                   strict)
 
 
+def _check_hires_model(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
+    """The Hires checkpoint of our image must be the same files (its recorded sha256), as the model must."""
+    from ..common.hashing import model_sha256
+
+    m = rec.get("hires_model") or {}
+    path = Path(m.get("location") or "")
+    if m.get("hash") and m.get("kind") in ("dir", "file") and path.exists() and model_sha256(path) != m["hash"]:
+        _complain(f"hires.model {path} is not the one {img} was made with (sha256 {m['hash'][:12]}…)", strict)
+
+
 def _check_loras(img: str, rec: dict, spec: RunSpec, strict: bool) -> RunSpec:
     """Each recorded LoRA must resolve with its recorded sha256; a file that moved is found in `lora_dirs`."""
     from ..lora.files import find_in_lora_dirs, resolve_lora
@@ -267,6 +277,8 @@ def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpe
     else:
         if not given & {"model", "model.id", "model.revision"}:
             _check_model(img, rec, spec, strict)
+        if not given & {"hires", "hires.model"}:
+            _check_hires_model(img, rec, spec, strict)
         if "lora_sets" not in given:
             spec = _check_loras(img, rec, spec, strict)
         if "device" not in given:
