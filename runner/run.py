@@ -80,6 +80,7 @@ def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
     from .generate.refiner import check_refiners
     from .generate.scheduled import check_support
     from .lora.detect import check_family
+    from .models.hires_model import hires_model_infos
     from .models.info import check_model, check_transformer_file, model_infos, spec_for
     from .models.memory import check_memory
     from .models.refiner import identity as refiner_identity
@@ -98,6 +99,7 @@ def plan_models(spec: RunSpec, lora_sets: list[tuple]) -> list[ModelPlan]:
         refiner = check_refiners(mspec, info.family, where)
         if refiner is not None:  # its weights are part of every image key
             mspec = with_identity(mspec, refiner_identity(refiner))
+        hires_model_infos(spec, info, where)  # hires.model: found, of the same family
         for s, loras in enumerate(lora_sets):
             for r in loras:
                 check_family(r.file, info.family, info.config.id, f"{where}{spec.lora_set_label(s)}: ")
@@ -113,14 +115,17 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
     """Load one model of the axis (again if its files changed since this process loaded it: a retrained or edited
     model is never served by a stale pipeline) with its LoRA adapters (checked against it), check its scheduler x
     steps pairs, and set its memory switches."""
+    from .config.hires import preflight_pairs as hires_preflight
     from .generate.prompt_embeds import clip_skip_applies
     from .lora.adapters import AdapterManager
     from .lora.blocks import block_resolver
     from .models.embeddings import apply_embeddings
+    from .models.hires_model import hires_model_infos, load_hires_models
     from .models.loading import clear_cache, load_model
     from .models.memory import apply_memory
     from .models.refiner import attach as attach_refiner
     from .models.schedulers import preflight
+    from .models.upscalers import upscaler as hires_upscaler
 
     loaded = load_model(plan.info.config, spec.device, plan.info, spec.memory.offload)
     if getattr(loaded, "identity", plan.key) != plan.key:
@@ -133,7 +138,11 @@ def _load(plan: ModelPlan, spec: RunSpec, lora_sets: list[tuple], threads: Any, 
         loaded.adapters = AdapterManager(loaded.pipe, spec.max_loaded_loras)
     loaded.adapters.max_loaded = spec.max_loaded_loras
     loaded.adapters.preload(lora_sets)  # a LoRA that does not fit the model fails before any write
-    preflight(loaded.base_scheduler, {(j.scheduler, j.schedule, j.steps) for j in jobs})  # before its images
+    preflight(loaded.base_scheduler, {(j.scheduler, j.schedule, j.steps) for j in jobs}  # before its images
+              | hires_preflight(jobs))
+    for file in sorted({j.hires.upscaler_file for j in jobs if j.hires is not None and j.hires.upscaler_file}):
+        hires_upscaler(file, loaded.pipe.device)  # hires. fix model upscalers: loaded once, before any image
+    load_hires_models(loaded, spec, hires_model_infos(spec, plan.info))  # hires.model: loaded once
     loaded.blocks_of = block_resolver(loaded.pipe, spec)  # so does a block-weight list of the wrong length
     if loaded.family.is_sd and any((s or 1) > 1 for s in spec.clip_skip) and not clip_skip_applies(loaded.pipe):
         log.warning("clip_skip has no effect on %s: as in A1111, Clip skip applies to SD 1.x only (SDXL and SD 2.x "

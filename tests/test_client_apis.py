@@ -235,7 +235,8 @@ def test_progress_during_a_run_and_interrupt_after_the_batch_in_flight(server, m
 
 @pytest.mark.parametrize(("body", "status", "words"), [
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 422, "hr_upscaler='R-ESRGAN 4x+' is not available"),
-    ({"enable_hr": True, "hr_sampler_name": "DDIM"}, 422, "hr_sampler_name=\"DDIM\" asks for another sampler"),
+    ({"enable_hr": True, "hr_sampler_name": "DPM adaptive"}, 422, "hr_sampler_name='DPM adaptive' is not available"),
+    ({"enable_hr": True, "hr_checkpoint_name": "x"}, 403, "hr_checkpoint_name='x' is not allowed on this server"),
     ({"script_name": "x/y/z plot"}, 422, "script_name"),
     ({"restore_faces": True}, 422, "face restoration"),
     ({"tiling": True}, 422, "tiling"),
@@ -416,15 +417,16 @@ def test_a1111_hires_fix_fields_give_the_cli_image(server, tmp_path: Path) -> No
     url, _ = server
     r = a1111(url).txt2img(prompt="a [red:blue:0.5] fox", seed=3, steps=2, width=32, height=32, enable_hr=True,
                            hr_scale=1.5, hr_upscaler="Latent (bicubic)", hr_second_pass_steps=2,
-                           denoising_strength=0.5)
+                           denoising_strength=0.5, hr_sampler_name="DPM++ 2M", hr_scheduler="Karras")
     assert r.image.size == (48, 48)
     text = r.info["infotexts"][0]
     assert "Size: 32x32" in text and "Denoising strength: 0.5, " in text
-    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic)" in text
+    assert "Hires sampler: DPM++ 2M, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic), " \
+           "Hires schedule type: Karras" in text
     proc = run_cli("model=tiny", "prompts=['a [red:blue:0.5] fox']", "seeds=[3]", "steps=2", "width=32",
                    "height=32", "scheduler=euler_a", "schedule=uniform", "guidance_scale=7", "hires.scale=1.5",
                    "hires.upscaler='Latent (bicubic)'", "hires.steps=2", "hires.denoise=0.5",
-                   f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+                   "hires.scheduler=dpmpp_2m", "hires.schedule=karras", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     (png,) = tmp_path.glob("0*.png")
     ours, theirs = json.loads(Image.open(png).info["t2i-runner"]), json.loads(r.image.info["t2i-runner"])

@@ -382,3 +382,16 @@ def test_form_offers_hires_fix(client: TestClient) -> None:
     assert bad.status_code == 422 and "hires.upscaler='ESRGAN' is not known" in bad.text
     big = client.post("/submit", data=seed_form(hires_scale="8", width="64", height="64"))  # 512 > max_side 256
     assert big.status_code == 422 and "hires. fix to 512x512 is too large" in big.text
+    # the second pass's own sampler (A1111's Hires sampler); "" = the first pass's
+    assert {"hires_scheduler"} <= set(parser.fields) and '<option value="">Use same sampler</option>' in \
+        client.get("/").text
+    rec, infotext, other = png(client.post("/submit", data=seed_form(hires_scale="2", hires_denoise="0.5",
+                                                                     hires_upscaler="Lanczos",
+                                                                     hires_scheduler="dpmpp_2m")))
+    assert rec["hires_scheduler"] == "dpmpp_2m" and "Hires sampler: DPM++ 2M" in infotext
+    assert not np.array_equal(other, pixels_)
+    same = png(client.post("/submit", data=seed_form(hires_scale="2", hires_denoise="0.5", hires_upscaler="Lanczos",
+                                                     hires_scheduler="")))
+    assert np.array_equal(same[2], pixels_)
+    path = client.post("/submit", data=seed_form(hires_scale="2", hires_upscaler="/etc/4x.safetensors"))
+    assert path.status_code == 422 and "hires_upscaler='/etc/4x.safetensors' is a path" in path.text

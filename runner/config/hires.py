@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from ..common.errors import ConfigError, did_you_mean
+from .schedulers import SCHEDULERS, SCHEDULES
+from .upscalers import resolve as resolve_model
 
 # A1111 `shared.latent_upscale_modes`: name -> (torch interpolate mode, antialias)
 LATENT_MODES = {
@@ -22,13 +25,6 @@ LATENT_MODES = {
 PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")  # A1111's built-in resamplers (modules/upscaler.py)
 UPSCALERS = (*LATENT_MODES, *PIXEL_UPSCALERS)
 DEFAULT_UPSCALER = "Latent"  # A1111's latent_upscale_default_mode, used when no upscaler is named
-
-
-def check_upscaler(name: str, where: str = "hires.upscaler") -> str:
-    if name not in UPSCALERS:
-        raise ConfigError(f"{where}={name!r} is not known{did_you_mean(name, UPSCALERS)}; valid: "
-                          + ", ".join(UPSCALERS))
-    return name
 
 
 def target_size(width: int, height: int, scale: float, resize_x: int = 0, resize_y: int = 0,
@@ -74,6 +70,21 @@ class Hires:
     resize_y: int = 0
     prompt: str = ""  # "" = the image's prompt
     negative_prompt: str = ""
+    scheduler: str | None = None  # A1111 "Hires sampler"; None = the first pass's
+    schedule: str | None = None  # A1111 "Hires schedule type"; None = the first pass's
+    upscaler_file: str = ""  # a model upscaler's file (`upscaler` is then its stem, as A1111 names it)
+    model: str = ""  # A1111 "Hires checkpoint": the second pass's model id; "" = the first pass's
+
+    def second_scheduler(self, scheduler: str | None, schedule: str | None) -> tuple[str | None, str | None]:
+        """The second pass's (scheduler, schedule) for a first pass run with `scheduler` and `schedule`; a first
+        pass's schedule that the hires sampler cannot run (DDIM's timesteps, Euler a on Karras) is left out: the
+        sampler's own, as A1111's Automatic."""
+        from .schedulers import check_pair
+
+        if self.scheduler and self.schedule is None and schedule is not None and check_pair(self.scheduler,
+                                                                                            schedule):
+            return self.scheduler, None
+        return self.scheduler or scheduler, self.schedule or schedule
 
     def second_steps(self, first: int) -> int:
         return self.steps or first
@@ -88,6 +99,12 @@ class Hires:
             out["hires_prompt"] = self.prompt
         if self.negative_prompt:
             out["hires_negative_prompt"] = self.negative_prompt
+        if self.upscaler_file:
+            out["hires_upscaler_file"] = self.upscaler_file
+        if self.scheduler:
+            out["hires_scheduler"] = self.scheduler
+        if self.schedule:
+            out["hires_schedule"] = self.schedule
         return out
 
 
@@ -105,9 +122,9 @@ def _values(key: str, value: Any, kind: type, lo: float, hi: float) -> tuple:
     return tuple(dict.fromkeys(out))
 
 
-def hires_combos(raw: Any) -> tuple[Hires | None, ...]:
+def hires_combos(raw: Any, upscaler_dirs: tuple[str, ...] = (), allow_pickle: bool = False) -> tuple[Hires | None, ...]:
     """The hires. fix values of a run (the `hires` config group): (None,) when off (`hires.scale` null), else one
-    Hires per combination of the swept keys (scale, steps, denoise, upscaler)."""
+    Hires per combination of the swept keys (scale, steps, denoise, upscaler, scheduler, schedule, model)."""
     import itertools
 
     from omegaconf import DictConfig, OmegaConf
@@ -127,23 +144,90 @@ def hires_combos(raw: Any) -> tuple[Hires | None, ...]:
     steps = _values("steps", cfg["steps"] or 0, int, 0, 1000)
     denoise = _values("denoise", cfg["denoise"], float, 0.0, 1.0)
     ups = cfg["upscaler"] or DEFAULT_UPSCALER
-    ups = tuple(dict.fromkeys(check_upscaler(str(u)) for u in (ups if isinstance(ups, list | tuple) else [ups])))
+    ups = tuple(dict.fromkeys(str(u) for u in (ups if isinstance(ups, list | tuple) else [ups])))
+    files = {u: "" if u in UPSCALERS else str(resolve_model(u, upscaler_dirs, allow_pickle, UPSCALERS))
+             for u in ups}
     rx = _values("resize_x", cfg.get("resize_x") or 0, int, 0, 16384)[0]
     ry = _values("resize_y", cfg.get("resize_y") or 0, int, 0, 16384)[0]
     for key in ("prompt", "negative_prompt"):
         if not isinstance(cfg.get(key) or "", str):
             raise ConfigError(f"hires.{key} must be a string (one prompt for the second pass; \"\" = the image's)")
-    return tuple(Hires(s, n, d, u, rx, ry, cfg.get("prompt") or "", cfg.get("negative_prompt") or "")
-                 for s, n, d, u in itertools.product(scales, steps, denoise, ups))
+    models = _models(cfg.get("model"))
+    scheds = _names("scheduler", cfg.get("scheduler"), SCHEDULERS)
+    schedules = _names("schedule", cfg.get("schedule"), SCHEDULES)
+    return tuple(Hires(s, n, d, Path(files[u]).stem if files[u] else u, rx, ry, cfg.get("prompt") or "",
+                       cfg.get("negative_prompt") or "", sc, sd, files[u], m)
+                 for s, n, d, u, sc, sd, m in itertools.product(scales, steps, denoise, ups, scheds, schedules,
+                                                                models))
 
 
-HIRES_KEYS = ("scale", "steps", "denoise", "upscaler", "resize_x", "resize_y", "prompt", "negative_prompt")
+def _models(value: Any) -> tuple[str, ...]:
+    """hires.model: model ids (as `model.id`), "" = the first pass's model."""
+    out = []
+    for v in list(value) if isinstance(value, list | tuple) else [value]:
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"hires.model={v!r} is not a model id; give a diffusers folder, a .safetensors "
+                              "checkpoint or a hub id (null = the first pass's model)")
+        out.append("" if v in (None, "", "null") else v)
+    return tuple(dict.fromkeys(out))
+
+
+def _names(key: str, value: Any, valid: tuple[str, ...]) -> tuple[str | None, ...]:
+    """A swept name key of the second pass (null = the first pass's)."""
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    out = []
+    for v in items:
+        if v in (None, "", "null", "default"):
+            out.append(None)
+        elif str(v) not in valid:
+            raise ConfigError(f"hires.{key}={v!r} is not known{did_you_mean(str(v), valid)}; valid: null (the first "
+                              f"pass's), " + ", ".join(valid))
+        else:
+            out.append(str(v))
+    return tuple(dict.fromkeys(out))
+
+
+def check_second_schedulers(hires: tuple, pairs: Any) -> None:
+    """Each hires pass's (scheduler, schedule) with each first pass's `pairs`: one line for a pair that cannot run
+    (as the first pass's are checked), before anything loads."""
+    from .schedulers import check_pair, effective_schedule, missing_modules
+
+    for hr in hires:
+        if hr is None or (hr.scheduler is None and hr.schedule is None):
+            continue
+        for first in pairs:
+            sched, schedule = hr.second_scheduler(*first)
+            why = check_pair(sched, schedule)
+            if why:
+                raise ConfigError(f"the hires. fix pass runs scheduler={sched} schedule={schedule} (hires.scheduler="
+                                  f"{hr.scheduler}, hires.schedule={hr.schedule}; null = the first pass's): {why}")
+            missing = missing_modules(sched, effective_schedule(sched, schedule))
+            if missing:
+                raise ConfigError(f"hires.scheduler={sched} needs the Python package {missing[0]!r}, which is not "
+                                  f"installed; pip install {missing[0]}")
+
+
+def preflight_pairs(jobs: Any) -> set[tuple[str | None, str | None, int]]:
+    """The (scheduler, schedule, steps) of the hires. fix passes with their own sampler, for the scheduler
+    pre-flight (models/schedulers.py) that checks the first passes'."""
+    out = set()
+    for j in jobs:
+        hr = j.hires
+        if hr is not None and (hr.scheduler or hr.schedule):
+            out.add((*hr.second_scheduler(j.scheduler, j.schedule), second_pass_steps(hr.second_steps(j.steps),
+                                                                                     hr.denoise)[0]))
+    return out
+
+
+HIRES_KEYS = ("scale", "steps", "denoise", "upscaler", "resize_x", "resize_y", "prompt", "negative_prompt",
+              "scheduler", "schedule", "model")
 
 
 # A1111 infotext fields of a hires. fix image (read by from_image; "First pass size" is A1111's before 1.0)
 INFOTEXT_FIELDS = ("Denoising strength", "Hires upscale", "Hires resize-1", "Hires resize-2", "Hires steps",
-                   "Hires upscaler", "Hires prompt", "Hires negative prompt", "First pass size-1",
-                   "First pass size-2")
+                   "Hires upscaler", "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type",
+                   "Hires checkpoint",
+                   "First pass size-1", "First pass size-2")
 
 
 def infotext_fields(rec: dict) -> dict[str, Any]:
@@ -151,12 +235,20 @@ def infotext_fields(rec: dict) -> dict[str, Any]:
     if rec.get("hires_scale") is None:
         return {}
     rx, ry = rec.get("hires_resize") or (0, 0)
-    return {"Hires prompt": rec.get("hires_prompt") or None,
+    sampler, schedule_type = rec.get("hires_sampler"), rec.get("hires_schedule_type")
+    model = rec.get("hires_model") or {}
+    checkpoint = f"{model.get('name')} [{model['hash'][:10]}]" if model.get("hash") else model.get("name")
+    return {"Hires checkpoint": checkpoint,  # A1111's short_title: name [first 10 of its sha256]
+            "Hires sampler": sampler if sampler and sampler != rec.get("sampler") else None,
+            "Hires prompt": rec.get("hires_prompt") or None,
             "Hires negative prompt": rec.get("hires_negative_prompt") or None,
             "Hires upscale": f"{rec['hires_scale']:g}" if not (rx or ry) else None,
             "Hires resize": f"{rx}x{ry}" if rx or ry else None,
             "Hires steps": rec.get("hires_steps") or None,
-            "Hires upscaler": rec.get("hires_upscaler")}
+            "Hires upscaler": rec.get("hires_upscaler"),
+            # A1111 writes it from its sampler, after the others, where it differs from the first pass's
+            "Hires schedule type": schedule_type if schedule_type and schedule_type != rec.get("schedule_type")
+            else None}
 
 
 def record_from_infotext(p: dict[str, Any]) -> dict[str, Any]:
@@ -187,6 +279,33 @@ def record_from_infotext(p: dict[str, Any]) -> dict[str, Any]:
     for key in ("Hires prompt", "Hires negative prompt"):
         if p.get(key):
             out[key.lower().replace(" ", "_")] = p[key]
+    if p.get("Hires sampler") or p.get("Hires schedule type") or p.get("Schedule type"):
+        out.update(_second_scheduler(p))
+    if p.get("Hires checkpoint"):  # a name and hash only: from_image needs hires.model=... to find it
+        out.setdefault("no_equivalent", []).append(f"Hires checkpoint: {p['Hires checkpoint']} (give hires.model="
+                                                   "... to use it; without it, the first pass's model)")
+    return out
+
+
+def _second_scheduler(p: dict[str, Any]) -> dict[str, Any]:
+    """The record keys of A1111's Hires sampler / Hires schedule type; what diffusers cannot run is listed under
+    `no_equivalent` (from_image warns) and the second pass keeps a schedule its sampler can run."""
+    from .schedulers import A1111_AUTOMATIC, SCHEDULER_TABLE, from_a1111
+
+    sampler = p.get("Hires sampler") or p.get("Sampler") or ""
+    # A1111 (>= 1.9) runs the second pass on `Hires schedule type`, else on the hires sampler's Automatic one, and
+    # writes it only where its label differs from the first pass's `Schedule type`
+    scheduler, schedule, lost = from_a1111(sampler, p.get("Hires schedule type") or A1111_AUTOMATIC)
+    first = from_a1111(p.get("Sampler") or "", p.get("Schedule type"))[1] if p.get("Sampler") else None
+    out: dict[str, Any] = {}
+    if p.get("Hires sampler") and scheduler is not None:
+        out["hires_scheduler"] = scheduler
+    if schedule is not None and (p.get("Hires schedule type") or schedule != first):
+        out["hires_schedule"] = schedule
+    if lost:
+        out["no_equivalent"] = [f"Hires {x[0].lower()}{x[1:]}" for x in lost]
+        if scheduler is not None and schedule is None and "uniform" in SCHEDULER_TABLE[scheduler].schedules:
+            out["hires_schedule"] = "uniform"  # the first pass's would not run with this sampler either
     return out
 
 
@@ -197,4 +316,13 @@ def config_from_record(rec: dict) -> dict[str, Any]:
     rx, ry = rec.get("hires_resize") or (0, 0)
     return {"scale": rec["hires_scale"], "steps": rec.get("hires_steps") or 0, "denoise": rec["hires_denoise"],
             "upscaler": rec["hires_upscaler"], "resize_x": rx, "resize_y": ry,
-            "prompt": rec.get("hires_prompt") or "", "negative_prompt": rec.get("hires_negative_prompt") or ""}
+            "prompt": rec.get("hires_prompt") or "", "negative_prompt": rec.get("hires_negative_prompt") or "",
+            "scheduler": rec.get("hires_scheduler"), "schedule": rec.get("hires_schedule"),
+            "model": _model_id(rec.get("hires_model"))}
+
+
+def _model_id(m: dict | None) -> str | None:
+    """The `hires.model` that loads a record's Hires checkpoint again (its folder or file; else its id)."""
+    if not m:
+        return None
+    return m.get("location") if m.get("kind") in ("dir", "file") else m.get("id")

@@ -55,7 +55,7 @@ class ViewerConfig:
 @dataclass
 class HiresConfig:
     """A1111's Hires. fix (config/hires.py, generate/hires.py): off while `scale` (and resize_*) are unset. The
-    first four keys take lists (swept)."""
+    first four keys and scheduler, schedule and model take lists (swept)."""
 
     scale: Any = None  # A1111 "Hires upscale" (e.g. 2); null = off
     steps: Any = 0  # A1111 "Hires steps"; 0 = the first pass's steps
@@ -65,6 +65,9 @@ class HiresConfig:
     resize_y: int = 0
     prompt: str = ""  # A1111 "Hires prompt"; "" = the image's prompt
     negative_prompt: str = ""
+    scheduler: Any = None  # A1111 "Hires sampler" (names as `scheduler`); null = the first pass's
+    schedule: Any = None  # A1111 "Hires schedule type" (names as `schedule`); null = the first pass's
+    model: Any = None  # A1111 "Hires checkpoint": a model id (as model.id) of the same family; null = the same
 
 
 @dataclass
@@ -183,6 +186,8 @@ class RunConfig:
     lora_dirs: list[str] = field(default_factory=list)  # folders where LoRAs are found by file stem or hash
     embedding_dirs: list[str] = field(default_factory=list)  # textual inversions named in prompts (file stem)
     allow_pickle_embeddings: bool = False  # A1111's .pt embeddings (pickle)
+    upscaler_dirs: list[str] = field(default_factory=list)  # hires.upscaler model files by stem (A1111's models/ESRGAN)
+    allow_pickle_upscalers: bool = False  # .pth/.pt upscaler models (pickle)
     allow_pickle_lora: bool = False  # load pickle LoRA files (.bin, .ckpt, .pt)
     max_loaded_loras: int = 8  # LoRA files kept loaded in one process
     resume: bool = True  # a run dir gets only the images it lacks; false: every image again, each in its own file

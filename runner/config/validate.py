@@ -16,7 +16,7 @@ from ..common.paths import strip_weight_ext
 from ..prompt.expand import check_sr, parse_sr
 from ..prompt.syntax import EMPHASIS, LORA_SCALE_RANGE
 from .blocks import BlockSpec, parse_spec
-from .hires import hires_combos
+from .hires import check_second_schedulers, hires_combos
 from .refiner import refiner_combos
 from .schedulers import SCHEDULERS, SCHEDULES, check_pair, effective_schedule, missing_modules
 from .schema import (
@@ -490,6 +490,10 @@ def _validate(cfg: DictConfig) -> RunSpec:
         seed = _number("seeds", s, int, -1, MAX_SEED)
         seeds.append(seed)  # -1 stays: drawn from the run seed (plan.draw_seeds), so shards and resumes agree
     schedules = _schedules(cfg)
+    hires = hires_combos(cfg.get("hires"), tuple(string_list("upscaler_dirs", cfg.get("upscaler_dirs"))),
+                         bool(cfg.get("allow_pickle_upscalers", False)))
+    check_second_schedulers(hires, [(None if s in (None, "null", "default") else s, sd)
+                                    for s in _as_list("scheduler", cfg.scheduler) for sd in schedules])
     # 3. How the run is carried out: batching, LoRA multipliers, shards, limits, threads, the server's lists.
     batch = cfg.batch_size
     if batch != "auto":
@@ -552,7 +556,7 @@ def _validate(cfg: DictConfig) -> RunSpec:
         prompt_syntax=_key(cfg, "prompt_syntax"),
         prompt_sr=sr,
         prompt_seed=int(_key(cfg, "prompt_seed")) if random_prompts else None,
-        hires=hires_combos(cfg.get("hires")),
+        hires=hires,
         refiner=refiner_combos(cfg.get("refiner")),
         embedding_dirs=tuple(string_list("embedding_dirs", cfg.get("embedding_dirs"))),
         allow_pickle_embeddings=bool(cfg.get("allow_pickle_embeddings", False)),

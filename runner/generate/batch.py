@@ -175,7 +175,8 @@ def _call(pipe: Any, traits: Traits, jobs: Sequence[ImageJob], invariant: bool, 
                     image.info["refiner_from"] = -1 if taken[0] is None else taken[0]  # read by the record
             if hires:
                 out.images = second_pass(pipe, [jobs[i] for i in rows], out.images, kwargs,
-                                         lambda hj, n: _sd_text(pipe, hj, embeds, te_state, n))
+                                         lambda p, hj, n: _sd_text(p, hj, embeds if p is pipe else None,
+                                                                   te_state if p is pipe else (), n))
             for i, image in zip(rows, out.images, strict=True):
                 images[i] = image
     return images

@@ -49,12 +49,17 @@ class LoadedModel:
 
     def use_scheduler(self, name: str | None, schedule: str | None = None) -> None:
         """Switch to the named scheduler and schedule (None, None = the model's own), each built once."""
+        self.pipe.scheduler = self.scheduler_for(name, schedule)
+        self.pipe._t2i_scheduler_for = self.scheduler_for  # the hires. fix pass's own (generate/hires.py)
+
+    def scheduler_for(self, name: str | None, schedule: str | None = None) -> Any:
+        """The scheduler for `name` and `schedule` built from the model's own (once per pair)."""
         from .schedulers import build_scheduler
 
         key = (name, schedule)
         if key not in self.schedulers:
             self.schedulers[key] = build_scheduler(self.base_scheduler, name, schedule)
-        self.pipe.scheduler = self.schedulers[key]
+        return self.schedulers[key]
 
     def sampler_name(self, name: str | None, schedule: str | None = None) -> tuple[str, str | None]:
         """A1111's (Sampler, Schedule type) of a scheduler; for the model's own, of the table row it matches."""

@@ -17,11 +17,13 @@ from ..plan import ImageJob
 SETTINGS = ("prompt", "negative_prompt", "prompt_syntax", "seed", "steps", "guidance_scale", "width", "height",
             "scheduler", "schedule", "clip_skip", "perf", "true_cfg_scale", "max_sequence_length", "memory",
             "hires_scale", "hires_steps", "hires_denoise", "hires_upscaler", "hires_resize", "hires_prompt",
-            "hires_negative_prompt", "embeddings", "emphasis", "pad_conds", "refiner_switch_at")
+            "hires_negative_prompt", "hires_scheduler", "hires_schedule", "hires_model", "embeddings", "emphasis",
+            "pad_conds", "refiner_switch_at")
 SPECIAL = ("loras", "model", "device", "threads", "batch_size", "batch_invariant", "refiner")
 DERIVED = ("sampler", "schedule_type", "scheduler_class", "clip_skip_applied", "lora_set", "lora_set_name",
            "lora_scale", "lora_blocks", "key", "file", "index",  # lora_blocks: the swept label; loras hold each one
-           "prompt_syntax_applied", "prompt_sr", "prompt_sr_base", "emphasis_mean_restored", "refiner_switch_call")
+           "prompt_syntax_applied", "prompt_sr", "prompt_sr_base", "emphasis_mean_restored", "refiner_switch_call",
+           "hires_sampler", "hires_schedule_type", "hires_upscaler_file")
 # `file`, `index`, `created` and `adopted` are in manifest lines only (the PNG holds no run-dir facts)
 PROVENANCE = ("record_version", "generator", "versions", "created", "adopted", "faults", "reproduced", "run_seed",
               "prompt_template", "prompt_seed")
@@ -41,6 +43,7 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
     pixel-changing configs (common.hashing.config_sha256); `refiner_call`: the denoiser call the refiner took
     over at (-1: never)."""
     from ..generate.prompt_embeds import clip_skip_applies, prompt_embeds, syntax_applies
+    from ..models.hires_model import record as hires_model_record
     from ..models.memory import record as memory_record
     from .metadata import RECORD_VERSION, versions
 
@@ -75,6 +78,10 @@ def build_record(job: ImageJob, loaded: Any, loras: tuple, width: int, height: i
         "true_cfg_scale": job.true_cfg_scale,
         "max_sequence_length": job.max_sequence_length,
         **(job.hires.record() if job.hires is not None else {}),  # width/height stay the first pass's (A1111)
+        **(dict(zip(("hires_sampler", "hires_schedule_type"), loaded.sampler_name(
+            *job.hires.second_scheduler(job.scheduler, job.schedule)), strict=True))
+           if job.hires is not None and (job.hires.scheduler or job.hires.schedule) else {}),
+        **hires_model_record(job, loaded),
         **({"embeddings": [e.record() for e in job.embeddings]} if job.embeddings else {}),
         # A1111's Refiner: the second model and where it took over (the denoiser call; -1: it never did)
         **({"refiner": loaded.refiner.record(), **job.refiner.record(),

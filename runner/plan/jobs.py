@@ -22,8 +22,8 @@ KEY_VERSION = 2
 RANDOM_SEED = -1  # in `seeds`: draw one from the run seed
 AXES = ("prompt", "seed", "lora_set", "lora_scale", "lora_blocks", "steps", "guidance_scale", "scheduler",
         "width", "height", "clip_skip", "schedule", "true_cfg_scale", "max_sequence_length", "prompt_sr",
-        "hires_scale", "hires_steps", "hires_denoise", "hires_upscaler", "emphasis", "pad_conds",
-        "refiner_switch_at")
+        "hires_scale", "hires_steps", "hires_denoise", "hires_upscaler", "hires_scheduler", "hires_schedule",
+        "emphasis", "pad_conds", "refiner_switch_at")
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,8 @@ def record_config(rec: dict) -> dict:
             out[key] = rec[key]
     out["hires"] = hires_config(rec)
     out["refiner"] = refiner_config(rec)
+    if rec.get("hires_upscaler_file"):  # ours: found again by name in its folder (A1111's: upscaler_dirs=...)
+        out["upscaler_dirs"] = [str(Path(rec["hires_upscaler_file"]).parent)]
     files = [e["file"] for e in rec.get("embeddings") or [] if e.get("file")]
     if files:  # ours: the folders the embeddings were in (A1111's infotext has hashes only: embedding_dirs=...)
         out["embedding_dirs"] = sorted({str(Path(f).parent) for f in files})
@@ -146,6 +148,16 @@ def _check_model(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
             "config_hash"]:
         _complain(f"the configs of model {configs} (scheduler_config.json, ...) changed since {img} was made",
                   strict)
+
+
+def _check_hires_model(img: str, rec: dict, spec: RunSpec, strict: bool) -> None:
+    """The Hires checkpoint of our image must be the same files (its recorded sha256), as the model must."""
+    from ..common.hashing import model_sha256
+
+    m = rec.get("hires_model") or {}
+    path = Path(m.get("location") or "")
+    if m.get("hash") and m.get("kind") in ("dir", "file") and path.exists() and model_sha256(path) != m["hash"]:
+        _complain(f"hires.model {path} is not the one {img} was made with (sha256 {m['hash'][:12]}…)", strict)
 
 
 def _check_loras(img: str, rec: dict, spec: RunSpec, strict: bool) -> RunSpec:
@@ -293,6 +305,8 @@ def prepare(cfg: DictConfig, overrides: Iterable[str], conf_dir: Path) -> RunSpe
     else:
         if not given & {"model", "model.id", "model.revision"}:
             _check_model(img, rec, spec, strict)
+        if not given & {"hires", "hires.model"}:
+            _check_hires_model(img, rec, spec, strict)
         if "lora_sets" not in given:
             spec = _check_loras(img, rec, spec, strict)
         if "device" not in given:

@@ -141,7 +141,9 @@ def record_from_infotext(text: str) -> dict[str, Any]:
         "versions": {"generator": p["Version"]} if "Version" in p else {},
         "ignored": {k: v for k, v in p.items() if k not in _MAPPED},
     }
-    rec.update(hires_record(p))  # hires. fix (an image before A1111 1.0 has its first-pass size here)
+    hires = hires_record(p)  # hires. fix (an image before A1111 1.0 has its first-pass size here)
+    lost.extend(hires.pop("no_equivalent", []))
+    rec.update(hires)
     rec.update(refiner_record(p))  # Refiner: NAME [shorthash], Refiner switch at
     if p.get("TI hashes"):  # textual inversions: name and the first 10 hex digits of the file's sha256
         rec["embeddings"] = [{"name": k, "sha256": v} for k, v in _pairs(p["TI hashes"]).items()]

@@ -35,12 +35,14 @@ from ..config.hires import LATENT_MODES, PIXEL_UPSCALERS
 from ..config.refiner import parse_short_title
 from ..config.schedulers import (
     A1111_AUTOMATIC,
+    A1111_SCHEDULE_ALIASES,
     SCHEDULE_TABLE,
     SCHEDULER_TABLE,
     a1111_schedule_types,
     for_flow,
     from_a1111,
 )
+from ..config.upscalers import model_files
 from ..config.validate import string_list
 from ..outputs.metadata import INFOTEXT_KEY, parse_infotext, read_png_record, versions
 from ..reproduce.inspect import image_text
@@ -164,27 +166,50 @@ def check_supported(req: Txt2ImgRequest) -> None:
                                  f"{name}={json.dumps(instead)} or leave it out")
 
 
-def hires_fields(req: Txt2ImgRequest) -> dict[str, Any]:
-    """The `hires` config group of an `enable_hr` request (A1111's hr_* fields; 422 for an unknown upscaler)."""
+def hires_fields(req: Txt2ImgRequest, models: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The `hires` config group of an `enable_hr` request (A1111's hr_* fields; 422 for an unknown upscaler).
+    `models`: the model upscalers in the server's upscaler_dirs, by name (no paths: the server reads only those)."""
     from ..config.hires import UPSCALERS
 
-    same = {"hr_checkpoint_name": "Use same checkpoint", "hr_sampler_name": "Use same sampler",
-            "hr_scheduler": "Use same scheduler"}
-    for name, word in same.items():
-        value = getattr(req, name)
-        if value not in (None, "", word) and not (name == "hr_sampler_name" and value == req.sampler_name):
-            raise FormError(422, f"{name}={json.dumps(value)} asks for another {name[3:].split('_')[0]} in the "
-                                 f"hires. fix pass, which this server cannot do; send {name}={json.dumps(word)} "
-                                 "or leave it out")
+    valid = (*UPSCALERS, *(m for m in models if m not in UPSCALERS))
+
+    second: dict[str, Any] = {}  # (hr_checkpoint_name: the router's, which knows the allowed models)
+    if req.hr_sampler_name not in (None, "", "Use same sampler"):  # A1111's txt2img: None = the first pass's
+        scheduler, _, _ = from_a1111(_sampler_name(req.hr_sampler_name), None)
+        if scheduler is None:
+            valid = sorted(set(sampler_names().values()))
+            raise FormError(422, f"hr_sampler_name={req.hr_sampler_name!r} is not available on this server"
+                                 f"{did_you_mean(req.hr_sampler_name, valid)}; valid: Use same sampler, "
+                                 + ", ".join(valid))
+        second["scheduler"] = scheduler
+    given = (req.hr_scheduler or "").strip()
+    if given.lower() in ("", "use same scheduler", A1111_AUTOMATIC.lower()):
+        # A1111 1.10 runs the second pass on the hires sampler's Automatic schedule unless hr_scheduler names one
+        # (its API passes "Use same scheduler" through, which means the same there)
+        first = sampler_pair(req)
+        row = SCHEDULER_TABLE[second.get("scheduler") or first[0]]
+        auto = row.auto_schedule or ("uniform" if row.kdiffusion else None)
+        if auto is not None and auto != first[1]:
+            second["schedule"] = auto
+    else:
+        labels = {s.a1111: k for k, s in SCHEDULE_TABLE.items()} | A1111_SCHEDULE_ALIASES
+        lower = {k.lower(): v for k, v in labels.items()} | {k: k for k in SCHEDULE_TABLE}
+        schedule = labels.get(given) or lower.get(given.lower())
+        if schedule is None:
+            raise FormError(422, f"hr_scheduler={req.hr_scheduler!r} is not available on this server"
+                                 f"{did_you_mean(req.hr_scheduler, list(labels))}; valid: Use same scheduler, "
+                                 + ", ".join(labels))
+        second["schedule"] = schedule
     upscaler = req.hr_upscaler or "Latent"
-    if upscaler not in UPSCALERS:
+    if upscaler not in valid:
         raise FormError(422, f"hr_upscaler={upscaler!r} is not available on this server"
-                             f"{did_you_mean(upscaler, UPSCALERS)}; valid: {', '.join(UPSCALERS)} (GET /upscalers)")
+                             f"{did_you_mean(upscaler, valid)}; valid: {', '.join(valid)} (model upscalers: "
+                             "the server's upscaler_dirs)")
     return {"scale": req.hr_scale, "steps": req.hr_second_pass_steps, "upscaler": upscaler,
             # A1111's txt2img denoising_strength default (its processing class); the UI's slider starts at 0.7
             "denoise": 0.75 if req.denoising_strength is None else req.denoising_strength,
             "resize_x": req.hr_resize_x, "resize_y": req.hr_resize_y, "prompt": req.hr_prompt,
-            "negative_prompt": req.hr_negative_prompt}
+            "negative_prompt": req.hr_negative_prompt, **second}
 
 
 def schedule_label(value: str | None) -> str:
@@ -209,12 +234,18 @@ def sampler_names() -> dict[str, str]:
     return out
 
 
+def _sampler_name(given: str) -> str:
+    """A1111's sampler name for a request's (A1111 name, any case, or our `scheduler=` name)."""
+    names = sampler_names()
+    lower = {k.lower(): v for k, v in names.items()}
+    return names.get(given) or lower.get(given.strip().lower()) or given
+
+
 def sampler_pair(req: Txt2ImgRequest) -> tuple[str, str | None]:
     """(scheduler, schedule) for the request's sampler and Schedule type; 422 for what has no equivalent."""
     given = req.sampler_name or req.sampler_index or "Euler"
     names = sampler_names()
-    lower = {k.lower(): v for k, v in names.items()}
-    sampler = names.get(given) or lower.get(given.strip().lower()) or given
+    sampler = _sampler_name(given)
     label = schedule_label(req.scheduler)
     scheduler, schedule, lost = from_a1111(sampler, label)
     if scheduler is None:
@@ -382,7 +413,11 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
             rid = checkpoint_id(name, "refiner_checkpoint")
             extra["refiner"] = {"model": model_dict(rid, cfg)["id"], "switch_at": req.refiner_switch_at}
         if req.enable_hr:
-            extra["hires"] = hires_fields(req)
+            extra["hires"] = hires_fields(req, tuple(model_files(tuple(string_list(
+                "upscaler_dirs", cfg.get("upscaler_dirs"))))))
+            if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):  # A1111's Hires checkpoint
+                hmid = checkpoint_id(req.hr_checkpoint_name, "hr_checkpoint_name")
+                extra["hires"]["model"] = model_dict(hmid, cfg)["id"] if hmid != mid else None
             if req.firstphase_width or req.firstphase_height:  # A1111 < 1.0: the first pass at this size
                 job.width, job.height = req.firstphase_width or req.width, req.firstphase_height or req.height
         return to_spec(job, cfg, extra, NAMES)

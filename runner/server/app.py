@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..common.errors import ConfigError, first_line, task_wrapper
 from ..config import lora_name, validate
 from ..config.hires import UPSCALERS
+from ..config.schedulers import SCHEDULERS
 from ..eval.store import METRICS
 from ..eval.summary import METRICS_JS, image_scores
 from ..outputs.viewer import DATA_JS, STATUS_JS, VIEWER_HTML, data_js, page_html, status_js
@@ -300,7 +301,7 @@ def jobs_router(cfg: DictConfig, model_id: str, queue: JobQueue, out: Path, root
         ctx = {"model_id": model_id, "models": choices, "first": first, "steps": steps,
                "guidance": first["defaults"].get("guidance_scale"), "true_cfg": first["defaults"].get("true_cfg_scale"),
                "max_steps": s.max_steps, "max_images": s.max_images, "max_side": s.max_side,
-               "hires_upscalers": UPSCALERS}
+               "hires_upscalers": UPSCALERS, "hires_schedulers": SCHEDULERS}
         return TEMPLATES.TemplateResponse(request, "index.html", ctx)
 
     @router.post("/submit", response_class=FileResponse, summary="Generate: 1 image = the PNG, N = a gallery",

@@ -85,6 +85,8 @@ class JobRequest(BaseModel):
     hires_denoise: float | None = Field(None, ge=0.0, le=1.0, description="its denoising strength (default 0.7)")
     hires_steps: int | None = Field(None, ge=0, description="its steps; 0 = the first pass's")
     hires_upscaler: str | None = Field(None, description="Latent, Lanczos, … (default Latent)")
+    hires_scheduler: str | None = Field(None, description="its sampler (a `scheduler=` name, A1111's Hires sampler); "
+                                                          "not given = the first pass's")
     refiner_model: str | None = Field(None, description="A1111's Refiner (SDXL): an allowed model; not given = off")
     refiner_switch_at: float | None = Field(None, gt=0.0, lt=1.0, description="where it takes over (default 0.8)")
 
@@ -126,6 +128,7 @@ class SubmitForm(BaseModel):
     hires_denoise: str | None = None
     hires_steps: str | None = None
     hires_upscaler: str | None = None
+    hires_scheduler: str | None = None
     refiner_model: str | None = None
     refiner_switch_at: str | None = None
 
@@ -300,6 +303,10 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
     if not 0 <= seed <= MAX_SEED - n + 1:
         raise FormError(422, f"manual_seed={seed} is out of range; valid: 0 to {MAX_SEED - n + 1}")
     neg = req.negative_prompt
+    up = req.hires_upscaler or ""
+    if "/" in up or "\\" in up or up.lower().endswith((".safetensors", ".pth", ".pt")):
+        raise FormError(422, f"hires_upscaler={req.hires_upscaler!r} is a path; name a model upscaler of the "
+                             "server's upscaler_dirs (this server reads only its own folders)")
     overrides = {
         "model": _model(req, cfg),
         "prompts": [{"prompt": req.text_prompt, "negative_prompt": neg}] if neg else [req.text_prompt],
@@ -318,7 +325,8 @@ def _to_spec(req: JobRequest, cfg: DictConfig, extra: dict[str, Any]) -> RunSpec
         "resume": False,
         "grid": {"enabled": False},  # a merged run mixes requests; a grid of it would mean nothing
         **({"hires": {k: v for k, v in (("scale", req.hires_scale), ("denoise", req.hires_denoise),
-                                        ("steps", req.hires_steps), ("upscaler", req.hires_upscaler))
+                                        ("steps", req.hires_steps), ("upscaler", req.hires_upscaler),
+                                        ("scheduler", req.hires_scheduler))
                       if v is not None}} if req.hires_scale is not None else {}),
         **_refiner(req, cfg),
         **extra,
