@@ -178,6 +178,33 @@ def test_webuiapi_lists_models_samplers_schedulers_loras_and_switches_options(se
     assert [m["name"] for m in api.get_latent_upscale_modes()][0] == "Latent"
 
 
+def test_a1111_emphasis_and_pad_cond_uncond_options_set_the_text_options(server) -> None:
+    """A1111's `emphasis` and `pad_cond_uncond` options (per request in override_settings, or for later requests
+    through POST /options) become the run's `emphasis` and `pad_conds`, recorded and written as A1111 writes them."""
+    url, _ = server
+    api = a1111(url)
+    assert (api.get_options()["emphasis"], api.get_options()["pad_cond_uncond"]) == ("Original", False)
+    long = "a (red:1.3) fox, " + ", ".join(f"w{i}" for i in range(30))  # 2 chunks against the negative's 1
+    r = api.txt2img(prompt=long, negative_prompt="blurry", seed=1, steps=2, width=32, height=32, cfg_scale=7,
+                    override_settings={"emphasis": "No norm", "pad_cond_uncond": True})
+    rec = json.loads(r.image.info["t2i-runner"])
+    assert (rec["emphasis"], rec["pad_conds"]) == ("no_norm", True)
+    assert "Emphasis: No norm" in r.info["infotexts"][0] and "Pad conds: True" in r.info["infotexts"][0]
+    api.set_options({"emphasis": "Ignore"})
+    try:
+        assert api.get_options()["emphasis"] == "Ignore"
+        r = api.txt2img(prompt=long, negative_prompt="blurry", seed=1, steps=2, width=32, height=32, cfg_scale=7)
+        rec = json.loads(r.image.info["t2i-runner"])
+        assert (rec["emphasis"], rec["pad_conds"]) == ("ignore", False)
+        assert "Emphasis: Ignore" in r.info["infotexts"][0] and "Pad conds" not in r.info["infotexts"][0]
+    finally:
+        api.set_options({"emphasis": "Original"})
+    for body in ({"emphasis": "Strong"}, {"pad_cond_uncond": "yes"}):
+        refused = api.session.post(f"{url}/sdapi/v1/options", json=body)
+        assert refused.status_code == 422 and list(body)[0] in refused.json()["detail"], refused.text
+    assert api.get_options()["emphasis"] == "Original"
+
+
 def test_openai_url_format_and_models(server) -> None:
     url, out = server
     client = oai(url)
@@ -251,12 +278,14 @@ def test_progress_during_a_run_and_interrupt_after_the_batch_in_flight(server, m
     ({"cfg_scale": -1}, 422, "cfg_scale=-1.0 is out of range"),
     ({"seed": -5}, 422, "seed=-5 is out of range"),
     ({"sampler_name": "DPM adaptive"}, 422, "sampler_name='DPM adaptive' is not available"),
-    ({"sampler_name": "Euler a", "scheduler": "karras"}, 422, "scheduler='karras' is not available with"),
+    ({"sampler_name": "LCM", "scheduler": "karras"}, 422, "scheduler='karras' is not available with"),
     ({"scheduler": "kl_optimal"}, 422, "scheduler='kl_optimal' is not available"),
     ({"sampler_name": "DDIM", "eta": 1.0}, 422, "eta=1 with DDIM"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 13}}, 422, "CLIP_stop_at_last_layers=13 is out of range"),
     ({"override_settings": {"sd_vae": "kl-f8.safetensors"}}, 422, "override_settings.sd_vae"),
     ({"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, 403, "not allowed"),
+    ({"override_settings": {"emphasis": "Strong"}}, 422,
+     "override_settings.emphasis=\"Strong\" is not an emphasis mode; valid: Original, No norm, Ignore, None"),
     ({"prompt": "  "}, 422, "prompt is empty"),
     ({"hr_fix": True}, 422, "hr_fix: Extra inputs are not permitted"),
     ({"steps": "many"}, 422, "steps: Input should be a valid integer"),

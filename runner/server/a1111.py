@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -45,6 +46,7 @@ from ..config.schedulers import (
 from ..config.upscalers import model_files
 from ..config.validate import string_list
 from ..outputs.metadata import INFOTEXT_KEY, parse_infotext, read_png_record, versions
+from ..prompt.syntax import EMPHASIS
 from ..reproduce.inspect import image_text
 from .forms import FormError, JobRequest, allowed_models, check_model, first_value, model_dict, renamed, to_spec
 from .jobs import Job, JobQueue, wait_for
@@ -57,6 +59,7 @@ NAMES = {"total_nm_img_prompt": "batch_size*n_iter", "inference_steps": "steps",
          "refiner.switch_at": "refiner_switch_at", "refiner.model": "refiner_checkpoint"}
 CLIP_SKIP = "CLIP_stop_at_last_layers"
 CHECKPOINT = "sd_model_checkpoint"
+EMPHASIS_OPTION, PAD_OPTION = "emphasis", "pad_cond_uncond"  # A1111's option names for the text options
 # A1111's /sdapi/v1/schedulers details of the schedule types this server runs (its sd_schedulers.py)
 _SCHEDULE_INFO = {"automatic": (-1.0, False), "uniform": (-1.0, True), "karras": (7.0, False),
                   "exponential": (-1.0, False), "sgm_uniform": (-1.0, True), "beta": (-1.0, True),
@@ -270,6 +273,8 @@ class A1111State:
 
     checkpoint: str
     clip_skip: int
+    emphasis: str = "original"  # A1111's `emphasis` option (prompt/syntax.py EMPHASIS: Original, No norm, …)
+    pad_conds: bool = False  # A1111's `pad_cond_uncond` option ("Pad prompt/negative prompt")
 
 
 def model_name(mid: str) -> str:
@@ -328,7 +333,8 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
     """The `/sdapi/v1/*` routes for the server whose config is `cfg` (its model's sha256 for `sd-models`)."""
     router = APIRouter(prefix=PREFIX, tags=["A1111 API"])
     default_clip = first_value(cfg.get("clip_skip")) or 1
-    state = A1111State(cfg.model.id, int(default_clip))
+    state = A1111State(cfg.model.id, int(default_clip), str(first_value(cfg.get("emphasis")) or "original"),
+                       bool(first_value(cfg.get("pad_conds")) or False))
 
     # 1. A request's settings in t2i terms: its checkpoint, Clip skip and run spec (A1111's field names in errors).
     def checkpoint_id(name: str, field: str = CHECKPOINT) -> str:
@@ -364,20 +370,37 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
             raise FormError(422, renamed(str(exc), {"clip_skip": field})) from exc
         return spec.clip_skip[0] or 1
 
-    def settings(req: Txt2ImgRequest) -> tuple[str, int]:
-        """The request's checkpoint and Clip skip (override_settings, else the options)."""
+    def check_emphasis(value: Any, field: str) -> str:
+        by_label = {label: key for key, label in EMPHASIS.items()}
+        if value not in by_label:
+            raise FormError(422, f"{field}={json.dumps(value)} is not an emphasis mode; valid: "
+                                 f"{', '.join(by_label)}")
+        return by_label[value]
+
+    def check_pad(value: Any, field: str) -> bool:
+        if not isinstance(value, bool):
+            raise FormError(422, f"{field}={json.dumps(value)} is not a boolean; valid: true, false")
+        return value
+
+    def settings(req: Txt2ImgRequest) -> tuple[str, int, str, bool]:
+        """The request's checkpoint, Clip skip, emphasis mode and Pad prompt/negative prompt (override_settings,
+        else the options)."""
         over = dict(req.override_settings)
         mid = checkpoint_id(str(over.pop(CHECKPOINT)), f"override_settings.{CHECKPOINT}") if over.get(CHECKPOINT) \
             else state.checkpoint
         clip = over.pop(CLIP_SKIP, None)
         clip = state.clip_skip if clip is None else check_clip_skip(clip, f"override_settings.{CLIP_SKIP}")
+        emphasis = check_emphasis(over.pop(EMPHASIS_OPTION), f"override_settings.{EMPHASIS_OPTION}") \
+            if EMPHASIS_OPTION in over else state.emphasis
+        pad = check_pad(over.pop(PAD_OPTION), f"override_settings.{PAD_OPTION}") if PAD_OPTION in over \
+            else state.pad_conds
         current = options()
         for key, value in over.items():
             if key not in current or current[key] != value:
                 raise FormError(422, f"override_settings.{key}={json.dumps(value)} cannot be set on this server; "
-                                     f"valid keys: {CHECKPOINT}, {CLIP_SKIP}, or another option at its current "
-                                     "value (GET /sdapi/v1/options)")
-        return mid, clip
+                                     f"valid keys: {CHECKPOINT}, {CLIP_SKIP}, {EMPHASIS_OPTION}, {PAD_OPTION}, or "
+                                     "another option at its current value (GET /sdapi/v1/options)")
+        return mid, clip, emphasis, pad
 
     def spec_of(req: Txt2ImgRequest) -> Any:
         # 1. Refuse what this server cannot do, by name
@@ -385,7 +408,7 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
         if not req.prompt.strip():
             raise FormError(422, "prompt is empty; give some text")
         scheduler, schedule = sampler_pair(req)
-        mid, clip = settings(req)
+        mid, clip, emphasis, pad = settings(req)
         if on_flow(mid):  # A1111/Forge's "Euler" on Flux & co. is flow Euler
             if scheduler == "euler_a" and req.scheduler in (None, "", "automatic", "Automatic"):
                 # a client's default sampler (webuiapi sends "Euler a" unasked), on a model family that has no
@@ -402,6 +425,7 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
                          manual_seed=None if req.seed == -1 else req.seed, width=req.width, height=req.height)
         # the prompt goes to the core unchanged (with any <lora:…> tags); an explicit empty negative prompt stays
         extra = {"scheduler": scheduler, "schedule": schedule, "clip_skip": clip, "batch_size": req.batch_size,
+                 "emphasis": emphasis, "pad_conds": pad,
                  "prompts": [{"prompt": req.prompt, "negative_prompt": req.negative_prompt}]}
         if req.refiner_checkpoint not in (None, "", "None", "none"):  # A1111's Refiner: an allowed checkpoint
             if req.refiner_switch_at is None:
@@ -494,7 +518,8 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
     def options() -> dict[str, Any]:
         return {CHECKPOINT: state.checkpoint, "sd_checkpoint_hash":
                 (model_sha256 or None) if state.checkpoint == cfg.model.id else None,
-                CLIP_SKIP: state.clip_skip, "sd_vae": "Automatic", "samples_format": "png",
+                CLIP_SKIP: state.clip_skip, EMPHASIS_OPTION: EMPHASIS[state.emphasis], PAD_OPTION: state.pad_conds,
+                "sd_vae": "Automatic", "samples_format": "png",
                 "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0, "s_churn": 0.0, "s_noise": 1.0,
                 "s_min_uncond": 0.0, "enable_pnginfo": True, "sd_lora": "None"}
 
@@ -505,16 +530,22 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
     @router.post("/options", summary=f"Set {CHECKPOINT} (an allowed model) and {CLIP_SKIP} for later requests")
     async def set_options(body: dict[str, Any] = Body(...)) -> None:
         current = options()
-        new = A1111State(state.checkpoint, state.clip_skip)
+        new = dataclasses.replace(state)
         for key, value in body.items():
             if key == CHECKPOINT:
                 new.checkpoint = checkpoint_id(str(value))
             elif key == CLIP_SKIP:
                 new.clip_skip = check_clip_skip(value, CLIP_SKIP)
+            elif key == EMPHASIS_OPTION:
+                new.emphasis = check_emphasis(value, EMPHASIS_OPTION)
+            elif key == PAD_OPTION:
+                new.pad_conds = check_pad(value, PAD_OPTION)
             elif key not in current or current[key] != value:
                 raise FormError(422, f"option {key}={json.dumps(value)} cannot be set on this server; settable: "
-                                     f"{CHECKPOINT}, {CLIP_SKIP} (others only at their current value)")
-        state.checkpoint, state.clip_skip = new.checkpoint, new.clip_skip
+                                     f"{CHECKPOINT}, {CLIP_SKIP}, {EMPHASIS_OPTION}, {PAD_OPTION} (others only at "
+                                     "their current value)")
+        state.checkpoint, state.clip_skip, state.emphasis, state.pad_conds = (new.checkpoint, new.clip_skip,
+                                                                              new.emphasis, new.pad_conds)
 
     # 4. What this server offers: models, samplers, schedule types, LoRAs, and png-info.
     @router.get("/sd-models", summary="The models a request may use (the server's and server.allowed_models)")
