@@ -329,3 +329,22 @@ def test_single_file_checkpoints_are_told_apart_before_loading(tmp_path: Path) -
         "StableDiffusionXLPipeline"
     with pytest.raises(ConfigError, match="valid: an SDXL refiner or another SDXL base"):
         refiner_info(Refiner(str(tmp_path / "sd15.safetensors"), 0.8), model, sdxl)
+
+
+def test_refiner_runs_unpadded_sides_apart_and_each_image_equals_itself_alone(tmp_path: Path) -> None:
+    """pad_conds=false (A1111's default) with a 2-chunk prompt and a 1-chunk negative: the refiner's sides have
+    different lengths, so its UNet rows run apart (they cannot share one call); the batched image equals the image
+    made alone, and differs from the padded one."""
+    long = "a red fox, " + ", ".join(f"w{i}" for i in range(30))
+    prompts = [{"prompt": long, "negative_prompt": "blurry"}, {"prompt": "a cat", "negative_prompt": "blurry"}]
+    refiner = {"model": REFINER, "switch_at": 0.5}
+    batched = run(validate({**CFG, "prompts": prompts, "refiner": refiner, "batch_size": 2}), tmp_path / "b",
+                  progress=False).entries
+    alone = run(validate({**CFG, "prompts": prompts[:1], "refiner": refiner}), tmp_path / "a", progress=False).entries
+    padded = run(validate({**CFG, "prompts": prompts[:1], "refiner": refiner, "pad_conds": True}), tmp_path / "p",
+                 progress=False).entries
+    [b] = [e for e in batched if e["prompt"] == long]
+    assert b["batch_size"] == 2 and b["refiner_switch_call"] >= 0
+    got = pixels(tmp_path / "b" / b["file"])
+    assert np.array_equal(got, pixels(tmp_path / "a" / alone[0]["file"]))
+    assert not np.array_equal(got, pixels(tmp_path / "p" / padded[0]["file"]))

@@ -82,7 +82,10 @@ def check_refiners(spec: Any, base_family: Any, where: str = "") -> Any:
 
 
 class _Conditioning:
-    """The refiner's conditioning for the rows of one base call (negatives first with CFG, as the pipelines)."""
+    """The refiner's conditioning for the rows of one base call (negatives first with CFG, as the pipelines), in the
+    job's emphasis mode and "Pad prompt/negative prompt". Unpadded sides of different lengths (or rows of different
+    lengths) cannot share one UNet call: then `rows` holds each UNet row's own conditioning, run one by one, as
+    A1111 runs such sides apart (generate/scheduled.py does the same for the base)."""
 
     def __init__(self, ref: Any, jobs: Sequence[Any], cfg: bool, width: int, height: int, device: Any) -> None:
         import torch
@@ -92,25 +95,40 @@ class _Conditioning:
         first = jobs[0]
         if ref.embeds is None:
             ref.embeds = PromptEmbeds()
-        groups = ref.embeds.call_groups(ref.text, [(j.prompt, j.negative_prompt) for j in jobs], None, cfg,
-                                        ("refiner",), first.prompt_syntax)
-        if len(groups) != 1:  # both read 75-token chunks of the same prompts: one length when the base had one
-            raise ValueError("the refiner's prompt embeddings have different lengths within one batch")
-        text = groups[0][1]
-        pos, pooled = text["prompt_embeds"], text["pooled_prompt_embeds"]
         dtype = ref.pipe.unet.dtype
+        texts = []
+        for j in jobs:  # one row at a time: a row's embeddings never depend on its batch-mates
+            [(_, text)] = ref.embeds.call_groups(ref.text, [(j.prompt, j.negative_prompt)], None, cfg, ("refiner",),
+                                                 first.prompt_syntax, first.emphasis, first.pad_conds)
+            texts.append(text)
+        pooled_dim = int(texts[0]["pooled_prompt_embeds"].shape[-1])
         size = (height, width)
         add, neg_add = ref.pipe._get_add_time_ids(size, (0, 0), size, AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, size,
-                                                  (0, 0), size, dtype=dtype,
-                                                  text_encoder_projection_dim=int(pooled.shape[-1]))
-        b = len(jobs)
-        if cfg:
-            self.z = torch.cat([text["negative_prompt_embeds"], pos]).to(device, dtype)
-            self.pooled = torch.cat([text["negative_pooled_prompt_embeds"], pooled]).to(device, dtype)
-            self.time_ids = torch.cat([neg_add.repeat(b, 1), add.repeat(b, 1)]).to(device)
-        else:
-            self.z, self.pooled, self.time_ids = pos.to(device, dtype), pooled.to(device, dtype), add.repeat(b, 1).to(
-                device)
+                                                  (0, 0), size, dtype=dtype, text_encoder_projection_dim=pooled_dim)
+        # UNet rows in the pipelines' order: negatives first (with CFG), then prompts
+        sides = ([(t["negative_prompt_embeds"], t["negative_pooled_prompt_embeds"], neg_add) for t in texts]
+                 if cfg else []) + [(t["prompt_embeds"], t["pooled_prompt_embeds"], add) for t in texts]
+        sides = [(z.to(device, dtype), pooled.to(device, dtype), ids.to(device)) for z, pooled, ids in sides]
+        self.rows = sides if len({z.shape[1] for z, _, _ in sides}) > 1 else None
+        if self.rows is None:
+            self.z = torch.cat([z for z, _, _ in sides])
+            self.pooled = torch.cat([p for _, p, _ in sides])
+            self.time_ids = torch.cat([i for _, _, i in sides])
+
+    def __call__(self, unet: Any, sample: Any, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        """The refiner UNet's output for the call's rows (one call, or one per row when lengths differ)."""
+        import torch
+
+        if self.rows is None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+            return unet(sample, timestep, self.z, *args, **kwargs)
+        kwargs.pop("return_dict", None)
+        outs = []
+        for i, (z, pooled, ids) in enumerate(self.rows):
+            t = timestep[i:i + 1] if torch.is_tensor(timestep) and timestep.ndim and len(timestep) > 1 else timestep
+            outs.append(unet(sample[i:i + 1], t, z, *args, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids},
+                             return_dict=False, **kwargs)[0])
+        return (torch.cat(outs),)
 
 
 class _CFGView:
@@ -150,8 +168,8 @@ def refiner_switch(pipe: Any, jobs: Sequence[Any], cfg: bool, width: int, height
         if taken[0] is None:
             return unet(sample, timestep, encoder_hidden_states, *args, **kwargs)
         kwargs.pop("cross_attention_kwargs", None)  # the base's LoRA scale: no LoRA runs on the refiner
-        kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-        return ref.pipe.unet(sample.to(ref.pipe.unet.dtype), timestep, cond.z, *args, **kwargs)
+        kwargs.pop("added_cond_kwargs", None)
+        return cond(ref.pipe.unet, sample.to(ref.pipe.unet.dtype), timestep, *args, **kwargs)
 
     own_vae = ref.pipe.vae if ref.pipe.vae is not vae else None
     object.__setattr__(pipe, "unet", _UNetCall(unet, forward))
