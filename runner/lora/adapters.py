@@ -79,6 +79,23 @@ def _alphas_baked(state: dict, info: Any) -> dict:
     return out
 
 
+def _peft_scales_baked(state: dict, info: Any) -> dict:
+    """A peft-keys file with its peft config in the metadata (diffusers' `save_lora_weights`): each LoRA module's
+    alpha/r (`detect.peft_scales`) multiplied into its up factor (copies). diffusers reads that config only from a
+    file, and this loader hands it a state dict, for which diffusers takes alpha = rank."""
+    from .detect import SUFFIXES
+
+    ups = [s for s, (kind, role) in SUFFIXES.items() if kind == "lora" and role == "up"]
+    out = dict(state)
+    for key, m in info.modules.items():
+        if m.scale is None or m.scale == 1.0 or m.kind not in ("lora", "locon"):
+            continue
+        for suffix in ups:
+            if f"{key}.{suffix}" in state:
+                out[f"{key}.{suffix}"] = state[f"{key}.{suffix}"] * m.scale
+    return out
+
+
 def _short(info: Any, expected: dict[str, list[str]]) -> str | None:
     """A component of the file with fewer layers after diffusers' conversion than modules in the file (diffusers
     drops what it cannot convert, e.g. Flux.1 T5 keys `lora_te3_…`, at INFO level), or None."""
@@ -178,7 +195,7 @@ class AdapterManager:
         if info.needs_merge:
             self._register_merge(r, state, info)
             return
-        peft_state = _alphas_baked(state, info)
+        peft_state = _peft_scales_baked(_alphas_baked(state, info), info)
         try:
             expected = self._expected(r, peft_state)
         except ConfigError:
