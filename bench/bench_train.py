@@ -93,19 +93,6 @@ class PeakMemory:
         return round(self.peak / 2**20, 1)
 
 
-def make_images(folder: Path, n: int, side: int) -> Path:
-    """`n` random-noise images with distinct captions (content does not change the speed)."""
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-        (folder / f"{i:03d}.txt").write_text(f"a photo of sample {i}")
-    return folder
-
-
 def run_runner(model: str, data: Path, out: Path, s: argparse.Namespace, cuda: bool) -> dict:
     """(a) t2i-train's loop."""
     from runner.train.loop import train
@@ -265,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--warmup={args.warmup} leaves no timed step of --steps={args.steps}; try --warmup "
               f"{max(0, args.steps - 2)}", file=sys.stderr)
         return 2
+    from train_bench import make_images  # bench/train_bench.py: random images with captions
+
     from runner.models.source import resolve_device
 
     device = resolve_device(args.device)
