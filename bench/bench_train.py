@@ -105,10 +105,20 @@ def run_runner(model: str, data: Path, out: Path, s: argparse.Namespace, cuda: b
            "train": {"steps": s.steps, "batch_size": s.batch, "mixed_precision": s.precision,
                      "gradient_checkpointing": s.checkpointing, "checkpoint_every": s.steps, "lr": 1e-4,
                      "timestep_sampling": "uniform"}}
+    marks: list[float] = []  # process CPU seconds at the end of each step
     with PeakMemory(cuda) as mem:
-        train(cfg, out)
+        train(cfg, out, on_step=lambda step, loss: marks.append(time.process_time()))
     times = [r["seconds"] for r in LossLog(out / "loss.csv").rows()][s.warmup:]
-    return {"steps_per_s": round(len(times) / sum(times), 3), "peak_mib": mem.mib}
+    return timing(times, marks, s.warmup, mem)
+
+
+def timing(times: list[float], marks: list[float], warmup: int, mem: PeakMemory) -> dict:
+    """steps/s from the timed steps' wall seconds, and CPU seconds per step (all threads of the process, from one
+    step's end to the next: steadier than wall time on a shared machine)."""
+    cpu = marks[-1] - marks[warmup - 1] if warmup >= 1 else marks[-1] - marks[0]
+    n_cpu = len(marks) - max(warmup, 1)
+    return {"steps_per_s": round(len(times) / sum(times), 3), "cpu_s_per_step": round(cpu / max(n_cpu, 1), 3),
+            "peak_mib": mem.mib}
 
 
 def run_plain(model_dir: Path, family: str, data: Path, s: argparse.Namespace, device: str, cuda: bool) -> dict:
@@ -151,7 +161,8 @@ def run_plain(model_dir: Path, family: str, data: Path, s: argparse.Namespace, d
         gen = torch.Generator().manual_seed(0)
         amp = dtype != torch.float32
         conds: dict[int, dict] = {}
-        times = []
+        times: list[float] = []
+        marks: list[float] = []
         for step in range(s.steps):
             t0 = time.perf_counter()
             idx = [(step * s.batch + i) % len(files) for i in range(s.batch)]
@@ -181,9 +192,9 @@ def run_plain(model_dir: Path, family: str, data: Path, s: argparse.Namespace, d
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            marks.append(time.process_time())
         del pipe, adapter, denoiser, optimizer, params
-    times = times[s.warmup:]
-    return {"steps_per_s": round(len(times) / sum(times), 3), "peak_mib": mem.mib}
+    return timing(times[s.warmup:], marks, s.warmup, mem)
 
 
 def model_for(family: str, s: argparse.Namespace, device: str) -> tuple[str, Path]:
@@ -272,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                         got = (run_runner(model_id, data, work / f"run-{family}", s, cuda) if way == "runner"
                                else run_plain(model_dir, family, data, s, device, cuda))
                     except torch.OutOfMemoryError as exc:  # a family too big for this GPU: a row, not a crash
-                        got = {"steps_per_s": None, "peak_mib": None, "error": str(exc).splitlines()[0][:120]}
+                        got = {"steps_per_s": None, "cpu_s_per_step": None, "peak_mib": None,
+                               "error": str(exc).splitlines()[0][:120]}
                         torch.cuda.empty_cache()
                     row = {"family": family, "way": way, "round": r, "size": s.size, "batch": s.batch,
                            "rank": s.rank, "precision": s.precision, "checkpointing": s.checkpointing,
@@ -292,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) -> str:
-    """A Markdown section: per family, each way's best steps/s and lowest peak memory over the rounds (a process's
-    first run also pays for imports and allocator pools), and the runner/plain ratio."""
+    """A Markdown section: per family, each way's best steps/s, lowest CPU seconds per step and lowest peak memory
+    over the rounds (a process's first run also pays for imports and allocator pools), and the ratios (above 1:
+    t2i-train is faster)."""
     import platform
 
     import torch
@@ -303,8 +316,8 @@ def table(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) ->
              f"{rows[0]['device'] if rows else '-'}, torch {torch.__version__}, {platform.machine()}; steps "
              f"{args.steps} (first {args.warmup} untimed), preset {args.preset}", "",
              "| family | size | batch | rank | precision | grad ckpt | t2i-train steps/s | plain steps/s | ratio "
-             "| t2i-train peak MiB | plain peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| t2i-train CPU s/step | plain CPU s/step | CPU ratio | t2i-train peak MiB | plain peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for family in dict.fromkeys(r["family"] for r in rows):
         mine = [r for r in rows if r["family"] == family]
         best = {}
@@ -315,9 +328,13 @@ def table(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) ->
         peak = {w: min((r["peak_mib"] for r in mine if r["way"] == w and r["peak_mib"] is not None), default="-")
                 for w in ("runner", "plain")}
         ratio = f"{a['steps_per_s'] / b['steps_per_s']:.2f}" if a and b else "-"
+        cpu = {w: min((r["cpu_s_per_step"] for r in mine if r["way"] == w and r.get("cpu_s_per_step")), default=None)
+               for w in ("runner", "plain")}
+        cpu_ratio = f"{cpu['plain'] / cpu['runner']:.2f}" if cpu["runner"] and cpu["plain"] else "-"
         lines.append(f"| {family} | {r0['size']} | {r0['batch']} | {r0['rank']} | {r0['precision']} | "
                      f"{r0['checkpointing']} | {a['steps_per_s'] if a else 'OOM'} | {b['steps_per_s'] if b else 'OOM'}"
-                     f" | {ratio} | {peak['runner']} | {peak['plain']} |")
+                     f" | {ratio} | {cpu['runner'] or '-'} | {cpu['plain'] or '-'} | {cpu_ratio} | {peak['runner']} | "
+                     f"{peak['plain']} |")
     return "\n".join(lines) + "\n"
 
 
