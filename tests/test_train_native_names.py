@@ -134,3 +134,43 @@ def test_runner_gives_the_same_pixels(saved, tmp_path: Path) -> None:
     img = {e["lora_set"]: np.asarray(Image.open(tmp_path / "out" / e["file"]).convert("RGB")).astype(int)
            for e in r.entries}
     assert np.abs(img[0] - img[1]).max() <= 1
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_all_linear_native_file_applies_every_module(family: str, tmp_path: Path) -> None:
+    """With `all_linear`, modules diffusers' Flux.2 kohya converter drops (modulation, norm-out) are still applied:
+    the runner counts a fused `qkv` as the three modules it splits into, so the drop sends the file to the merge
+    engine; every weight then changes as with the diffusers file."""
+    from peft import LoraConfig
+
+    from runner.common.hashing import file_sha256
+    from runner.lora.adapters import AdapterManager
+    from runner.lora.files import ResolvedLora
+    from runner.train.families import SPECS, target_modules
+    from runner.train.save import save_lora
+
+    pipe = _pipe(family)
+    torch.manual_seed(0)
+    targets = target_modules(SPECS[family], "all_linear", None, pipe.transformer)
+    pipe.transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets,
+                                            init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    save_lora(tmp_path, "n", pipe, family, {"transformer": pipe.transformer}, {}, ALPHA, RANK)
+    changes = {}
+    for f in ("n.safetensors", "n_kohya.safetensors"):
+        fresh = _pipe(family)
+        r = ResolvedLora(f, str(tmp_path / f), None, str(tmp_path / f), file_sha256(tmp_path / f))
+        manager = AdapterManager(fresh)
+        manager.merge = True  # peft-loaded layers are multiplied out too: every weight's change is comparable
+        before = {n: p.detach().clone() for n, p in fresh.transformer.named_parameters() if "lora" not in n}
+        manager.activate((r,), (1.0,))
+        after = {n.replace(".base_layer", ""): p.detach() for n, p in fresh.transformer.named_parameters()}
+        changes[f] = {n: after[n] - w for n, w in before.items()}
+    want, got = changes["n.safetensors"], changes["n_kohya.safetensors"]
+    moved = [n for n, d in want.items() if float(d.abs().max()) > 0]
+    assert len(moved) >= len(targets)
+    for n in moved:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=lambda e, n=n: f"{n}: {e}")
