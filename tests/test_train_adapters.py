@@ -86,9 +86,8 @@ def test_adapter_type_trains_and_matches_peft(family: str, model: str, kind: str
         torch.testing.assert_close(delta(base.weight.detach()), want[path], atol=1e-5, rtol=1e-4)
     assert max(float(w.abs().max()) for w in want.values()) > 1e-4  # trained: not the zero change
 
-    # 2. The LyCORIS/kohya file in the runner changes the image. (The peft-keys file of a DoRA/LoHa/LoKr goes
-    # through the runner's merge engine, which reads alpha from `.alpha` keys only: with alpha != rank it applies
-    # scale 1 instead of peft's alpha/rank, so that file is not compared here; see docs/training.md.)
+    # 2. The LyCORIS/kohya file in the runner changes the image. (The peft-keys file's scale, from its peft
+    # config, is checked against peft in tests/test_lora_peft_scale.py.)
     sets = [[], [{"source": str(result.kohya_file)}]]
     r = run(validate({"model": {"id": f"builtin:{model}"}, "prompts": ["a red square"], "seeds": [0], "steps": 2,
                       "width": 32, "height": 32, "lora_sets": sets, "grid": {"enabled": False}}),

@@ -113,7 +113,7 @@ def test_family_trains_saves_and_resumes(family: str, tmp_path: Path) -> None:
     assert np.abs(diffusers_image(family, result.lora_file, prompt) - images[(1, prompt)]).max() <= 2, family
     with safe_open(str(kohya), "pt") as f:
         meta = f.metadata()
-        prefix = "lora_transformer_" if family == "sd3" else "lora_unet_"
+        prefix = {"sd3": "lora_transformer_", "zimage": "diffusion_model."}.get(family, "lora_unet_")
         assert all(k.startswith(prefix) for k in f.keys())  # noqa: SIM118
     assert meta["ss_network_dim"] == "16" and meta["ss_max_train_steps"] == str(STEPS)
 

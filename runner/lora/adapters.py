@@ -79,12 +79,35 @@ def _alphas_baked(state: dict, info: Any) -> dict:
     return out
 
 
-def _short(info: Any, expected: dict[str, list[str]]) -> str | None:
+def _peft_scales_baked(state: dict, info: Any) -> dict:
+    """A peft-keys file with its peft config in the metadata (diffusers' `save_lora_weights`): each LoRA module's
+    alpha/r (`detect.peft_scales`) multiplied into its up factor (copies). diffusers reads that config only from a
+    file, and this loader hands it a state dict, for which diffusers takes alpha = rank."""
+    from .detect import SUFFIXES
+
+    ups = [s for s, (kind, role) in SUFFIXES.items() if kind == "lora" and role == "up"]
+    out = dict(state)
+    for key, m in info.modules.items():
+        if m.scale is None or m.scale == 1.0 or m.kind not in ("lora", "locon"):
+            continue
+        for suffix in ups:
+            if f"{key}.{suffix}" in state:
+                out[f"{key}.{suffix}"] = state[f"{key}.{suffix}"] * m.scale
+    return out
+
+
+def _short(info: Any, expected: dict[str, list[str]], pipe: Any) -> str | None:
     """A component of the file with fewer layers after diffusers' conversion than modules in the file (diffusers
-    drops what it cannot convert, e.g. Flux.1 T5 keys `lora_te3_…`, at INFO level), or None."""
+    drops what it cannot convert, e.g. Flux.1 T5 keys `lora_te3_…`, at INFO level; Flux.2's kohya converter its
+    modulation layers), or None. A fused original-layout module (BFL `qkv`) counts as the model modules it splits
+    into, so that the split cannot hide a dropped module."""
+    from .kohya import Rows, module_index, module_path
+
+    index = module_index(pipe) if info.layout in ("kohya", "BFL", "ai-toolkit") else {}
     have: dict[str, int] = {}
-    for m in info.modules.values():
-        have[m.component] = have.get(m.component, 0) + 1
+    for key, m in info.modules.items():
+        target = module_path(index, key) if index else None
+        have[m.component] = have.get(m.component, 0) + (len(target.parts) if isinstance(target, Rows) else 1)
     for comp, n in have.items():
         names = ("unet", "transformer") if comp == "denoiser" else (comp,)
         if sum(len(expected.get(c, [])) for c in names) < n:
@@ -133,7 +156,8 @@ class AdapterManager:
             # SD-class loaders map SGM block names with the UNet config; transformer families take none
             kw = {"unet_config": unet.config} if unet is not None else {}
             # copies: diffusers' converters scale tensors in place (`*=`), and load_lora_weights converts again
-            converted = type(self.pipe).lora_state_dict(_copied(state), **kw)
+            with _captured_diffusers_log():  # e.g. "Unsupported keys": `_short` sends such a file to the engine
+                converted = type(self.pipe).lora_state_dict(_copied(state), **kw)
             converted = converted[0] if isinstance(converted, tuple) else converted
         except Exception as exc:  # noqa: BLE001 - diffusers' converters raise ValueError/KeyError/...
             raise ConfigError(f"{r.file} is not a LoRA diffusers can read ({first_line(exc, 200)})") from exc
@@ -178,7 +202,7 @@ class AdapterManager:
         if info.needs_merge:
             self._register_merge(r, state, info)
             return
-        peft_state = _alphas_baked(state, info)
+        peft_state = _peft_scales_baked(_alphas_baked(state, info), info)
         try:
             expected = self._expected(r, peft_state)
         except ConfigError:
@@ -187,7 +211,7 @@ class AdapterManager:
             raise
         kohya = info.is_adapter and info.layout == "kohya"
         if (kohya and (not expected or any(c not in self._components() for c in expected))) or \
-                (info.is_adapter and _short(info, expected)):
+                (info.is_adapter and _short(info, expected, self.pipe)):
             self._register_merge(r, state, info)
             return
         # 3. Everything else: diffusers' loader (with its own format conversions) into peft layers.

@@ -132,6 +132,7 @@ class Module:
     alpha: float | None = None
     dora: bool = False
     unknown: str | None = None  # the algorithm named when this runner cannot apply it
+    scale: float | None = None  # peft's alpha/r from the file's peft config (see `peft_scales`); None = from alpha
 
     @property
     def rank(self) -> int | None:
@@ -496,7 +497,53 @@ def detect(shapes: Mapping[str, Iterable[int]], scalars: Mapping[str, float] | N
     info.layout = _layout(modules)
     if modules:
         _family(info)
+        peft_scales(info)
     return info
+
+
+def _peft_configs(meta: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The peft configs diffusers' `save_lora_weights` stores (`lora_adapter_metadata`: `{"unet.r": 4,
+    "unet.lora_alpha": 2, …}`), per component prefix; {} when the file has none."""
+    try:
+        flat = json.loads(meta.get("lora_adapter_metadata") or "{}")
+    except ValueError:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    if isinstance(flat, dict):
+        for key, value in flat.items():
+            comp, _, name = str(key).partition(".")
+            if name:
+                out.setdefault(comp, {})[name] = value
+    return out
+
+
+def _pattern(patterns: Any, name: str, default: Any) -> Any:
+    """peft's `get_pattern_key`: the first `rank_pattern`/`alpha_pattern` key matching the module name's end."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def peft_scales(info: LoraInfo) -> None:
+    """Set each module's `alpha` and `scale` from the file's peft config where it has no `.alpha` key: peft's
+    own rule (`r`/`lora_alpha` for LoRA and DoRA, `r`/`alpha` for LoHa/LoKr, `rank_pattern`/`alpha_pattern` per
+    module, rsLoRA's alpha/sqrt(r)). For LoKr the scale is alpha/r even with two full factors (peft applies it;
+    A1111/LyCORIS would not), so it is `scale`, not derived from the factors' shapes."""
+    configs = _peft_configs(info.metadata)
+    if not configs:
+        return
+    for key, mod in info.modules.items():
+        comp, _, name = key.partition(".")
+        conf = configs.get(comp)
+        if mod.alpha is not None or not conf or not name or "r" not in conf:
+            continue
+        rank = _pattern(conf.get("rank_pattern"), name, conf["r"])
+        alpha = _pattern(conf.get("alpha_pattern"), name, conf.get("lora_alpha", conf.get("alpha", rank)))
+        if not rank or alpha is None:
+            continue
+        mod.alpha = float(alpha)
+        mod.scale = float(alpha) / (float(rank) ** 0.5 if conf.get("use_rslora") else float(rank))
 
 
 def detect_state(state: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> LoraInfo:

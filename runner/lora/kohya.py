@@ -75,6 +75,68 @@ class Rows:
 Target = str | Rows
 
 
+def _split(path: str, names: list[str], widths: list[int]) -> Rows:
+    """The `Rows` of a fused module stacking `path.name` modules of these widths, in order."""
+    parts, start = [], 0
+    for name, width in zip(names, widths, strict=True):
+        parts.append((f"{path}.{name}", ((start, start + width),)))
+        start += width
+    return Rows(start, tuple(parts))
+
+
+def _flux2_bfl_names(transformer: Any) -> dict[str, Target]:
+    """Flux.2's original (BFL) module names (flat) -> diffusers modules, as diffusers' own Flux.2 converters map
+    them (`_convert_kohya_flux2_lora_to_diffusers`, `_convert_non_diffusers_flux2_lora_to_diffusers`); the
+    single-block `linear1` is fused in diffusers too (`attn.to_qkv_mlp_proj`), so only the double-block q/k/v fuse."""
+    t = "transformer."
+    out: dict[str, Target] = {}
+    for i, block in enumerate(transformer.transformer_blocks):
+        b, db, attn = f"{t}transformer_blocks.{i}", f"double_blocks_{i}_", block.attn
+        out[db + "img_attn_qkv"] = _split(f"{b}.attn", ["to_q", "to_k", "to_v"],
+                                          [attn.to_q.out_features, attn.to_k.out_features, attn.to_v.out_features])
+        out[db + "txt_attn_qkv"] = _split(f"{b}.attn", ["add_q_proj", "add_k_proj", "add_v_proj"],
+                                          [attn.add_q_proj.out_features, attn.add_k_proj.out_features,
+                                           attn.add_v_proj.out_features])
+        for bfl, diffusers in (("img_attn_proj", "attn.to_out.0"), ("txt_attn_proj", "attn.to_add_out"),
+                               ("img_mlp_0", "ff.linear_in"), ("img_mlp_2", "ff.linear_out"),
+                               ("txt_mlp_0", "ff_context.linear_in"), ("txt_mlp_2", "ff_context.linear_out")):
+            out[db + bfl] = f"{b}.{diffusers}"
+    for i, _ in enumerate(transformer.single_transformer_blocks):
+        b = f"{t}single_transformer_blocks.{i}.attn"
+        out[f"single_blocks_{i}_linear1"] = f"{b}.to_qkv_mlp_proj"
+        out[f"single_blocks_{i}_linear2"] = f"{b}.to_out"
+    for bfl, diffusers in (("img_in", "x_embedder"), ("txt_in", "context_embedder"),
+                           ("time_in_in_layer", "time_guidance_embed.timestep_embedder.linear_1"),
+                           ("time_in_out_layer", "time_guidance_embed.timestep_embedder.linear_2"),
+                           ("guidance_in_in_layer", "time_guidance_embed.guidance_embedder.linear_1"),
+                           ("guidance_in_out_layer", "time_guidance_embed.guidance_embedder.linear_2"),
+                           ("final_layer_linear", "proj_out"),
+                           ("double_stream_modulation_img_lin", "double_stream_modulation_img.linear"),
+                           ("double_stream_modulation_txt_lin", "double_stream_modulation_txt.linear"),
+                           ("single_stream_modulation_lin", "single_stream_modulation.linear")):
+        try:
+            transformer.get_submodule(diffusers)
+        except AttributeError:  # guidance-distilled Klein models have no guidance embedder
+            continue
+        out[bfl] = t + diffusers
+    return out
+
+
+def zimage_native_names(transformer: Any) -> dict[str, Target]:
+    """Z-Image's original module names (dotted; ComfyUI's and the original checkpoint's) -> diffusers modules:
+    each block's fused `attention.qkv` (diffusers' to_q/to_k/to_v) and `attention.out` (`to_out.0`); the rest of
+    a block has the same path in both."""
+    t = "transformer."
+    out: dict[str, Target] = {}
+    for name, module in transformer.named_modules():
+        if name.endswith(".attention") and all(hasattr(module, p) for p in ("to_q", "to_k", "to_v", "to_out")):
+            out[f"{name}.qkv"] = _split(f"{t}{name}", ["to_q", "to_k", "to_v"],
+                                        [module.to_q.out_features, module.to_k.out_features,
+                                         module.to_v.out_features])
+            out[f"{name}.out"] = f"{t}{name}.to_out.0"
+    return out
+
+
 def _flux_bfl_names(transformer: Any) -> dict[str, Target]:
     """Flux.1's original (BFL / kohya) module names -> diffusers modules, as diffusers' own kohya/BFL converters
     map them (`_convert_kohya_flux_lora_to_diffusers`), from the model's real widths."""
@@ -82,14 +144,7 @@ def _flux_bfl_names(transformer: Any) -> dict[str, Target]:
     inner = int(transformer.inner_dim) if hasattr(transformer, "inner_dim") else int(
         transformer.config.num_attention_heads * transformer.config.attention_head_dim)
     out: dict[str, Target] = {}
-
-    def split(path: str, names: list[str], widths: list[int]) -> Rows:
-        parts, start = [], 0
-        for name, width in zip(names, widths, strict=True):
-            parts.append((f"{path}.{name}", ((start, start + width),)))
-            start += width
-        return Rows(start, tuple(parts))
-
+    split = _split
     for i, _ in enumerate(transformer.transformer_blocks):
         b, db = f"{t}transformer_blocks.{i}", f"double_blocks_{i}_"
         out[db + "img_attn_qkv"] = split(f"{b}.attn", ["to_q", "to_k", "to_v"], [inner] * 3)
@@ -147,8 +202,12 @@ def module_index(pipe: Any) -> dict[str, dict[str, Target]]:
         if comp == t5 and comp != "text_encoder_3":
             index["text_encoder_3"] = dict(_flat_names(comp, model))
         name = type(model).__name__
-        if comp == "transformer" and name.startswith("Flux") and not name.startswith("Flux2"):
+        if comp == "transformer" and name.startswith("Flux2"):
+            index[key].update(_flux2_bfl_names(model))
+        elif comp == "transformer" and name.startswith("Flux"):
             index[key].update(_flux_bfl_names(model))
+        elif comp == "transformer" and name.startswith("ZImage"):
+            index[key].update({k.replace(".", "_"): v for k, v in zimage_native_names(model).items()})
     return index
 
 

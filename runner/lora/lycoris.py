@@ -187,7 +187,7 @@ def _scale(alpha: float | None, rank: int | None) -> float:
 def module_delta(mod: Module, tensors: Mapping[str, Any], weight_shape: tuple[int, ...]) -> Any:
     """The `Delta` of one parsed module, given its tensors by role (`up`, `w1_a`, …, `dora`)."""
     t = tensors
-    scale = _scale(mod.alpha, mod.rank)
+    scale = mod.scale if mod.scale is not None else _scale(mod.alpha, mod.rank)
     if mod.kind in ("lora", "locon"):
         delta: Any = LoraDelta(t["up"], t["down"], t.get("mid"), scale)
     elif mod.kind == "loha":

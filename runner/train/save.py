@@ -4,9 +4,11 @@
   peft `lora_A`/`lora_B`, the peft config as `lora_adapter_metadata`), what diffusers' `load_lora_weights` reads.
 - `NAME_kohya.safetensors`: kohya names (`lora_unet_…`, `lora_te_…`/`lora_te1_…`, `lora_down`/`lora_up`/`alpha`)
   with the module naming A1111/Forge/ComfyUI resolve for the family: diffusers paths for SD 1.x (kohya's own
-  SD 1.x names), the original LDM paths for SDXL (kohya's SDXL names), the BFL names for Flux.1 (fused
-  `img_attn_qkv`/`linear1`, block-diagonal, as kohya's `split_qkv=False` files), and the diffusers paths as flat
-  kohya names for the other transformer families (ComfyUI's `lora_unet_<diffusers path>` key for them).
+  SD 1.x names), the original LDM paths for SDXL (kohya's SDXL names), the BFL names for Flux.1 and Flux.2 (fused
+  `img_attn_qkv`/`txt_attn_qkv` and Flux.1's `linear1`, block-diagonal, as kohya's `split_qkv=False` files),
+  Z-Image's original names behind `diffusion_model.` (fused `attention.qkv`, `attention.out`; see
+  `_zimage_native`), and the diffusers paths as flat kohya names for SD3 and Qwen-Image (ComfyUI's
+  `lora_transformer_`/`lora_unet_<diffusers path>` keys for them).
   Both files carry kohya's `ss_*` training metadata.
 Written to a temp folder and renamed, so a reader never sees half a LoRA.
 """
@@ -111,8 +113,13 @@ def to_kohya_family(family: str, pipe: Any, states: dict[str, dict], alpha: floa
         else:
             out[f"{stem}.alpha"] = torch.tensor(float(al))
 
-    if family == "flux1" and plain:
-        mods = _flux_bfl(pipe.transformer, mods, alpha, put)
+    if family == "zimage":
+        return _zimage_native(pipe.transformer, mods, alpha, put, plain, out)
+    if family in ("flux1", "flux2") and plain:
+        from ..lora.kohya import _flux2_bfl_names, _flux_bfl_names
+
+        names = (_flux_bfl_names if family == "flux1" else _flux2_bfl_names)(pipe.transformer)
+        mods = _fused(names, mods, alpha, put, "lora_unet_")
     rename = _ldm_names(pipe.unet) if family == "sdxl" else {}
     prefix = "lora_transformer_" if family == "sd3" else "lora_unet_"  # ComfyUI's kohya-style SD3 prefix
     for module, tensors in mods.items():
@@ -141,19 +148,44 @@ def _ldm_names(unet: Any) -> dict[str, str]:
     return out
 
 
-def _flux_bfl(transformer: Any, mods: dict, alpha: float, put: Any) -> dict:
-    """Write Flux.1 modules under BFL names (fusing q/k/v and linear1 block-diagonally); return the rest."""
+def _zimage_native(transformer: Any, mods: dict, alpha: float, put: Any, plain: bool, out: dict) -> dict:
+    """Z-Image in its original module names behind `diffusion_model.` (ComfyUI's own Z-Image keys): each block's
+    q/k/v fused into `attention.qkv` (block-diagonal) and `to_out.0` as `attention.out`, in the dotted
+    `lora.down`/`lora.up` suffixes, the one spelling with a fused `qkv` that diffusers' Z-Image converter splits
+    (ComfyUI reads it too). LoHa/LoKr/DoRA modules keep diffusers' paths (which ComfyUI's Z-Image map and
+    diffusers' LoKr converter take) behind the same prefix; so do modules outside the blocks (`all_x_embedder…`,
+    `t_embedder…`), which diffusers' converter knows only by those names."""
+    from ..lora.kohya import zimage_native_names
+
+    if plain:
+        def put_dotted(stem: str, tensors: dict, al: float) -> None:
+            put(stem, {"lora.down.weight": tensors["lora_down.weight"], "lora.up.weight": tensors["lora_up.weight"]},
+                al)
+
+        for module, tensors in _fused(zimage_native_names(transformer), mods, alpha, put_dotted,
+                                      "diffusion_model.").items():
+            put_dotted("diffusion_model." + module, tensors, alpha)
+        return out
+    for module, tensors in mods.items():
+        put("diffusion_model." + module, tensors, alpha)
+    return out
+
+
+def _fused(names: dict, mods: dict, alpha: float, put: Any, prefix: str) -> dict:
+    """Write the modules `names` (original name -> diffusers module or fused `Rows`) covers under `prefix` + the
+    original name, fusing split projections block-diagonally (kohya's `split_qkv=False` layout); return the rest.
+
+    A fused module's rank is r x parts, so its alpha is multiplied by the parts: alpha / rank stays the trained
+    scale. A part the adapter does not train is a zero block."""
     import torch
 
-    from ..lora.kohya import _flux_bfl_names
-
     rest = {m: (t["lora_down.weight"], t["lora_up.weight"]) for m, t in mods.items()}
-    for bfl, target in _flux_bfl_names(transformer).items():
+    for native, target in names.items():
         if isinstance(target, str):
             module = target.removeprefix("transformer.")
             if module in rest:
                 a, b = rest.pop(module)
-                put("lora_unet_" + bfl, {"lora_down.weight": a, "lora_up.weight": b}, alpha)
+                put(prefix + native, {"lora_down.weight": a, "lora_up.weight": b}, alpha)
             continue
         parts = [(p.removeprefix("transformer."), rows) for p, rows in target.parts]
         if len(parts) < 2 or not any(p in rest for p, _ in parts):
@@ -167,6 +199,5 @@ def _flux_bfl(transformer: Any, mods: dict, alpha: float, put: Any) -> dict:
             if b is not None:
                 (lo, hi), = rows
                 up[lo:hi, i * r:(i + 1) * r] = b
-        # the file's rank is r x parts: alpha scales with it so that alpha / rank stays the trained scale
-        put("lora_unet_" + bfl, {"lora_down.weight": torch.cat(downs), "lora_up.weight": up}, alpha * len(parts))
+        put(prefix + native, {"lora_down.weight": torch.cat(downs), "lora_up.weight": up}, alpha * len(parts))
     return {m: {"lora_down.weight": a, "lora_up.weight": b} for m, (a, b) in rest.items()}
