@@ -239,6 +239,8 @@ def test_a1111_api_hires_fields() -> None:
     # no hr_scheduler: the hires sampler's Automatic schedule where it differs from the first pass's (A1111 1.10)
     assert "schedule" not in fields(sampler_name="Euler", scheduler="Karras", hr_sampler_name="DPM++ 2M")
     assert fields(sampler_name="Euler", scheduler="Karras")["schedule"] == "uniform"
+    # LCM's Automatic is its own timesteps (as a first pass with scheduler=lcm runs): no schedule to name
+    assert "schedule" not in fields(sampler_name="Euler", scheduler="Karras", hr_sampler_name="LCM")
     assert fields(sampler_name="DPM++ 2M", scheduler="Exponential", hr_scheduler="Automatic")["schedule"] == "karras"
     got = fields(hr_sampler_name="DPM++ 2M", hr_scheduler="Karras", hr_prompt="a blue fox")
     assert (got["scheduler"], got["schedule"], got["prompt"]) == ("dpmpp_2m", "karras", "a blue fox")
