@@ -51,22 +51,54 @@ def reference(sd, i2i, text_pipe):
                    generator=[torch.Generator().manual_seed(3)]).images[0]
 
 
-def test_hires_sampler_is_diffusers_img2img_with_that_scheduler(sd) -> None:
-    """The second pass with hires.scheduler=euler_a is diffusers' img2img with EulerAncestralDiscreteScheduler
-    made from the model's scheduler config, on the first pass (the model's own scheduler) as before."""
+def a1111_uniform(alphas_cumprod, n: int):
+    """k-diffusion's evenly spaced schedule (A1111's "Uniform", Euler a's Automatic), written out here from
+    k-diffusion's `DiscreteSchedule` (not the runner's code): n timesteps from 999 to 0, their sigmas log-linearly
+    interpolated in the model's training sigmas, and the timestep each sigma gives the model (`sigma_to_t`)."""
+    import torch
+
+    table = ((1 - alphas_cumprod.float()) / alphas_cumprod.float()) ** 0.5
+    log_table = table.log()
+    t = torch.linspace(len(table) - 1, 0, n)
+    lo, hi, w = t.floor().long(), t.ceil().long(), t.frac()
+    sigmas = ((1 - w) * log_table[lo] + w * log_table[hi]).exp()
+    dists = sigmas.log() - log_table[:, None]
+    low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=len(table) - 2)
+    frac = ((log_table[low] - sigmas.log()) / (log_table[low] - log_table[low + 1])).clamp(0, 1)
+    return sigmas, (1 - frac) * low + frac * (low + 1)
+
+
+def test_hires_sampler_is_diffusers_img2img_with_that_scheduler(sd, tiny_dir: Path) -> None:
+    """The second pass with hires.scheduler=euler_a (no hires.schedule, the first pass's Automatic) runs as a first
+    pass with euler_a does: A1111's Automatic for Euler a, k-diffusion's evenly spaced sigmas, in diffusers'
+    EulerAncestralDiscreteScheduler made from the model's scheduler config; the first pass (the model's own
+    scheduler) as before."""
     import numpy as np
+    import torch
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionImg2ImgPipeline
 
     from runner.generate.batch import generate
     from runner.generate.prompt_embeds import PromptEmbeds
 
+    class A1111EulerA(EulerAncestralDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+            super().set_timesteps(num_inference_steps, device=device)
+            sigmas, t = a1111_uniform(self.alphas_cumprod, num_inference_steps)
+            self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+            self.timesteps = t.to(self.timesteps.dtype)
+
     own = generate(sd, [_job("a red fox", Hires(2.0, 2, 0.5, "Latent"))], True, PromptEmbeds())[0]
     (got,) = generate(sd, [_job("a red fox", Hires(2.0, 2, 0.5, "Latent", scheduler="euler_a"))], True,
                       PromptEmbeds())
     assert not np.array_equal(_px(got), _px(own))
-    sched = EulerAncestralDiscreteScheduler.from_config(sd.scheduler.config)
+    # "linspace": the first sigma is the whole noise (init_noise_sigma), as in k-diffusion
+    sched = A1111EulerA.from_pretrained(str(tiny_dir), subfolder="scheduler", timestep_spacing="linspace")
     ref = reference(sd, StableDiffusionImg2ImgPipeline(**{**sd.components, "scheduler": sched}), sd)
     assert np.array_equal(_px(got), _px(ref))
+    # diffusers' own Euler a spacing is another image: the reference tells A1111's sigmas apart
+    plain = EulerAncestralDiscreteScheduler.from_pretrained(str(tiny_dir), subfolder="scheduler")
+    assert not np.array_equal(_px(got), _px(reference(sd, StableDiffusionImg2ImgPipeline(
+        **{**sd.components, "scheduler": plain}), sd)))
     # the first pass's scheduler is left as it was
     assert type(sd.scheduler).__name__ != "EulerAncestralDiscreteScheduler"
 
@@ -165,10 +197,14 @@ def test_a1111_infotext_hires_sampler_and_schedule_type(tiny_dir: Path, tmp_path
     assert second("Sampler: Euler a") == {}
     assert second("Sampler: DPM++ 2M, Schedule type: Exponential, Hires sampler: Euler a") == \
         {"hires_scheduler": "euler_a", "hires_schedule": "uniform"}
-    # A1111's Euler a runs on Karras sigmas, diffusers' does not: said, and the pass keeps evenly spaced ones
+    # Euler a runs A1111's Karras sigmas as A1111 does
     assert second("Sampler: Euler, Schedule type: Karras, Hires sampler: Euler a, Hires schedule type: Karras") == \
-        {"hires_scheduler": "euler_a", "hires_schedule": "uniform",
-         "no_equivalent": ["Hires schedule type: Karras with Euler a"]}
+        {"hires_scheduler": "euler_a", "hires_schedule": "karras"}
+    # A1111's LCM takes Karras sigmas, diffusers' LCMScheduler does not: said, and the pass runs LCM as a first pass
+    # with it does (its Automatic: its own timesteps), not the first pass's Karras
+    assert second("Sampler: Euler, Schedule type: Karras, Hires sampler: LCM, Hires schedule type: Karras") == \
+        {"hires_scheduler": "lcm", "no_equivalent": ["Hires schedule type: Karras with LCM"]}
+    assert Hires(2, 0, 0.5, "Latent", scheduler="lcm").second_scheduler("euler", "karras") == ("lcm", None)
 
 
 @pytest.mark.parametrize(("cfg", "words"), [
@@ -180,9 +216,9 @@ def test_a1111_infotext_hires_sampler_and_schedule_type(tiny_dir: Path, tmp_path
      r"hires.schedule=exponential; null = the first pass's\): scheduler=dpmpp_2m_karras already means"),
     ({"scheduler": "euler", "hires": {"scale": 2, "scheduler": "ddim", "schedule": "karras"}},
      r"the hires. fix pass runs scheduler=ddim schedule=karras .*A1111 ignores the Schedule type"),
-    ({"scheduler": "euler", "schedule": "karras", "hires": {"scale": 2, "scheduler": "euler_a",
-                                                            "schedule": "karras"}},
-     r"schedule=karras is not available for scheduler=euler_a \(EulerAncestralDiscreteScheduler\); valid: "),
+    ({"scheduler": "euler", "schedule": "karras", "hires": {"scale": 2, "scheduler": "lcm", "schedule": "karras"}},
+     r"the hires. fix pass runs scheduler=lcm schedule=karras .*: schedule=karras is not available for "
+     r"scheduler=lcm \(LCMScheduler\); valid: uniform, sgm_uniform$"),
 ])
 def test_bad_overrides_are_one_line_before_loading(cfg: dict, words: str) -> None:
     from runner.config import validate
@@ -203,6 +239,8 @@ def test_a1111_api_hires_fields() -> None:
     # no hr_scheduler: the hires sampler's Automatic schedule where it differs from the first pass's (A1111 1.10)
     assert "schedule" not in fields(sampler_name="Euler", scheduler="Karras", hr_sampler_name="DPM++ 2M")
     assert fields(sampler_name="Euler", scheduler="Karras")["schedule"] == "uniform"
+    # LCM's Automatic is its own timesteps (as a first pass with scheduler=lcm runs): no schedule to name
+    assert "schedule" not in fields(sampler_name="Euler", scheduler="Karras", hr_sampler_name="LCM")
     assert fields(sampler_name="DPM++ 2M", scheduler="Exponential", hr_scheduler="Automatic")["schedule"] == "karras"
     got = fields(hr_sampler_name="DPM++ 2M", hr_scheduler="Karras", hr_prompt="a blue fox")
     assert (got["scheduler"], got["schedule"], got["prompt"]) == ("dpmpp_2m", "karras", "a blue fox")
@@ -250,6 +288,9 @@ def test_hires_checkpoint_is_img2img_of_that_model(sd, tiny_dir: Path, other_sd:
 
     spec = validate({"model": {"id": str(tiny_dir)}, "device": "cpu", "hires": {"scale": 2, "model": str(other_sd)}})
     loaded = load_model(spec.model, "cpu")
+    # the model's own scheduler in the first pass (the reference's), whatever an earlier test switched the
+    # process-cached pipeline to
+    loaded.use_scheduler(None)
     load_hires_models(loaded, spec, hires_model_infos(spec, loaded.info))
     other = loaded.pipe._t2i_hires_models[str(other_sd)].pipe
     hr = Hires(2.0, 2, 0.5, "Latent", model=str(other_sd))
@@ -335,7 +376,11 @@ def test_hires_checkpoint_refusals(tiny_dir: Path, tiny_sdxl: Path, tmp_path: Pa
 
 def test_a_first_pass_schedule_the_hires_sampler_cannot_run_is_its_own() -> None:
     assert Hires(2, 0, 0.5, "Latent", scheduler="ddim").second_scheduler("euler", "karras") == ("ddim", None)
-    assert Hires(2, 0, 0.5, "Latent", scheduler="euler_a").second_scheduler("euler", "karras") == ("euler_a", None)
+    assert Hires(2, 0, 0.5, "Latent", scheduler="lcm").second_scheduler("euler", "karras") == ("lcm", None)
+    # a schedule the hires sampler runs is the first pass's ("Use same scheduler"); none: its own Automatic
+    assert Hires(2, 0, 0.5, "Latent", scheduler="euler_a").second_scheduler("euler", "karras") == \
+        ("euler_a", "karras")
+    assert Hires(2, 0, 0.5, "Latent", scheduler="dpmpp_2m").second_scheduler("euler", None) == ("dpmpp_2m", None)
     assert Hires(2, 0, 0.5, "Latent", scheduler="dpmpp_2m").second_scheduler("euler", "karras") == \
         ("dpmpp_2m", "karras")
     assert Hires(2, 0, 0.5, "Latent").second_scheduler("euler", "karras") == ("euler", "karras")

@@ -77,8 +77,8 @@ class Hires:
 
     def second_scheduler(self, scheduler: str | None, schedule: str | None) -> tuple[str | None, str | None]:
         """The second pass's (scheduler, schedule) for a first pass run with `scheduler` and `schedule`; a first
-        pass's schedule that the hires sampler cannot run (DDIM's timesteps, Euler a on Karras) is left out: the
-        sampler's own, as A1111's Automatic."""
+        pass's schedule that the hires sampler cannot run (DDIM's timesteps, LCM on Karras) is left out: the
+        sampler's own, A1111's Automatic (config/schedulers.py `automatic`), built as a first pass's."""
         from .schedulers import check_pair
 
         if self.scheduler and self.schedule is None and schedule is not None and check_pair(self.scheduler,
@@ -290,7 +290,7 @@ def record_from_infotext(p: dict[str, Any]) -> dict[str, Any]:
 def _second_scheduler(p: dict[str, Any]) -> dict[str, Any]:
     """The record keys of A1111's Hires sampler / Hires schedule type; what diffusers cannot run is listed under
     `no_equivalent` (from_image warns) and the second pass keeps a schedule its sampler can run."""
-    from .schedulers import A1111_AUTOMATIC, SCHEDULER_TABLE, from_a1111
+    from .schedulers import A1111_AUTOMATIC, automatic, from_a1111
 
     sampler = p.get("Hires sampler") or p.get("Sampler") or ""
     # A1111 (>= 1.9) runs the second pass on `Hires schedule type`, else on the hires sampler's Automatic one, and
@@ -304,8 +304,9 @@ def _second_scheduler(p: dict[str, Any]) -> dict[str, Any]:
         out["hires_schedule"] = schedule
     if lost:
         out["no_equivalent"] = [f"Hires {x[0].lower()}{x[1:]}" for x in lost]
-        if scheduler is not None and schedule is None and "uniform" in SCHEDULER_TABLE[scheduler].schedules:
-            out["hires_schedule"] = "uniform"  # the first pass's would not run with this sampler either
+        auto = automatic(scheduler) if scheduler is not None and schedule is None else None
+        if auto is not None:  # the first pass's may not run with this sampler either: its Automatic, named
+            out["hires_schedule"] = auto
     return out
 
 

@@ -40,6 +40,7 @@ from ..config.schedulers import (
     SCHEDULE_TABLE,
     SCHEDULER_TABLE,
     a1111_schedule_types,
+    automatic,
     for_flow,
     from_a1111,
 )
@@ -190,8 +191,7 @@ def hires_fields(req: Txt2ImgRequest, models: tuple[str, ...] = ()) -> dict[str,
         # A1111 1.10 runs the second pass on the hires sampler's Automatic schedule unless hr_scheduler names one
         # (its API passes "Use same scheduler" through, which means the same there)
         first = sampler_pair(req)
-        row = SCHEDULER_TABLE[second.get("scheduler") or first[0]]
-        auto = row.auto_schedule or ("uniform" if row.kdiffusion else None)
+        auto = automatic(second.get("scheduler") or first[0])
         if auto is not None and auto != first[1]:
             second["schedule"] = auto
     else:
