@@ -184,19 +184,19 @@ def test_a1111_infotext_hires_sampler_and_schedule_type(tiny_dir: Path, tmp_path
     (rec,) = _from_image(img, tmp_path / "again", f"model.id={tiny_dir}").entries
     assert (rec["scheduler"], rec["hires_scheduler"], rec["hires_schedule"]) == ("euler", "dpmpp_2m", "karras")
     assert (rec["hires_sampler"], rec["hires_schedule_type"]) == ("DPM++ 2M", "Karras")
-    # no Hires schedule type: A1111 1.10 ran the second pass on the hires sampler's Automatic schedule, and left
-    # the label out where it is the first pass's
+    # no Hires schedule type: A1111 (processing.py: `hr_scheduler = self.scheduler` when None) ran the second pass
+    # on the first pass's Schedule type setting, and left the label out where it is the first pass's
     def second(fields: str) -> dict:
         got = record_from_infotext(parse_infotext(f"a\nSteps: 20, {fields}, Seed: 1, Size: 512x512, "
                                                   "Denoising strength: 0.5, Hires upscale: 2"))
         return {k: v for k, v in got.items() if "sched" in k or k == "no_equivalent"}
 
-    assert second("Sampler: Euler, Schedule type: Karras") == {"hires_schedule": "uniform"}
+    assert second("Sampler: Euler, Schedule type: Karras") == {}  # Karras in both passes
     assert second("Sampler: DPM++ 2M, Schedule type: Karras") == {}
     assert second("Sampler: DPM++ 2M Karras") == {}  # before 1.9: the name's schedule, in both passes
     assert second("Sampler: Euler a") == {}
     assert second("Sampler: DPM++ 2M, Schedule type: Exponential, Hires sampler: Euler a") == \
-        {"hires_scheduler": "euler_a", "hires_schedule": "uniform"}
+        {"hires_scheduler": "euler_a"}  # Euler a on the first pass's Exponential
     # Euler a runs A1111's Karras sigmas as A1111 does
     assert second("Sampler: Euler, Schedule type: Karras, Hires sampler: Euler a, Hires schedule type: Karras") == \
         {"hires_scheduler": "euler_a", "hires_schedule": "karras"}
@@ -236,9 +236,9 @@ def test_a1111_api_hires_fields() -> None:
         return hires_fields(Txt2ImgRequest(prompt="a fox", enable_hr=True, **kw))
 
     assert "scheduler" not in fields(hr_sampler_name="Use same sampler", hr_scheduler="Use same scheduler")
-    # no hr_scheduler: the hires sampler's Automatic schedule where it differs from the first pass's (A1111 1.10)
+    # no hr_scheduler: the first pass's Schedule type setting (A1111's processing.py), so no override
     assert "schedule" not in fields(sampler_name="Euler", scheduler="Karras", hr_sampler_name="DPM++ 2M")
-    assert fields(sampler_name="Euler", scheduler="Karras")["schedule"] == "uniform"
+    assert "schedule" not in fields(sampler_name="Euler", scheduler="Karras")
     # LCM's Automatic is its own timesteps (as a first pass with scheduler=lcm runs): no schedule to name
     assert "schedule" not in fields(sampler_name="Euler", scheduler="Karras", hr_sampler_name="LCM")
     assert fields(sampler_name="DPM++ 2M", scheduler="Exponential", hr_scheduler="Automatic")["schedule"] == "karras"

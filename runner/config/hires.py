@@ -293,9 +293,11 @@ def _second_scheduler(p: dict[str, Any]) -> dict[str, Any]:
     from .schedulers import A1111_AUTOMATIC, automatic, from_a1111
 
     sampler = p.get("Hires sampler") or p.get("Sampler") or ""
-    # A1111 (>= 1.9) runs the second pass on `Hires schedule type`, else on the hires sampler's Automatic one, and
-    # writes it only where its label differs from the first pass's `Schedule type`
-    scheduler, schedule, lost = from_a1111(sampler, p.get("Hires schedule type") or A1111_AUTOMATIC)
+    # A1111 (>= 1.9, processing.py: `hr_scheduler = self.scheduler` when None) runs the second pass on `Hires
+    # schedule type`, else on the first pass's Schedule type setting, and writes the hires one only where its label
+    # differs from the first pass's `Schedule type`; its own reader ("Use same scheduler") does the same
+    label = p.get("Hires schedule type") or p.get("Schedule type") or A1111_AUTOMATIC
+    scheduler, schedule, lost = from_a1111(sampler, label)
     first = from_a1111(p.get("Sampler") or "", p.get("Schedule type"))[1] if p.get("Sampler") else None
     out: dict[str, Any] = {}
     if p.get("Hires sampler") and scheduler is not None:

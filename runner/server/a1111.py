@@ -187,9 +187,10 @@ def hires_fields(req: Txt2ImgRequest, models: tuple[str, ...] = ()) -> dict[str,
                                  + ", ".join(valid))
         second["scheduler"] = scheduler
     given = (req.hr_scheduler or "").strip()
-    if given.lower() in ("", "use same scheduler", A1111_AUTOMATIC.lower()):
-        # A1111 1.10 runs the second pass on the hires sampler's Automatic schedule unless hr_scheduler names one
-        # (its API passes "Use same scheduler" through, which means the same there)
+    if given.lower() in ("", "use same scheduler"):
+        pass  # A1111 (processing.py: `hr_scheduler = self.scheduler` when None): the first pass's setting
+    elif given.lower() == A1111_AUTOMATIC.lower():
+        # the hires sampler's own Automatic schedule, whatever the first pass's
         first = sampler_pair(req)
         auto = automatic(second.get("scheduler") or first[0])
         if auto is not None and auto != first[1]:
