@@ -38,6 +38,9 @@ class DataConfig:
     shuffle_tags: bool = False  # shuffle the comma-separated tags of each caption every time it is drawn
     keep_tokens: int = 0  # ... keeping the first N tags in place (kohya's keep_tokens)
     min_size: int = 32  # images with a side below this (pixels) are skipped, one line each
+    cache_latents: bool = False  # keep each image view's VAE posterior on disk (cache_dir), reused across runs
+    cache_text: bool = False  # keep each caption's text-encoder output on disk (frozen text encoders)
+    cache_dir: str | None = None  # null = DATA_DIR/.t2i-cache (beside the images, as kohya's and ai-toolkit's)
 
 
 ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")

@@ -18,6 +18,7 @@ from ..common.io import atomic_write_bytes
 from ..common.paths import slug
 from ..generate.faults import Interrupted, InterruptGuard
 from . import objective
+from .cache import LatentSource, TextSource, View, cache_dir
 from .checkpoint import (
     apply_optimizer_settings,
     changed_settings,
@@ -34,7 +35,6 @@ from .data import (
     Example,
     bucket_batch,
     bucket_items,
-    load_pixels,
     sample_order,
     scan,
     training_caption,
@@ -74,8 +74,10 @@ class TrainResult:
         )
 
 
-def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int, buckets: list | None = None):
-    """The micro-batch at `position` of the seeded sample stream: pixels (one size) and training captions."""
+def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int, buckets: list | None = None
+           ) -> tuple[list[View], list[str]]:
+    """The micro-batch at `position` of the seeded sample stream: the image views (one size) and training
+    captions."""
     import torch
 
     d, t = spec.data, spec.train
@@ -85,16 +87,11 @@ def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int, b
     else:
         idx = sample_order(len(examples), t.seed, position, t.batch_size)
         sizes = [size] * len(idx)
-    pixels = [
-        load_pixels(
-            examples[i], sizes[j], d.crop, d.flip, torch.Generator().manual_seed((t.seed << 32) + position + j)
-        )
-        for j, i in enumerate(idx)
-    ]
+    views = [View(examples[i], sizes[j], (t.seed << 32) + position + j) for j, i in enumerate(idx)]
     # the caption's own draws (dropout, tag order) from a generator of its own: the pixels stay as without them
     captions = [training_caption(examples[i].caption, d, torch.Generator().manual_seed(
         ((t.seed << 32) + position + j) ^ 0x9E3779B97F4A7C15)) for j, i in enumerate(idx)]
-    return torch.stack(pixels), captions
+    return views, captions
 
 
 def _check_targets(key: str, targets: Any, model: Any) -> None:
@@ -192,6 +189,7 @@ def train(
     spec = cfg if isinstance(cfg, TrainSpec) else validate_train(cfg)
     t, lo = spec.train, spec.lora
     examples = scan(spec.data)
+    cache = cache_dir(spec.data)
     name = lo.name or slug(Path(spec.data.dir).expanduser().resolve().name, 60)
     run_dir = Path(output_dir)
     ckpt = find_resume(spec.resume, run_dir)
@@ -265,7 +263,8 @@ def train(
     prompts = default_prompts(spec, [e.caption for e in examples])
 
     # 5. Train: accumulate micro-batch gradients, step; checkpoint (with validation images) every N steps.
-    step_loss_of = _micro_batch_loss(adapter, noise_sched, spec, gen, bool(lo.text_encoder))
+    step_loss_of = _micro_batch_loss(adapter, noise_sched, spec, gen, LatentSource(adapter, spec.data, cache),
+                                     TextSource(adapter, spec.data, cache, bool(lo.text_encoder)))
     bar = tqdm(total=t.steps, initial=start_step, unit="step", disable=not spec.progress, dynamic_ncols=True)
     began = time.perf_counter()
     last = None
@@ -316,28 +315,20 @@ def train(
     )
 
 
-def _micro_batch_loss(adapter: Any, noise_sched: Any, spec: TrainSpec, gen: Any, train_te: bool
-                      ) -> Callable[[Any, list[str]], Any]:
-    """The loss of one micro-batch (pixels, captions): encode the images and captions with the frozen parts
-    (the captions with gradients when a text encoder trains), then the family's objective, under autocast when
+def _micro_batch_loss(adapter: Any, noise_sched: Any, spec: TrainSpec, gen: Any, latents_of: LatentSource,
+                      cond_of: TextSource) -> Callable[[list[View], list[str]], Any]:
+    """The loss of one micro-batch (views, captions): encode the images and captions with the frozen parts (the
+    captions with gradients when a text encoder trains), then the family's objective, under autocast when
     training in mixed precision."""
     import torch
 
     amp = adapter.dtype != torch.float32
-    cache: dict[tuple[str, ...], dict] = {}  # frozen text encoders: each caption batch is encoded once
 
-    def loss_of(pixels: Any, captions: list[str]) -> Any:
+    def loss_of(views: list[View], captions: list[str]) -> Any:
         with torch.autocast(device_type=adapter.device, dtype=adapter.dtype, enabled=amp):
             with torch.no_grad():
-                latents = adapter.latents(pixels, gen)
-            if train_te:
-                cond = adapter.encode(captions)
-            else:
-                key = tuple(captions)
-                if key not in cache:
-                    with torch.no_grad():
-                        cache[key] = adapter.encode(captions)
-                cond = cache[key]
+                latents = latents_of(views, gen)
+            cond = cond_of(captions)
             return objective.loss(adapter, latents, cond, gen, spec.train, noise_sched)
 
     return loss_of
