@@ -239,7 +239,8 @@ class QwenImage(TrainAdapter):
 
         embeds = [c["encoder_hidden_states"][0] for c in conds]
         masks = [c["encoder_hidden_states_mask"][0] if c["encoder_hidden_states_mask"] is not None
-                 else torch.ones(e.shape[0], dtype=torch.long, device=e.device) for c, e in zip(conds, embeds, strict=True)]
+                 else torch.ones(e.shape[0], dtype=torch.long, device=e.device)
+                 for c, e in zip(conds, embeds, strict=True)]
         longest = max(e.shape[0] for e in embeds)
         embeds = torch.stack([torch.cat([e, e.new_zeros(longest - e.shape[0], e.shape[1])]) for e in embeds])
         mask = torch.stack([torch.cat([m, m.new_zeros(longest - m.shape[0])]) for m in masks])
