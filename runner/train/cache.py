@@ -188,11 +188,11 @@ class LatentSource:
         self.store = Store(disk, "latents", adapter.device)
         self._vae: str | None = None
 
-    def __call__(self, views: list[View], gen: Any) -> Any:
+    def __call__(self, views: list[View], gen: Any, share: tuple[int, int, int] | None = None) -> Any:
         import torch
 
         params = [self.params(v)["params"] for v in views]
-        return self.adapter.latents_from(torch.cat(params), gen)
+        return self.adapter.latents_from(torch.cat(params), gen, share)
 
     def params(self, view: View) -> dict[str, Any]:
         import torch

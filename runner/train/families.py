@@ -119,17 +119,23 @@ class TrainAdapter:
         deterministic part of encoding, which the latent cache holds; sampling draws from the run's generator."""
         return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters
 
-    def _vae_sample(self, params: Any, gen: Any) -> Any:
+    def _vae_sample(self, params: Any, gen: Any, share: tuple[int, int, int] | None = None) -> Any:
+        """A posterior sample, as diffusers' `latent_dist.sample(gen)` draws it (CPU noise in the parameters'
+        dtype); with `share` (start, stop, total) the noise is drawn for the global batch and sliced."""
+        import torch
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        return DiagonalGaussianDistribution(params).sample(generator=gen)
+        dist = DiagonalGaussianDistribution(params)
+        a, b, n = share or (0, params.shape[0], params.shape[0])
+        noise = torch.randn((n, *dist.mean.shape[1:]), generator=gen, dtype=params.dtype)[a:b]
+        return dist.mean + dist.std * noise.to(params.device)
 
-    def latents_from(self, params: Any, gen: Any) -> Any:
+    def latents_from(self, params: Any, gen: Any, share: tuple[int, int, int] | None = None) -> Any:
         """The training latents of a batch of `vae_params`: a posterior sample, scaled (and shifted) as the family
         expects."""
         cfg = self.vae.config
         shift = getattr(cfg, "shift_factor", None) or 0.0
-        return (self._vae_sample(params, gen) - shift) * cfg.scaling_factor
+        return (self._vae_sample(params, gen, share) - shift) * cfg.scaling_factor
 
     def latents(self, pixels: Any, gen: Any) -> Any:
         return self.latents_from(self.vae_params(pixels), gen)
@@ -249,14 +255,14 @@ class QwenImage(TrainAdapter):
     def vae_params(self, pixels: Any) -> Any:
         return self.vae.encode(pixels.to(self.device, self.vae.dtype).unsqueeze(2)).latent_dist.parameters
 
-    def _vae_sample(self, params: Any, gen: Any) -> Any:
-        return super()._vae_sample(params, gen)[:, :, 0]
+    def _vae_sample(self, params: Any, gen: Any, share: tuple[int, int, int] | None = None) -> Any:
+        return super()._vae_sample(params, gen, share)[:, :, 0]
 
-    def latents_from(self, params: Any, gen: Any) -> Any:
+    def latents_from(self, params: Any, gen: Any, share: tuple[int, int, int] | None = None) -> Any:
         import torch
 
         cfg = self.vae.config
-        x = self._vae_sample(params, gen)
+        x = self._vae_sample(params, gen, share)
         mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(x)
         std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(x)
         return (x - mean) / std
@@ -290,10 +296,10 @@ class Flux2(TrainAdapter):
         embeds, text_ids = self.pipe.encode_prompt(captions, device=self.device, text_encoder_out_layers=out_layers)
         return {"encoder_hidden_states": embeds, "txt_ids": text_ids}
 
-    def latents_from(self, params: Any, gen: Any) -> Any:
+    def latents_from(self, params: Any, gen: Any, share: tuple[int, int, int] | None = None) -> Any:
         import torch
 
-        x = self.pipe._patchify_latents(self._vae_sample(params, gen))
+        x = self.pipe._patchify_latents(self._vae_sample(params, gen, share))
         bn, eps = self.vae.bn, self.vae.config.batch_norm_eps
         mean = bn.running_mean.view(1, -1, 1, 1).to(x)
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(x)
