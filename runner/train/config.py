@@ -14,6 +14,7 @@ from ..config.validate import _choice, _number, _side
 from .families import PRESETS
 from .objective import SAMPLING
 from .optim import OPTIMIZERS, check_optimizer
+from .quant import check_quantize
 
 CAPTION_SOURCES = ("auto", "txt", "jsonl", "fixed")
 CROPS = ("center", "random")
@@ -82,6 +83,7 @@ class OptimConfig:
     guidance_scale: float = 1.0  # Flux.1-dev's distilled guidance embedding during training (ai-toolkit: 1.0)
     mixed_precision: str = "auto"  # auto = bf16 (fp16 if unsupported) on CUDA, fp32 on cpu/mps | no | fp16 | bf16
     gradient_checkpointing: bool = False
+    quantize_base: str | None = None  # null | int8: the frozen denoiser's Linear weights in int8 (torchao; quant.py)
     seed: int = 0
     checkpoint_every: int = 500  # and at the last step; each writes a resumable checkpoint + validation images
     keep_checkpoints: int = 0  # 0 = keep all
@@ -203,6 +205,7 @@ def validate_train(cfg: DictConfig | dict) -> TrainSpec:
         _number("train.timestep_shift", t.timestep_shift, float, 1e-3, 1000.0)
     _number("train.guidance_scale", t.guidance_scale, float, 0.0, 100.0)
     _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    check_quantize(t.quantize_base)
     _number("train.seed", t.seed, int, 0, 2**32 - 1)
     _number("train.checkpoint_every", t.checkpoint_every, int, 1, 10_000_000)
     _number("train.keep_checkpoints", t.keep_checkpoints, int, 0, 1_000_000)

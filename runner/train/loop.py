@@ -45,6 +45,7 @@ from .losslog import LossLog, plot
 from .metadata import kohya_metadata
 from .model import latent_factor, load_pipe, native_size, resolve_precision
 from .optim import Ema, make_optimizer
+from .quant import quantize_denoiser
 from .save import save_lora
 from .validation import default_prompts, render
 
@@ -238,6 +239,10 @@ def train(
     for module in adapter.frozen():
         module.requires_grad_(False)
         module.to(device, dtype=weight_dtype)
+    if t.quantize_base:
+        count = quantize_denoiser(adapter.denoiser, t.quantize_base)
+        log.info("train.quantize_base=%s: %d Linear layers of the %s quantized", t.quantize_base, count,
+                 adapter.spec.denoiser)
     torch.manual_seed(t.seed)
     modules, params = _add_lora(spec, adapter)
 
