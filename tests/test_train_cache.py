@@ -78,8 +78,8 @@ def _same(a: Path, b: Path) -> bool:
 
 
 @pytest.mark.parametrize("family", ["sd15", "qwenimage"])
-def test_cache_changes_nothing_and_is_read_back(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                ) -> None:
+def test_cache_changes_nothing_and_is_read_back(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     from runner.train.loop import train
 
     data, cache = _data(tmp_path / "data"), tmp_path / "cache"
@@ -95,11 +95,15 @@ def test_cache_changes_nothing_and_is_read_back(family: str, tmp_path: Path, mon
     assert cold_calls == (len(latents), len(texts)) and len(latents) >= 2 and len(texts) >= 2
     assert plain_calls[0] == 3 * 2  # without the cache every view is encoded each time it is drawn
     assert warm_calls == (0, 0)  # every view and caption read from disk
-    # another image (same name): only its own views are encoded again, and the new result differs
+    # another image (same name): only its own views are encoded again, and the new result differs; a truncated
+    # entry is recomputed with one warning
     Image.new("RGB", (40, 32), (20, 200, 20)).save(data / "red.png")
-    again = train(_cfg(family, data, cache), tmp_path / "again")
+    texts[0].write_bytes(texts[0].read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        again = train(_cfg(family, data, cache), tmp_path / "again")
     vae_calls, text_calls = calls.take()
-    assert 1 <= vae_calls <= 2 and text_calls == 0 and not _same(again.lora_file, warm.lora_file)
+    assert 1 <= vae_calls <= 2 and text_calls == 1 and not _same(again.lora_file, warm.lora_file)
+    assert sum("is unreadable" in r.getMessage() for r in caplog.records) == 1
     assert len(list((cache / "latents").iterdir())) == len(latents) + vae_calls
 
 

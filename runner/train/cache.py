@@ -119,31 +119,30 @@ def _unpack(tensors: dict[str, Any], layout: dict[str, str], device: str) -> dic
 
 
 class Store:
-    """Entries of one kind, kept in memory for the run and, with a folder, on disk across runs."""
+    """Entries of one kind, kept in (CPU) memory for the run and, with a folder, on disk across runs."""
 
     def __init__(self, folder: Path | None, kind: str, device: str) -> None:
         self.folder = folder / kind if folder is not None else None
         self.device = device
-        self.memory: dict[str, dict[str, Any]] = {}
+        self.memory: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}  # name: (CPU tensors, layout)
         self.computed = 0  # entries this run computed (encoder calls)
         self.read = 0  # entries read from disk
 
     def get(self, key: dict, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         name = _digest(key)
-        if name in self.memory:
-            return self.memory[name]
-        value = self._read(name, key) if self.folder is not None else None
-        if value is None:
-            value = make()
-            self.computed += 1
-            if self.folder is not None:
-                self._write(name, key, value)
-        else:
-            self.read += 1
-        self.memory[name] = value
-        return value
+        if name not in self.memory:
+            packed = self._read(name, key) if self.folder is not None else None
+            if packed is None:
+                packed = _pack(make())
+                self.computed += 1
+                if self.folder is not None:
+                    self._write(name, key, packed)
+            else:
+                self.read += 1
+            self.memory[name] = packed
+        return _unpack(*self.memory[name], self.device)
 
-    def _read(self, name: str, key: dict) -> dict[str, Any] | None:
+    def _read(self, name: str, key: dict) -> tuple[dict[str, Any], dict[str, str]] | None:
         from safetensors import safe_open
 
         path = self.folder / f"{name}.safetensors"
@@ -155,15 +154,15 @@ class Store:
                 if json.loads(meta.get("key", "null")) != json.loads(json.dumps(key, default=str)):
                     return None  # another key with this name (never in practice) or an older layout
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors reader
-            return _unpack(tensors, json.loads(meta["layout"]), self.device)
+            return tensors, json.loads(meta["layout"])
         except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is recomputed, not fatal
             log.warning("cache entry %s is unreadable (%s); recomputing it", path, exc)
             return None
 
-    def _write(self, name: str, key: dict, value: dict[str, Any]) -> None:
+    def _write(self, name: str, key: dict, packed: tuple[dict[str, Any], dict[str, str]]) -> None:
         from safetensors.torch import save
 
-        tensors, layout = _pack(value)
+        tensors, layout = packed
         meta = {"key": json.dumps(key, sort_keys=True, default=str), "layout": json.dumps(layout)}
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.folder / f"{name}.safetensors", save(tensors, metadata=meta))
