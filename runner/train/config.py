@@ -14,6 +14,7 @@ from ..config.validate import _choice, _number, _side
 from .families import PRESETS
 from .objective import SAMPLING
 from .optim import OPTIMIZERS, check_optimizer
+from .quant import check_quantize
 
 CAPTION_SOURCES = ("auto", "txt", "jsonl", "fixed")
 CROPS = ("center", "random")
@@ -38,6 +39,9 @@ class DataConfig:
     shuffle_tags: bool = False  # shuffle the comma-separated tags of each caption every time it is drawn
     keep_tokens: int = 0  # ... keeping the first N tags in place (kohya's keep_tokens)
     min_size: int = 32  # images with a side below this (pixels) are skipped, one line each
+    cache_latents: bool = False  # keep each image view's VAE posterior on disk (cache_dir), reused across runs
+    cache_text: bool = False  # keep each caption's text-encoder output on disk (frozen text encoders)
+    cache_dir: str | None = None  # null = DATA_DIR/.t2i-cache (beside the images, as kohya's and ai-toolkit's)
 
 
 ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")
@@ -79,6 +83,7 @@ class OptimConfig:
     guidance_scale: float = 1.0  # Flux.1-dev's distilled guidance embedding during training (ai-toolkit: 1.0)
     mixed_precision: str = "auto"  # auto = bf16 (fp16 if unsupported) on CUDA, fp32 on cpu/mps | no | fp16 | bf16
     gradient_checkpointing: bool = False
+    quantize_base: str | None = None  # null | int8: the frozen denoiser's Linear weights in int8 (torchao; quant.py)
     seed: int = 0
     checkpoint_every: int = 500  # and at the last step; each writes a resumable checkpoint + validation images
     keep_checkpoints: int = 0  # 0 = keep all
@@ -200,6 +205,7 @@ def validate_train(cfg: DictConfig | dict) -> TrainSpec:
         _number("train.timestep_shift", t.timestep_shift, float, 1e-3, 1000.0)
     _number("train.guidance_scale", t.guidance_scale, float, 0.0, 100.0)
     _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    check_quantize(t.quantize_base)
     _number("train.seed", t.seed, int, 0, 2**32 - 1)
     _number("train.checkpoint_every", t.checkpoint_every, int, 1, 10_000_000)
     _number("train.keep_checkpoints", t.keep_checkpoints, int, 0, 1_000_000)

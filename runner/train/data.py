@@ -195,10 +195,17 @@ def load_pixels(example: Example, size: int | tuple[int, int], crop: str, flip: 
     else:
         left, top = (w - tw) // 2, (h - th) // 2
     im = im.crop((left, top, left + tw, top + th))
-    if flip and bool(torch.rand((), generator=gen) < 0.5):
+    if draw_flip(flip, gen):
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
     return arr / 127.5 - 1.0
+
+
+def draw_flip(flip: bool, gen: Any) -> bool:
+    """Whether a sample is flipped (one draw from `gen` when `flip` is on, after the crop's draws)."""
+    import torch
+
+    return flip and bool(torch.rand((), generator=gen) < 0.5)
 
 
 def bucket_size(width: int, height: int, side: int, factor: int) -> tuple[int, int]:

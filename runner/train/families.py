@@ -105,15 +105,40 @@ class TrainAdapter:
     def encode(self, captions: list[str]) -> dict[str, Any]:
         raise NotImplementedError
 
-    # -- latents ---------------------------------------------------------------------------------------------
-    def _vae_sample(self, pixels: Any, gen: Any) -> Any:
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        return dist.sample(generator=gen)
+    def collate(self, conds: list[dict[str, Any]]) -> dict[str, Any]:
+        """One batch's conditioning from each caption's own `encode([caption])` (what the text cache holds):
+        tensors joined on the batch axis, per-caption lists joined."""
+        import torch
 
-    def latents(self, pixels: Any, gen: Any) -> Any:
+        return {k: ([x for c in conds for x in c[k]] if isinstance(conds[0][k], list)
+                    else torch.cat([c[k] for c in conds])) for k in conds[0]}
+
+    # -- latents ---------------------------------------------------------------------------------------------
+    def vae_params(self, pixels: Any) -> Any:
+        """The VAE posterior's parameters (mean and log-variance, diffusers' `latent_dist.parameters`): the
+        deterministic part of encoding, which the latent cache holds; sampling draws from the run's generator."""
+        return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters
+
+    def _vae_sample(self, params: Any, gen: Any, share: tuple[int, int, int] | None = None) -> Any:
+        """A posterior sample, as diffusers' `latent_dist.sample(gen)` draws it (CPU noise in the parameters'
+        dtype); with `share` (start, stop, total) the noise is drawn for the global batch and sliced."""
+        import torch
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution(params)
+        a, b, n = share or (0, params.shape[0], params.shape[0])
+        noise = torch.randn((n, *dist.mean.shape[1:]), generator=gen, dtype=params.dtype)[a:b]
+        return dist.mean + dist.std * noise.to(params.device)
+
+    def latents_from(self, params: Any, gen: Any, share: tuple[int, int, int] | None = None) -> Any:
+        """The training latents of a batch of `vae_params`: a posterior sample, scaled (and shifted) as the family
+        expects."""
         cfg = self.vae.config
         shift = getattr(cfg, "shift_factor", None) or 0.0
-        return (self._vae_sample(pixels, gen) - shift) * cfg.scaling_factor
+        return (self._vae_sample(params, gen, share) - shift) * cfg.scaling_factor
+
+    def latents(self, pixels: Any, gen: Any) -> Any:
+        return self.latents_from(self.vae_params(pixels), gen)
 
     # -- denoiser --------------------------------------------------------------------------------------------
     def predict(self, noisy: Any, t: Any, cond: dict[str, Any]) -> Any:
@@ -188,6 +213,10 @@ class Flux1(TrainAdapter):
                                                            max_sequence_length=self.max_sequence)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
 
+    def collate(self, conds: list[dict[str, Any]]) -> dict[str, Any]:
+        out = super().collate([{k: v for k, v in c.items() if k != "txt_ids"} for c in conds])
+        return {**out, "txt_ids": conds[0]["txt_ids"]}  # (sequence, 3): the same for every caption, no batch axis
+
     @property
     def max_sequence(self) -> int:
         return min(512, int(getattr(self.pipe.tokenizer_2, "model_max_length", 512)))
@@ -209,15 +238,31 @@ class QwenImage(TrainAdapter):
         embeds, mask = self.pipe.encode_prompt(captions, device=self.device)
         return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
 
-    def _vae_sample(self, pixels: Any, gen: Any) -> Any:
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype).unsqueeze(2)).latent_dist
-        return dist.sample(generator=gen)[:, :, 0]
+    def collate(self, conds: list[dict[str, Any]]) -> dict[str, Any]:
+        """Each caption's embeddings padded with zeros to the longest, and the mask of the real tokens (None
+        when all are real): what the pipeline's `encode_prompt` builds for a batch."""
+        import torch
 
-    def latents(self, pixels: Any, gen: Any) -> Any:
+        embeds = [c["encoder_hidden_states"][0] for c in conds]
+        masks = [c["encoder_hidden_states_mask"][0] if c["encoder_hidden_states_mask"] is not None
+                 else torch.ones(e.shape[0], dtype=torch.long, device=e.device)
+                 for c, e in zip(conds, embeds, strict=True)]
+        longest = max(e.shape[0] for e in embeds)
+        embeds = torch.stack([torch.cat([e, e.new_zeros(longest - e.shape[0], e.shape[1])]) for e in embeds])
+        mask = torch.stack([torch.cat([m, m.new_zeros(longest - m.shape[0])]) for m in masks])
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": None if mask.all() else mask}
+
+    def vae_params(self, pixels: Any) -> Any:
+        return self.vae.encode(pixels.to(self.device, self.vae.dtype).unsqueeze(2)).latent_dist.parameters
+
+    def _vae_sample(self, params: Any, gen: Any, share: tuple[int, int, int] | None = None) -> Any:
+        return super()._vae_sample(params, gen, share)[:, :, 0]
+
+    def latents_from(self, params: Any, gen: Any, share: tuple[int, int, int] | None = None) -> Any:
         import torch
 
         cfg = self.vae.config
-        x = self._vae_sample(pixels, gen)
+        x = self._vae_sample(params, gen, share)
         mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(x)
         std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(x)
         return (x - mean) / std
@@ -232,7 +277,8 @@ class QwenImage(TrainAdapter):
 
 class ZImage(TrainAdapter):
     def encode(self, captions: list[str]) -> dict[str, Any]:
-        embeds, _ = self.pipe.encode_prompt(captions, device=self.device, do_classifier_free_guidance=False)
+        # a copy: the pipeline writes its chat-templated prompts into the list it is given
+        embeds, _ = self.pipe.encode_prompt(list(captions), device=self.device, do_classifier_free_guidance=False)
         return {"cap_feats": list(embeds)}
 
     def predict(self, noisy: Any, t: Any, cond: dict[str, Any]) -> Any:
@@ -250,10 +296,10 @@ class Flux2(TrainAdapter):
         embeds, text_ids = self.pipe.encode_prompt(captions, device=self.device, text_encoder_out_layers=out_layers)
         return {"encoder_hidden_states": embeds, "txt_ids": text_ids}
 
-    def latents(self, pixels: Any, gen: Any) -> Any:
+    def latents_from(self, params: Any, gen: Any, share: tuple[int, int, int] | None = None) -> Any:
         import torch
 
-        x = self.pipe._patchify_latents(self._vae_sample(pixels, gen))
+        x = self.pipe._patchify_latents(self._vae_sample(params, gen, share))
         bn, eps = self.vae.bn, self.vae.config.batch_norm_eps
         mean = bn.running_mean.view(1, -1, 1, 1).to(x)
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(x)

@@ -18,6 +18,7 @@ from ..common.io import atomic_write_bytes
 from ..common.paths import slug
 from ..generate.faults import Interrupted, InterruptGuard
 from . import objective
+from .cache import LatentSource, TextSource, View, cache_dir
 from .checkpoint import (
     apply_optimizer_settings,
     changed_settings,
@@ -34,16 +35,17 @@ from .data import (
     Example,
     bucket_batch,
     bucket_items,
-    load_pixels,
     sample_order,
     scan,
     training_caption,
 )
+from .dist import setup
 from .families import Flux1, make_adapter, target_modules
 from .losslog import LossLog, plot
 from .metadata import kohya_metadata
 from .model import latent_factor, load_pipe, native_size, resolve_precision
 from .optim import Ema, make_optimizer
+from .quant import quantize_denoiser
 from .save import save_lora
 from .validation import default_prompts, render
 
@@ -74,27 +76,25 @@ class TrainResult:
         )
 
 
-def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int, buckets: list | None = None):
-    """The micro-batch at `position` of the seeded sample stream: pixels (one size) and training captions."""
+def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int, buckets: list | None = None,
+           count: int | None = None) -> tuple[list[View], list[str]]:
+    """The micro-batch of `count` (default train.batch_size) at `position` of the seeded sample stream: the image
+    views (one size) and training captions."""
     import torch
 
     d, t = spec.data, spec.train
+    count = count or t.batch_size
     if buckets:
-        chosen = bucket_batch(buckets, t.seed, t.batch_size, position // t.batch_size)
+        chosen = bucket_batch(buckets, t.seed, count, position // count)
         idx, sizes = [i for i, _ in chosen], [s for _, s in chosen]
     else:
-        idx = sample_order(len(examples), t.seed, position, t.batch_size)
+        idx = sample_order(len(examples), t.seed, position, count)
         sizes = [size] * len(idx)
-    pixels = [
-        load_pixels(
-            examples[i], sizes[j], d.crop, d.flip, torch.Generator().manual_seed((t.seed << 32) + position + j)
-        )
-        for j, i in enumerate(idx)
-    ]
+    views = [View(examples[i], sizes[j], (t.seed << 32) + position + j) for j, i in enumerate(idx)]
     # the caption's own draws (dropout, tag order) from a generator of its own: the pixels stay as without them
     captions = [training_caption(examples[i].caption, d, torch.Generator().manual_seed(
         ((t.seed << 32) + position + j) ^ 0x9E3779B97F4A7C15)) for j, i in enumerate(idx)]
-    return torch.stack(pixels), captions
+    return views, captions
 
 
 def _check_targets(key: str, targets: Any, model: Any) -> None:
@@ -156,6 +156,21 @@ def _add_lora(spec: TrainSpec, adapter: Any) -> tuple[dict[str, Any], list]:
     return modules, params
 
 
+def _all_reduce(ddp: Any, params: list, step_loss: float) -> float:
+    """Sum the adapter gradients and the step's loss over the processes (each already weighted by its share of
+    the global batch): the gradient and loss of the global batch. One process: unchanged."""
+    import torch
+
+    if ddp.world == 1:
+        return step_loss
+    for p in params:
+        if p.grad is None:  # a process whose shares were all empty
+            p.grad = torch.zeros_like(p)
+    total = torch.tensor([step_loss], dtype=torch.float64, device=params[0].device)
+    ddp.sum_([p.grad for p in params] + [total])
+    return float(total.item())
+
+
 def _apply_gradients(optimizer: Any, lr_sched: Any, scaler: Any, params: list, max_grad_norm: float) -> float:
     """Clip (unscaled) gradients, step the optimizer and the LR schedule; the LR this step used."""
     import torch
@@ -192,15 +207,17 @@ def train(
     spec = cfg if isinstance(cfg, TrainSpec) else validate_train(cfg)
     t, lo = spec.train, spec.lora
     examples = scan(spec.data)
+    cache = cache_dir(spec.data)
     name = lo.name or slug(Path(spec.data.dir).expanduser().resolve().name, 60)
-    run_dir = Path(output_dir)
+    device = resolve_device(spec.device)
+    ddp = setup(device)  # one process, or one of `accelerate launch`'s (dist.py); process 0 writes every file
+    run_dir = Path(ddp.from_main(str(output_dir)))  # Hydra's dir of process 0 (the others' may be a second off)
     ckpt = find_resume(spec.resume, run_dir)
     if ckpt is not None and spec.resume not in ("auto", False):
         run_dir = ckpt.parent.parent  # resume=PATH continues that run in its own folder
     fprint = fingerprint(spec, name)
     start_step = check_resume(ckpt, fprint) if ckpt is not None else 0
     changed = changed_settings(ckpt, spec) if ckpt is not None else {}
-    device = resolve_device(spec.device)
     weight_dtype = resolve_precision(t.mixed_precision, device)
 
     # 2. Load the base model, frozen on the device, and add the trainable LoRA layers.
@@ -222,6 +239,10 @@ def train(
     for module in adapter.frozen():
         module.requires_grad_(False)
         module.to(device, dtype=weight_dtype)
+    if t.quantize_base:
+        count = quantize_denoiser(adapter.denoiser, t.quantize_base)
+        log.info("train.quantize_base=%s: %d Linear layers of the %s quantized", t.quantize_base, count,
+                 adapter.spec.denoiser)
     torch.manual_seed(t.seed)
     modules, params = _add_lora(spec, adapter)
 
@@ -247,26 +268,31 @@ def train(
 
     # 4. The run dir: resume from the checkpoint (weights, optimizer and random state, loss log) or start one.
     losses = LossLog(run_dir / "loss.csv")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    clean_partial(run_dir)
+    if ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_partial(run_dir)
     if ckpt is not None:
         load_checkpoint(ckpt, state)
         apply_optimizer_settings(optimizer, lr_sched, spec)
-        losses.truncate(start_step)
+        if ddp.main:
+            losses.truncate(start_step)
         news = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
         log.warning("resuming from %s (step %d): LoRA weights, optimizer state, random state and loss log come from "
                     "the checkpoint; %s", ckpt, start_step, f"changed settings applied: {news}" if news else
                     "settings unchanged")
-    else:
+    elif ddp.main:
         losses.truncate(0)  # a fresh start (no checkpoint to resume): an earlier attempt's rows are not this run's
-    if not (run_dir / CONFIG_FILE).exists() or ckpt is None:
+    if ddp.main and (not (run_dir / CONFIG_FILE).exists() or ckpt is None):
         cfg_obj = OmegaConf.structured(dataclasses.asdict(spec))
         atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg_obj).encode("utf-8"))
     prompts = default_prompts(spec, [e.caption for e in examples])
 
     # 5. Train: accumulate micro-batch gradients, step; checkpoint (with validation images) every N steps.
-    step_loss_of = _micro_batch_loss(adapter, noise_sched, spec, gen, bool(lo.text_encoder))
-    bar = tqdm(total=t.steps, initial=start_step, unit="step", disable=not spec.progress, dynamic_ncols=True)
+    step_loss_of = _micro_batch_loss(adapter, noise_sched, spec, gen, LatentSource(adapter, spec.data, cache),
+                                     TextSource(adapter, spec.data, cache, bool(lo.text_encoder)))
+    bar = tqdm(total=t.steps, initial=start_step, unit="step", disable=not (spec.progress and ddp.main),
+               dynamic_ncols=True)
+    global_batch = t.batch_size * ddp.world
     began = time.perf_counter()
     last = None
     # Ctrl-C / SIGTERM (SLURM preemption, a time limit: a grace period comes before the kill): finish the step,
@@ -277,30 +303,38 @@ def train(
             t0 = time.perf_counter()
             step_loss = 0.0
             for k in range(t.gradient_accumulation):
-                position = ((step - 1) * t.gradient_accumulation + k) * t.batch_size
-                with torch.enable_grad():  # loading a model turns autograd off process-wide (models/loading.py)
-                    loss = step_loss_of(*_batch(examples, spec, size, position, buckets))
-                    scaled = loss / t.gradient_accumulation
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                step_loss += float(loss.detach()) / t.gradient_accumulation
+                position = ((step - 1) * t.gradient_accumulation + k) * global_batch
+                views, captions = _batch(examples, spec, size, position, buckets, global_batch)
+                a, b = ddp.share(len(views))  # this process's samples of the global micro-batch
+                if b > a:
+                    part = (b - a) / len(views)  # its weight in the global mean (1.0 for one process)
+                    with torch.enable_grad():  # loading a model turns autograd off process-wide (models/loading.py)
+                        loss = step_loss_of(views[a:b], captions[a:b], (a, b, len(views)))
+                        scaled = loss * part / t.gradient_accumulation
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                    step_loss += float(loss.detach()) * part / t.gradient_accumulation
+                ddp.sync_generator(gen)
+            step_loss = _all_reduce(ddp, params, step_loss)
             lr = _apply_gradients(optimizer, lr_sched, scaler, params, t.max_grad_norm)
             if ema is not None:
                 ema.update()
             last = step_loss
-            losses.append(step, step_loss, lr, time.perf_counter() - t0)
+            if ddp.main:
+                losses.append(step, step_loss, lr, time.perf_counter() - t0)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
             if on_step is not None:
                 on_step(step, step_loss)
-            if step % t.checkpoint_every == 0 or step == t.steps:
+            stop = ddp.any(guard.requested)  # every process stops at the same step
+            if ddp.main and (step % t.checkpoint_every == 0 or step == t.steps):
                 folder = save_checkpoint(run_dir, step, state, t.keep_checkpoints)
                 plot(losses.rows(), run_dir / "loss.png")
-                if not guard.requested:  # a kill follows a SIGTERM soon: no sample images then
+                if not stop:  # a kill follows a SIGTERM soon: no sample images then
                     render(spec, prompts, folder / f"{name}.safetensors", name, size, run_dir / "samples", step)
-            elif guard.requested:
+            elif ddp.main and stop:
                 save_checkpoint(run_dir, step, state, t.keep_checkpoints)
                 plot(losses.rows(), run_dir / "loss.png")
-            if guard.requested and step < t.steps:
+            if stop and step < t.steps:
                 log.warning("stopped at step %d of %d; checkpoint written", step, t.steps)
                 raise Interrupted(guard.signum or signal.SIGINT)
     finally:
@@ -309,36 +343,31 @@ def train(
 
     # 6. Write the LoRA (diffusers + kohya files) and the loss plot.
     seconds = time.perf_counter() - began
-    lora_file = lora_writer(run_dir)
-    plot(losses.rows(), run_dir / "loss.png")
+    lora_file = run_dir / f"{name}.safetensors"
+    if ddp.main:
+        lora_file = lora_writer(run_dir)
+        plot(losses.rows(), run_dir / "loss.png")
+    ddp.barrier()  # the files exist when any process returns
     return TrainResult(
         run_dir, lora_file, run_dir / f"{name}_kohya.safetensors", start_step, t.steps, last, seconds
     )
 
 
-def _micro_batch_loss(adapter: Any, noise_sched: Any, spec: TrainSpec, gen: Any, train_te: bool
-                      ) -> Callable[[Any, list[str]], Any]:
-    """The loss of one micro-batch (pixels, captions): encode the images and captions with the frozen parts
-    (the captions with gradients when a text encoder trains), then the family's objective, under autocast when
-    training in mixed precision."""
+def _micro_batch_loss(adapter: Any, noise_sched: Any, spec: TrainSpec, gen: Any, latents_of: LatentSource,
+                      cond_of: TextSource) -> Callable[[list[View], list[str], tuple[int, int, int]], Any]:
+    """The loss of one micro-batch (views, captions, their share of the global batch): encode the images and
+    captions with the frozen parts (the captions with gradients when a text encoder trains), then the family's
+    objective, under autocast when training in mixed precision."""
     import torch
 
     amp = adapter.dtype != torch.float32
-    cache: dict[tuple[str, ...], dict] = {}  # frozen text encoders: each caption batch is encoded once
 
-    def loss_of(pixels: Any, captions: list[str]) -> Any:
+    def loss_of(views: list[View], captions: list[str], share: tuple[int, int, int]) -> Any:
         with torch.autocast(device_type=adapter.device, dtype=adapter.dtype, enabled=amp):
             with torch.no_grad():
-                latents = adapter.latents(pixels, gen)
-            if train_te:
-                cond = adapter.encode(captions)
-            else:
-                key = tuple(captions)
-                if key not in cache:
-                    with torch.no_grad():
-                        cache[key] = adapter.encode(captions)
-                cond = cache[key]
-            return objective.loss(adapter, latents, cond, gen, spec.train, noise_sched)
+                latents = latents_of(views, gen, share)
+            cond = cond_of(captions)
+            return objective.loss(adapter, latents, cond, gen, spec.train, noise_sched, share)
 
     return loss_of
 

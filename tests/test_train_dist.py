@@ -1,0 +1,79 @@
+"""Data-parallel t2i-train: two processes started by `accelerate launch` (torchrun underneath, gloo on the CPU),
+each with batch 2, train what one process with batch 4 trains: the same loss per step and the same LoRA file
+(within float rounding: the two halves' gradients are summed instead of computed in one batch).
+
+Tolerances: the logged loss to 1e-6 relative (float32 sums in another order); the LoRA weights to 2e-4 absolute
+after 3 AdamW steps at lr 1e-2 (Adam divides each gradient by its own magnitude, so a rounding difference in a
+near-zero gradient moves its weight by up to a fraction of lr; measured: 5.4e-5)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from runner.train.dist import Dist
+
+COMMON = ["model=tiny", "data.resolution=32", "lora.rank=4", "train.steps=3", "train.checkpoint_every=3",
+          "train.lr=1e-2", "validation.prompts=[]", "progress=false", "device=cpu"]
+
+
+def _data(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for name, rgb in {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220),
+                      "yellow": (230, 220, 30)}.items():
+        im = Image.new("RGB", (32, 32), rgb)
+        im.paste((255, 255, 255), (0, 0, 6, 32))
+        im.save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a {name} square")
+    return folder
+
+
+def _losses(run: Path) -> list[float]:
+    with open(run / "loss.csv", newline="") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_process_trains(tmp_path: Path) -> None:
+    from runner.train.loop import train
+
+    data = _data(tmp_path / "sq")
+    train({"model": {"id": "builtin:tiny"}, "data": {"dir": str(data), "resolution": 32}, "lora": {"rank": 4},
+           "train": {"steps": 3, "checkpoint_every": 3, "lr": 1e-2, "batch_size": 4}, "validation": {"prompts": []},
+           "progress": False, "device": "cpu"}, tmp_path / "one")
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "runner.train", *COMMON, f"data.dir={data}", "train.batch_size=2",
+                          f"output_dir={tmp_path / 'two'}"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("t2i-train: steps 0->3") == 2  # two processes ran
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 3 and a == pytest.approx(b, rel=1e-6)
+    x, y = load_file(str(tmp_path / "one" / "sq.safetensors")), load_file(str(tmp_path / "two" / "sq.safetensors"))
+    assert x.keys() == y.keys()
+    assert max(float((x[k] - y[k]).abs().max()) for k in x) < 2e-4
+    # the LoRA moved (a test of equal files must not pass on two untrained ones)
+    assert max(float(x[k].abs().max()) for k in x if "lora_B" in k or "lora.up" in k) > 1e-3
+
+
+def test_shares_cover_the_batch_and_process_0_always_has_one() -> None:
+    for world in (1, 2, 3):
+        for n in range(1, 8):
+            shares = [Dist(r, world).share(n) for r in range(world)]
+            assert shares[0][0] == 0 and shares[-1][1] == n and shares[0][1] >= 1
+            assert all(shares[r][1] == shares[r + 1][0] for r in range(world - 1))
+            assert max(b - a for a, b in shares) - min(b - a for a, b in shares) <= 1
+
+
+def test_one_process_sum_is_identity() -> None:
+    t = torch.tensor([1.0, 2.0])
+    Dist().sum_([t])
+    assert torch.equal(t, torch.tensor([1.0, 2.0]))
