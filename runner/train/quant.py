@@ -31,12 +31,10 @@ def check_quantize(value: str | None) -> None:
 def quantize_denoiser(denoiser: Any, mode: str) -> int:
     """Quantize the weights of every Linear layer of `denoiser` in place (before the adapters are added); the
     number of layers quantized."""
-    import logging
     import warnings
 
     import torch
 
-    logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA kernels' load failures on a CPU build
     # peft's note that merging into int8 weights needs a requantizer: the trainer saves adapters, never merges
     warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
