@@ -46,8 +46,12 @@ def sample_sigmas(n: int, how: str, gen: Any, shift: float, mean: float = 0.0, s
                          + (mean if how == "logit_normal" else 0.0))
 
 
-def loss(adapter: Any, latents: Any, cond: dict, gen: Any, opts: Any, noise_sched: Any = None) -> Any:
-    """MSE between the denoiser's prediction and the target on one micro-batch of clean latents."""
+def loss(adapter: Any, latents: Any, cond: dict, gen: Any, opts: Any, noise_sched: Any = None,
+         level: float | None = None) -> Any:
+    """MSE between the denoiser's prediction and the target on one micro-batch of clean latents.
+
+    `level` in (0, 1) fixes the noise level instead of drawing it (the validation loss, `valloss.py`): the sigma
+    of a flow family, the fraction of the DDPM schedule's timesteps."""
     import torch
     import torch.nn.functional as F
 
@@ -56,8 +60,9 @@ def loss(adapter: Any, latents: Any, cond: dict, gen: Any, opts: Any, noise_sche
         offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
         noise = noise + opts.noise_offset * offset.to(latents.device, latents.dtype)
     if not adapter.spec.flow:
-        steps_t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],),
-                                generator=gen).to(latents.device)
+        n_train = noise_sched.config.num_train_timesteps
+        steps_t = (torch.full((latents.shape[0],), min(n_train - 1, int(level * n_train))) if level is not None
+                   else torch.randint(0, n_train, (latents.shape[0],), generator=gen)).to(latents.device)
         noisy = noise_sched.add_noise(latents, noise, steps_t)
         epsilon = noise_sched.config.prediction_type == "epsilon"
         target = noise if epsilon else noise_sched.get_velocity(latents, noise, steps_t)
@@ -65,7 +70,8 @@ def loss(adapter: Any, latents: Any, cond: dict, gen: Any, opts: Any, noise_sche
     else:
         tokens = latents.shape[-1] * latents.shape[-2] // (4 if adapter.spec.name != "flux2" else 1)
         shift = flow_shift(dict(adapter.pipe.scheduler.config), tokens, opts.timestep_shift)
-        sig = sample_sigmas(latents.shape[0], opts.timestep_sampling, gen, shift, opts.logit_mean, opts.logit_std)
+        sig = (torch.full((latents.shape[0],), float(level)) if level is not None else
+               sample_sigmas(latents.shape[0], opts.timestep_sampling, gen, shift, opts.logit_mean, opts.logit_std))
         s = sig.to(latents.device, latents.dtype).view(-1, 1, 1, 1)
         noisy = (1 - s) * latents + s * noise
         target = noise - latents
