@@ -61,7 +61,8 @@ def test_training_page_commands_run_as_written(tmp_path: Path) -> None:
     assert (runs / "photos.safetensors").is_file() and (runs / "photos_kohya.safetensors").is_file()
     assert sorted(p.name for p in (runs / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert (runs / "loss.csv").is_file() and (runs / "loss.png").is_file()
-    assert (runs / "samples" / "manifest.jsonl").is_file()  # the sample sweep, a runner run dir
+    samples = [json.loads(x) for x in (runs / "samples" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted({e["step"] for e in samples}) == [2, 4]  # the sample sweep, a runner run dir with a step axis
     from safetensors import safe_open
 
     with safe_open(str(runs / "photos_kohya.safetensors"), "pt") as f:
