@@ -112,6 +112,9 @@ BAD = {
     "text-encoder LoRA where the loader takes none": (
         lambda t: ["model=tiny-qwenimage", f"data.dir={photos(t / 'data')}", "lora.text_encoder=true",
                    "data.resolution=32"], "lora.text_encoder=true"),
+    "validation folder that is not there": (
+        lambda t: ["model=tiny", f"data.dir={photos(t / 'data')}", f"validation.dir={t / 'held'}"],
+        "is not a folder; give the folder of held-out images"),
     "unknown timestep sampling": (
         lambda t: ["model=tiny-flux1", f"data.dir={photos(t / 'data')}", "train.timestep_sampling=cosine"],
         "train.timestep_sampling"),

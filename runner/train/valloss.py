@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..common.errors import ConfigError
 from ..common.io import atomic_write_bytes
 from .config import TrainSpec
 from .data import Example, load_pixels, scan, training_caption
@@ -34,7 +35,12 @@ def validation_examples(spec: TrainSpec) -> list[Example]:
     """The held-out images of `validation.dir` (none without it)."""
     if not spec.validation.dir:
         return []
-    return scan(dataclasses.replace(spec.data, dir=spec.validation.dir))
+    try:
+        examples = scan(dataclasses.replace(spec.data, dir=spec.validation.dir))
+    except ConfigError as exc:  # scan names data.dir and training images
+        raise ConfigError(str(exc).replace("data.dir", "validation.dir").replace("training images",
+                                                                                 "held-out images")) from None
+    return list(dict.fromkeys(examples))  # a kohya `N_name` subfolder's repeats: each image once
 
 
 def make_measure(adapter: Any, noise_sched: Any, spec: TrainSpec, examples: list[Example], size: int,
