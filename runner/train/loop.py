@@ -271,7 +271,8 @@ def train(
     # validation loss (validation.dir): at the start of a fresh run (the base), then at every checkpoint
     measure = make_measure(adapter, noise_sched, spec, val_examples, size, modules) if val_examples else None
     vlog = ValLog(run_dir)
-    vlog.truncate(start_step if ckpt is not None else -1)
+    if measure is not None or vlog.path.exists():
+        vlog.truncate(start_step if ckpt is not None else -1)
     if ckpt is None:
         vlog.best_path.unlink(missing_ok=True)
     if measure is not None and ckpt is None:
