@@ -131,10 +131,10 @@ FALLS_SHORT: dict[str, str] = {
     "sdxl": "as sd15 (the same tiny UNet and VAE, DDPM noise prediction)",
     "flux1": _FLOW.format(r="x0.66 (4.06 -> 2.66; plateau ~2.5 at 60-80 steps: its 1-channel 32x32 latent's "
                             "pattern is position-dependent and the model has only relative (RoPE) positions)"),
-    "sd3": _FLOW.format(r="x0.76 (3.68 -> 2.80)"),
+    "sd3": _FLOW.format(r="x0.76 (3.68 -> 2.80); the red square's image moves away (36.3 -> 37.5)"),
     "qwenimage": _FLOW.format(r="x0.75 (2.41 -> 1.80)"),
     "zimage": _FLOW.format(r="x0.77 (1.47 -> 1.14)"),
-    "flux2": _FLOW.format(r="FLUX2_RATIO"),
+    "flux2": _FLOW.format(r="x0.60 (2.79 -> 1.66)"),
 }
 
 
