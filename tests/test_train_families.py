@@ -140,6 +140,7 @@ FALLS_SHORT: dict[str, str] = {
 }
 
 
+@pytest.mark.slow
 def test_family_memorises(trained, request: pytest.FixtureRequest) -> None:
     """The validation loss on the training set halves; each caption's image moves toward its training image."""
     from runner.train.valloss import ValLog
