@@ -195,7 +195,7 @@ def run(cfg: DictConfig | RunSpec, output_dir: str | Path, progress: bool = True
     if spec.grid.enabled:
         from .outputs.grid import check_axes
 
-        check_axes(spec.grid)
+        check_axes(spec.grid, tuple(spec.extra.get("labels") or ()))
     if RANDOM_SEED in spec.seeds and spec.shard.count > 1 and spec.run_seed is None:
         raise ConfigError(f"seeds=-1 with shard.count={spec.shard.count}: each shard would draw other seeds; set "
                           "run_seed=INT (the same for every shard), or run the shards as one multirun "
@@ -281,7 +281,8 @@ def _run(spec: RunSpec, out: Path, stop: faults.InterruptGuard, progress: bool,
                     live.add(entry)
 
         # 5. Generate model by model (each loaded once, the previous one released), a claimed batch at a time
-        writer = ImageWriter(run_dir, threads=spec.perf.writer_threads, on_done=finished, after_save=thumbs)
+        writer = ImageWriter(run_dir, threads=spec.perf.writer_threads, on_done=finished, after_save=thumbs,
+                             labels=spec.extra.get("labels"))
         made_by = _Batches(run_dir, replace, lora_sets, spec, invariant, writer, stop,
                            run_seed if drawn else None)
         state = "failed"  # the viewer's last word on this run

@@ -37,7 +37,7 @@ def train_cfg(data: Path, **over: dict) -> dict:
         "data": {"dir": str(data), "resolution": 32},
         "lora": {"rank": 4},
         "train": {"steps": 40, "lr": 3e-2, "batch_size": 2, "checkpoint_every": 20, "seed": 0},
-        "validation": {"steps": 2, "seeds": [0]},
+        "validation": {"steps": 2, "seeds": [0], "include_base": True},
         "progress": False,
     }
     for key, value in over.items():
@@ -107,20 +107,36 @@ def test_outputs_written(trained) -> None:
 
 
 def test_samples_are_one_runner_run_dir_with_a_step_axis(trained) -> None:
+    from runner.outputs.grid import read_grid_info
+    from runner.outputs.viewer import read_data, viewer_axes
+
     folder = trained.run_dir / "samples"
     manifest = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
-    # 2 prompts x 1 seed x 2 checkpoints, each made once (the second checkpoint resumed the same run dir)
-    assert len(manifest) == 4 and len({e["file"] for e in manifest}) == 4
-    assert sorted(e["prompt"] for e in manifest) == ["a blue square"] * 2 + ["a green square"] * 2
+    # 2 prompts x 1 seed x (the base + 2 checkpoints), each made once (later checkpoints resumed the run dir)
+    assert len(manifest) == 6 and len({e["file"] for e in manifest}) == 6
+    assert sorted(e["prompt"] for e in manifest) == ["a blue square"] * 3 + ["a green square"] * 3
     by_step = {}
     for e in manifest:
         rec, infotext = read_png_record(str(folder / e["file"]))
-        assert "Lora hashes" in infotext and rec["seed"] == 0  # the same seed at every step
-        by_step.setdefault(rec["loras"][0]["name"], []).append(e["file"])
-    assert sorted(by_step) == ["step-000020", "step-000040"]
-    assert (folder / "loras" / "step-000020.safetensors").is_file() and list((folder / "grids").glob("grid*.png"))
-    a = pixels(folder / sorted(by_step["step-000020"])[0])
-    b = pixels(folder / sorted(by_step["step-000040"])[0])
+        assert rec["seed"] == 0 and "step" not in rec  # the same seed at every step; the label is the manifest's
+        assert e["label_axes"] == ["step"]
+        assert ("Lora hashes" in infotext) == (e["step"] > 0)
+        assert [lo["name"] for lo in rec["loras"]] == ([f"step-{e['step']:06d}"] if e["step"] else [])
+        by_step.setdefault(e["step"], []).append(e["file"])
+    assert sorted(by_step) == [0, 20, 40]
+    # the grid: the steps across, the prompts down; the viewer: `step` is an axis with the checkpoint steps
+    (grid,) = (folder / "grids").glob("grid*.png")
+    info = read_grid_info(grid)
+    assert info["x"] == "step" and info["x_values"] == [0, 20, 40] and info["y"] == "prompt"
+    assert info["x_labels"] == ["step: 0", "step: 20", "step: 40"]
+    axes, _ = viewer_axes(manifest)
+    assert [(a["name"], a["values"]) for a in axes] == [("step", [0, 20, 40]), ("prompt", ["a blue square",
+                                                                                          "a green square"])]
+    data = read_data(folder)
+    assert data is not None and [a["name"] for a in data["axes"]] == ["step", "prompt"]
+    assert (folder / "loras" / "step-000020.safetensors").is_file()
+    a = pixels(folder / sorted(by_step[20])[0])
+    b = pixels(folder / sorted(by_step[40])[0])
     assert np.abs(a - b).mean() > 0.5  # the LoRA kept changing between checkpoints
 
 
@@ -334,3 +350,65 @@ def test_text_encoder_lora_with_checkpointing_loads(tmp_path: Path) -> None:
     sets = [[], [{"source": str(result.lora_file)}], [{"source": str(result.kohya_file)}]]
     images = render_sets(sets, tmp_path / "gen")
     assert np.abs(images[0] - images[1]).mean() > 0.5 and np.abs(images[1] - images[2]).max() <= 2
+
+
+def test_best_checkpoint_by_validation_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """validation.dir: a validation loss at the start and at every checkpoint (val_loss.csv); the best checkpoint
+    is kept beyond keep_checkpoints, copied beside the LoRA as NAME_best.*, recorded in summary.json and in the
+    file's metadata; a resumed run that beats it moves it (and prunes the old one)."""
+    from safetensors import safe_open
+
+    import runner.train.loop as loop
+    from runner.train.valloss import ValLog
+
+    data = make_images(tmp_path / "squares")
+    held = tmp_path / "held"
+    held.mkdir()
+    for name, rgb in (("cyan", (20, 210, 220)), ("magenta", (210, 30, 200))):
+        Image.new("RGB", (32, 32), rgb).save(held / f"{name}.png")
+        (held / f"{name}.txt").write_text(f"a {name} square")
+    # the measured loss of the tiny model only falls in a few steps: the measurements are scripted (after one real
+    # one, which is a loss) so that the best is a middle checkpoint; test_train_families measures real ones
+    script = iter([1.5, 1.0, 1.2, 1.1, 0.9])
+    real = []
+
+    def scripted(*args, **kwargs):
+        measure = make_measure(*args, **kwargs)
+
+        def fake() -> float:
+            real.append(measure())
+            return 2.0 if len(real) == 1 else next(script)
+
+        return fake
+
+    make_measure = loop.make_measure
+    monkeypatch.setattr(loop, "make_measure", scripted)
+    cfg = train_cfg(data, lora={"name": "sq"}, validation={"prompts": [], "dir": str(held)},
+                    train={"steps": 8, "checkpoint_every": 2, "keep_checkpoints": 1, "batch_size": 4})
+    result = loop.train(cfg, tmp_path / "run")
+    run = result.run_dir
+    assert 0.5 < real[0] < 5.0  # a real measurement: an MSE of unit-variance noise
+    rows = ValLog(run).rows()
+    assert rows == [(0, 2.0), (2, 1.5), (4, 1.0), (6, 1.2), (8, 1.1)]
+    best = {"step": 4, "loss": 1.0, "checkpoint": "step-000004"}
+    assert json.loads((run / "checkpoints" / "best.json").read_text()) == best == result.best
+    assert "best validation loss 1 at step 4" in result.summary()
+    # the last K (1) plus the best survive pruning
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.json", "step-000004", "step-000008"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best"] == best and summary["best_lora"] == "sq_best.safetensors"
+    assert [(r["step"], r["loss"]) for r in summary["val_loss"]] == rows
+    for name in ("sq_best.safetensors", "sq_best_kohya.safetensors"):
+        src = run / "checkpoints" / "step-000004" / name.replace("_best", "")
+        with safe_open(str(run / name), "pt") as f, safe_open(str(src), "pt") as g:
+            assert f.metadata()["t2i_best_step"] == "4" and float(f.metadata()["t2i_best_val_loss"]) == 1.0
+            assert f.metadata()["ss_network_dim"] == g.metadata()["ss_network_dim"]
+            assert all(f.get_tensor(k).equal(g.get_tensor(k)) for k in g.keys())  # noqa: SIM118
+    # resumed to step 10, which beats it: the best moves, the old best is pruned like any other checkpoint
+    cfg["train"]["steps"] = 10
+    again = loop.train(cfg, run)
+    assert again.start_step == 8 and ValLog(run).rows() == [*rows, (10, 0.9)]
+    assert again.best == {"step": 10, "loss": 0.9, "checkpoint": "step-000010"}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.json", "step-000010"]
+    with safe_open(str(run / "sq_best.safetensors"), "pt") as f:
+        assert f.metadata()["t2i_best_step"] == "10"

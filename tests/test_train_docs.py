@@ -63,7 +63,8 @@ def test_training_page_commands_run_as_written(tmp_path: Path) -> None:
     assert (runs / "photos.safetensors").is_file() and (runs / "photos_kohya.safetensors").is_file()
     assert sorted(p.name for p in (runs / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert (runs / "loss.csv").is_file() and (runs / "loss.png").is_file()
-    assert (runs / "samples" / "manifest.jsonl").is_file()  # the sample sweep, a runner run dir
+    samples = [json.loads(x) for x in (runs / "samples" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted({e["step"] for e in samples}) == [2, 4]  # the sample sweep, a runner run dir with a step axis
     from safetensors import safe_open
 
     with safe_open(str(runs / "photos_kohya.safetensors"), "pt") as f:
@@ -113,6 +114,9 @@ BAD = {
     "text-encoder LoRA where the loader takes none": (
         lambda t: ["model=tiny-qwenimage", f"data.dir={photos(t / 'data')}", "lora.text_encoder=true",
                    "data.resolution=32"], "lora.text_encoder=true"),
+    "validation folder that is not there": (
+        lambda t: ["model=tiny", f"data.dir={photos(t / 'data')}", f"validation.dir={t / 'held'}"],
+        "is not a folder; give the folder of held-out images"),
     "unknown timestep sampling": (
         lambda t: ["model=tiny-flux1", f"data.dir={photos(t / 'data')}", "train.timestep_sampling=cosine"],
         "train.timestep_sampling"),

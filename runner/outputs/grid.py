@@ -36,13 +36,15 @@ MIN_FONT = 6
 NAME_MAX = 100  # characters of a grid file name before `.png`
 
 
-def check_axes(grid: GridConfig) -> None:
-    """Reject an unknown `grid.x` / `grid.y` (before any image is generated)."""
+def check_axes(grid: GridConfig, labels: tuple[str, ...] = ()) -> None:
+    """Reject an unknown `grid.x` / `grid.y` (before any image is generated); `labels`: the run's own label axes
+    (outputs/writer.py `manifest_line`)."""
+    valid = (*GRID_AXES, *labels)
     for name in ("x", "y"):
         value = getattr(grid, name)
-        if value is not None and value not in GRID_AXES:
-            raise ConfigError(f"grid.{name}={value!r} is not an axis{did_you_mean(value, GRID_AXES)}; valid: "
-                              f"{', '.join(GRID_AXES)}")
+        if value is not None and value not in valid:
+            raise ConfigError(f"grid.{name}={value!r} is not an axis{did_you_mean(value, valid)}; valid: "
+                              f"{', '.join(valid)}")
     if grid.x is not None and grid.x == grid.y:
         raise ConfigError(f"grid.x and grid.y are both {grid.x!r}; pick two different axes")
 
@@ -118,6 +120,17 @@ def _follows_model(entries: list[dict], axis: str) -> bool:
     for e in entries:
         values.setdefault(json.dumps(axis_value(e, "model")), set()).add(json.dumps(axis_value(e, axis)))
     return all(len(v) == 1 for v in values.values())
+
+
+def _follows_labels(entries: list[dict], labels: list[str], axis: str) -> bool:
+    """True if the values of the label axes `labels` decide `axis` (one value of it for each of theirs)."""
+    seen: dict[str, str] = {}
+    for e in entries:
+        key = json.dumps([axis_value(e, a) for a in labels])
+        value = json.dumps(axis_value(e, axis))
+        if seen.setdefault(key, value) != value:
+            return False
+    return True
 
 
 def pick_axes(entries: list[dict], x: str | None, y: str | None) -> tuple[str | None, str | None]:
@@ -359,6 +372,9 @@ def plan_pages(entries: list[dict], grid: GridConfig) -> list[Page]:
     others = [a for a in _swept(entries, AUTO_AXES) if a not in (x, y)]
     if "model" in (x, y):  # a model's own settings (steps, size … of its group) travel with it: no split
         others = [a for a in others if not _follows_model(entries, a)]
+    labels = [a for a in (x, y) if a and any(a in (e.get("label_axes") or ()) for e in entries)]
+    if labels:  # a run's own label axis (t2i-train's step) decides what goes with it (each step's LoRA): no split
+        others = [a for a in others if not _follows_labels(entries, labels, a)]
     others += tell_apart(entries, [a for a in (x, y) if a] + others)
     x_values = _ordered([axis_value(e, x) for e in entries]) if x else [None]
     y_values = _ordered([axis_value(e, y) for e in entries]) if y else [None]
@@ -400,10 +416,10 @@ def _source(run_dir: Path, page: Page, grid: GridConfig) -> str:
 def write_grids(run_dir: str | Path, grid: GridConfig, entries: list[dict] | None = None) -> list[Path]:
     """Write `run_dir/grids/*.png` covering every image in the run dir's manifest; returns the grids of the run dir
     (a page whose images and labels did not change since it was written is not drawn again)."""
-    check_axes(grid)
     run_dir = Path(run_dir)
     if entries is None:
         entries = Manifest(run_dir).entries()
+    check_axes(grid, tuple(dict.fromkeys(a for e in entries for a in e.get("label_axes") or ())))
     by_file = {e["file"]: e for e in entries if (run_dir / e["file"]).is_file()}
     entries = sorted(by_file.values(), key=lambda e: (str(e.get("run_dir", "")), e.get("index", 0), e["file"]))
     out_dir = run_dir / GRID_DIR

@@ -44,7 +44,7 @@ STATUS_GLOBAL = "T2I_VIEWER_STATUS"
 # record fields that are never a sweep axis: provenance (outputs/record.py), identity and bookkeeping, or
 # folded into a derived axis (loras -> lora_set, lora_scale; overrides -> one axis per overridden key)
 NOT_AXES = frozenset({"file", "key", "index", "batch_size", "job", "job_dir", "run_dir", "status", "error",
-                      "overrides", "loras", *PROVENANCE})
+                      "overrides", "loras", "label_axes", *PROVENANCE})
 BASELINE = ("lora_set", "nolora")  # the no-LoRA baseline: its axis and value (outputs/grid.py's label)
 WILDCARD = ("lora_scale", None)  # a no-LoRA image has no LoRA scale: it belongs to every scale's column
 MAX_JS_INT = 2**53 - 1
@@ -123,7 +123,9 @@ def _columns(entries: list[dict]) -> dict[str, list]:
     overrides. (Fields that do not vary are dropped early: a run dir may hold 10,000 records.)"""
     # the model first: a setting that differs only with the models' defaults (steps, guidance) is then the
     # model's, not an axis of its own that would hide the model axis
-    cols: dict[str, list] = {a: [axis_value(e, a) for e in entries] for a in ("model", *GRID_AXES)}
+    # a run's own label axes (t2i-train's `step`) come next: the LoRA set of each step follows from its step
+    labelled = dict.fromkeys(a for e in entries for a in e.get("label_axes") or ())
+    cols: dict[str, list] = {a: [axis_value(e, a) for e in entries] for a in ("model", *labelled, *GRID_AXES)}
     loras = [e.get("loras") or [] for e in entries]
     if not _constant(loras):  # finer than lora_set when sets share adapter names (it is dropped otherwise)
         cols["loras"] = [json.dumps([{k: v for k, v in lo.items() if k not in ("scale", "file")} for lo in x],

@@ -26,17 +26,22 @@ def save_png(image: Any, path: Path, record: dict, overwrite: bool = False) -> N
     atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
 
 
-def manifest_line(record: dict, claim: Claim) -> dict:
-    """The manifest line of a written image: its record plus where and when it was written."""
+def manifest_line(record: dict, claim: Claim, labels: dict | None = None) -> dict:
+    """The manifest line of a written image: its record plus where and when it was written, and the `labels` of
+    the run that made it (a tool's own sweep axis, e.g. t2i-train's `step`: a field each, named in `label_axes`;
+    not in the PNG, which holds what the image is)."""
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return {**record, "file": claim.file, "index": claim.number, "created": created}
+    named = {**labels, "label_axes": list(labels)} if labels else {}
+    return {**record, **named, "file": claim.file, "index": claim.number, "created": created}
 
 
 class ImageWriter:
     """Encodes and writes PNGs in background threads (bounded queue), then appends their manifest lines."""
 
-    def __init__(self, run_dir: RunDir, threads: int = 2, depth: int = 16, on_done=None, after_save=None) -> None:
+    def __init__(self, run_dir: RunDir, threads: int = 2, depth: int = 16, on_done=None, after_save=None,
+                 labels: dict | None = None) -> None:
         self.run_dir = run_dir
+        self.labels = labels
         self.on_done = on_done
         self.after_save = after_save  # (image, entry) in the writer thread once the PNG is in place: thumbnails
         self.error: BaseException | None = None
@@ -57,7 +62,7 @@ class ImageWriter:
             try:
                 if self.error is None:
                     save_png(image, self.run_dir.path / claim.file, record, overwrite=claim.replaces)
-                    entry = manifest_line(record, claim)
+                    entry = manifest_line(record, claim, self.labels)
                     if self.after_save is not None:
                         self.after_save(image, entry)
                     self.run_dir.commit(entry, replaces=claim.replaces)

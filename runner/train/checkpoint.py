@@ -145,10 +145,21 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, keep)
     return final
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the last `keep` checkpoints (0: all) and the best by validation loss (`checkpoints/best.json`)."""
+    if not keep:
+        return
+    try:
+        best = json.loads((Path(run_dir) / CKPT_DIR / "best.json").read_text(encoding="utf-8"))["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        best = None
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if old.name != best:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def clean_partial(run_dir: Path) -> None:

@@ -97,6 +97,7 @@ class ValidationConfig:
     guidance_scale: float = 7.5
     scheduler: str | None = None
     include_base: bool = False  # also render the base model (no LoRA) for comparison
+    dir: str | None = None  # held-out images (captions as data.*): validation loss at every checkpoint, best kept
 
 
 @dataclass
@@ -214,6 +215,8 @@ def validate_train(cfg: DictConfig | dict) -> TrainSpec:
     for s in v.seeds:
         _number("validation.seeds", s, int, 0, 2**64 - 1)
     _number("validation.steps", v.steps, int, 1, 1000)
+    if v.dir is not None and (not isinstance(v.dir, str) or not v.dir.strip()):
+        raise ConfigError(f"validation.dir={v.dir!r} is empty; give a folder of held-out images or null")
     _choice("device", c.device, DEVICES)
     resume = c.resume
     if resume in (None, False, "false", "no", "never"):

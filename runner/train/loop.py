@@ -27,6 +27,7 @@ from .checkpoint import (
     find_resume,
     fingerprint,
     load_checkpoint,
+    prune,
     save_checkpoint,
     settings,
 )
@@ -48,6 +49,7 @@ from .optim import Ema, make_optimizer
 from .quant import quantize_denoiser
 from .save import save_lora
 from .validation import default_prompts, render
+from .valloss import ValLog, make_measure, validation_examples, write_best_lora
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "train_config.yaml"
@@ -64,6 +66,7 @@ class TrainResult:
     steps: int
     last_loss: float | None
     seconds: float
+    best: dict | None = None  # {step, loss, checkpoint} by validation loss (validation.dir), else None
 
     @property
     def steps_per_second(self) -> float:
@@ -73,6 +76,7 @@ class TrainResult:
         return (
             f"t2i-train: steps {self.start_step}->{self.steps} in {self.seconds:.1f} s "
             f"({self.steps_per_second:.2f} steps/s), last loss {self.last_loss} -> {self.lora_file}"
+            + (f"; best validation loss {self.best['loss']:.4g} at step {self.best['step']}" if self.best else "")
         )
 
 
@@ -208,6 +212,7 @@ def train(
     t, lo = spec.train, spec.lora
     examples = scan(spec.data)
     cache = cache_dir(spec.data)
+    val_examples = validation_examples(spec)
     name = lo.name or slug(Path(spec.data.dir).expanduser().resolve().name, 60)
     device = resolve_device(spec.device)
     ddp = setup(device)  # one process, or one of `accelerate launch`'s (dist.py); process 0 writes every file
@@ -286,6 +291,17 @@ def train(
         cfg_obj = OmegaConf.structured(dataclasses.asdict(spec))
         atomic_write_bytes(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg_obj).encode("utf-8"))
     prompts = default_prompts(spec, [e.caption for e in examples])
+    # validation loss (validation.dir): at the start of a fresh run (the base), then at every checkpoint
+    # (process 0 alone: it writes the files, and the measure needs no other process)
+    measure = make_measure(adapter, noise_sched, spec, val_examples, size, modules) \
+        if val_examples and ddp.main else None
+    vlog = ValLog(run_dir)
+    if ddp.main and (measure is not None or vlog.path.exists()):
+        vlog.truncate(start_step if ckpt is not None else -1)
+    if ddp.main and ckpt is None:
+        vlog.best_path.unlink(missing_ok=True)
+    if measure is not None and ckpt is None:
+        vlog.append(0, measure())
 
     # 5. Train: accumulate micro-batch gradients, step; checkpoint (with validation images) every N steps.
     step_loss_of = _micro_batch_loss(adapter, noise_sched, spec, gen, LatentSource(adapter, spec.data, cache),
@@ -327,7 +343,10 @@ def train(
                 on_step(step, step_loss)
             stop = ddp.any(guard.requested)  # every process stops at the same step
             if ddp.main and (step % t.checkpoint_every == 0 or step == t.steps):
+                val = measure() if measure is not None else None
                 folder = save_checkpoint(run_dir, step, state, t.keep_checkpoints)
+                if val is not None:
+                    _record_validation(vlog, val, step, folder, name, run_dir, t.keep_checkpoints)
                 plot(losses.rows(), run_dir / "loss.png")
                 if not stop:  # a kill follows a SIGTERM soon: no sample images then
                     render(spec, prompts, folder / f"{name}.safetensors", name, size, run_dir / "samples", step)
@@ -347,10 +366,39 @@ def train(
     if ddp.main:
         lora_file = lora_writer(run_dir)
         plot(losses.rows(), run_dir / "loss.png")
-    ddp.barrier()  # the files exist when any process returns
-    return TrainResult(
-        run_dir, lora_file, run_dir / f"{name}_kohya.safetensors", start_step, t.steps, last, seconds
+    result = TrainResult(
+        run_dir, lora_file, run_dir / f"{name}_kohya.safetensors", start_step, t.steps, last, seconds,
+        vlog.best() if measure is not None else None,
     )
+    if ddp.main:
+        _write_summary(result, vlog.rows() if measure is not None else [])
+    ddp.barrier()  # the files exist when any process returns
+    return result
+
+
+def _record_validation(vlog: ValLog, val: float, step: int, folder: Path, name: str, run_dir: Path,
+                       keep: int) -> None:
+    """Log a checkpoint's validation loss; a new best becomes `checkpoints/best.json` and `NAME_best.*`."""
+    vlog.append(step, val)
+    best = vlog.best()
+    if best is None or val < best["loss"]:
+        write_best_lora(folder, name, run_dir, step, val)
+        vlog.set_best(step, val, folder)
+        prune(run_dir, keep)  # the previous best is an ordinary checkpoint again
+        log.info("step %d: validation loss %.5g (best so far)", step, val)
+    else:
+        log.info("step %d: validation loss %.5g (best %.5g at step %d)", step, val, best["loss"], best["step"])
+
+
+def _write_summary(result: TrainResult, val_rows: list[tuple[int, float]]) -> None:
+    """`summary.json`: what the run wrote, its last training loss and (validation.dir) its best checkpoint."""
+    import json
+
+    doc = {"steps": result.steps, "last_loss": result.last_loss, "lora": result.lora_file.name,
+           "kohya": result.kohya_file.name, "best": result.best,
+           "best_lora": f"{result.lora_file.stem}_best.safetensors" if result.best else None,
+           "val_loss": [{"step": s, "loss": v} for s, v in val_rows]}
+    atomic_write_bytes(result.run_dir / "summary.json", json.dumps(doc, indent=1).encode("utf-8"))
 
 
 def _micro_batch_loss(adapter: Any, noise_sched: Any, spec: TrainSpec, gen: Any, latents_of: LatentSource,

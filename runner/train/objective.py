@@ -47,11 +47,13 @@ def sample_sigmas(n: int, how: str, gen: Any, shift: float, mean: float = 0.0, s
 
 
 def loss(adapter: Any, latents: Any, cond: dict, gen: Any, opts: Any, noise_sched: Any = None,
-         share: tuple[int, int, int] | None = None) -> Any:
+         share: tuple[int, int, int] | None = None, level: float | None = None) -> Any:
     """MSE between the denoiser's prediction and the target on one micro-batch of clean latents.
 
     `share` = (start, stop, total): `latents` are samples start..stop-1 of a global batch of `total` (one process
-    of several, dist.py); every draw is made for the global batch and sliced, as one process would draw it."""
+    of several, dist.py); every draw is made for the global batch and sliced, as one process would draw it.
+    `level` in (0, 1) fixes the noise level instead of drawing it (the validation loss, `valloss.py`): the sigma
+    of a flow family, the fraction of the DDPM schedule's timesteps."""
     import torch
     import torch.nn.functional as F
 
@@ -61,8 +63,9 @@ def loss(adapter: Any, latents: Any, cond: dict, gen: Any, opts: Any, noise_sche
         offset = torch.randn((n, latents.shape[1], 1, 1), generator=gen)[a:b]
         noise = noise + opts.noise_offset * offset.to(latents.device, latents.dtype)
     if not adapter.spec.flow:
-        steps_t = torch.randint(0, noise_sched.config.num_train_timesteps, (n,),
-                                generator=gen)[a:b].to(latents.device)
+        n_train = noise_sched.config.num_train_timesteps
+        steps_t = (torch.full((latents.shape[0],), min(n_train - 1, int(level * n_train))) if level is not None
+                   else torch.randint(0, n_train, (n,), generator=gen)[a:b]).to(latents.device)
         noisy = noise_sched.add_noise(latents, noise, steps_t)
         epsilon = noise_sched.config.prediction_type == "epsilon"
         target = noise if epsilon else noise_sched.get_velocity(latents, noise, steps_t)
@@ -70,7 +73,8 @@ def loss(adapter: Any, latents: Any, cond: dict, gen: Any, opts: Any, noise_sche
     else:
         tokens = latents.shape[-1] * latents.shape[-2] // (4 if adapter.spec.name != "flux2" else 1)
         shift = flow_shift(dict(adapter.pipe.scheduler.config), tokens, opts.timestep_shift)
-        sig = sample_sigmas(n, opts.timestep_sampling, gen, shift, opts.logit_mean, opts.logit_std)[a:b]
+        sig = (torch.full((latents.shape[0],), float(level)) if level is not None else
+               sample_sigmas(n, opts.timestep_sampling, gen, shift, opts.logit_mean, opts.logit_std)[a:b])
         s = sig.to(latents.device, latents.dtype).view(-1, 1, 1, 1)
         noisy = (1 - s) * latents + s * noise
         target = noise - latents

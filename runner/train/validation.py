@@ -1,8 +1,8 @@
 """Samples while training: at every checkpoint, the sample prompts x seeds rendered by the shared runner
-(`runner.run.run`) into ONE run dir, `samples/`, whose LoRA-set axis is the training step (`step-000020`,
-`step-000040`, …; the base model first with `validation.include_base`). Each checkpoint's LoRA is copied into
-`samples/loras/` (pruned checkpoints keep their samples), and the runner's resume makes only the new step's
-images, with the same seeds each time, so the viewer shows the training progress as a grid."""
+(`runner.run.run`) into ONE run dir, `samples/`, in which `step` is a sweep axis: each image's manifest line holds
+the training step of its LoRA (`step: 20`; the base model is step 0 with `validation.include_base`), the grids put
+the steps across and the prompts down, and the viewer offers `step` as an axis. Each checkpoint's LoRA is copied
+into `samples/loras/` (pruned checkpoints keep their samples' LoRA source), with the same seeds each time."""
 
 from __future__ import annotations
 
@@ -22,20 +22,28 @@ def default_prompts(spec: TrainSpec, captions: list[str]) -> list[str]:
 
 def render(spec: TrainSpec, prompts: list[str], lora_file: Path, name: str, size: int, out: Path, step: int) -> int:
     """Add step `step` (the LoRA `lora_file`) to the sample run dir `out`; return how many images were made."""
-
-    import torch
-
     from ..common.io import atomic_write_bytes
-    from ..run import run
+    from ..outputs.manifest import Manifest
 
     if not prompts:
         return 0
-    v = spec.validation
     loras = out / "loras"
     loras.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(loras / f"step-{step:06d}.safetensors", lora_file.read_bytes())
-    steps = sorted(p.stem for p in loras.glob("step-*.safetensors"))
-    sets = [[{"source": str(loras / f"{s}.safetensors"), "name": s}] for s in steps]
+    kept = loras / f"step-{step:06d}.safetensors"  # the images' LoRA source stays when the checkpoint is pruned
+    atomic_write_bytes(kept, lora_file.read_bytes())
+    made = 0
+    if spec.validation.include_base and not any(e.get("step") == 0 for e in Manifest(out).entries()):
+        made += _sweep(spec, prompts, [], size, out, 0)  # the base model: step 0
+    return made + _sweep(spec, prompts, [{"source": str(kept), "name": kept.stem}], size, out, step)
+
+
+def _sweep(spec: TrainSpec, prompts: list[str], loras: list[dict], size: int, out: Path, step: int) -> int:
+    """The prompts x seeds with one LoRA set into `out`, each image's manifest line labelled `step`."""
+    import torch
+
+    from ..run import run
+
+    v = spec.validation
     cfg = {
         "model": dataclasses.asdict(spec.model),
         "prompts": prompts,
@@ -46,14 +54,16 @@ def render(spec: TrainSpec, prompts: list[str], lora_file: Path, name: str, size
         "width": size,
         "height": size,
         "device": spec.device,
-        "lora_sets": ([[]] if v.include_base else []) + sets,
+        "lora_sets": [loras],
         "max_loaded_loras": 1,
         "resume": True,
-        "grid": {"enabled": True, "x": "lora_set", "y": "prompt"},
+        "grid": {"enabled": True, "x": "step", "y": "prompt"},
     }
+    run_spec = validate(cfg)
+    run_spec = dataclasses.replace(run_spec, extra={**run_spec.extra, "labels": {"step": step}})
     grad = torch.is_grad_enabled()
     try:
-        result = run(validate(cfg), out, progress=False)
+        result = run(run_spec, out, progress=False)
     finally:
         torch.set_grad_enabled(grad)  # the runner turns autograd off for inference
     return result.generated
