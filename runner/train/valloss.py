@@ -72,7 +72,7 @@ def make_measure(adapter: Any, noise_sched: Any, spec: TrainSpec, examples: list
                     cond = conds[i] if conds[i] is not None else adapter.encode([captions[i]])
                     for j, level in enumerate(LEVELS):
                         gen = torch.Generator().manual_seed(SEED + 1000 * i + j)
-                        total += float(objective.loss(adapter, lat, cond, gen, spec.train, noise_sched, level))
+                        total += float(objective.loss(adapter, lat, cond, gen, spec.train, noise_sched, level=level))
         finally:
             for name, m in modules.items():
                 m.train(was[name])
