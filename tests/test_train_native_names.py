@@ -27,23 +27,32 @@ def _pipe(family: str):
     return DiffusionPipeline.from_pretrained(str(ensure_tiny(family)))
 
 
-def _saved(family: str, folder: Path) -> tuple[Path, Path]:
-    """A random (non-zero) LoRA on the family's attention + MLP preset, written by t2i-train's own saver."""
+def _with_lora(family: str, preset: str, std: float):
+    """The family's tiny pipeline with a random (non-zero: lora_B ~ N(0, std)) LoRA on a target preset, and the
+    preset's target modules."""
+    import torch
     from peft import LoraConfig
 
     from runner.train.families import SPECS, target_modules
-    from runner.train.save import save_lora
 
     pipe = _pipe(family)
-    spec = SPECS[family]
     torch.manual_seed(0)
-    targets = target_modules(spec, "attn_mlp", None, pipe.transformer)
+    targets = target_modules(SPECS[family], preset, None, pipe.transformer)
     pipe.transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets,
                                             init_lora_weights="gaussian"))
     with torch.no_grad():
         for name, p in pipe.transformer.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 1.0)
+                p.normal_(0, std)
+    return pipe, targets
+
+
+def _saved(family: str, folder: Path) -> tuple[Path, Path]:
+    """A random (non-zero) LoRA on the family's attention + MLP preset, written by t2i-train's own saver."""
+
+    from runner.train.save import save_lora
+
+    pipe, _ = _with_lora(family, "attn_mlp", 1.0)
     lora = save_lora(folder, "n", pipe, family, {"transformer": pipe.transformer}, {"ss_network_dim": str(RANK)},
                      ALPHA, RANK)
     return lora, folder / "n_kohya.safetensors"
@@ -141,23 +150,13 @@ def test_all_linear_native_file_applies_every_module(family: str, tmp_path: Path
     """With `all_linear`, modules diffusers' Flux.2 kohya converter drops (modulation, norm-out) are still applied:
     the runner counts a fused `qkv` as the three modules it splits into, so the drop sends the file to the merge
     engine; every weight then changes as with the diffusers file."""
-    from peft import LoraConfig
 
     from runner.common.hashing import file_sha256
     from runner.lora.adapters import AdapterManager
     from runner.lora.files import ResolvedLora
-    from runner.train.families import SPECS, target_modules
     from runner.train.save import save_lora
 
-    pipe = _pipe(family)
-    torch.manual_seed(0)
-    targets = target_modules(SPECS[family], "all_linear", None, pipe.transformer)
-    pipe.transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets,
-                                            init_lora_weights="gaussian"))
-    with torch.no_grad():
-        for name, p in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
+    pipe, targets = _with_lora(family, "all_linear", 0.3)
     save_lora(tmp_path, "n", pipe, family, {"transformer": pipe.transformer}, {}, ALPHA, RANK)
     changes = {}
     for f in ("n.safetensors", "n_kohya.safetensors"):
