@@ -200,3 +200,19 @@ def test_family_trains_saves_and_resumes(trained, tmp_path: Path) -> None:
         assert lora_contents(mine) == lora_contents(ref)  # bit for bit (safetensors orders its header freely)
     assert [r["loss"] for r in LossLog(resumed / "loss.csv").rows()] == losses
     assert ValLog(resumed).rows() == ValLog(result.run_dir).rows()
+
+
+def test_all_preset_adds_every_convolution() -> None:
+    """`lora.preset=all` is `all_linear` plus every Conv2d (kohya's LoCon): the UNet's input and output convolutions
+    and its resnets' 3x3 ones included."""
+    from diffusers import DiffusionPipeline
+
+    from runner.models.tiny import ensure_tiny
+    from runner.train.families import SPECS, target_modules
+
+    unet = DiffusionPipeline.from_pretrained(str(ensure_tiny("sd15"))).unet
+    every = target_modules(SPECS["sd15"], "all", None, unet)
+    linear = target_modules(SPECS["sd15"], "all_linear", None, unet)
+    convs = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert set(linear) < set(every) and set(every) == set(linear) | set(convs)
+    assert {"conv_in", "conv_out", "down_blocks.0.resnets.0.conv1"} <= set(every)
