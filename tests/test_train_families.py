@@ -130,8 +130,8 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 # flux2 0.55, zimage 0.39 — above one half for four of the five flow families whatever the training settings.
 _FLOOR = "the flow loss falls {r}; the posterior draw of the random tiny VAE ({v} of E[x0^2]) sets a floor of {f}"
 FALLS_SHORT: dict[str, str] = {
-    "sd15": "the validation loss falls x0.105 (1.11 -> 0.117) with conv LoRA, but the images barely move: 93 % of "
-            "the latent is the tiny VAE's posterior draw; blue moves away (43.4 -> 43.6), red 42.4 -> 42.1",
+    "sd15": "the validation loss falls x0.105 (1.11 -> 0.117) with conv LoRA, but the images barely move (red "
+            "42.4 -> 42.1) and blue moves away (43.4 -> 43.6); trained on the posterior mean they move away too",
     "flux1": _FLOOR.format(r="x0.66 (4.06 -> 2.66; x0.62 at 60-80 steps)", v="67 %", f="2.30 (x0.57)"),
     "sd3": _FLOOR.format(r="x0.76 (3.68 -> 2.80); the red square's image moves away (36.3 -> 37.5)", v="89 %",
                          f="2.45 (x0.67)"),
