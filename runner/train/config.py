@@ -53,7 +53,7 @@ class LoraConfig:
     rank: int = 16
     alpha: float | None = None  # null = rank (scale 1.0)
     dropout: float = 0.0
-    preset: str = "attn"  # attn | attn_mlp | all_linear: the family's target modules (runner/train/families.py)
+    preset: str = "attn"  # attn | attn_mlp | all_linear | all (linear + conv): the family's target modules
     target_modules: list[str] | None = None  # explicit module names (peft suffix match); null = the preset
     text_encoder: bool = False  # also train a LoRA on the text encoder
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..common.errors import ConfigError
 
-PRESETS = ("attn", "attn_mlp", "all_linear")
+PRESETS = ("attn", "attn_mlp", "all_linear", "all")
 _SD_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 _SD_MLP = ["ff.net.0.proj", "ff.net.2"]
 _JOINT_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -68,12 +68,15 @@ def family_spec(name: str, label: str = "") -> FamilySpec:
 def target_modules(spec: FamilySpec, preset: str, explicit: list[str] | None, model: Any) -> list[str]:
     """The module names a LoRA targets: an explicit list, or the family's preset present in `model`.
 
-    `all_linear` is every Linear of the denoiser (peft's `all-linear`, output layer included). Presets resolve
-    to full module paths."""
+    `all_linear` is every Linear of the denoiser (peft's `all-linear`, output layer included); `all` adds every
+    Conv2d (kohya's LoCon: the UNets' resnet, sampler, input and output convolutions; the transformers have none,
+    or only a patch embedding). Presets resolve to full module paths."""
     import torch
 
     if explicit:
         return list(explicit)
+    if preset == "all":
+        return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     if preset == "all_linear":
         return names
