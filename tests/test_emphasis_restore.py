@@ -86,7 +86,6 @@ def degenerate_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_degenerate_encoder_leaves_the_restore_out_and_records_it(degenerate_dir: Path, tmp_path: Path) -> None:
     """A bias-free final norm: the weights apply without the restore (A1111's "No norm"), warned and recorded."""
     import torch
-    from PIL import Image
 
     from runner.generate.prompt_embeds import PromptEmbeds
     from runner.models.loading import load_model
@@ -102,27 +101,27 @@ def test_degenerate_encoder_leaves_the_restore_out_and_records_it(degenerate_dir
     assert ("a (red:1.4) fox", "(blur:1.2)") in cache.unrestored
 
     # end to end: the image is a real one and its record says the restore was left out
-    cfg = {"model": {"id": str(degenerate_dir)}, "prompts": ["a (red:1.4) fox", "a red fox"],
-           "negative_prompt": "blur", "seeds": [9], "steps": 2, "width": 32, "height": 32, "device": "cpu",
-           "grid": {"enabled": False}}
-    result = run(validate(cfg), tmp_path / "out", progress=False)
-    recs = {e["prompt"]: read_png_record(str(tmp_path / "out" / e["file"]))[0] for e in result.entries}
+    recs = _real_images_records(degenerate_dir, tmp_path / "out", ["a (red:1.4) fox", "a red fox"])
     assert recs["a (red:1.4) fox"]["emphasis_mean_restored"] is False
     assert "emphasis_mean_restored" not in recs["a red fox"]  # no weights: nothing to restore
-    for e in result.entries:
-        assert np.asarray(Image.open(tmp_path / "out" / e["file"])).std() > 5
 
 
 def test_degenerate_encoder_records_it_for_edited_prompts_too(degenerate_dir: Path, tmp_path: Path) -> None:
     """Prompt editing encodes its texts on a path of its own (generate/scheduled.py): the same record there."""
-    from PIL import Image
-
-    cfg = {"model": {"id": str(degenerate_dir)}, "prompts": ["a [(red:1.4):blue:0.5] fox", "a [red:blue:0.5] fox"],
-           "negative_prompt": "blur", "seeds": [9], "steps": 2, "width": 32, "height": 32, "device": "cpu",
-           "grid": {"enabled": False}}
-    result = run(validate(cfg), tmp_path / "out", progress=False)
-    recs = {e["prompt"]: read_png_record(str(tmp_path / "out" / e["file"]))[0] for e in result.entries}
+    recs = _real_images_records(degenerate_dir, tmp_path / "out", ["a [(red:1.4):blue:0.5] fox",
+                                                                    "a [red:blue:0.5] fox"])
     assert recs["a [(red:1.4):blue:0.5] fox"]["emphasis_mean_restored"] is False
     assert "emphasis_mean_restored" not in recs["a [red:blue:0.5] fox"]
+
+
+def _real_images_records(model_dir: Path, out: Path, prompts: list[str]) -> dict[str, dict]:
+    """Run `prompts` on the degenerate-encoder model; check every image is a real one (not flat); the records by
+    prompt."""
+    from PIL import Image
+
+    cfg = {"model": {"id": str(model_dir)}, "prompts": prompts, "negative_prompt": "blur", "seeds": [9], "steps": 2,
+           "width": 32, "height": 32, "device": "cpu", "grid": {"enabled": False}}
+    result = run(validate(cfg), out, progress=False)
     for e in result.entries:
-        assert np.asarray(Image.open(tmp_path / "out" / e["file"])).std() > 5
+        assert np.asarray(Image.open(out / e["file"])).std() > 5
+    return {e["prompt"]: read_png_record(str(out / e["file"]))[0] for e in result.entries}

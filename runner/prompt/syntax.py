@@ -21,6 +21,7 @@ SYNTAXES = ("a1111", "plain")
 # and restores the mean; No norm scales only; Ignore parses the brackets but applies no weights; None reads the
 # brackets as text (no parsing, so no BREAK either).
 EMPHASIS = {"original": "Original", "no_norm": "No norm", "ignore": "Ignore", "none": "None"}
+EMPHASIS_BY_LABEL = {label: key for key, label in EMPHASIS.items()}  # A1111's names (infotext, API) -> ours
 
 # A1111's tokens, in its order: escapes, brackets, `:weight)`, plain text, a lone colon
 _ATTENTION = re.compile(r"""

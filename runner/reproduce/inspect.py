@@ -16,7 +16,7 @@ from ..config.hires import record_from_infotext as hires_record
 from ..config.refiner import INFOTEXT_FIELDS as REFINER_FIELDS
 from ..config.refiner import record_from_infotext as refiner_record
 from ..outputs.metadata import INFOTEXT_KEY, JSON_KEY, parse_infotext
-from ..prompt.syntax import EMPHASIS
+from ..prompt.syntax import EMPHASIS, EMPHASIS_BY_LABEL
 
 FOREIGN = "a1111-infotext"  # `source_format` of a record mapped from A1111 infotext
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
@@ -108,8 +108,7 @@ def record_from_infotext(text: str) -> dict[str, Any]:
     p = parse_infotext(text)
     sampler = p.get("Sampler")
     scheduler, schedule, lost = from_a1111(sampler, p.get("Schedule type")) if sampler else (None, None, [])
-    modes = {name: key for key, name in EMPHASIS.items()}  # A1111's names -> ours; absent: Original
-    emphasis = modes.get(p.get("Emphasis", "Original"))
+    emphasis = EMPHASIS_BY_LABEL.get(p.get("Emphasis", "Original"))  # absent: Original
     if emphasis is None:  # an extension's mode: Original, said aloud
         lost.append(f"Emphasis: {p['Emphasis']}")
     lost += [f"{k}: True" for k in _backcompat(p)]

@@ -47,7 +47,7 @@ from ..config.schedulers import (
 from ..config.upscalers import model_files
 from ..config.validate import string_list
 from ..outputs.metadata import INFOTEXT_KEY, parse_infotext, read_png_record, versions
-from ..prompt.syntax import EMPHASIS
+from ..prompt.syntax import EMPHASIS, EMPHASIS_BY_LABEL
 from ..reproduce.inspect import image_text
 from .forms import FormError, JobRequest, allowed_models, check_model, first_value, model_dict, renamed, to_spec
 from .jobs import Job, JobQueue, wait_for
@@ -372,11 +372,10 @@ def a1111_router(cfg: DictConfig, queue: JobQueue, model_sha256: str) -> APIRout
         return spec.clip_skip[0] or 1
 
     def check_emphasis(value: Any, field: str) -> str:
-        by_label = {label: key for key, label in EMPHASIS.items()}
-        if value not in by_label:
+        if value not in EMPHASIS_BY_LABEL:
             raise FormError(422, f"{field}={json.dumps(value)} is not an emphasis mode; valid: "
-                                 f"{', '.join(by_label)}")
-        return by_label[value]
+                                 f"{', '.join(EMPHASIS_BY_LABEL)}")
+        return EMPHASIS_BY_LABEL[value]
 
     def check_pad(value: Any, field: str) -> bool:
         if not isinstance(value, bool):
