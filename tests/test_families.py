@@ -177,3 +177,21 @@ def test_each_family_image_equals_it_alone_in_a_fresh_process(family_runs: dict,
         batched = next(e for e in r["entries"] if e["lora_scale"] == 1.0 and e["seed"] == 2)
         assert batched["batch_size"] == 2  # it was made in a batch with seed 1
         assert np.array_equal(pixels(Path(alone[family])), pixels(r["run"] / batched["file"])), family
+
+
+@pytest.mark.parametrize("family", (*TINY_FAMILIES, "sdxl-refiner"))
+def test_tiny_vae_posterior_is_narrow_like_a_trained_vae(family: str) -> None:
+    """A trained VAE's posterior is narrow, so a training latent (a posterior sample) is its mean; a random VAE's
+    std is about 1, which made 67-97 % of every tiny training latent noise that no LoRA can memorise."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from runner.models.tiny import ensure_tiny
+
+    vae = DiffusionPipeline.from_pretrained(str(ensure_tiny(family))).vae
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        post = vae.encode(x.unsqueeze(2) if family == "qwenimage" else x).latent_dist
+    assert float(post.std.max()) < 0.01 and float(post.mean.abs().mean()) > 0.05, family
+    drawn = post.sample(torch.Generator().manual_seed(1))
+    assert float((drawn - post.mean).pow(2).mean() / post.mean.pow(2).mean()) < 1e-3, family

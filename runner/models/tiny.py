@@ -22,7 +22,7 @@ from .tiny_scorers import BUILDERS as SCORERS
 from .tiny_scorers import SCORER_FAMILIES
 
 TINY_ID = "builtin:tiny"  # the SD1.5 tiny model; `builtin:tiny-<family>` for the others
-TINY_VERSION = "1"
+TINY_VERSION = "2"  # 2: the VAE posterior is narrow (condition_vae_posterior)
 TINY_FAMILIES = ("sd15", "sdxl", "flux1", "sd3", "qwenimage", "zimage", "flux2")
 REFINER_FAMILIES = ("sdxl-refiner",)  # second models for A1111's Refiner (not text-to-image pipelines)
 TINY_SIZE = 64  # default image side in pixels
@@ -78,6 +78,22 @@ def condition_final_norm(text_encoder) -> None:
     with torch.no_grad():
         norm.weight.copy_(1.0 + 0.1 * torch.randn(norm.weight.shape, generator=gen))
         norm.bias.copy_(0.3 + 0.1 * torch.randn(norm.bias.shape, generator=gen))
+
+
+def condition_vae_posterior(vae, logvar: float = -12.0) -> None:
+    """Give a random VAE a trained VAE's narrow posterior (std exp(logvar / 2), about 0.0025).
+
+    Freshly initialised, the encoder's log-variance half is about 0, so the posterior std is about 1 and a
+    latent sampled from it (as kohya, ai-toolkit and diffusers' training scripts encode) is mostly a fresh
+    draw: 67-97 % of each tiny family's training latent was noise, which no LoRA can memorise. A trained VAE's
+    posterior is narrow, so its samples are its mean."""
+    import torch
+
+    layer = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out
+    half = layer.weight.shape[0] // 2  # DiagonalGaussianDistribution: the first half is the mean, then logvar
+    with torch.no_grad():
+        layer.weight[half:].zero_()
+        layer.bias[half:].fill_(logvar)
 
 
 def build_tiny_pipeline(tmp: Path):
@@ -199,10 +215,13 @@ def _quiet() -> None:
 def build_family(family: str, tmp: Path):
     """The tiny pipeline of `family` (one of TINY_FAMILIES)."""
     if family == "sd15":
-        return build_tiny_pipeline(tmp)
-    from .tiny_families import BUILDERS
+        pipe = build_tiny_pipeline(tmp)
+    else:
+        from .tiny_families import BUILDERS
 
-    return BUILDERS[family](tmp)
+        pipe = BUILDERS[family](tmp)
+    condition_vae_posterior(pipe.vae)
+    return pipe
 
 
 def _save_pipeline(pipe, tmp: Path) -> None:
