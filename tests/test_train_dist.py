@@ -77,3 +77,29 @@ def test_one_process_sum_is_identity() -> None:
     t = torch.tensor([1.0, 2.0])
     Dist().sum_([t])
     assert torch.equal(t, torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.slow
+def test_a_run_started_on_two_processes_resumes_on_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two processes (batch 2 each) train to step 2; one process (batch 4: the same global batch) resumes to step 4
+    and writes what one process training all 4 steps writes. The resume names the changed process count."""
+    from runner.train.loop import train
+
+    data = _data(tmp_path / "sq")
+    cfg = {"model": {"id": "builtin:tiny"}, "data": {"dir": str(data), "resolution": 32}, "lora": {"rank": 4},
+           "train": {"steps": 4, "checkpoint_every": 2, "lr": 1e-2, "batch_size": 4}, "validation": {"prompts": []},
+           "progress": False, "device": "cpu"}
+    train(cfg, tmp_path / "whole")
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "runner.train", *COMMON, f"data.dir={data}", "train.batch_size=2", "train.steps=2",
+                          "train.checkpoint_every=2", f"output_dir={tmp_path / 'moved'}"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    with caplog.at_level("WARNING", logger="runner.train.loop"):
+        again = train(cfg, tmp_path / "moved")
+    assert again.start_step == 2
+    assert "processes 2 -> 1" in caplog.text and "train.batch_size 2 -> 4" in caplog.text
+    assert _losses(tmp_path / "moved") == pytest.approx(_losses(tmp_path / "whole"), rel=1e-6)
+    x, y = load_file(str(tmp_path / "whole" / "sq.safetensors")), load_file(str(tmp_path / "moved" / "sq.safetensors"))
+    assert x.keys() == y.keys() and max(float((x[k] - y[k]).abs().max()) for k in x) < 2e-4

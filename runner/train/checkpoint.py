@@ -257,20 +257,23 @@ def fingerprint(spec: TrainSpec, name: str) -> dict:
 FROM_CHECKPOINT = ("train.seed",)
 
 
-def settings(spec: TrainSpec) -> dict:
-    """The training settings a checkpoint records (compared on resume)."""
+def settings(spec: TrainSpec, processes: int = 1) -> dict:
+    """The training settings a checkpoint records (compared on resume). `processes` (the data-parallel world
+    size) is one of them: a run may resume on another count, which, like train.batch_size, changes the global
+    batch (train.batch_size x processes) from there on."""
     import dataclasses
 
-    out = {f"train.{k}": v for k, v in dataclasses.asdict(spec.train).items()}
+    out = {"processes": processes}
+    out |= {f"train.{k}": v for k, v in dataclasses.asdict(spec.train).items()}
     out |= {f"data.{k}": v for k, v in dataclasses.asdict(spec.data).items()}
     out |= {f"validation.{k}": v for k, v in dataclasses.asdict(spec.validation).items()}
     return out
 
 
-def changed_settings(ckpt: Path, spec: TrainSpec) -> dict[str, tuple[Any, Any]]:
+def changed_settings(ckpt: Path, spec: TrainSpec, processes: int = 1) -> dict[str, tuple[Any, Any]]:
     """Settings that differ from the checkpoint's ({key: (old, new)}); ConfigError for those that must not."""
     old = read_info(ckpt).get("settings") or {}
-    new = settings(spec)
+    new = settings(spec, processes)
     changed = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
     for key in FROM_CHECKPOINT:
         if key in changed:

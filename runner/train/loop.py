@@ -222,7 +222,7 @@ def train(
         run_dir = ckpt.parent.parent  # resume=PATH continues that run in its own folder
     fprint = fingerprint(spec, name)
     start_step = check_resume(ckpt, fprint) if ckpt is not None else 0
-    changed = changed_settings(ckpt, spec) if ckpt is not None else {}
+    changed = changed_settings(ckpt, spec, ddp.world) if ckpt is not None else {}
     weight_dtype = resolve_precision(t.mixed_precision, device)
 
     # 2. Load the base model, frozen on the device, and add the trainable LoRA layers.
@@ -267,7 +267,7 @@ def train(
         "generator": gen,
         "scaler": scaler,
         "lora": lora_writer,
-        "info": {"fingerprint": fprint, "settings": settings(spec)},
+        "info": {"fingerprint": fprint, "settings": settings(spec, ddp.world)},
         "ema": ema,
     }
 
