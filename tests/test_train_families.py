@@ -26,6 +26,8 @@ FAMILIES = {"sd15": "tiny", "sdxl": "tiny-sdxl", "flux1": "tiny-flux1", "sd3": "
             "qwenimage": "tiny-qwenimage", "zimage": "tiny-zimage", "flux2": "tiny-flux2"}
 SIZE = 32
 STEPS = 40
+# Qwen-Image's loss is at x0.34 after 40 steps but one image (blue) is not yet nearer its target; at 80 all are
+MORE_STEPS = {"qwenimage": 80}
 LR = 1e-2
 # Per family, what differs from rank 16 / all_linear: the UNets need their convolutions adapted too (kohya's
 # LoCon, `lora.preset=all`): their input reaches the output only through frozen random convolutions.
@@ -40,10 +42,15 @@ def make_images(folder: Path) -> Path:
     return folder
 
 
+def steps_of(family: str) -> int:
+    return MORE_STEPS.get(family, STEPS)
+
+
 def family_cfg(family: str, data: Path, **train: object) -> dict:
+    steps = steps_of(family)
     return {"model": {"id": f"builtin:{FAMILIES[family]}"}, "data": {"dir": str(data), "resolution": SIZE},
             "lora": {"rank": 16, "preset": PRESET.get(family, "all_linear"), "name": "colors"},
-            "train": {"steps": STEPS, "lr": LR, "batch_size": 4, "checkpoint_every": STEPS // 2,
+            "train": {"steps": steps, "lr": LR, "batch_size": 4, "checkpoint_every": steps // 2,
                       "timestep_sampling": "uniform", **train},
             "validation": {"prompts": [], "dir": str(data)}, "progress": False}
 
@@ -52,7 +59,8 @@ def render(family: str, sets: list, out: Path) -> dict[tuple[int, str], np.ndarr
     """Each caption with each LoRA set (seed 0, 8 steps), as int pixel arrays keyed by (set, prompt)."""
     from runner.run import run
 
-    guidance = {} if family == "qwenimage" else {"guidance_scale": 1.0}  # Qwen-Image: none (true CFG only)
+    # no CFG: the conditional model alone (Qwen-Image's CFG is true CFG, on by default with an empty negative)
+    guidance = {"true_cfg_scale": 1.0} if family == "qwenimage" else {"guidance_scale": 1.0}
     cfg = {"model": {"id": f"builtin:{FAMILIES[family]}"}, "prompts": [f"a {c} square" for c in COLORS],
            "seeds": [0], "steps": 8, "width": SIZE, "height": SIZE, "lora_sets": sets, "grid": {"enabled": False},
            **guidance}
@@ -121,17 +129,18 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     return family, data, result, render(family, sets, tmp / "out")
 
 
-# What the tiny models reach in STEPS steps (docs/training.md, "Memorisation on the tiny models", has the numbers);
-# a family listed here fails the check today, for the reason given (strict: when it passes, the mark must go).
-# (The tiny VAEs' posterior is narrow, as a trained VAE's: `condition_vae_posterior`. With the random VAEs' std of
+# What the tiny models reach in steps_of(family) steps (docs/training.md, "Memorisation on the tiny models", has
+# the numbers); a family listed here fails the check today, for the reason given (strict: when it passes, the mark
+# must go). (The tiny VAEs are conditioned like trained ones, `condition_vae`: with a random VAE's posterior std of
 # about 1, 67-97 % of each training latent was a fresh draw and only SDXL passed.)
 FALLS_SHORT: dict[str, str] = {
-    "sd3": "the flow loss falls x0.41 (1.50 -> 0.61) and stays near 0.6 (80 steps, rank 32, lr 3e-3, sigmoid "
-           "timesteps: x0.41-0.46), but the images move away from their targets (red 36.3 -> 38.8, blue 34.5 -> "
-           "37.7): the LoRA does not learn each caption's image",
-    "zimage": "the flow loss falls x0.74 (1.35 -> 1.00) and stays near 1.0 (80 steps, rank 32, lr 3e-3, sigmoid "
-              "timesteps: x0.71-0.75), the loss of predicting 0; the images move toward their targets "
-              "(red 43.1 -> 40.5)",
+    "sd3": "the flow loss falls x0.61 (1.97 -> 1.20; x0.54 at 80 steps, x0.52 at 160) and the red and blue images "
+           "move away from their targets (red 38.0 -> 42.3, blue 34.8 -> 39.6): the samples come nearer every "
+           "target in latent space (mean squared distance 2.05 -> 0.73) but not nearer their own caption's than the "
+           "others', so they approach the four images' mean, which the random decoder draws far from red and blue",
+    "zimage": "the flow loss falls x0.63 (2.33 -> 1.47; x0.61 at 80 steps, x0.56 at 160); the images move toward "
+              "their targets (red 41.2 -> 34.4) but at the highest noise level the LoRA's estimate of x0 errs by "
+              "more than x0's own size (mean square 1.5 against 1.0): the noise part is not learned",
 }
 
 
@@ -144,7 +153,8 @@ def test_family_memorises(trained, request: pytest.FixtureRequest) -> None:
     if family in FALLS_SHORT:
         request.node.add_marker(pytest.mark.xfail(strict=True, reason=FALLS_SHORT[family]))
     rows = ValLog(result.run_dir).rows()
-    assert [s for s, _ in rows] == [0, STEPS // 2, STEPS]
+    steps = steps_of(family)
+    assert [s for s, _ in rows] == [0, steps // 2, steps]
     ratio = rows[-1][1] / rows[0][1]
     nearer = {}
     for color, rgb in COLORS.items():
@@ -167,7 +177,8 @@ def test_family_trains_saves_and_resumes(trained, tmp_path: Path) -> None:
 
     # 1. Training: the (noisy, one draw a step) loss falls; the LoRA changes each caption's image.
     losses = [r["loss"] for r in LossLog(result.run_dir / "loss.csv").rows()]
-    assert len(losses) == STEPS
+    steps = steps_of(family)
+    assert len(losses) == steps
     assert np.mean(losses[-8:]) < np.mean(losses[:8]), (family, losses)
     kohya = result.kohya_file
     for color in COLORS:
@@ -182,13 +193,13 @@ def test_family_trains_saves_and_resumes(trained, tmp_path: Path) -> None:
         meta = f.metadata()
         prefix = {"sd3": "lora_transformer_", "zimage": "diffusion_model."}.get(family, "lora_unet_")
         assert all(k.startswith(prefix) for k in f.keys())  # noqa: SIM118
-    assert meta["ss_network_dim"] == "16" and meta["ss_max_train_steps"] == str(STEPS)
+    assert meta["ss_network_dim"] == "16" and meta["ss_max_train_steps"] == str(steps)
 
     # 4. Resume: continuing from the middle checkpoint writes the same LoRA, bit for bit (and validation losses).
     resumed = tmp_path / "resumed"
-    shutil.copytree(result.run_dir, resumed, ignore=shutil.ignore_patterns(f"step-{STEPS:06d}", "colors*"))
+    shutil.copytree(result.run_dir, resumed, ignore=shutil.ignore_patterns(f"step-{steps:06d}", "colors*"))
     again = train(family_cfg(family, data), resumed)
-    assert again.start_step == STEPS // 2
+    assert again.start_step == steps // 2
     for mine, ref in ((again.lora_file, result.lora_file), (again.kohya_file, result.kohya_file)):
         assert lora_contents(mine) == lora_contents(ref)  # bit for bit (safetensors orders its header freely)
     assert [r["loss"] for r in LossLog(resumed / "loss.csv").rows()] == losses

@@ -22,7 +22,7 @@ from .tiny_scorers import BUILDERS as SCORERS
 from .tiny_scorers import SCORER_FAMILIES
 
 TINY_ID = "builtin:tiny"  # the SD1.5 tiny model; `builtin:tiny-<family>` for the others
-TINY_VERSION = "2"  # 2: the VAE posterior is narrow (condition_vae_posterior)
+TINY_VERSION = "2"  # 2: the VAE encoder is conditioned like a trained one (condition_vae)
 TINY_FAMILIES = ("sd15", "sdxl", "flux1", "sd3", "qwenimage", "zimage", "flux2")
 REFINER_FAMILIES = ("sdxl-refiner",)  # second models for A1111's Refiner (not text-to-image pipelines)
 TINY_SIZE = 64  # default image side in pixels
@@ -80,20 +80,41 @@ def condition_final_norm(text_encoder) -> None:
         norm.bias.copy_(0.3 + 0.1 * torch.randn(norm.bias.shape, generator=gen))
 
 
-def condition_vae_posterior(vae, logvar: float = -12.0) -> None:
-    """Give a random VAE a trained VAE's narrow posterior (std exp(logvar / 2), about 0.0025).
+def condition_vae(vae, logvar: float = -12.0) -> None:
+    """Give a random VAE's encoder two properties of a trained one, which training and image-to-image rely on.
 
-    Freshly initialised, the encoder's log-variance half is about 0, so the posterior std is about 1 and a
-    latent sampled from it (as kohya, ai-toolkit and diffusers' training scripts encode) is mostly a fresh
-    draw: 67-97 % of each tiny family's training latent was noise, which no LoRA can memorise. A trained VAE's
-    posterior is narrow, so its samples are its mean."""
+    1. A narrow posterior (std exp(logvar / 2), about 0.0025). Freshly initialised, the log-variance half is
+       about 0, so the posterior std is about 1 and a latent sampled from it (as kohya, ai-toolkit and diffusers'
+       training scripts encode) is mostly a fresh draw: 67-97 % of each tiny family's training latent was noise,
+       which no LoRA can memorise.
+    2. Latents at the denoiser's scale: a family's scaling factor (and latents_std) is chosen so that scaled
+       latents have unit std, as the sampler's starting noise has; a random encoder's means are far smaller
+       (Z-Image's scaled latents had 0.6 % of the noise's energy, SD 1.x's 0.3 %), so a training image was
+       nearly invisible beside the noise. The means are scaled to the std the family's scaling undoes (also the
+       std of the latents the decoder gets from a generation)."""
     import torch
 
     layer = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out
     half = layer.weight.shape[0] // 2  # DiagonalGaussianDistribution: the first half is the mean, then logvar
+    cfg = vae.config
+    if getattr(cfg, "scaling_factor", None):  # AutoencoderKL: the denoiser sees (x - shift) * scaling_factor
+        raw_std = 1.0 / cfg.scaling_factor
+    elif getattr(cfg, "latents_std", None):  # Qwen-Image: (x - latents_mean) / latents_std
+        raw_std = float(sum(cfg.latents_std) / len(cfg.latents_std))
+    else:  # Flux.2: its batch norm's running statistics (0 and 1 untrained)
+        raw_std = 1.0
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(4, 3, TINY_SIZE, TINY_SIZE, generator=gen)
+    solid = torch.rand(4, 3, 1, 1, generator=gen).expand(4, 3, TINY_SIZE, TINY_SIZE)
+    images = torch.cat([noise, solid]) * 2 - 1
+    if type(vae).__name__ == "AutoencoderKLQwenImage":  # a video VAE: (batch, channels, frames, height, width)
+        images = images.unsqueeze(2)
     with torch.no_grad():
         layer.weight[half:].zero_()
         layer.bias[half:].fill_(logvar)
+        gain = raw_std / float(vae.encode(images).latent_dist.mean.std())
+        layer.weight[:half].mul_(gain)
+        layer.bias[:half].mul_(gain)
 
 
 def build_tiny_pipeline(tmp: Path):
@@ -220,7 +241,7 @@ def build_family(family: str, tmp: Path):
         from .tiny_families import BUILDERS
 
         pipe = BUILDERS[family](tmp)
-    condition_vae_posterior(pipe.vae)
+    condition_vae(pipe.vae)
     return pipe
 
 
