@@ -12,6 +12,20 @@ from ..common.io import atomic_write_bytes
 FIELDS = ("step", "loss", "lr", "seconds")
 
 
+def read_rows(path: Path, fields: tuple[str, ...]) -> list[dict[str, float]]:
+    """The complete rows of a training CSV log (`fields` as floats); a torn last line from a killed process is
+    skipped, and a missing file has none."""
+    if not path.is_file():
+        return []
+    out = []
+    for row in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))):
+        try:
+            out.append({k: float(row[k]) for k in fields})
+        except (TypeError, ValueError, KeyError):
+            continue
+    return out
+
+
 class LossLog:
     """Append-only CSV of (step, loss, lr, seconds); on resume, rows after the checkpoint are dropped."""
 
@@ -19,16 +33,7 @@ class LossLog:
         self.path = Path(path)
 
     def rows(self) -> list[dict[str, float]]:
-        """Complete rows (a torn last line from a killed process is skipped)."""
-        if not self.path.is_file():
-            return []
-        out = []
-        for row in csv.DictReader(io.StringIO(self.path.read_text(encoding="utf-8"))):
-            try:
-                out.append({k: float(row[k]) for k in FIELDS})
-            except (TypeError, ValueError, KeyError):
-                continue
-        return out
+        return read_rows(self.path, FIELDS)
 
     def truncate(self, last_step: int) -> None:
         """Keep only rows up to `last_step` (the checkpoint a resumed run continues from)."""

@@ -12,9 +12,7 @@ for bit).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +22,7 @@ from ..common.errors import ConfigError
 from ..common.io import atomic_write_bytes
 from .config import TrainSpec
 from .data import Example, load_pixels, scan, training_caption
+from .losslog import read_rows
 
 LEVELS = (0.125, 0.375, 0.625, 0.875)  # midpoints of four equal parts of the noise range
 SEED = 20_240_501  # the noise of image i at level j: seed SEED + 1000 i + j, the same at every measurement
@@ -89,15 +88,7 @@ class ValLog:
         self.best_path = Path(run_dir) / "checkpoints" / BEST
 
     def rows(self) -> list[tuple[int, float]]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for row in csv.reader(io.StringIO(self.path.read_text(encoding="utf-8"))):
-            try:
-                out.append((int(row[0]), float(row[1])))
-            except (ValueError, IndexError):
-                continue  # the header, or a torn last line
-        return out
+        return [(int(r["step"]), r["val_loss"]) for r in read_rows(self.path, ("step", "val_loss"))]
 
     def truncate(self, last_step: int) -> None:
         self._write([r for r in self.rows() if r[0] <= last_step])
