@@ -103,3 +103,65 @@ def test_a_run_started_on_two_processes_resumes_on_one(tmp_path: Path, caplog: p
     assert _losses(tmp_path / "moved") == pytest.approx(_losses(tmp_path / "whole"), rel=1e-6)
     x, y = load_file(str(tmp_path / "whole" / "sq.safetensors")), load_file(str(tmp_path / "moved" / "sq.safetensors"))
     assert x.keys() == y.keys() and max(float((x[k] - y[k]).abs().max()) for k in x) < 2e-4
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid` (from /proc: Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_checkpoints_and_a_rerun_resumes(tmp_path: Path) -> None:
+    """As Slurm stops a job step: SIGTERM to the launcher and to both training processes at once (the launcher
+    forwards it again, so each training process gets two: the second must not abort). Both stop after the same
+    step and process 0 checkpoints it; the rerun resumes there and ends with what one uninterrupted process with
+    the same global batch writes."""
+    import os
+    import signal
+    import time
+
+    from runner.train.loop import train
+
+    data = _data(tmp_path / "sq")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "runner.train",
+              *COMMON, f"data.dir={data}", "train.batch_size=2", "train.checkpoint_every=1000",
+              f"output_dir={tmp_path / 'two'}"]
+    proc = subprocess.Popen([*launch, "train.steps=1000"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while len(_losses(tmp_path / "two") if (tmp_path / "two" / "loss.csv").is_file() else []) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # every process, as slurmstepd signals a job step's tasks
+        os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err[-3000:]
+    assert err.count("t2i: interrupted (SIGTERM); finishing the current batch, then stopping") == 2, err[-3000:]
+    assert err.count("t2i-train: error: interrupted; rerun with output_dir=") == 2, err[-3000:]
+    assert "aborted" not in err and "Traceback" not in err.split("t2i: interrupted")[-1]
+    (stopped,) = (tmp_path / "two" / "checkpoints").glob("step-*")
+    at = int(stopped.name.split("-")[1])
+    assert at >= 3 and len(_losses(tmp_path / "two")) == at  # every process stopped after the same step
+    again = subprocess.run([*launch, f"train.steps={at + 3}"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count(f"t2i-train: steps {at}->{at + 3}") == 2
+    train({"model": {"id": "builtin:tiny"}, "data": {"dir": str(data), "resolution": 32}, "lora": {"rank": 4},
+           "train": {"steps": at + 3, "checkpoint_every": 1000, "lr": 1e-2, "batch_size": 4},
+           "validation": {"prompts": []}, "progress": False, "device": "cpu"}, tmp_path / "one")
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    x, y = load_file(str(tmp_path / "one" / "sq.safetensors")), load_file(str(tmp_path / "two" / "sq.safetensors"))
+    assert x.keys() == y.keys() and max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-3

@@ -214,7 +214,7 @@ def preemption_signal() -> int:
 
 class InterruptGuard:
     """First Ctrl-C or SIGTERM: finish the batch in flight, then stop (the run writes its summary; exit 130 or
-    143). A second one: `Interrupted` at once.
+    143). A Ctrl-C after it: `Interrupted` at once; a second SIGTERM changes nothing.
 
     Under submitit (a Python handler is installed for its preemption signal), that signal also stops the run
     after the batch in flight; `hand_over()` then passes it to submitit's handler, which checkpoints and requeues
@@ -223,7 +223,7 @@ class InterruptGuard:
     def __init__(self) -> None:
         self.requested = False
         self.signum: int | None = None
-        self._count = 0  # Ctrl-C / SIGTERM received
+        self._signalled = False  # a Ctrl-C or SIGTERM has been handled (a Ctrl-C after it aborts)
         self._old: dict[int, Any] = {}
         self._preempt = preemption_signal()
 
@@ -242,15 +242,16 @@ class InterruptGuard:
         return self.requested and self.signum != signal.SIGINT
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if signum != self._preempt:
-            self._count += 1
-            if self._count > 1:
-                raise Interrupted(signum)
+        if signum == signal.SIGINT and self._signalled:
+            raise Interrupted(signum)  # Ctrl-C again: abort now
         if self.requested:
+            # a repeated SIGTERM is not an abort: Slurm signals every process of a job step and a launcher
+            # (torchrun, accelerate) forwards the same signal again; the kill after the grace period is the hard stop
             return
+        self._signalled = signum != self._preempt
         self.requested, self.signum = True, signum
         name = signal_name(signum)
-        again = "" if signum == self._preempt else " (Ctrl-C again to abort now)"
+        again = " (Ctrl-C again to abort now)" if signum == signal.SIGINT else ""
         print(f"t2i: interrupted ({name}); finishing the current batch, then stopping{again}", file=sys.stderr,
               flush=True)
 

@@ -206,6 +206,7 @@ def train(
     from tqdm import tqdm
 
     from ..models.source import resolve_device
+    from ..models.tiny import builtin_path
 
     # 1. Check inputs before the model loads: the config, the images, the checkpoint to resume and its fit.
     spec = cfg if isinstance(cfg, TrainSpec) else validate_train(cfg)
@@ -225,7 +226,12 @@ def train(
     changed = changed_settings(ckpt, spec, ddp.world) if ckpt is not None else {}
     weight_dtype = resolve_precision(t.mixed_precision, device)
 
-    # 2. Load the base model, frozen on the device, and add the trainable LoRA layers.
+    # 2. Load the base model, frozen on the device, and add the trainable LoRA layers. A built-in tiny model is
+    # built by process 0 alone, the others waiting: once torch.distributed is up, transformers writes weights on
+    # rank 0 only, so a build on another rank would miss its text encoder's
+    if ddp.main:
+        builtin_path(spec.model.id)
+    ddp.barrier()
     pipe, family = load_pipe(spec)
     adapter = make_adapter(family, pipe, device, weight_dtype)
     if isinstance(adapter, Flux1):
