@@ -22,6 +22,10 @@ from runner.train.dist import Dist
 
 COMMON = ["model=tiny", "data.resolution=32", "lora.rank=4", "train.steps=3", "train.checkpoint_every=3",
           "train.lr=1e-2", "validation.prompts=[]", "progress=false", "device=cpu"]
+# `t2i-train` in two CPU processes (accelerate launch: torchrun and gloo underneath), with COMMON's settings
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "runner.train",
+                 *COMMON]
 
 
 def _data(folder: Path) -> Path:
@@ -35,6 +39,13 @@ def _data(folder: Path) -> Path:
     return folder
 
 
+def _one_process(data: Path, steps: int, checkpoint_every: int) -> dict:
+    """COMMON's settings for `train()` in this process, with the global batch of 4."""
+    return {"model": {"id": "builtin:tiny"}, "data": {"dir": str(data), "resolution": 32}, "lora": {"rank": 4},
+            "train": {"steps": steps, "checkpoint_every": checkpoint_every, "lr": 1e-2, "batch_size": 4},
+            "validation": {"prompts": []}, "progress": False, "device": "cpu"}
+
+
 def _losses(run: Path) -> list[float]:
     with open(run / "loss.csv", newline="") as f:
         return [float(r["loss"]) for r in csv.DictReader(f)]
@@ -45,12 +56,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path: Path) -> None:
     from runner.train.loop import train
 
     data = _data(tmp_path / "sq")
-    train({"model": {"id": "builtin:tiny"}, "data": {"dir": str(data), "resolution": 32}, "lora": {"rank": 4},
-           "train": {"steps": 3, "checkpoint_every": 3, "lr": 1e-2, "batch_size": 4}, "validation": {"prompts": []},
-           "progress": False, "device": "cpu"}, tmp_path / "one")
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "-m", "runner.train", *COMMON, f"data.dir={data}", "train.batch_size=2",
+    train(_one_process(data, 3, 3), tmp_path / "one")
+    two = subprocess.run([*TWO_PROCESSES, f"data.dir={data}", "train.batch_size=2",
                           f"output_dir={tmp_path / 'two'}"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert two.returncode == 0, two.stderr
@@ -86,13 +93,9 @@ def test_a_run_started_on_two_processes_resumes_on_one(tmp_path: Path, caplog: p
     from runner.train.loop import train
 
     data = _data(tmp_path / "sq")
-    cfg = {"model": {"id": "builtin:tiny"}, "data": {"dir": str(data), "resolution": 32}, "lora": {"rank": 4},
-           "train": {"steps": 4, "checkpoint_every": 2, "lr": 1e-2, "batch_size": 4}, "validation": {"prompts": []},
-           "progress": False, "device": "cpu"}
+    cfg = _one_process(data, 4, 2)
     train(cfg, tmp_path / "whole")
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "-m", "runner.train", *COMMON, f"data.dir={data}", "train.batch_size=2", "train.steps=2",
+    two = subprocess.run([*TWO_PROCESSES, f"data.dir={data}", "train.batch_size=2", "train.steps=2",
                           "train.checkpoint_every=2", f"output_dir={tmp_path / 'moved'}"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
@@ -135,9 +138,7 @@ def test_sigterm_to_every_process_checkpoints_and_a_rerun_resumes(tmp_path: Path
     from runner.train.loop import train
 
     data = _data(tmp_path / "sq")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "runner.train",
-              *COMMON, f"data.dir={data}", "train.batch_size=2", "train.checkpoint_every=1000",
+    launch = [*TWO_PROCESSES, f"data.dir={data}", "train.batch_size=2", "train.checkpoint_every=1000",
               f"output_dir={tmp_path / 'two'}"]
     proc = subprocess.Popen([*launch, "train.steps=1000"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -159,9 +160,7 @@ def test_sigterm_to_every_process_checkpoints_and_a_rerun_resumes(tmp_path: Path
                            timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count(f"t2i-train: steps {at}->{at + 3}") == 2
-    train({"model": {"id": "builtin:tiny"}, "data": {"dir": str(data), "resolution": 32}, "lora": {"rank": 4},
-           "train": {"steps": at + 3, "checkpoint_every": 1000, "lr": 1e-2, "batch_size": 4},
-           "validation": {"prompts": []}, "progress": False, "device": "cpu"}, tmp_path / "one")
+    train(_one_process(data, at + 3, 1000), tmp_path / "one")
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     x, y = load_file(str(tmp_path / "one" / "sq.safetensors")), load_file(str(tmp_path / "two" / "sq.safetensors"))
     assert x.keys() == y.keys() and max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-3

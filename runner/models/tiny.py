@@ -107,7 +107,7 @@ def condition_vae(vae, logvar: float = -12.0) -> None:
     noise = torch.rand(4, 3, TINY_SIZE, TINY_SIZE, generator=gen)
     solid = torch.rand(4, 3, 1, 1, generator=gen).expand(4, 3, TINY_SIZE, TINY_SIZE)
     images = torch.cat([noise, solid]) * 2 - 1
-    if type(vae).__name__ == "AutoencoderKLQwenImage":  # a video VAE: (batch, channels, frames, height, width)
+    if isinstance(layer, torch.nn.Conv3d):  # a video VAE (Qwen-Image's): (batch, channels, frames, height, width)
         images = images.unsqueeze(2)
     with torch.no_grad():
         layer.weight[half:].zero_()

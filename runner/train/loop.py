@@ -80,14 +80,13 @@ class TrainResult:
         )
 
 
-def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int, buckets: list | None = None,
-           count: int | None = None) -> tuple[list[View], list[str]]:
-    """The micro-batch of `count` (default train.batch_size) at `position` of the seeded sample stream: the image
-    views (one size) and training captions."""
+def _batch(examples: list[Example], spec: TrainSpec, size: int, position: int, buckets: list | None,
+           count: int) -> tuple[list[View], list[str]]:
+    """The micro-batch of `count` (the global batch: train.batch_size x processes) at `position` of the seeded
+    sample stream: the image views (one size) and training captions."""
     import torch
 
     d, t = spec.data, spec.train
-    count = count or t.batch_size
     if buckets:
         chosen = bucket_batch(buckets, t.seed, count, position // count)
         idx, sizes = [i for i, _ in chosen], [s for _, s in chosen]
