@@ -129,6 +129,7 @@ def test_every_combination_and_ordering_within_and_across_runs(tiny_dir: Path, t
         check(by_set(out, result.entries, named), reference, combo_name(perf))
 
 
+@pytest.mark.slow
 def test_fast_paths_stay_within_rounding_of_the_plain_path_and_say_so(reference: dict) -> None:
     for perf in COMBOS[1:]:
         for name in SET_NAMES:

@@ -84,7 +84,8 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 def test_the_test_commands_select_what_they_say() -> None:
     """README's `pytest -q -m "not slow"` (the daily loop) and `pytest -q` (everything, as CI): collected here,
-    not run (running the suite inside itself): the loop leaves out every test that starts a process."""
+    not run (running the suite inside itself): the loop leaves out every test that starts a process, and the
+    training runs on every family (the costliest tests); everything keeps them."""
     def collect(*args: str) -> set[str]:
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", *args], cwd=REPO,
                            capture_output=True, text=True, timeout=600)
@@ -93,5 +94,6 @@ def test_the_test_commands_select_what_they_say() -> None:
 
     everything, daily = collect(), collect("-m", "not slow")
     assert daily < everything and len(daily) > 100
-    for slow in ("tests/test_slurm.py::", "tests/test_readme.py::", "tests/test_packaging.py::test_the_documented"):
+    for slow in ("tests/test_slurm.py::", "tests/test_readme.py::", "tests/test_packaging.py::test_the_documented",
+                 "tests/test_train_families.py::test_family_trains_saves_and_resumes"):
         assert any(t.startswith(slow) for t in everything) and not any(t.startswith(slow) for t in daily), slow

@@ -155,6 +155,7 @@ def _lines(folder: Path) -> list[dict]:
     return store.read_lines(folder)
 
 
+@pytest.mark.slow
 def test_t2i_eval_scores_resumes_and_keeps_models_apart(sweep: Path, tmp_path: Path, capsys) -> None:
     import shutil
 
@@ -416,6 +417,7 @@ def test_t2i_eval_scores_a_merged_dir(sweep: Path, tmp_path: Path, capsys) -> No
     assert (merged / "eval.md").is_file()
 
 
+@pytest.mark.slow
 def test_t2i_eval_scores_a_multirun_sweep_dir(tiny_dir: Path, tmp_path: Path) -> None:
     """A multirun sweep dir (one run dir per job): one metrics.jsonl for the sweep, each LoRA image against the
     baseline of its own job."""

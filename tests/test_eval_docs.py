@@ -10,6 +10,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+import pytest
 from conftest import REPO, run_cli
 from PIL import Image
 
@@ -29,6 +30,7 @@ def _count(run: Path, scorer: str) -> int:
     return sum(json.loads(x)["scorer"] == scorer for x in (run / "metrics.jsonl").read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_every_evaluation_doc_command_runs_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
     text = DOC.read_text(encoding="utf-8")
     (tmp_path / "my_images").mkdir()

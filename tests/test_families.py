@@ -63,6 +63,7 @@ def family_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.slow
 def test_family_makes_images_and_foreign_lora_works(family_runs: dict, family: str) -> None:
     r = family_runs[family]
     by = {(e["lora_set"], e["lora_scale"], e["seed"]): pixels(r["run"] / e["file"]) for e in r["entries"]}
@@ -96,6 +97,7 @@ def layers_named(file: Path) -> int:
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.slow
 def test_foreign_lora_lands_on_every_layer_it_names(family_runs: dict, family: str) -> None:
     """Merged at 1.0 (what perf.fuse_lora does), the run's LoRA changes exactly the layers the file names: a loader
     that dropped layers (a one-layer LoRA) or spread one over others fails the count."""
@@ -133,6 +135,7 @@ def test_foreign_lora_lands_on_every_layer_it_names(family_runs: dict, family: s
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.slow
 def test_from_image_reproduces_bit_identical(family_runs: dict, family: str, tmp_path: Path) -> None:
     from runner.config.overrides import CONF_DIR
     from runner.reproduce.from_image import prepare

@@ -116,6 +116,7 @@ def test_group_settings_apply_unless_the_user_sets_the_key() -> None:
     assert got["steps"] == (28,) and got["guidance_scale"] == (3.5,) and got["true_cfg_scale"] == (1.0,)
 
 
+@pytest.mark.slow
 def test_two_family_model_list_makes_one_grid_with_a_model_axis(tmp_path: Path) -> None:
     loads = dict(loading.LOADS)
     c = cfg("builtin:tiny", models=["tiny", {"group": "tiny-flux1", "settings": {"steps": 3}}], seeds=[1, 2],
@@ -141,6 +142,7 @@ def test_two_family_model_list_makes_one_grid_with_a_model_axis(tmp_path: Path) 
     assert sorted(e["key"] for p in parts for e in p.entries) == sorted(e["key"] for e in result.entries)
 
 
+@pytest.mark.slow
 def test_memory_modes_pixels_and_record(dirs: dict, tmp_path: Path) -> None:
     """VAE slicing: same pixels; attention slicing: same up to float rounding; VAE tiling: within a tolerance."""
     images = {}

@@ -40,6 +40,7 @@ def _state(tiny_dir: Path):
     return load_model(validate(_cfg(tiny_dir, [[]])).model, "cpu")
 
 
+@pytest.mark.slow
 def test_fuse_qkv_keeps_pixels_and_merges_lora_sets(tiny_dir: Path, tmp_path: Path, lora_a: dict) -> None:
     (base,) = _pixels(tiny_dir, tmp_path / "base", [[]])
     (fused,) = _pixels(tiny_dir, tmp_path / "fused", [[]], fuse_qkv=True)
@@ -57,6 +58,7 @@ def test_fuse_qkv_keeps_pixels_and_merges_lora_sets(tiny_dir: Path, tmp_path: Pa
     assert np.array_equal(fused, fused_again)  # the LoRA merged before is not baked into the fused copy
 
 
+@pytest.mark.slow
 def test_fuse_lora_matches_unfused_and_restores_base(
     tiny_dir: Path, tmp_path: Path, lora_a: dict, lora_b: dict
 ) -> None:

@@ -169,6 +169,7 @@ def test_every_record_key_is_classified_for_from_image(original: Path) -> None:
     assert set(rec) <= set().union(*groups), set(rec) - set().union(*groups)
 
 
+@pytest.mark.slow
 def test_cached_prompt_embeddings_are_bit_identical_and_encoded_once(tiny_dir: Path, lora_a: dict,
                                                                      tmp_path: Path) -> None:
     from runner.generate.prompt_embeds import prompt_embeds

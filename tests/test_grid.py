@@ -78,6 +78,7 @@ def test_axes_can_be_chosen_and_huge_grids_are_downscaled(run_2x3: Path) -> None
     assert info["x_labels"] == ["seed: 1", "seed: 2", "seed: 3"]
 
 
+@pytest.mark.slow
 def test_cells_keep_aspect_ratio_and_other_axes_give_one_grid_each(tmp_path: Path) -> None:
     out = tmp_path / "run"
     axes, sizes = {"x": "height", "y": "steps"}, {"width": 64, "height": [32, 64]}

@@ -113,6 +113,7 @@ def test_second_pass_is_diffusers_img2img_on_the_upscaled_latents(sd) -> None:
     assert np.array_equal(_px(got), _px(ref))
 
 
+@pytest.mark.slow
 def test_hires_batch_equals_each_image_alone_and_pixel_upscalers(sd) -> None:
     import numpy as np
 

@@ -68,6 +68,7 @@ def a1111_uniform(alphas_cumprod, n: int):
     return sigmas, (1 - frac) * low + frac * (low + 1)
 
 
+@pytest.mark.slow
 def test_hires_sampler_is_diffusers_img2img_with_that_scheduler(sd, tiny_dir: Path) -> None:
     """The second pass with hires.scheduler=euler_a (no hires.schedule, the first pass's Automatic) runs as a first
     pass with euler_a does: A1111's Automatic for Euler a, k-diffusion's evenly spaced sigmas, in diffusers'
@@ -103,6 +104,7 @@ def test_hires_sampler_is_diffusers_img2img_with_that_scheduler(sd, tiny_dir: Pa
     assert type(sd.scheduler).__name__ != "EulerAncestralDiscreteScheduler"
 
 
+@pytest.mark.slow
 def test_overrides_batch_equals_each_image_alone(sd) -> None:
     import numpy as np
 
@@ -121,6 +123,7 @@ def test_overrides_batch_equals_each_image_alone(sd) -> None:
     assert not np.array_equal(_px(plain[0]), _px(karras[0]))
 
 
+@pytest.mark.slow
 def test_sdxl_hires_sampler(tiny_sdxl: Path) -> None:  # noqa: F811
     import numpy as np
 
@@ -136,6 +139,7 @@ def test_sdxl_hires_sampler(tiny_sdxl: Path) -> None:  # noqa: F811
     assert one.size == two.size == (64, 64) and not np.array_equal(_px(one), _px(two))
 
 
+@pytest.mark.slow
 def test_swept_recorded_as_a1111_writes_it_and_reproduced(tiny_dir: Path, tmp_path: Path) -> None:
     from PIL import Image
 
@@ -274,6 +278,7 @@ def other_sd(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_hires_checkpoint_is_img2img_of_that_model(sd, tiny_dir: Path, other_sd: Path) -> None:
     """The second pass with hires.model is diffusers' img2img with that model's components and its own text
     encoding (A1111 computes the hires conds after loading the Hires checkpoint), on the first model's latents."""
@@ -304,6 +309,7 @@ def test_hires_checkpoint_is_img2img_of_that_model(sd, tiny_dir: Path, other_sd:
         assert np.array_equal(_px(im), _px(generate(sd, [job], True, PromptEmbeds())[0]))
 
 
+@pytest.mark.slow
 def test_hires_checkpoint_recorded_and_reproduced(tiny_dir: Path, other_sd: Path, tmp_path: Path) -> None:
     from PIL import Image
 

@@ -132,6 +132,7 @@ def test_the_second_pass_gets_the_model_upscaled_image(models, tiny_dir: Path) -
     assert loads == [file]  # loaded once
 
 
+@pytest.mark.slow
 def test_run_records_the_name_and_from_image_finds_it(models, tiny_dir: Path, tmp_path: Path) -> None:
     from PIL import Image
 

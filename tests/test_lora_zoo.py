@@ -102,6 +102,7 @@ def test_a_lycoris_image_is_the_same_alone_in_a_fresh_process(every_kind, zoo: d
     assert np.array_equal(pixels(alone), pixels(out / entry["file"]))
 
 
+@pytest.mark.slow
 def test_mixed_set_of_a_lora_and_a_loha(zoo: dict, tiny_dir: Path, tmp_path: Path) -> None:
     lora, loha = {"source": str(zoo["lora"]), "name": "k"}, {"source": str(zoo["loha"]), "name": "h"}
     sets = [[lora], [loha], [lora, loha], [{**lora, "scale": 1.0}, {**loha, "scale": 0.0}],
@@ -112,6 +113,7 @@ def test_mixed_set_of_a_lora_and_a_loha(zoo: dict, tiny_dir: Path, tmp_path: Pat
     assert np.array_equal(img[3], img[0]) and np.array_equal(img[4], img[1])  # a weight-0 member adds nothing
 
 
+@pytest.mark.slow
 def test_hundred_switches_keep_memory_flat(zoo: dict, tiny_dir: Path) -> None:
     mgr = manager(tiny_dir)
     mgr.max_loaded = 8
@@ -135,6 +137,7 @@ def test_hundred_switches_keep_memory_flat(zoo: dict, tiny_dir: Path) -> None:
     mgr.engine.apply([])
 
 
+@pytest.mark.slow
 def test_block_presets_change_the_output_and_all_is_the_plain_lora(zoo: dict, tiny_dir: Path,
                                                                    tmp_path: Path) -> None:
     sets = [[], [{"source": str(zoo["lora"]), "name": "k"}], [{"source": str(zoo["loha"]), "name": "h"}]]
@@ -458,6 +461,7 @@ def test_sdxl_lycoris_with_kohya_sdxl_names(tiny_xl: Path, zoo: dict, tmp_path: 
          "width 64", lora_sets=[[{"source": str(zoo["loha"])}]])
 
 
+@pytest.mark.slow
 def test_readme_lora_examples_run(tmp_path: Path) -> None:
     """docs/loras.md's LoRA-format, block-weight and epoch-axis commands, as written (files made for the tiny model)."""
     import shlex

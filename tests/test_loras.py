@@ -241,6 +241,7 @@ def test_fifty_switches_keep_memory_flat(tiny_dir: Path, lora_a: dict, lora_b: d
     assert live_tensors() == live  # switching keeps no tensor it made (a leak of one LoRA copy would show)
 
 
+@pytest.mark.slow
 def test_lru_eviction_gives_the_same_pixels(
     tiny_dir: Path, lora_a: dict, lora_b: dict, tmp_path: Path
 ) -> None:

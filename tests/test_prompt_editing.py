@@ -106,6 +106,7 @@ def test_one_text_schedules_equal_the_plain_prompt(sd) -> None:
     assert np.array_equal(plain, weight_one) and np.array_equal(plain, same) and np.array_equal(plain, edited_away)
 
 
+@pytest.mark.slow
 def test_composable_guidance_algebra(sd) -> None:
     # u + s·Σ w_k (c_k − u): A AND A:0.5 at cfg 4 is A at cfg 6; A:0.5 at cfg 8 is A at cfg 4 (up to rounding)
     (two,) = _run(sd, _job(f"{A} AND {A}:0.5", cfg=4.0))
@@ -118,6 +119,7 @@ def test_composable_guidance_algebra(sd) -> None:
 
 
 @pytest.mark.parametrize("model", ["sd", "xl"])
+@pytest.mark.slow
 def test_batch_equals_each_image_alone(model, request) -> None:
     pipe = request.getfixturevalue(model)
     jobs = [_job(A, NEG_A, seed=1), _job(f"[{A}:{B}:0.5]", f"[{NEG_A}|{NEG_B}]", seed=2),

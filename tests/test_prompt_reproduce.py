@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import run_cli
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -44,6 +45,7 @@ def _a1111_png(path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a1111_image_with_weights_gets_the_same_conditioning(tmp_path: Path, tiny_dir: Path) -> None:
     settings = f"Steps: 2, Sampler: Euler, CFG scale: 7, Seed: 9, Size: {SIDE}x{SIDE}, Model: v1-5-pruned"
     for name, extra, emphasis in (("weights", "", "original"), ("none", ", Emphasis: None", "none")):

@@ -133,6 +133,7 @@ def test_prompt_sr_run_and_grid(tiny_dir: Path, tmp_path: Path) -> None:
     assert json.loads(json.dumps(info)) == info  # a plain JSON description (no tuples, paths or numpy)
 
 
+@pytest.mark.slow
 def test_readme_prompt_language_commands_run(tmp_path: Path) -> None:
     """The README's prompt-language examples, as written (with its placeholders filled in)."""
     from conftest import run_program

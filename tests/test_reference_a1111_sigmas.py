@@ -51,6 +51,7 @@ def test_vector_count() -> None:
 
 
 @pytest.mark.parametrize("model", sorted(BASES))
+@pytest.mark.slow
 def test_runner_sigmas_match_a1111(model: str) -> None:
     """Every supported vector within REL; the mismatches are listed all at once."""
     base, built, bad, checked = _base(model), {}, [], 0

@@ -165,6 +165,7 @@ def test_sd15_matches_lycoris(pipes, tmp_path: Path, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", SD_KINDS)
+@pytest.mark.slow
 def test_sdxl_matches_lycoris(pipes, tmp_path: Path, kind: str) -> None:
     assert check(pipes["sdxl"], tmp_path, sd_targets(pipes["sdxl"], True), kind) > 0
 

@@ -331,6 +331,7 @@ def test_single_file_checkpoints_are_told_apart_before_loading(tmp_path: Path) -
         refiner_info(Refiner(str(tmp_path / "sd15.safetensors"), 0.8), model, sdxl)
 
 
+@pytest.mark.slow
 def test_refiner_runs_unpadded_sides_apart_and_each_image_equals_itself_alone(tmp_path: Path) -> None:
     """pad_conds=false (A1111's default) with a 2-chunk prompt and a 1-chunk negative: the refiner's sides have
     different lengths, so its UNet rows run apart (they cannot share one call); the batched image equals the image

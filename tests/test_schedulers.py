@@ -89,6 +89,7 @@ def test_every_module_a_scheduler_needs_is_a_declared_dependency() -> None:
     assert needs and needs <= names, needs - names
 
 
+@pytest.mark.slow
 def test_every_scheduler_and_schedule_pair_runs_its_loop_at_1_2_4_steps() -> None:
     bases = {False: base_scheduler(), True: base_scheduler(flow=True)}
     for name, row in SCHEDULER_TABLE.items():
@@ -108,6 +109,7 @@ def test_every_scheduler_and_schedule_pair_runs_its_loop_at_1_2_4_steps() -> Non
                 dry_run(sched, steps)
 
 
+@pytest.mark.slow
 def test_every_scheduler_makes_images_at_1_2_4_steps(tiny_dir: Path, tmp_path: Path) -> None:
     names = [n for n in SCHEDULER_TABLE if not is_flow(n)]  # the flow rows on a flow model, below
     res = run(cfg(tiny_dir, scheduler=names, steps=[1, 2, 4]), tmp_path / "r", progress=False)

@@ -176,6 +176,7 @@ def test_shards_are_balanced_disjoint_deterministic_and_together_the_plan(spec, 
     assert shard(plan, 0, 1) == plan
 
 
+@pytest.mark.slow
 def test_four_shards_merge_into_one_manifest_and_grid(tmp_path: Path, capsys) -> None:
     cfg = {"model": {"id": "builtin:tiny"}, "device": "cpu", "steps": 1, "prompts": ["a", "b"],
            "seeds": [1, 2, 3, 4]}

@@ -154,6 +154,7 @@ def test_trained_lora_changes_runner_output(trained, tmp_path: Path) -> None:
     assert np.abs(images[1] - images[2]).max() <= 2  # the kohya copy holds the same weights
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(tmp_path: Path) -> None:
     """Stopped at step 7 (checkpoint at 4), the rerun continues at step 5 and matches an uninterrupted run."""
     from runner.train.loop import train
@@ -353,6 +354,7 @@ def test_text_encoder_lora_with_checkpointing_loads(tmp_path: Path) -> None:
     assert np.abs(images[0] - images[1]).mean() > 0.5 and np.abs(images[1] - images[2]).max() <= 2
 
 
+@pytest.mark.slow
 def test_best_checkpoint_by_validation_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """validation.dir: a validation loss at the start and at every checkpoint (val_loss.csv); the best checkpoint
     is kept beyond keep_checkpoints, copied beside the LoRA as NAME_best.*, recorded in summary.json and in the

@@ -56,6 +56,7 @@ def _peft_deltas(family: str, model: str, lora: Path, kind: str) -> dict[str, to
 
 
 @pytest.mark.parametrize(("family", "model", "kind"), CASES)
+@pytest.mark.slow
 def test_adapter_type_trains_and_matches_peft(family: str, model: str, kind: str, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -97,6 +98,7 @@ def test_adapter_type_trains_and_matches_peft(family: str, model: str, kind: str
     assert np.abs(img[0] - img[1]).mean() > 0.1  # small (2 steps at scale 0.5), but there
 
 @pytest.mark.parametrize("model", ["tiny-flux1", "tiny-sdxl"])
+@pytest.mark.slow
 def test_text_encoder_lora_both_files_equal(model: str, tmp_path: Path) -> None:
     from safetensors import safe_open
 

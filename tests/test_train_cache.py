@@ -78,6 +78,7 @@ def _same(a: Path, b: Path) -> bool:
 
 
 @pytest.mark.parametrize("family", ["sd15", "qwenimage"])
+@pytest.mark.slow
 def test_cache_changes_nothing_and_is_read_back(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     from runner.train.loop import train

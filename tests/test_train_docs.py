@@ -50,6 +50,7 @@ def run(argv: list[str], cwd: Path):
     return res
 
 
+@pytest.mark.slow
 def test_training_page_commands_run_as_written(tmp_path: Path) -> None:
     commands = doc_commands()
     assert [c[0] for c in commands] == ["t2i-train", "t2i", "t2i-tiny", "t2i-train", "t2i-inspect", "t2i"]

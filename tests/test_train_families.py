@@ -168,6 +168,7 @@ def test_family_memorises(trained, request: pytest.FixtureRequest) -> None:
     assert all(m < b for b, m in nearer.values()), (family, nearer)
 
 
+@pytest.mark.slow
 def test_family_trains_saves_and_resumes(trained, tmp_path: Path) -> None:
     from safetensors import safe_open
 

@@ -401,6 +401,7 @@ def screenshot_path(name: str, tmp_path: Path) -> Path:
     return (docs if os.environ.get("T2I_DOCS_SCREENSHOTS") == "1" else tmp_path) / name
 
 
+@pytest.mark.slow
 def test_docs_screenshot_of_the_viewer(open_page, tmp_path: Path) -> None:
     """The viewer picture of README.md and docs/index.md: 2 prompts x 3 LoRA sets x 3 seeds of the tiny model,
     prompts down and LoRA sets across, from file://."""
