@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from test_bench import bench
 
 N = r"\d+\.\d+"
@@ -13,6 +14,7 @@ ROW = (r"\| {family} \| 32 \| {batch} \| {rank} \| no \| {ckpt} \| N \| N \| N \
        .replace("N", N))
 
 
+@pytest.mark.slow
 def test_bench_train_prints_both_loops_and_appends(tmp_path: Path) -> None:
     md = tmp_path / "B.md"
     proc = bench("bench_train", "--families", "sd15", "--steps", "2", "--warmup", "1", "--batch", "1",

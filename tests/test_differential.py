@@ -162,6 +162,7 @@ def test_multirun_jobs_share_the_pipeline_and_match_the_images_alone(tiny_dir: P
         check({name: pixels(tmp_path / "sweep" / e["file"])}, reference, combo_name(perf))
 
 
+@pytest.mark.slow
 def test_server_requests_in_turn_match_the_images_alone(tiny_dir: Path, tmp_path: Path, lora_a: dict,
                                                         lora_b: dict, reference: dict) -> None:
     from runner.server.app import compose_config, create_app

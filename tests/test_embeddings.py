@@ -75,6 +75,7 @@ def test_pickle_embeddings_need_the_opt_in(tiny_dir: Path, emb_dir: Path, tmp_pa
     assert [e["name"] for e in rec["embeddings"]] == ["oldstyle"]
 
 
+@pytest.mark.slow
 def test_sdxl_embedding_has_clip_l_and_clip_g(tiny_sdxl: Path, tmp_path: Path) -> None:  # noqa: F811
     from transformers import CLIPTextConfig
 

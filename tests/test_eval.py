@@ -297,6 +297,7 @@ def test_absent_extra_is_skipped_with_one_line(sweep: Path, tmp_path: Path, caps
 # 4. eval.metrics inside a run: the issue's tiny sweep, scored by the writer side
 
 
+@pytest.mark.slow
 def test_tiny_sweep_with_eval_metrics_scores_summarises_and_plots(tiny_dir: Path, tmp_path: Path,
                                                                   capsys) -> None:
     """2 LoRA sets x 3 weights x 2 checkpoints with eval.metrics=[clip_t,lora_effect]: metrics.jsonl, eval.md with

@@ -27,6 +27,7 @@ def scored_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
+@pytest.mark.slow
 def test_metric_columns_colour_filter_sort_and_plot_clicks(scored_run: Path, browser) -> None:
     data = json.loads((scored_run / "viewer-metrics.js").read_text().split(" = ", 1)[1].rstrip().rstrip(";"))
     seen, errors = [], []

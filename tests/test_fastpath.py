@@ -75,6 +75,7 @@ def test_fuse_lora_matches_unfused_and_restores_base(
         assert np.array_equal(p, a)  # base weights restored exactly, not by subtraction
 
 
+@pytest.mark.slow
 def test_many_fuse_switches_leave_base_weights_bit_exact(tiny_dir: Path, tmp_path: Path, lora_a: dict,
                                                           lora_b: dict) -> None:
     pipe = _state(tiny_dir).pipe

@@ -42,6 +42,7 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+@pytest.mark.slow
 def test_oom_halves_the_batch_and_every_image_is_made(tmp_path, monkeypatch, caplog):
     import torch
 

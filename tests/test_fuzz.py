@@ -74,6 +74,7 @@ configs = st.fixed_dictionaries(
 
 @SETTINGS
 @given(configs)
+@pytest.mark.slow
 def test_validate_raises_only_config_errors(cfg: dict) -> None:
     try:
         validate(cfg)

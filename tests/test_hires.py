@@ -133,6 +133,7 @@ def test_hires_batch_equals_each_image_alone_and_pixel_upscalers(sd) -> None:
     assert not np.array_equal(_px(one), _px(other))
 
 
+@pytest.mark.slow
 def test_sdxl_hires_and_resize(tiny_sdxl: Path) -> None:  # noqa: F811
     from runner.config import validate
     from runner.generate.batch import generate

@@ -392,6 +392,7 @@ def test_a_first_pass_schedule_the_hires_sampler_cannot_run_is_its_own() -> None
     assert Hires(2, 0, 0.5, "Latent").second_scheduler("euler", "karras") == ("euler", "karras")
 
 
+@pytest.mark.slow
 def test_doc_commands(tiny_dir: Path, other_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/a1111-features.md's Hires checkpoint and model upscaler commands, in-process (the upscaler: a stand-in
     for spandrel's model, see tests/test_hires_upscalers.py), with the placeholders made here."""

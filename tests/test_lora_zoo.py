@@ -160,6 +160,7 @@ def test_block_presets_change_the_output_and_all_is_the_plain_lora(zoo: dict, ti
     assert rec["lora_blocks"] == "INS" and rec["loras"][0]["blocks"] == "INS"
 
 
+@pytest.mark.slow
 def test_per_adapter_blocks_and_a1111_lists(zoo: dict, tiny_dir: Path, tmp_path: Path) -> None:
     """`blocks` on one adapter: a short list names the blocks with attention (tiny UNet: BASE, IN03, M00, OUT00,
     OUT01) and gives the others 0, as the extension does; a full list names all ten (BASE, IN00…IN03, M00,
@@ -184,6 +185,7 @@ def _write_epochs(zoo_dir: Path, tiny_dir: Path) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_checkpoint_glob_makes_one_grid_column_per_checkpoint(tiny_dir: Path, tmp_path: Path) -> None:
     epochs = _write_epochs(tmp_path, tiny_dir)
     out = tmp_path / "r"
@@ -437,6 +439,7 @@ def test_kohya_sdxl_names_are_the_real_ones() -> None:
     assert names == set(KOHYA_SDXL.values()), sorted(names)
 
 
+@pytest.mark.slow
 def test_sdxl_lycoris_with_kohya_sdxl_names(tiny_xl: Path, zoo: dict, tmp_path: Path) -> None:
     """A LoHa + DoRA in kohya's SDXL layout (LDM UNet names, lora_te1_/lora_te2_) on an SDXL pipeline: loads,
     changes the output, scale 0 is the baseline, SDXL block presets apply; an SD LoRA names both models."""

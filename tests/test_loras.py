@@ -104,6 +104,7 @@ def bad_loras(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[
     }
 
 
+@pytest.mark.slow
 def test_three_sets_two_seeds_load_once(tiny_dir: Path, lora_a: dict, lora_b: dict, tmp_path: Path) -> None:
     mgr = manager(tiny_dir)
     new = {resolved(lora_a).adapter, resolved(lora_b).adapter} - set(mgr.loaded)
@@ -162,6 +163,7 @@ def test_kohya_and_custom_weight_name_load_into_unet_and_text_encoder(
         assert mgr.layers(resolved(spec).adapter) == {"unet": 32, "text_encoder": 8}
 
 
+@pytest.mark.slow
 def test_inactive_adapters_are_not_computed(
     tiny_dir: Path, lora_a: dict, lora_b: dict, tmp_path: Path
 ) -> None:

@@ -76,6 +76,7 @@ def _reference(pipe, texts: list[tuple[str, str]], seed: int = 3, steps: int = 4
 
 
 @pytest.mark.parametrize("model", ["sd", "xl"])
+@pytest.mark.slow
 def test_editing_switches_at_a1111_steps(model, request) -> None:
     pipe = request.getfixturevalue(model)
     # 4 steps: `[A:B:2]` is A for denoiser calls 0-2 and B for call 3; the negative `[..:..:1]` switches after call 1
@@ -88,6 +89,7 @@ def test_editing_switches_at_a1111_steps(model, request) -> None:
     assert np.array_equal(frac, ref)
 
 
+@pytest.mark.slow
 def test_alternation_and_from_to_forms(sd) -> None:
     (alt,) = _run(sd, _job(f"[{A}|{B}]", NEG_A))
     # A1111: calls 0 and 1 read entry 1 (A), call 2 entry 2 (B), call 3 entry 3 (A)

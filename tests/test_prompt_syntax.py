@@ -165,6 +165,7 @@ def _gen(tiny_dir: Path, out: Path, prompt: str, **extra) -> np.ndarray:
     return image
 
 
+@pytest.mark.slow
 def test_pixels_weights_long_prompts_and_plain(tiny_dir: Path, tmp_path: Path) -> None:
     red = _gen(tiny_dir, tmp_path / "a", "red fox")
     assert np.array_equal(_gen(tiny_dir, tmp_path / "b", "(red:1.0) fox"), red)

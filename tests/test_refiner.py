@@ -181,6 +181,7 @@ def test_from_image_of_an_a1111_refined_image_finds_the_refiner_by_name_and_hash
         prepare(cfg, overrides, conf)
 
 
+@pytest.mark.slow
 def test_a_second_sdxl_base_refines_with_its_own_vae(tiny_sdxl: Path, tmp_path: Path,  # noqa: F811
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A1111 takes any same-family checkpoint as the refiner: another SDXL base (six time ids, both encoders), whose

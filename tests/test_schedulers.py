@@ -140,6 +140,7 @@ def test_a_failing_scheduler_and_steps_is_refused_before_the_first_image(tiny_di
     assert not (out / "manifest.jsonl").exists() and not list(out.glob("*.png"))
 
 
+@pytest.mark.slow
 def test_schedule_is_a_sweep_axis_recorded_and_in_the_infotext(tiny_dir: Path, tmp_path: Path) -> None:
     res = run(cfg(tiny_dir, scheduler=["euler", "dpmpp_2m"], schedule=[None, "karras", "exponential"], steps=4),
               tmp_path / "r", progress=False)
