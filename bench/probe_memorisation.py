@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft import LoraConfig
 
     from runner.models.tiny import ensure_tiny
-    from runner.train.families import make_adapter
+    from runner.train.families import SPECS, make_adapter, target_modules
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("family")
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. LoRA on every Linear of the denoiser (peft), the only trained weights.
     net = ad.denoiser
     net.requires_grad_(False)
-    names = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    names = target_modules(SPECS[args.family], "all_linear", None, net)  # t2i-train's preset: every Linear
     net.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=names))
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)

@@ -38,3 +38,16 @@ def test_bad_input_is_one_line() -> None:
     assert proc.returncode == 2 and "unknown family 'sd9'" in proc.stderr
     proc = bench("bench_train", "--steps", "2", "--warmup", "2")
     assert proc.returncode == 2 and "--warmup=2 leaves no timed step" in proc.stderr
+
+
+def test_probe_memorisation_reports_the_x0_error_falling(tmp_path: Path) -> None:
+    """bench/probe_memorisation.py (the plain loop behind docs/training.md's SD3 table): a line per quarter of the
+    run, each caption's x0 error at sigma 1 beside the mean's; a few steps bring the errors down from the base's."""
+    proc = bench("probe_memorisation", "flux1", "--steps", "8", "--lr", "1e-2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"flux1 step (\d+): x0 error at sigma 1 per caption \[([^\]]+)\], predicting the mean "
+                      rf"({N})", proc.stdout)
+    assert [int(s) for s, _, _ in rows] == [0, 2, 4, 6, 8], proc.stdout
+    errors = [[float(e) for e in errs.split(",")] for _, errs, _ in rows]
+    assert len({m for _, _, m in rows}) == 1 and all(len(e) == 4 for e in errors)
+    assert max(errors[-1]) < min(errors[0]), errors
