@@ -43,7 +43,10 @@ def test_bad_input_is_one_line() -> None:
 def test_probe_memorisation_reports_the_x0_error_falling(tmp_path: Path) -> None:
     """bench/probe_memorisation.py (the plain loop behind docs/training.md's SD3 table): a line per quarter of the
     run, each caption's x0 error at sigma 1 beside the mean's; a few steps bring the errors down from the base's."""
-    proc = bench("probe_memorisation", "flux1", "--steps", "8", "--lr", "1e-2", cwd=tmp_path)
+    import torch
+
+    with torch.no_grad():  # as the suite may leave it: the script turns grad on where it trains
+        proc = bench("probe_memorisation", "flux1", "--steps", "8", "--lr", "1e-2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = re.findall(r"flux1 step (\d+): x0 error at sigma 1 per caption \[([^\]]+)\], predicting the mean "
                       rf"({N})", proc.stdout)
